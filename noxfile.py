@@ -1,0 +1,240 @@
+"""Every developer and CI task of the jaxmodules repository (needs Python 3.11+).
+
+A bare ``nox`` runs what CI needs: lint, type checks, each package's tests against its
+built wheel (newest and oldest supported jax), the integration suite, the docs build and
+the packaging checks. ``demo`` and ``bench`` run only when asked for by name.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+import zipfile
+from pathlib import Path
+
+import nox
+
+nox.options.default_venv_backend = "uv|virtualenv"
+nox.options.reuse_existing_virtualenvs = False
+nox.options.error_on_missing_interpreters = True
+
+ROOT = Path(__file__).parent
+DIST = ROOT / "dist"
+
+# distribution name -> subpackage under jaxmodules/
+PACKAGES = {
+    "jax-fancy-vmap": "vectorize",
+    "jax-block-attention": "attention",
+    "jax-logstate": "logstate",
+}
+PACKAGE_NAMES = list(PACKAGES)
+
+# Extra packages the cross-package sessions need besides the wheels' own test extras.
+INTEGRATION_DEPS = ["pytest>=8", "hypothesis>=6.100", "optax>=0.2.3"]
+DEMO_DEPS = ["optax>=0.2.3", "tqdm>=4.66", "matplotlib>=3.8"]
+DOCS_DEPS = [
+    "mkdocs>=1.6",
+    "mkdocs-material>=9.5",
+    "mkdocstrings[python]>=0.26",
+    "markdown-exec[ansi]>=1.9",
+    "pytest>=8",
+    "optax>=0.2.3",
+    "matplotlib>=3.8",
+]
+
+
+def _pyproject(path: Path) -> dict:
+    with open(path / "pyproject.toml", "rb") as f:
+        return tomllib.load(f)
+
+
+def _min_jax(package: str) -> str:
+    """The oldest jax a package declares, read from its ``jax>=X`` dependency."""
+    for dep in _pyproject(ROOT / "packages" / package)["project"]["dependencies"]:
+        match = re.fullmatch(r"jax\s*>=\s*([0-9.]+)", dep.strip())
+        if match:
+            return match.group(1)
+    raise RuntimeError(f"{package} declares no 'jax>=X' dependency")
+
+
+def _build(
+    session: nox.Session, project: Path, *, sdist: bool = False, out_dir: Path | None = None
+) -> list[Path]:
+    """Build ``project`` and return the new artifacts.
+
+    Artifacts go to the session's own temporary folder unless ``out_dir`` is given, so
+    sessions running side by side never pick up each other's wheels.
+    """
+    out = out_dir or Path(session.create_tmp()) / "dist"
+    out.mkdir(parents=True, exist_ok=True)
+    before = set(out.iterdir())
+    kinds = ["--wheel", "--sdist"] if sdist else ["--wheel"]
+    if session.venv_backend == "uv":
+        session.run("uv", "build", *kinds, "--out-dir", str(out), str(project), silent=True)
+    else:
+        session.install("build")
+        session.run("python", "-m", "build", *kinds, "--outdir", str(out), str(project))
+    return sorted(set(out.iterdir()) - before)
+
+
+def _wheel(session: nox.Session, package: str) -> Path:
+    (wheel,) = [p for p in _build(session, ROOT / "packages" / package) if p.suffix == ".whl"]
+    return wheel
+
+
+def _all_wheels(session: nox.Session) -> list[Path]:
+    """Wheels of the three packages and the meta-package, freshly built."""
+    wheels = [_wheel(session, package) for package in PACKAGE_NAMES]
+    wheels += [p for p in _build(session, ROOT) if p.suffix == ".whl"]
+    return wheels
+
+
+def _run_package_tests(session: nox.Session, package: str, *pins: str) -> None:
+    wheel = _wheel(session, package)
+    session.install(f"{wheel}[test]", *pins)
+    session.run("python", "-c", "import jax; print('jax', jax.__version__)")
+    # Run from the tests folder against the installed wheel, never the source tree.
+    session.run(
+        "pytest",
+        "-c",
+        str(ROOT / "pyproject.toml"),
+        "--rootdir",
+        str(ROOT),
+        str(ROOT / "packages" / package / "tests"),
+        *session.posargs,
+    )
+
+
+@nox.session(tags=["check"])
+def lint(session: nox.Session) -> None:
+    """Ruff lint and format check over the whole repository, and version lockstep."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+    check_versions(session)
+
+
+def check_versions(session: nox.Session) -> None:
+    meta = _pyproject(ROOT)["project"]
+    version = meta["version"]
+    problems = []
+    for package in PACKAGE_NAMES:
+        own = _pyproject(ROOT / "packages" / package)["project"]["version"]
+        if own != version:
+            problems.append(f"{package} is at {own}, the meta-package at {version}")
+        if f"{package}=={version}" not in meta["dependencies"]:
+            problems.append(f"the meta-package does not pin {package}=={version}")
+    if problems:
+        session.error("versions out of step: " + "; ".join(problems))
+    session.log(f"all four distributions are at {version}")
+
+
+@nox.session(tags=["check"])
+def typecheck(session: nox.Session) -> None:
+    """mypy on each package's source."""
+    session.install("mypy>=1.10", "jax", "numpy")
+    for package, name in PACKAGES.items():
+        with session.chdir(ROOT / "packages" / package):
+            session.run(
+                "mypy", "--config-file", str(ROOT / "pyproject.toml"), "-p", f"jaxmodules.{name}"
+            )
+
+
+@nox.session(tags=["tests"])
+@nox.parametrize("package", PACKAGE_NAMES, ids=PACKAGE_NAMES)
+def tests(session: nox.Session, package: str) -> None:
+    """One package's tests against its built wheel and the newest jax."""
+    _run_package_tests(session, package)
+
+
+@nox.session(tags=["tests"])
+@nox.parametrize("package", PACKAGE_NAMES, ids=PACKAGE_NAMES)
+def tests_min_jax(session: nox.Session, package: str) -> None:
+    """One package's tests against its built wheel and the oldest jax it declares."""
+    version = _min_jax(package)
+    _run_package_tests(session, package, f"jax=={version}", f"jaxlib=={version}")
+
+
+@nox.session(tags=["tests"])
+def integration(session: nox.Session) -> None:
+    """All packages and the meta-package installed together; runs tests-integration/."""
+    session.install(*map(str, _all_wheels(session)), *INTEGRATION_DEPS)
+    session.run(
+        "pytest",
+        "-c",
+        str(ROOT / "pyproject.toml"),
+        "--rootdir",
+        str(ROOT),
+        str(ROOT / "tests-integration"),
+        *session.posargs,
+        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
+    )
+
+
+@nox.session(tags=["docs"])
+def docs(session: nox.Session) -> None:
+    """Strict docs build (warnings fail) with executed examples and docstring doctests."""
+    session.install(*map(str, _all_wheels(session)), *DOCS_DEPS)
+    # Docstring examples run against the installed wheels.
+    session.run(
+        "pytest",
+        "-c",
+        str(ROOT / "pyproject.toml"),
+        "--rootdir",
+        str(ROOT),
+        "--doctest-modules",
+        "--pyargs",
+        *(f"jaxmodules.{name}" for name in PACKAGES.values()),
+    )
+    session.run("mkdocs", "build", "--strict", "--site-dir", str(ROOT / "site"))
+
+
+@nox.session(tags=["build"])
+def build(session: nox.Session) -> None:
+    """Wheels and sdists of all four distributions, twine check, wheel contents check."""
+    session.install("twine>=5")
+    if DIST.exists():
+        for artifact in DIST.iterdir():
+            artifact.unlink()
+    artifacts = []
+    for package in PACKAGE_NAMES:
+        artifacts += _build(session, ROOT / "packages" / package, sdist=True, out_dir=DIST)
+    artifacts += _build(session, ROOT, sdist=True, out_dir=DIST)
+    session.run("twine", "check", "--strict", *map(str, artifacts))
+    for wheel in (p for p in artifacts if p.suffix == ".whl"):
+        _check_wheel_contents(session, wheel)
+
+
+def _check_wheel_contents(session: nox.Session, wheel: Path) -> None:
+    names = [n for n in zipfile.ZipFile(wheel).namelist() if ".dist-info/" not in n]
+    dist = wheel.name.split("-")[0].replace("_", "-")
+    if dist == "jaxmodules":
+        if names:
+            session.error(f"{wheel.name} must be metadata-only, holds {names}")
+        session.log(f"{wheel.name}: metadata only")
+        return
+    prefix = f"jaxmodules/{PACKAGES[dist]}/"
+    stray = [n for n in names if not n.startswith(prefix)]
+    if stray:
+        session.error(f"{wheel.name} ships files outside {prefix}: {stray}")
+    if f"{prefix}py.typed" not in names or f"{prefix}__init__.py" not in names:
+        session.error(f"{wheel.name} lacks {prefix}__init__.py or {prefix}py.typed")
+    session.log(f"{wheel.name}: {len(names)} files, all under {prefix}")
+
+
+@nox.session(default=False)
+def demo(session: nox.Session) -> None:
+    """Train the tiny character-level language model (examples/train_tiny_lm.py)."""
+    session.install(*map(str, _all_wheels(session)), *DEMO_DEPS)
+    session.run("python", str(ROOT / "examples" / "train_tiny_lm.py"), *session.posargs)
+
+
+@nox.session(default=False)
+def bench(session: nox.Session) -> None:
+    """Benchmarks against jax's own implementations; tables go to benchmarks/results/."""
+    session.install(*map(str, _all_wheels(session)), "matplotlib>=3.8", "numpy")
+    scripts = sorted((ROOT / "benchmarks").glob("*.py"))
+    wanted = set(session.posargs)
+    for script in scripts:
+        if not wanted or script.stem in wanted:
+            session.run("python", str(script))

@@ -1,0 +1,3 @@
+"""``jax.vmap`` over many named axes at once, described by a pattern string."""
+
+__all__: list[str] = []
