@@ -74,7 +74,8 @@ def _build(
     else:
         session.install("build")
         session.run("python", "-m", "build", *kinds, "--outdir", str(out), str(project))
-    return sorted(set(out.iterdir()) - before)
+    new = set(out.iterdir()) - before
+    return sorted(p for p in new if p.name.endswith((".whl", ".tar.gz")))
 
 
 def _wheel(session: nox.Session, package: str) -> Path:
@@ -89,10 +90,25 @@ def _all_wheels(session: nox.Session) -> list[Path]:
     return wheels
 
 
+# Run in a venv holding one distribution: its portion imports, its siblings do not.
+_ISOLATION_CHECK = """
+import importlib, sys, jax
+own = sys.argv[1]
+importlib.import_module(f"jaxmodules.{own}")
+for other in {"vectorize", "attention", "logstate"} - {own}:
+    try:
+        importlib.import_module(f"jaxmodules.{other}")
+    except ModuleNotFoundError:
+        continue
+    raise SystemExit(f"jaxmodules.{other} is importable beside jaxmodules.{own} alone")
+print(f"jaxmodules.{own} installed alone; jax {jax.__version__}")
+"""
+
+
 def _run_package_tests(session: nox.Session, package: str, *pins: str) -> None:
     wheel = _wheel(session, package)
     session.install(f"{wheel}[test]", *pins)
-    session.run("python", "-c", "import jax; print('jax', jax.__version__)")
+    session.run("python", "-c", _ISOLATION_CHECK, PACKAGES[package])
     # Run from the tests folder against the installed wheel, never the source tree.
     session.run(
         "pytest",
