@@ -43,7 +43,7 @@ def fetch_logs(tree: Any, *, sep: str = ".") -> dict[str, Any]:
             transformation), or if `sep` is not a string.
         ValueError: if two values get the same name (see `named_logs`).
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from jaxmodules.logstate import Log, fetch_logs
         >>> state = {"loss": Log(jnp.float32(0.25)), "acts": Log({"max": jnp.arange(3)})}
@@ -110,7 +110,7 @@ def write_tensorboard(
         TypeError: for a value TensorBoard cannot plot: a complex number, or a non-array,
             non-number value; also if `step` is not an int or `prefix` not a str.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from jaxmodules.logstate import Log, write_tensorboard
         >>> class PrintingWriter:

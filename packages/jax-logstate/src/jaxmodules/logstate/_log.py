@@ -35,7 +35,7 @@ class Log(Generic[T]):
         TypeError: if `name` is neither a string nor `None`.
         ValueError: if `name` is the empty string.
 
-    Example:
+    Examples:
         >>> import jax
         >>> import jax.numpy as jnp
         >>> from jaxmodules.logstate import Log

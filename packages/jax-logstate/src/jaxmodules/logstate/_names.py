@@ -67,7 +67,7 @@ def named_logs(tree: Any, *, sep: str = ".") -> dict[str, Any]:
             the message gives both paths. Names are never changed behind your back.
         TypeError: if `sep` is not a string.
 
-    Example:
+    Examples:
         >>> from jaxmodules.logstate import Log, named_logs
         >>> state = {"model": {"layers": [{"norm": Log(1.0)}, {"norm": Log(2.0)}]},
         ...          "total": Log(3.0, name="loss")}

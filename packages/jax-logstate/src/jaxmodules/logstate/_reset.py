@@ -69,7 +69,7 @@ def reset_logs(tree: Tree) -> Tree:
     Raises:
         TypeError: if a Log holds something that is neither an array nor a number.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from jaxmodules.logstate import Log, reset_logs
         >>> state = {"loss": Log(jnp.full((2, 3), 7.0)), "steps": Log(5), "note": Log(None)}
@@ -113,7 +113,7 @@ def clear_logs(tree: Tree) -> Tree:
     Returns:
         The tree with every Log cleared.
 
-    Example:
+    Examples:
         >>> import jax
         >>> from jaxmodules.logstate import Log, clear_logs
         >>> state = {"loss": Log(0.5), "w": 2.0}

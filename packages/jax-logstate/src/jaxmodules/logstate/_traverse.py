@@ -314,7 +314,7 @@ def list_of_logs(tree: Any) -> list[Any]:
     Returns:
         The `data` of each `Log`, in traversal order.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from jaxmodules.logstate import Log, list_of_logs
         >>> state = {"b": Log(2.0), "a": [Log(1.0), jnp.zeros(3)], "c": Log(None)}
@@ -345,7 +345,7 @@ def map_logs(fn: Callable[[Any], Any], tree: Tree) -> Tree:
     Raises:
         TypeError: if `fn` is not callable.
 
-    Example:
+    Examples:
         >>> from jaxmodules.logstate import Log, map_logs
         >>> state = {"loss": Log(0.25), "lr": 1e-3}
         >>> map_logs(lambda x: 2 * x, state)
