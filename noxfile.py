@@ -30,7 +30,13 @@ PACKAGES = {
 PACKAGE_NAMES = list(PACKAGES)
 
 # Extra packages the cross-package sessions need besides the wheels' own test extras.
-INTEGRATION_DEPS = ["pytest>=8", "hypothesis>=6.100", "optax>=0.2.3"]
+INTEGRATION_DEPS = [
+    "pytest>=8",
+    "hypothesis>=6.100",
+    "optax>=0.2.3",
+    "tqdm>=4.66",
+    "matplotlib>=3.8",
+]
 DEMO_DEPS = ["optax>=0.2.3", "tqdm>=4.66", "matplotlib>=3.8"]
 DOCS_DEPS = [
     "mkdocs>=1.6",

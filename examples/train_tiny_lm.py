@@ -1,0 +1,296 @@
+"""Train a tiny character-level language model on the Book of Genesis.
+
+The model (``tiny_lm.py`` beside this file) is a small decoder-only transformer whose
+attention runs through ``jaxmodules.attention.masked_attention_via_map``, whose per-token
+and per-head parts are written with ``jaxmodules.vectorize.fancy_vmap``, and whose jitted
+training step reports what it did through ``jaxmodules.logstate.Log`` values in its state.
+
+Run it with ``nox -s demo`` (installs everything it needs first) or, in an environment
+that has the three packages, optax, tqdm and matplotlib:
+
+    python examples/train_tiny_lm.py --help
+    python examples/train_tiny_lm.py --steps 300 --out my-run
+
+It prints a table of the named logs every ``--log-every`` steps, then a text sample,
+and writes ``loss.png``, ``attention.png``, ``logs.csv`` and ``sample.txt`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import matplotlib
+import numpy as np
+import tiny_lm
+from tqdm import tqdm
+
+from jaxmodules.logstate import fetch_logs, named_logs
+
+matplotlib.use("Agg")  # files only, no window
+import matplotlib.pyplot as plt
+from matplotlib.colors import PowerNorm
+
+DEFAULT_TEXT = Path(__file__).parent / "data" / "genesis.txt"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=(
+            "Train a tiny character-level transformer (block-wise attention, fancy_vmap, "
+            "Log state) on a public-domain text and sample from it."
+        )
+    )
+    option = parser.add_argument
+    option("--steps", type=int, default=1000, help="training steps (default: %(default)s)")
+    option("--batch-size", type=int, default=32, help="sequences per step (default: %(default)s)")
+    option("--seq-len", type=int, default=64, help="characters per sequence (default: %(default)s)")
+    option("--d-model", type=int, default=64, help="model width (default: %(default)s)")
+    option("--heads", type=int, default=4, help="attention heads per layer (default: %(default)s)")
+    option("--layers", type=int, default=2, help="transformer layers (default: %(default)s)")
+    option(
+        "--block-size",
+        type=int,
+        default=32,
+        help="query and key block size of the attention (default: %(default)s)",
+    )
+    option("--lr", type=float, default=3e-3, help="peak learning rate (default: %(default)s)")
+    option(
+        "--log-every", type=int, default=200, help="steps between log tables (default: %(default)s)"
+    )
+    option("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    option(
+        "--prompt",
+        default="And God said",
+        help="text the sample starts with; only characters of the text (default: %(default)r)",
+    )
+    option(
+        "--sample-len", type=int, default=300, help="characters to generate (default: %(default)s)"
+    )
+    option(
+        "--temperature", type=float, default=0.8, help="sampling temperature (default: %(default)s)"
+    )
+    option(
+        "--text",
+        type=Path,
+        default=DEFAULT_TEXT,
+        help="UTF-8 text file to train on (default: data/genesis.txt beside this script)",
+    )
+    option(
+        "--out",
+        type=Path,
+        default=Path("demo-output"),
+        help="folder for the pictures, logs and sample (default: ./%(default)s)",
+    )
+    args = parser.parse_args(argv)
+    for name in ("steps", "batch_size", "seq_len", "d_model", "heads", "layers", "block_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.log_every < 1 or args.sample_len < 0 or args.temperature <= 0:
+        parser.error("--log-every must be >= 1, --sample-len >= 0 and --temperature > 0")
+    if args.d_model % args.heads:
+        parser.error(f"--d-model ({args.d_model}) must be a multiple of --heads ({args.heads})")
+    return args
+
+
+class CharData:
+    """The text as character ids, split 90/10 into training and validation parts."""
+
+    def __init__(self, text: str, seq_len: int):
+        self.chars = sorted(set(text))
+        self.index = {c: i for i, c in enumerate(self.chars)}
+        ids = np.array([self.index[c] for c in text], dtype=np.int32)
+        split = int(0.9 * len(ids))
+        self.train, self.valid = ids[:split], ids[split:]
+        self.window = seq_len + 1  # inputs and the next-character targets
+        if len(self.valid) <= self.window:
+            raise SystemExit(f"the text is too short for --seq-len {seq_len}")
+
+    def encode(self, text: str) -> np.ndarray:
+        unknown = sorted(set(text) - set(self.chars))
+        if unknown:
+            raise SystemExit(f"the prompt has characters the text never uses: {unknown}")
+        return np.array([self.index[c] for c in text], dtype=np.int32)
+
+    def attention_example(self, length: int) -> str:
+        """The start of the first whole line of the validation text."""
+        text = self.decode(self.valid[: 4 * self.window].tolist())
+        start = text.find("\n") + 1
+        return text[start : start + length]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+    def batch(self, rng: np.random.Generator, batch_size: int, valid: bool = False) -> np.ndarray:
+        ids = self.valid if valid else self.train
+        starts = rng.integers(0, len(ids) - self.window, size=batch_size)
+        return ids[starts[:, None] + np.arange(self.window)]
+
+
+def format_table(step: int, logs: dict[str, float]) -> str:
+    width = max(map(len, logs))
+    rows = [f"step {step}", f"  {'name':<{width}}  value", f"  {'-' * width}  ----------"]
+    rows += [f"  {name:<{width}}  {value:.4g}" for name, value in logs.items()]
+    return "\n".join(rows)
+
+
+def plot_loss(path: Path, train: list[tuple[int, float]], valid: list[tuple[int, float]]) -> None:
+    steps, losses = np.array(train).T
+    # Moving average over 20 steps to show the trend through the batch-to-batch noise.
+    kernel = min(20, len(losses))
+    smooth = np.convolve(losses, np.ones(kernel) / kernel, mode="valid")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, losses, color="tab:blue", alpha=0.3, lw=1, label="training (per step)")
+    ax.plot(steps[kernel - 1 :], smooth, color="tab:blue", lw=2, label="training (mean of 20)")
+    if valid:
+        ax.plot(*np.array(valid).T, "o-", color="tab:orange", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats per character)")
+    ax.set_title("Tiny character-level transformer on Genesis")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _tick_label(char: str) -> str:
+    return {" ": "␣", "\n": "⏎"}.get(char, char)
+
+
+def plot_attention(path: Path, weights: list[np.ndarray], text: str) -> None:
+    """One heat map per layer and head: weights[layer] is (heads, L, L) for ``text``."""
+    layers, heads = len(weights), weights[0].shape[0]
+    fig, axes = plt.subplots(
+        layers, heads, figsize=(2.8 * heads + 1.0, 2.8 * layers + 0.9), squeeze=False
+    )
+    labels = [_tick_label(c) for c in text]
+    ticks = np.arange(len(text))
+    for layer, row in enumerate(axes):
+        for head, ax in enumerate(row):
+            # A square-root colour scale keeps the many small weights visible.
+            image = ax.imshow(weights[layer][head], cmap="magma", norm=PowerNorm(0.5, 0.0, 1.0))
+            ax.set_title(f"layer {layer}, head {head}", fontsize=9)
+            # Characters on the outer edges only: one row of labels is enough to read.
+            if layer == layers - 1:
+                ax.set_xticks(ticks, labels, fontsize=6)
+            else:
+                ax.set_xticks([])
+            if head == 0:
+                ax.set_yticks(ticks, labels, fontsize=6)
+            else:
+                ax.set_yticks([])
+            ax.tick_params(length=0)
+    fig.subplots_adjust(left=0.05, right=0.9, bottom=0.07, top=0.86, wspace=0.12, hspace=0.25)
+    fig.colorbar(image, cax=fig.add_axes((0.92, 0.2, 0.012, 0.55)), label="attention weight")
+    fig.suptitle(
+        "Attention weights after training: each row is a query character, each column a "
+        f"key it may attend to\n{text!r}",
+        fontsize=9,
+    )
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    data = CharData(args.text.read_text(encoding="utf-8"), args.seq_len)
+    prompt = data.encode(args.prompt)
+    config = tiny_lm.Config(
+        vocab_size=len(data.chars),
+        seq_len=args.seq_len,
+        d_model=args.d_model,
+        n_heads=args.heads,
+        n_layers=args.layers,
+        block_size=args.block_size,
+        learning_rate=args.lr,
+        warmup_steps=min(50, args.steps // 10),
+        total_steps=args.steps,
+    )
+    rng = np.random.default_rng(args.seed)
+    state = tiny_lm.init_state(config, jax.random.key(args.seed))
+    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    print(
+        f"{args.text.name}: {len(data.train) + len(data.valid):,} characters, "
+        f"{len(data.chars)} distinct; model: {n_params:,} parameters; "
+        f"devices: {jax.devices()[0].platform} x{jax.device_count()}"
+    )
+
+    # Donating the state lets XLA update parameters and optimizer moments in place.
+    train_step = jax.jit(tiny_lm.make_train_step(config), donate_argnums=0)
+    eval_loss = jax.jit(lambda params, batch: tiny_lm.loss_fn(params, batch, config)[0])
+    valid_batches = [data.batch(rng, args.batch_size, valid=True) for _ in range(4)]
+
+    def validation_loss() -> float:
+        return float(np.mean([eval_loss(state.params, b) for b in valid_batches]))
+
+    train_curve: list[tuple[int, float]] = []
+    valid_curve: list[tuple[int, float]] = [(0, validation_loss())]
+    table_rows: list[dict[str, float]] = []
+    progress = tqdm(range(1, args.steps + 1), desc="training", unit="step")
+    for step in progress:
+        if step == 2:  # the first step includes tracing and compiling
+            compiled_at = time.perf_counter()
+        state = train_step(state, data.batch(rng, args.batch_size))
+        # Reading the loss waits for the step; with a model this small that costs little.
+        loss = float(named_logs(state)["loss"])
+        train_curve.append((step, loss))
+        progress.set_postfix(loss=f"{loss:.3f}")
+        if step % args.log_every == 0 or step == args.steps:
+            logs = {name: float(value) for name, value in fetch_logs(state).items()}
+            logs["valid_loss"] = validation_loss()
+            valid_curve.append((step, logs["valid_loss"]))
+            table_rows.append({"step": step, **logs})
+            progress.write(format_table(step, logs))
+    progress.close()
+    trained_at = time.perf_counter()
+
+    generate = jax.jit(tiny_lm.generate, static_argnames=("config", "num_tokens", "temperature"))
+    sample_ids = generate(
+        state.params,
+        jnp.asarray(prompt),
+        jax.random.key(args.seed + 1),
+        config=config,
+        num_tokens=args.sample_len,
+        temperature=args.temperature,
+    )
+    sample = data.decode(np.asarray(sample_ids).tolist())
+    print("\nSample (prompt, then generated text):\n" + "-" * 60 + f"\n{sample}\n" + "-" * 60)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    plot_loss(args.out / "loss.png", train_curve, valid_curve)
+    shown = data.attention_example(min(32, args.seq_len))
+    _, stats = jax.jit(
+        lambda params, tokens: tiny_lm.forward(params, tokens, config, capture_weights=True)
+    )(state.params, jnp.asarray(data.encode(shown))[None])
+    weights = [np.asarray(layer["attn"]["weights"][0]) for layer in stats["layers"]]
+    plot_attention(args.out / "attention.png", weights, shown)
+    with open(args.out / "logs.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(table_rows[0]))
+        writer.writeheader()
+        writer.writerows(table_rows)
+    (args.out / "sample.txt").write_text(sample + "\n", encoding="utf-8")
+
+    first, last = train_curve[0][1], np.mean([loss for _, loss in train_curve[-20:]])
+    print(
+        f"loss {first:.3f} -> {last:.3f} (mean of the last 20 steps; uniform guess: "
+        f"{math.log(len(data.chars)):.3f}), validation {valid_curve[-1][1]:.3f}"
+    )
+    if args.steps > 1:
+        print(
+            f"time: {compiled_at - started:.0f} s to load and compile, "
+            f"{args.steps - 1} steps in {trained_at - compiled_at:.0f} s, "
+            f"{time.perf_counter() - started:.0f} s in all"
+        )
+    print(f"wrote loss.png, attention.png, logs.csv and sample.txt to {args.out.resolve()}")
+
+
+if __name__ == "__main__":
+    main()
