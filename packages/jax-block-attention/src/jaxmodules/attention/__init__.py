@@ -1,3 +1,5 @@
 """Block-wise, linear-memory masked softmax attention in pure JAX."""
 
-__all__: list[str] = []
+from ._attention import masked_attention_via_map
+
+__all__ = ["masked_attention_via_map"]

@@ -1,0 +1,120 @@
+"""A dense float64 NumPy reference for softmax attention and its gradients."""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
+
+import jax
+import numpy as np
+import pytest
+
+# Most of this suite's time is XLA compiling many small programs; cheaper LLVM code
+# generation halves it and does not change what is computed.
+os.environ["XLA_FLAGS"] = " ".join(
+    [
+        os.environ.get("XLA_FLAGS", ""),
+        "--xla_backend_optimization_level=0",
+        "--xla_llvm_disable_expensive_passes=true",
+    ]
+).strip()
+
+
+def dense_mask(
+    batch: int,
+    q_heads: int,
+    q_len: int,
+    k_len: int,
+    *,
+    is_causal: bool = False,
+    window: Any = None,
+    mask_fn: Callable[..., Any] | None = None,
+) -> np.ndarray:
+    """The full ``(B, Hq, Lq, Lk)`` visibility, written directly from the definitions."""
+    q = np.arange(q_len)[:, None]
+    k = np.arange(k_len)[None, :]
+    visible = np.ones((batch, q_heads, q_len, k_len), bool)
+    if is_causal:
+        visible &= k <= q
+    if window is not None:
+        left, right = (window, window) if isinstance(window, int) else window
+        if left is not None:
+            visible &= q - left <= k
+        if right is not None:
+            visible &= k <= q + right
+    if mask_fn is not None:
+        b_idx = np.arange(batch)[:, None, None, None]
+        h_idx = np.arange(q_heads)[None, :, None, None]
+        q_idx, k_idx = q[None, None], k[None, None]
+        if len(inspect.signature(mask_fn).parameters) == 3:
+            values = mask_fn(h_idx, q_idx, k_idx)
+        else:
+            values = mask_fn(b_idx, h_idx, q_idx, k_idx)
+        visible &= np.asarray(values, bool)
+    return visible
+
+
+def _expand_kv(x: np.ndarray, q_heads: int) -> np.ndarray:
+    return np.repeat(x, q_heads // x.shape[2], axis=2)
+
+
+def _probabilities(q, k, mask, scale):
+    s = np.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    s = np.where(mask, s, -np.inf)
+    m = s.max(axis=-1, keepdims=True, initial=-np.inf)
+    m = np.where(np.isfinite(m), m, 0.0)
+    p = np.exp(s - m)
+    total = p.sum(axis=-1, keepdims=True)
+    return p / np.where(total == 0, 1.0, total)
+
+
+def reference_attention(Q, K, V, mask: np.ndarray, scale: float | None = None) -> np.ndarray:
+    """Float64 softmax attention; rows without a visible key give 0."""
+    q, k, v = (np.asarray(x, np.float64) for x in (Q, K, V))
+    scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
+    k, v = _expand_kv(k, q.shape[2]), _expand_kv(v, q.shape[2])
+    p = _probabilities(q, k, mask, scale)
+    return np.einsum("bhqk,bkhd->bqhd", p, v)
+
+
+def reference_gradients(Q, K, V, mask, d_out, scale: float | None = None):
+    """Float64 gradients of ``sum(reference_attention(...) * d_out)``."""
+    q, k, v, do = (np.asarray(x, np.float64) for x in (Q, K, V, d_out))
+    scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
+    groups = q.shape[2] // k.shape[2]
+    ke, ve = _expand_kv(k, q.shape[2]), _expand_kv(v, q.shape[2])
+    p = _probabilities(q, ke, mask, scale)
+    o = np.einsum("bhqk,bkhd->bqhd", p, ve)
+    dv = np.einsum("bhqk,bqhd->bkhd", p, do)
+    dp = np.einsum("bqhd,bkhd->bhqk", do, ve)
+    delta = np.einsum("bqhd,bqhd->bhq", do, o)[..., None]
+    ds = p * (dp - delta) * scale
+    dq = np.einsum("bhqk,bkhd->bqhd", ds, ke)
+    dk = np.einsum("bhqk,bqhd->bkhd", ds, q)
+
+    def fold(x):  # sum the query heads of each key/value group
+        b, length, _, dim = x.shape
+        return x.reshape(b, length, k.shape[2], groups, dim).sum(axis=3)
+
+    return dq, fold(dk), fold(dv)
+
+
+def random_qkv(seed, batch, q_len, k_len, q_heads, kv_heads, d, dv=None, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    dv = d if dv is None else dv
+    shapes = [(batch, q_len, q_heads, d), (batch, k_len, kv_heads, d), (batch, k_len, kv_heads, dv)]
+    arrays = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    return [jax.numpy.asarray(a, dtype=dtype) for a in arrays]
+
+
+@pytest.fixture(scope="session")
+def ref() -> SimpleNamespace:
+    return SimpleNamespace(
+        mask=dense_mask,
+        attention=reference_attention,
+        gradients=reference_gradients,
+        qkv=random_qkv,
+    )
