@@ -111,20 +111,18 @@ print(f"jaxmodules.{own} installed alone; jax {jax.__version__}")
 """
 
 
+def _pytest(session: nox.Session, *args: str, env: dict[str, str] | None = None) -> None:
+    """pytest with the repository's configuration, whatever the working directory."""
+    config = ["-c", str(ROOT / "pyproject.toml"), "--rootdir", str(ROOT)]
+    session.run("pytest", *config, *args, env=env)
+
+
 def _run_package_tests(session: nox.Session, package: str, *pins: str) -> None:
     wheel = _wheel(session, package)
     session.install(f"{wheel}[test]", *pins)
     session.run("python", "-c", _ISOLATION_CHECK, PACKAGES[package])
-    # Run from the tests folder against the installed wheel, never the source tree.
-    session.run(
-        "pytest",
-        "-c",
-        str(ROOT / "pyproject.toml"),
-        "--rootdir",
-        str(ROOT),
-        str(ROOT / "packages" / package / "tests"),
-        *session.posargs,
-    )
+    # Tests run against the installed wheel, never the source tree.
+    _pytest(session, str(ROOT / "packages" / package / "tests"), *session.posargs)
 
 
 @nox.session(tags=["check"])
@@ -181,12 +179,8 @@ def tests_min_jax(session: nox.Session, package: str) -> None:
 def integration(session: nox.Session) -> None:
     """All packages and the meta-package installed together; runs tests-integration/."""
     session.install(*map(str, _all_wheels(session)), *INTEGRATION_DEPS)
-    session.run(
-        "pytest",
-        "-c",
-        str(ROOT / "pyproject.toml"),
-        "--rootdir",
-        str(ROOT),
+    _pytest(
+        session,
         str(ROOT / "tests-integration"),
         *session.posargs,
         env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
@@ -198,15 +192,8 @@ def docs(session: nox.Session) -> None:
     """Strict docs build (warnings fail) with executed examples and docstring doctests."""
     session.install(*map(str, _all_wheels(session)), *DOCS_DEPS)
     # Docstring examples run against the installed wheels.
-    session.run(
-        "pytest",
-        "-c",
-        str(ROOT / "pyproject.toml"),
-        "--rootdir",
-        str(ROOT),
-        "--doctest-modules",
-        "--pyargs",
-        *(f"jaxmodules.{name}" for name in PACKAGES.values()),
+    _pytest(
+        session, "--doctest-modules", "--pyargs", *(f"jaxmodules.{n}" for n in PACKAGES.values())
     )
     session.run(
         "mkdocs",
