@@ -110,10 +110,26 @@ def random_qkv(seed, batch, q_len, k_len, q_heads, kv_heads, d, dv=None, dtype=n
     return [jax.numpy.asarray(a, dtype=dtype) for a in arrays]
 
 
+def mask_for(shape, options):
+    """The dense mask for a test case: ``shape`` starts (batch, Lq, Lk, Hq), ``options``
+    are the keyword arguments given to ``masked_attention_via_map``."""
+    batch, q_len, k_len, q_heads = shape[:4]
+    return dense_mask(
+        batch,
+        q_heads,
+        q_len,
+        k_len,
+        is_causal=options.get("is_causal", False),
+        window=options.get("window_size"),
+        mask_fn=options.get("mask_fn"),
+    )
+
+
 @pytest.fixture(scope="session")
 def ref() -> SimpleNamespace:
     return SimpleNamespace(
         mask=dense_mask,
+        mask_for=mask_for,
         attention=reference_attention,
         gradients=reference_gradients,
         qkv=random_qkv,

@@ -40,19 +40,6 @@ SHAPES = {
 }
 
 
-def _reference_mask(ref, shape, options):
-    batch, q_len, k_len, q_heads = shape[:4]
-    return ref.mask(
-        batch,
-        q_heads,
-        q_len,
-        k_len,
-        is_causal=options.get("is_causal", False),
-        window=options.get("window_size"),
-        mask_fn=options.get("mask_fn"),
-    )
-
-
 # Every mask once, the shapes taking turns, keeps the number of compilations small.
 CASES = [(mask, list(SHAPES)[n % len(SHAPES)]) for n, mask in enumerate(MASKS)]
 CASES += [("causal", "square_dv"), ("mask_fn", "mqa_long_keys"), ("window", "mqa_long_keys")]
@@ -65,7 +52,7 @@ def test_matches_dense_reference(ref, mask_name, shape_name):
     q, k, v = ref.qkv(1, batch, q_len, k_len, q_heads, kv_heads, d, dv)
     out = masked_attention_via_map(q, k, v, block_size=block, **options)
     assert out.shape == (batch, q_len, q_heads, dv) and out.dtype == q.dtype
-    expected = ref.attention(q, k, v, _reference_mask(ref, SHAPES[shape_name], options))
+    expected = ref.attention(q, k, v, ref.mask_for(SHAPES[shape_name], options))
     np.testing.assert_allclose(out, expected, atol=2e-6, rtol=2e-5)
 
 
@@ -78,7 +65,7 @@ def test_result_does_not_depend_on_block_size(ref, mask_name):
         for block in (None, 13, (8, 32), 1000)
     ]
     shape = (2, 64, 50, 4)
-    expected = ref.attention(q, k, v, _reference_mask(ref, shape, options))
+    expected = ref.attention(q, k, v, ref.mask_for(shape, options))
     for out in outputs:
         np.testing.assert_allclose(out, expected, atol=2e-6, rtol=2e-5)
         np.testing.assert_allclose(out, outputs[0], atol=1e-6, rtol=1e-5)
@@ -115,7 +102,7 @@ def test_low_precision_inputs(ref, dtype, tolerance):
     for options in ({"is_causal": True}, {"mask_fn": MASKS["mask_fn"]["mask_fn"]}):
         out = masked_attention_via_map(q, k, v, block_size=32, **options)
         assert out.dtype == dtype
-        mask = _reference_mask(ref, (2, 70, 70, 4), options)
+        mask = ref.mask_for((2, 70, 70, 4), options)
         # The reference sees the same rounded inputs, so only the output rounding and
         # float32 accumulation separate the two.
         expected = ref.attention(q, k, v, mask)

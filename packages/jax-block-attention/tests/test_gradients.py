@@ -30,19 +30,6 @@ def _loss_and_cotangent(ref, shape, seed):
     return weights
 
 
-def _mask_for(ref, shape, options):
-    batch, q_len, k_len, q_heads = shape[:4]
-    return ref.mask(
-        batch,
-        q_heads,
-        q_len,
-        k_len,
-        is_causal=options.get("is_causal", False),
-        window=options.get("window_size"),
-        mask_fn=options.get("mask_fn"),
-    )
-
-
 @pytest.mark.parametrize("case", GRADIENT_CASES)
 def test_gradients_match_float64_reference(ref, case):
     shape, options = GRADIENT_CASES[case]
@@ -53,7 +40,7 @@ def test_gradients_match_float64_reference(ref, case):
         return jnp.sum(masked_attention_via_map(q, k, v, **options) * weights)
 
     grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
-    expected = ref.gradients(q, k, v, _mask_for(ref, shape, options), weights)
+    expected = ref.gradients(q, k, v, ref.mask_for(shape, options), weights)
     for name, got, want in zip("QKV", grads, expected, strict=True):
         assert got.shape == want.shape and got.dtype == jnp.float32, name
         np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4, err_msg=f"d{name}")

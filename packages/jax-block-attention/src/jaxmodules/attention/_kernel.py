@@ -103,6 +103,22 @@ def _tables(blocks: tuple[tuple[int, ...], ...]) -> tuple[np.ndarray, np.ndarray
     return table, counts
 
 
+def _block_schedule(plan: Plan) -> tuple[tuple[Array, ...], bool, bool]:
+    """The per-query-block inputs of the loop over query blocks (block index, full key
+    blocks and their count, partial key blocks and their count), and whether any full or
+    any partial block exists at all, shared by the forward and the backward pass."""
+    full_table, full_count = _tables(plan.full)
+    part_table, part_count = _tables(plan.partial)
+    xs = (
+        jnp.arange(plan.n_q_blocks, dtype=jnp.int32),
+        jnp.asarray(full_table),
+        jnp.asarray(full_count),
+        jnp.asarray(part_table),
+        jnp.asarray(part_count),
+    )
+    return xs, bool(full_count.any()), bool(part_count.any())
+
+
 # --------------------------------------------------------------------------- forward
 
 
@@ -113,10 +129,7 @@ def _forward(
     rows, bk = plan.rows_per_block, plan.k_block
     bsz, hkv = q.shape[0], q.shape[1]
     dv = v.shape[-1]
-    full_table, full_count = _tables(plan.full)
-    part_table, part_count = _tables(plan.partial)
-    any_full = bool(full_count.any())
-    any_partial = bool(part_count.any())
+    xs, any_full, any_partial = _block_schedule(plan)
 
     def update(carry, q_blk, score_scale, j, visible=None):
         m, l, acc = carry
@@ -171,13 +184,6 @@ def _forward(
         lse = jnp.where(empty, jnp.inf, m + jnp.log(jnp.where(empty, 1.0, l)))
         return out, lse
 
-    xs = (
-        jnp.arange(plan.n_q_blocks, dtype=jnp.int32),
-        jnp.asarray(full_table),
-        jnp.asarray(full_count),
-        jnp.asarray(part_table),
-        jnp.asarray(part_count),
-    )
     out, lse = lax.map(one_query_block, xs)
     # (n_q_blocks, B, Hkv, rows, ...) -> (B, Hkv, n_q_blocks * rows, ...)
     out = jnp.moveaxis(out, 0, 2).reshape(bsz, hkv, -1, dv)
@@ -205,10 +211,7 @@ def _backward(
     d = q.shape[-1]
     dv = v.shape[-1]
     scale = _F32(plan.scale)
-    full_table, full_count = _tables(plan.full)
-    part_table, part_count = _tables(plan.partial)
-    any_full = bool(full_count.any())
-    any_partial = bool(part_count.any())
+    xs, any_full, any_partial = _block_schedule(plan)
     delta = jnp.einsum("bhrd,bhrd->bhr", d_out.astype(_F32), out.astype(_F32))
     # XLA:CPU multiplies (d, rows) x (rows, keys) about twice as fast as it contracts the
     # row axis of (rows, keys) and (rows, d); so dK and dV are accumulated transposed,
@@ -266,13 +269,6 @@ def _backward(
         dq_blk, dk_acc, dv_acc = carry
         return (dk_acc, dv_acc), dq_blk
 
-    xs = (
-        jnp.arange(plan.n_q_blocks, dtype=jnp.int32),
-        jnp.asarray(full_table),
-        jnp.asarray(full_count),
-        jnp.asarray(part_table),
-        jnp.asarray(part_count),
-    )
     init = (
         jnp.zeros((bsz, hkv, d, k.shape[2]), _F32),
         jnp.zeros((bsz, hkv, dv, v.shape[2]), _F32),
