@@ -61,7 +61,7 @@ def test_multi_character_names_digits_underscores_and_unicode() -> None:
 def test_ellipsis_and_whole_arguments() -> None:
     plan = parse_pattern("out[i] = model.apply(params, x[i, ...], rng)")
     assert [p.axes for p in plan.inputs] == [("...",), ("i", "..."), ("...",)]
-    assert [p.bare for p in plan.inputs] == [True, False, True]
+    assert [p.text for p in plan.inputs] == ["params", "x[i, ...]", "rng"]
     einsum = parse_pattern("..., i ..., ... -> i")
     assert [p.axes for p in einsum.inputs] == [("...",), ("i", "..."), ("...",)]
     assert parse_pattern("f(A[]) -> out[]").inputs[0].axes == ()
@@ -171,6 +171,12 @@ def test_caret_lands_on_the_right_line_of_a_multiline_pattern() -> None:
         parse_pattern(fmt)
     assert info.value.args[0].splitlines()[-2] == "      : k,"
     assert caret_target(str(info.value)) == "k"
+
+
+@pytest.mark.parametrize("fmt", ["", "   ", "\n\t"])
+def test_an_empty_pattern_says_so(fmt: str) -> None:
+    with pytest.raises(ValueError, match=r"^fancy_vmap: empty pattern\n"):
+        parse_pattern(fmt)
 
 
 def test_non_string_format_is_a_type_error() -> None:

@@ -12,7 +12,7 @@ import numpy as np
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from jaxmodules.vectorize import VmapPlan, fancy_vmap, parse_pattern
+from jaxmodules.vectorize import AxisPattern, VmapPlan, fancy_vmap, parse_pattern
 
 NAMES = ["i", "j", "k", "batch", "h2", "_x", "seq_len"]
 Tokens = list[str]
@@ -241,6 +241,15 @@ def arguments_for(
     return args, all_fit
 
 
+def fn_shape_for(draw: st.DrawFn, pattern: AxisPattern) -> tuple[tuple[int, ...], bool]:
+    """A shape for fn's own output; mostly one that fits the output pattern."""
+    colons = pattern.unmapped_count
+    if draw(st.integers(0, 9)) == 0:
+        return draw(st.lists(st.integers(1, 2), max_size=3).map(tuple)), False
+    rank = colons if colons and not pattern.has_ellipsis else colons + draw(st.integers(0, 2))
+    return tuple(draw(st.integers(1, 2)) for _ in range(rank)), True
+
+
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(fmt=mutated_formats(), data=st.data())
 def test_fuzz_mutated_patterns_end_to_end_only_raise_value_error(
@@ -253,9 +262,11 @@ def test_fuzz_mutated_patterns_end_to_end_only_raise_value_error(
         return
     sizes = {axis: data.draw(st.integers(1, 3)) for axis in plan.axis_order}
     args, all_fit = arguments_for(data.draw, plan, sizes)
-    fn_shapes = [
-        data.draw(st.lists(st.integers(1, 2), max_size=3).map(tuple)) for _ in plan.outputs
-    ]
+    fn_shapes = []
+    for pattern in plan.outputs:
+        shape, fits = fn_shape_for(data.draw, pattern)
+        fn_shapes.append(shape)
+        all_fit = all_fit and fits
 
     def fn(*elements: jax.Array) -> Any:
         total = sum((jnp.sum(e) for e in elements), jnp.float32(0))
@@ -266,6 +277,8 @@ def test_fuzz_mutated_patterns_end_to_end_only_raise_value_error(
         result = fancy_vmap(fn, fmt)(*args)
     except ValueError as error:
         assert str(error).startswith("fancy_vmap: ")
+        # A parsed pattern called with arguments and an fn that fit it must run.
+        assert not all_fit, f"{fmt!r} rejected a call that fits it: {error}"
         event("parsed, call rejected")
         return
     event("parsed and ran")

@@ -10,7 +10,7 @@ from typing import Any
 import jax
 
 from ._errors import pattern_error
-from ._parse import ELLIPSIS, AxisPattern, VmapPlan, parse_pattern
+from ._parse import ELLIPSIS, AxisPattern, VmapPlan, describe, parse_pattern
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ def _leaf_shape(leaf: object) -> tuple[int, ...] | None:
 
 def _where(role: str, index: int, pattern: AxisPattern, path: tuple[Any, ...]) -> str:
     leaf = f", leaf {jax.tree_util.keystr(path)}" if path else ""
-    return f"{role} {index} {pattern.describe()}{leaf}"
+    return f"{role} {index} {describe(pattern)}{leaf}"
 
 
 def _input_rank_ok(pattern: AxisPattern, rank: int) -> tuple[bool, str]:

@@ -1,13 +1,12 @@
-"""Parser: turns a ``fancy_vmap`` format string into an immutable :class:`VmapPlan`.
+"""Parser: turns a ``fancy_vmap`` format string into an immutable `VmapPlan`.
 
-Two syntaxes are accepted:
-
-* einsum-like: ``"i : j, : j, i -> : i j"`` or, reversed, ``": i j <- i : j, : j, i"``;
-* dummy function: ``"out[:, i, j] = f(A[i, :, j], B[:, j], C[i])"`` or
-  ``"f(A[i], B[j]) -> out[i, j]"``.
-
-A string that holds any of ``( ) [ ] =`` is read as the dummy-function form, anything
-else as the einsum-like form.
+Both syntaxes are two comma-separated lists of patterns, read by one list parser. The
+einsum-like form (``"i : j, : j, i -> : i j"``, reversed ``": i j <- i : j, : j, i"``)
+writes each pattern as axis tokens separated by spaces. The dummy-function form
+(``"out[:, i, j] = f(A[i, :, j], B[:, j], C[i])"`` or ``"f(A[i], B[j]) -> out[i, j]"``)
+puts a frame round the two lists and lowers each operand ``A[i, :, j]`` to the axis
+tokens between its brackets. A string that holds any of ``( ) [ ] =`` is read as the
+dummy-function form, anything else as the einsum-like form.
 """
 
 from __future__ import annotations
@@ -23,41 +22,39 @@ UNMAPPED = ":"
 ELLIPSIS = "..."
 
 _TOKEN_RE = re.compile(
-    r"""
-    (?P<ws>\s+)
-    | (?P<ellipsis>\.\.\.)
-    | (?P<arrow>->)
-    | (?P<larrow><-)
-    | (?P<name>[^\W\d]\w*)
-    | (?P<number>\d\w*)
-    | (?P<punct>[:,()\[\]=.])
-    """,
-    re.VERBOSE,
+    r"(?P<ws>\s+)|(?P<name>[^\W\d]\w*)|(?P<number>\d\w*)|(?P<punct>\.\.\.|->|<-|[:,()\[\]=.])"
 )
 _AXIS_KINDS = ("name", UNMAPPED, ELLIPSIS)
 _DUMMY_ONLY_KINDS = ("(", ")", "[", "]", "=")
+_AXIS_OR_CLOSE = "an axis name, ':', '...' or ']'"
+_EMPTY_HINTS = {
+    "input": "write '...' to pass an argument whole",
+    "output": "every output needs a pattern",
+}
 
 
 @dataclass(frozen=True)
 class AxisPattern:
     """The layout of one argument or one output, as the format string describes it.
 
+    A stable, read-only record returned inside a `VmapPlan`.
+
     Attributes:
         axes: One entry per written token: an axis name, ``":"`` (one unmapped axis) or
-            ``"..."`` (any number of unmapped axes).
+            ``"..."`` (any number of unmapped axes). An argument passed whole reads
+            ``("...",)``.
         text: The pattern as written in the format string (``"i : j"`` or ``"A[i, :, j]"``).
         start: Offset of ``text`` in the format string.
         spans: ``(start, end)`` offsets of every entry of ``axes`` in the format string.
         label: The free name given in the dummy-function form (``"A"``), else ``None``.
-        bare: Written without brackets in the dummy-function form (passed whole).
 
     Examples:
         >>> from jaxmodules.vectorize import parse_pattern
         >>> plan = parse_pattern("i : j, : j, i -> : i j")
-        >>> plan.inputs[0].axes
-        ('i', ':', 'j')
-        >>> plan.inputs[0].named
-        ('i', 'j')
+        >>> plan.inputs[0].axes, plan.inputs[0].named
+        (('i', ':', 'j'), ('i', 'j'))
+        >>> parse_pattern("out[i] = f(A[i], params)").inputs[1].axes
+        ('...',)
     """
 
     axes: tuple[str, ...]
@@ -65,7 +62,6 @@ class AxisPattern:
     start: int
     spans: tuple[tuple[int, int], ...]
     label: str | None = None
-    bare: bool = False
 
     @property
     def named(self) -> tuple[str, ...]:
@@ -91,21 +87,22 @@ class AxisPattern:
         """Offsets of the first occurrence of ``axis`` in the format string."""
         return self.spans[self.axes.index(axis)]
 
-    def describe(self) -> str:
-        """How error messages name this pattern."""
-        if self.label is not None:
-            return repr(self.text)
-        return f"with pattern {self.text!r}"
+
+def describe(pattern: AxisPattern) -> str:
+    """How error messages name a pattern."""
+    return repr(pattern.text) if pattern.label is not None else f"with pattern {pattern.text!r}"
 
 
 @dataclass(frozen=True)
 class VmapPlan:
     """A parsed format string: one pattern per positional argument and per output.
 
+    A stable, read-only record; `parse_pattern` returns it.
+
     Attributes:
         fmt: The format string.
-        inputs: One :class:`AxisPattern` per positional argument.
-        outputs: One :class:`AxisPattern` per output; several mean ``fn`` returns a tuple.
+        inputs: One `AxisPattern` per positional argument.
+        outputs: One `AxisPattern` per output; several mean ``fn`` returns a tuple.
         tuple_output: Whether ``fn`` returns a tuple (several output patterns, or one
             followed by a trailing comma).
         axis_order: The named axes, outermost ``vmap`` first (their order in the first
@@ -136,16 +133,14 @@ class _Token:
 
 
 def _tokenize(fmt: str) -> list[_Token]:
-    tokens = []
-    position = 0
+    tokens, position = [], 0
     while position < len(fmt):
         match = _TOKEN_RE.match(fmt, position)
         if match is None:
             raise pattern_error(
                 fmt, position, position + 1, f"unexpected character {fmt[position]!r}"
             )
-        kind = match.lastgroup
-        text = match.group()
+        kind, text = str(match.lastgroup), match.group()
         if kind == "number":
             raise pattern_error(
                 fmt,
@@ -153,130 +148,22 @@ def _tokenize(fmt: str) -> list[_Token]:
                 match.end(),
                 f"{text!r} is not an axis name; names start with a letter or underscore",
             )
-        if kind in ("punct", "ellipsis", "arrow", "larrow"):
-            kind = text
         if kind != "ws":
-            tokens.append(_Token(str(kind), text, position, match.end()))
+            tokens.append(_Token(text if kind == "punct" else kind, text, position, match.end()))
         position = match.end()
-    tokens.append(_Token("end", "", len(fmt), len(fmt)))
-    return tokens
+    return [*tokens, _Token("end", "", len(fmt), len(fmt))]
 
 
 def _describe_token(token: _Token) -> str:
     return "the end of the pattern" if token.kind == "end" else repr(token.text)
 
 
-def _make_pattern(
-    fmt: str,
-    axis_tokens: list[_Token],
-    *,
-    text_start: int,
-    text_end: int,
-    label: str | None = None,
-) -> AxisPattern:
-    return AxisPattern(
-        axes=tuple(token.text for token in axis_tokens),
-        text=fmt[text_start:text_end],
-        start=text_start,
-        spans=tuple((token.start, token.end) for token in axis_tokens),
-        label=label,
-    )
+class _Parser:
+    """A cursor over the tokens; ``patterns`` is the list parser both syntaxes share."""
 
-
-def _check_separated(fmt: str, previous: _Token | None, token: _Token) -> None:
-    """Axis tokens need a space (or a comma inside brackets) between them."""
-    if previous is not None and previous.end == token.start:
-        raise pattern_error(
-            fmt,
-            previous.start,
-            token.end,
-            f"{previous.text!r} and {token.text!r} run together; separate axes with spaces"
-            " (or commas inside brackets)",
-        )
-
-
-# ------------------------------------------------------------------------ einsum-like
-
-
-def _parse_einsum(
-    fmt: str, tokens: list[_Token]
-) -> tuple[list[AxisPattern], list[AxisPattern], bool]:
-    arrows = [token for token in tokens if token.kind in ("->", "<-")]
-    if not arrows:
-        raise pattern_error(
-            fmt,
-            0,
-            len(fmt),
-            "expected '->' (inputs -> outputs) or '<-' (outputs <- inputs)",
-        )
-    if len(arrows) > 1:
-        second = arrows[1]
-        raise pattern_error(
-            fmt, second.start, second.end, f"a second {second.text!r}; use one arrow"
-        )
-    arrow = arrows[0]
-    split = tokens.index(arrow)
-    left, right = tokens[:split], tokens[split + 1 : -1]
-    left_boundary, right_boundary = arrow, tokens[-1]
-    if arrow.kind == "->":
-        inputs, _ = _einsum_list(fmt, left, left_boundary, "input")
-        outputs, trailing_comma = _einsum_list(fmt, right, right_boundary, "output")
-    else:
-        outputs, trailing_comma = _einsum_list(fmt, left, left_boundary, "output")
-        inputs, _ = _einsum_list(fmt, right, right_boundary, "input")
-    return inputs, outputs, len(outputs) > 1 or trailing_comma
-
-
-def _einsum_list(
-    fmt: str, tokens: list[_Token], boundary: _Token, side: str
-) -> tuple[list[AxisPattern], bool]:
-    """Comma-separated patterns; a trailing comma is allowed on the output side only."""
-    patterns: list[AxisPattern] = []
-    group: list[_Token] = []
-    for token in [*tokens, boundary]:
-        at_boundary = token is boundary
-        if token.kind == "," or at_boundary:
-            if group:
-                patterns.append(
-                    _make_pattern(fmt, group, text_start=group[0].start, text_end=group[-1].end)
-                )
-            elif at_boundary and side == "output" and patterns:
-                return patterns, True
-            else:
-                hint = (
-                    "write '...' to pass an argument whole"
-                    if side == "input"
-                    else "every output needs a pattern"
-                )
-                raise pattern_error(
-                    fmt,
-                    token.start,
-                    token.end,
-                    f"empty {side} pattern before {_describe_token(token)}; {hint}",
-                )
-            group = []
-            continue
-        if token.kind not in _AXIS_KINDS:
-            raise pattern_error(
-                fmt,
-                token.start,
-                token.end,
-                f"unexpected {token.text!r}; a pattern holds axis names, ':' and '...'",
-            )
-        _check_separated(fmt, group[-1] if group else None, token)
-        group.append(token)
-    return patterns, False
-
-
-# ------------------------------------------------------------------------ dummy function
-
-
-class _DummyParser:
-    """Recursive descent over ``outputs = name(args)`` and ``name(args) -> outputs``."""
-
-    def __init__(self, fmt: str, tokens: list[_Token]) -> None:
+    def __init__(self, fmt: str) -> None:
         self.fmt = fmt
-        self.tokens = tokens
+        self.tokens = _tokenize(fmt)
         self.position = 0
 
     def peek(self, offset: int = 0) -> _Token:
@@ -287,21 +174,95 @@ class _DummyParser:
         self.position = min(self.position + 1, len(self.tokens) - 1)
         return token
 
-    def fail(self, token: _Token, expected: str) -> ValueError:
-        return pattern_error(
-            self.fmt,
-            token.start,
-            token.end,
-            f"expected {expected}, found {_describe_token(token)}",
-        )
+    def error(self, token: _Token, message: str) -> ValueError:
+        return pattern_error(self.fmt, token.start, token.end, message)
 
     def expect(self, kind: str, expected: str) -> _Token:
         if self.peek().kind != kind:
-            raise self.fail(self.peek(), expected)
+            found = _describe_token(self.peek())
+            raise self.error(self.peek(), f"expected {expected}, found {found}")
         return self.advance()
 
-    def parse(self) -> tuple[list[AxisPattern], list[AxisPattern], bool]:
-        if self.starts_with_call():
+    def patterns(
+        self, item: Callable[[], AxisPattern], closers: tuple[str, ...], trailing_ok: bool
+    ) -> tuple[list[AxisPattern], bool]:
+        """Comma-separated patterns; returns them and whether a trailing comma ended them."""
+        items = [item()]
+        while self.peek().kind == ",":
+            self.advance()
+            if trailing_ok and self.peek().kind in closers:
+                return items, True
+            items.append(item())
+        return items, False
+
+    def axes(self, stop: tuple[str, ...], bracketed: bool) -> list[_Token]:
+        """Axis tokens up to a token in ``stop``, apart by spaces (or commas in brackets)."""
+        group: list[_Token] = []
+        after_comma = False
+        while self.peek().kind not in stop:
+            token = self.advance()
+            if bracketed and token.kind == "," and group and not after_comma:
+                after_comma = True
+                continue
+            if token.kind not in _AXIS_KINDS and not bracketed:
+                message = f"unexpected {token.text!r}; a pattern holds axis names, ':' and '...'"
+                raise self.error(token, message)
+            if token.kind not in _AXIS_KINDS:
+                wanted = _AXIS_OR_CLOSE if not group or after_comma else "',' or ']'"
+                raise self.error(token, f"expected {wanted}, found {_describe_token(token)}")
+            if group and not after_comma and group[-1].end == token.start:
+                raise pattern_error(
+                    self.fmt,
+                    group[-1].start,
+                    token.end,
+                    f"{group[-1].text!r} and {token.text!r} run together; separate axes with"
+                    " spaces (or commas inside brackets)",
+                )
+            group.append(token)
+            after_comma = False
+        return group
+
+    def pattern(
+        self, group: list[_Token], start: int, end: int, label: str | None = None
+    ) -> AxisPattern:
+        spans = tuple((token.start, token.end) for token in group)
+        axes = tuple(token.text for token in group)
+        return AxisPattern(axes, self.fmt[start:end], start, spans, label)
+
+    # ---------------------------------------------------------------- einsum-like
+
+    def einsum(self) -> tuple[list[AxisPattern], list[AxisPattern], bool]:
+        arrows = [token for token in self.tokens if token.kind in ("->", "<-")]
+        if not arrows:
+            message = "expected '->' (inputs -> outputs) or '<-' (outputs <- inputs)"
+            raise pattern_error(self.fmt, 0, len(self.fmt), message)
+        if len(arrows) > 1:
+            raise self.error(arrows[1], f"a second {arrows[1].text!r}; use one arrow")
+        arrow = arrows[0].kind
+        sides = ("input", "output") if arrow == "->" else ("output", "input")
+        lists = {}
+        for side, closer in zip(sides, (arrow, "end"), strict=True):
+            item = functools.partial(self.einsum_item, side, closer)
+            lists[side] = self.patterns(item, (closer,), side == "output")
+            self.advance()
+        outputs, trailing = lists["output"]
+        return lists["input"][0], outputs, len(outputs) > 1 or trailing
+
+    def einsum_item(self, side: str, closer: str) -> AxisPattern:
+        group = self.axes((",", closer), bracketed=False)
+        if not group:
+            hint = _EMPTY_HINTS[side]
+            found = _describe_token(self.peek())
+            raise self.error(self.peek(), f"empty {side} pattern before {found}; {hint}")
+        return self.pattern(group, group[0].start, group[-1].end)
+
+    # ---------------------------------------------------------------- dummy function
+
+    def dummy(self) -> tuple[list[AxisPattern], list[AxisPattern], bool]:
+        offset = 0  # call first if the string opens with a (dotted) name and '('
+        while self.peek(offset).kind == "name" and self.peek(offset + 1).kind == ".":
+            offset += 2
+        if self.peek(offset).kind == "name" and self.peek(offset + 1).kind == "(":
             inputs = self.call()
             self.expect("->", "'->' after the call")
             outputs, is_tuple = self.outputs()
@@ -312,124 +273,58 @@ class _DummyParser:
         self.expect("end", "the end of the pattern")
         return inputs, outputs, is_tuple
 
-    def starts_with_call(self) -> bool:
-        offset = 0
-        while self.peek(offset).kind == "name" and self.peek(offset + 1).kind == ".":
-            offset += 2
-        return self.peek(offset).kind == "name" and self.peek(offset + 1).kind == "("
-
-    def dotted_name(self, expected: str) -> tuple[str, int]:
-        first = self.expect("name", expected)
-        end = first.end
-        while self.peek().kind == ".":
-            self.advance()
-            end = self.expect("name", "a name after '.'").end
-        return self.fmt[first.start : end], first.start
-
     def outputs(self) -> tuple[list[AxisPattern], bool]:
-        if self.peek().kind == "(":
-            self.advance()
-            if self.peek().kind == ")":
-                raise self.fail(self.peek(), "at least one output")
-            targets, trailing = self.sequence(self.target, closer=")")
-            self.expect(")", "',' or ')'")
-            return targets, len(targets) > 1 or trailing
-        targets = [self.target()]
-        trailing = False
-        while self.peek().kind == ",":
-            self.advance()
-            if self.peek().kind in ("=", "end"):
-                trailing = True
-                break
-            targets.append(self.target())
-        return targets, len(targets) > 1 or trailing
-
-    def sequence(
-        self, parse_item: Callable[[], AxisPattern], *, closer: str
-    ) -> tuple[list[AxisPattern], bool]:
-        """Comma-separated items up to ``closer``; a trailing comma is allowed."""
-        items = [parse_item()]
-        while self.peek().kind == ",":
-            self.advance()
-            if self.peek().kind == closer:
-                return items, True
-            items.append(parse_item())
-        if self.peek().kind != closer:
-            raise self.fail(self.peek(), f"',' or {closer!r}")
-        return items, False
-
-    def target(self) -> AxisPattern:
-        return self.operand("an output name such as 'out'")
-
-    def argument(self) -> AxisPattern:
-        return self.operand("an argument name such as 'A'")
-
-    def operand(self, expected: str) -> AxisPattern:
-        label, start = self.dotted_name(expected)
-        if self.peek().kind != "[":
-            return AxisPattern(
-                axes=(ELLIPSIS,),
-                text=label,
-                start=start,
-                spans=((start, start + len(label)),),
-                label=label,
-                bare=True,
-            )
-        axis_tokens = self.brackets()
-        end = self.tokens[self.position - 1].end
-        return _make_pattern(self.fmt, axis_tokens, text_start=start, text_end=end, label=label)
-
-    def brackets(self) -> list[_Token]:
-        self.expect("[", "'['")
-        axis_tokens: list[_Token] = []
-        previous: _Token | None = None
-        while self.peek().kind != "]":
-            token = self.advance()
-            if token.kind not in _AXIS_KINDS:
-                raise self.fail(token, "an axis name, ':', '...' or ']'")
-            _check_separated(self.fmt, previous, token)
-            axis_tokens.append(token)
-            previous = token
-            if self.peek().kind == ",":
-                self.advance()
-                previous = None
-                if self.peek().kind not in (*_AXIS_KINDS, "]"):
-                    raise self.fail(self.peek(), "an axis name, ':', '...' or ']'")
-            elif self.peek().kind not in (*_AXIS_KINDS, "]"):
-                raise self.fail(self.peek(), "',' or ']'")
+        target = functools.partial(self.operand, "an output name such as 'out'")
+        if self.peek().kind != "(":
+            outputs, trailing = self.patterns(target, ("=", "end"), True)
+            return outputs, len(outputs) > 1 or trailing
         self.advance()
-        return axis_tokens
+        if self.peek().kind == ")":
+            raise self.error(self.peek(), "expected at least one output, found ')'")
+        outputs, trailing = self.patterns(target, (")",), True)
+        self.expect(")", "',' or ')'")
+        return outputs, len(outputs) > 1 or trailing
 
     def call(self) -> list[AxisPattern]:
         self.dotted_name("a function name such as 'f'")
         self.expect("(", "'(' after the function name")
-        if self.peek().kind == ")":
-            self.advance()
-            return []
-        arguments, _ = self.sequence(self.argument, closer=")")
+        arguments: list[AxisPattern] = []
+        if self.peek().kind != ")":
+            argument = functools.partial(self.operand, "an argument name such as 'A'")
+            arguments, _ = self.patterns(argument, (")",), True)
         self.expect(")", "',' or ')'")
         return arguments
 
+    def dotted_name(self, expected: str) -> tuple[str, int]:
+        first = last = self.expect("name", expected)
+        while self.peek().kind == ".":
+            self.advance()
+            last = self.expect("name", "a name after '.'")
+        return self.fmt[first.start : last.end], first.start
 
-# ------------------------------------------------------------------------ checks
+    def operand(self, expected: str) -> AxisPattern:
+        """``A[i, :, j]`` lowered to its axis tokens; a bare ``A`` to ``...`` (whole)."""
+        label, start = self.dotted_name(expected)
+        if self.peek().kind != "[":
+            return AxisPattern((ELLIPSIS,), label, start, ((start, start + len(label)),), label)
+        self.advance()
+        group = self.axes(("]",), bracketed=True)
+        return self.pattern(group, start, self.advance().end, label)
 
 
-def _check_pattern(fmt: str, pattern: AxisPattern) -> None:
-    seen: set[str] = set()
-    for axis, (start, end) in zip(pattern.axes, pattern.spans, strict=True):
-        if axis == UNMAPPED:
-            continue
-        if axis in seen:
-            what = "'...'" if axis == ELLIPSIS else f"axis {axis!r}"
-            raise pattern_error(
-                fmt, start, end, f"{what} appears twice in pattern {pattern.text!r}"
-            )
-        seen.add(axis)
+# ---------------------------------------------------------------- checks
 
 
 def _check_plan(fmt: str, inputs: list[AxisPattern], outputs: list[AxisPattern]) -> None:
     for pattern in (*inputs, *outputs):
-        _check_pattern(fmt, pattern)
+        seen: set[str] = set()
+        for axis, (start, end) in zip(pattern.axes, pattern.spans, strict=True):
+            if axis in seen:
+                what = "'...'" if axis == ELLIPSIS else f"axis {axis!r}"
+                message = f"{what} appears twice in pattern {pattern.text!r}"
+                raise pattern_error(fmt, start, end, message)
+            if axis != UNMAPPED:
+                seen.add(axis)
     input_axes: dict[str, tuple[int, AxisPattern]] = {}
     for index, pattern in enumerate(inputs):
         for axis in pattern.named:
@@ -437,29 +332,25 @@ def _check_plan(fmt: str, inputs: list[AxisPattern], outputs: list[AxisPattern])
     for output in outputs:
         for axis in output.named:
             if axis not in input_axes:
-                start, end = output.span_of(axis)
                 raise pattern_error(
                     fmt,
-                    start,
-                    end,
+                    *output.span_of(axis),
                     f"output axis {axis!r} appears in no input pattern, so its size is unknown",
                 )
     for axis, (index, pattern) in input_axes.items():
         for output in outputs:
             if axis not in output.named:
-                start, end = pattern.span_of(axis)
                 raise pattern_error(
                     fmt,
-                    start,
-                    end,
-                    f"axis {axis!r} of argument {index} {pattern.describe()} is missing from"
+                    *pattern.span_of(axis),
+                    f"axis {axis!r} of argument {index} {describe(pattern)} is missing from"
                     f" output pattern {output.text!r}; every mapped axis must appear in every"
                     " output (use ':' to pass an axis to fn unmapped)",
                 )
 
 
 def parse_pattern(fmt: str) -> VmapPlan:
-    """Parse a ``fancy_vmap`` format string into a :class:`VmapPlan`.
+    """Parse a ``fancy_vmap`` format string into a `VmapPlan`.
 
     ``fancy_vmap`` calls this once, when it is called; use it directly to check a
     pattern or to see how it is read.
@@ -472,8 +363,8 @@ def parse_pattern(fmt: str) -> VmapPlan:
 
     Raises:
         TypeError: ``fmt`` is not a string.
-        ValueError: The pattern is malformed; the message quotes it with carets under
-            the offending token.
+        ValueError: The pattern is empty or malformed; the message quotes it with
+            carets under the offending token.
 
     Examples:
         >>> from jaxmodules.vectorize import parse_pattern
@@ -494,16 +385,10 @@ def parse_pattern(fmt: str) -> VmapPlan:
 
 @functools.lru_cache(maxsize=512)
 def _parse_cached(fmt: str) -> VmapPlan:
-    tokens = _tokenize(fmt)
-    if any(token.kind in _DUMMY_ONLY_KINDS for token in tokens):
-        inputs, outputs, tuple_output = _DummyParser(fmt, tokens).parse()
-    else:
-        inputs, outputs, tuple_output = _parse_einsum(fmt, tokens)
+    if not fmt.strip():
+        raise pattern_error(fmt, 0, len(fmt), "empty pattern")
+    parser = _Parser(fmt)
+    dummy = any(token.kind in _DUMMY_ONLY_KINDS for token in parser.tokens)
+    inputs, outputs, tuple_output = parser.dummy() if dummy else parser.einsum()
     _check_plan(fmt, inputs, outputs)
-    return VmapPlan(
-        fmt=fmt,
-        inputs=tuple(inputs),
-        outputs=tuple(outputs),
-        tuple_output=tuple_output,
-        axis_order=outputs[0].named,
-    )
+    return VmapPlan(fmt, tuple(inputs), tuple(outputs), tuple_output, outputs[0].named)
