@@ -120,6 +120,45 @@ def test_bad_names_are_rejected(name, error, match):
         Log(1.0, name=name)
 
 
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        ("warmup", "got a 'str' value$"),
+        (b"raw", "got a 'bytes' value$"),
+        (object(), "got a 'object' value$"),
+        (print, "got a 'builtin_function_or_method' value$"),
+        ({"loss": 1.0, "note": "text"}, r"got a 'str' value at data\['note'\]$"),
+        ([jnp.ones(2), (1, object())], r"got a 'object' value at data\[1\]\[1\]$"),
+        ({"inner": Log(1.0)}, r"got another Log at data\['inner'\]$"),
+    ],
+)
+def test_data_that_is_not_arrays_and_numbers_is_a_type_error(data, match):
+    with pytest.raises(
+        TypeError, match=r"^Log: data must be arrays, numbers or a pytree of them; got "
+    ):
+        Log(data)
+    with pytest.raises(TypeError, match=match):
+        Log(data, name="x")
+
+
+def test_a_log_of_a_log_is_refused():
+    with pytest.raises(TypeError, match=r"^Log: data is already a Log; .*Log\(x.data"):
+        Log(Log(1.0))
+
+
+@pytest.mark.parametrize(
+    "data",
+    [None, 1, 2.5, True, 1 + 2j, np.float32(1), np.ones(2), jnp.ones(2), {"a": [1, None]}, ()],
+)
+def test_arrays_numbers_and_pytrees_of_them_are_accepted(data):
+    assert Log(data).data is data
+
+
+def test_traced_values_are_accepted():
+    out = jax.jit(lambda x: Log({"x": x, "y": [x * 2]}))(jnp.ones(2))
+    np.testing.assert_array_equal(out.data["y"][0], np.full(2, 2.0))
+
+
 def test_subclassing_is_refused():
     with pytest.raises(TypeError, match="cannot be subclassed"):
 

@@ -1,6 +1,9 @@
 """list_of_logs / map_logs on plain Python objects: attributes, cycles, sharing, copies."""
 
 import dataclasses
+import io
+import logging
+import types
 
 import jax.numpy as jnp
 import numpy as np
@@ -120,6 +123,79 @@ def test_class_attributes_functions_and_modules_are_not_searched():
 
     tree = {"cls": Config, "fn": helper, "module": np, "instance": Config()}
     assert list_of_logs(tree) == []
+
+
+def test_modules_classes_functions_files_loggers_and_writers_are_not_descended(tmp_path):
+    # Each holds a Log as an attribute, so descending into any of them would find it.
+    hidden = Log(1.0)
+    module = types.ModuleType("fake_module")
+    module.hidden = hidden
+
+    class Holder:
+        hidden = Log(2.0)
+
+    def function():
+        return None
+
+    function.hidden = hidden  # type: ignore[attr-defined]
+
+    class File(io.StringIO):
+        pass
+
+    stream = File()
+    stream.hidden = hidden  # type: ignore[attr-defined]
+    logger = logging.getLogger("jaxmodules.tests.hidden")
+    logger.hidden = hidden  # type: ignore[attr-defined]
+    handler = logging.StreamHandler(stream)
+    handler.hidden = hidden  # type: ignore[attr-defined]
+
+    class Writer:  # duck-typed writers: add_scalar, write or flush
+        def __init__(self):
+            self.hidden = hidden
+
+        def add_scalar(self, tag, value, step):
+            pass
+
+    class CsvSink:
+        def __init__(self):
+            self.hidden = hidden
+
+        def write(self, row):
+            pass
+
+    with open(tmp_path / "log.txt", "w") as real_file:
+        sinks = [module, Holder, function, stream, logger, handler, Writer(), CsvSink()]
+        tree = {"sinks": sinks, "file": real_file, "method": Writer().add_scalar}
+        assert list_of_logs(tree) == []
+        assert map_logs(lambda v: v, tree) is tree
+
+    class State:  # the same attribute in a plain object is found
+        def __init__(self):
+            self.hidden = hidden
+
+    assert list_of_logs({"state": State(), "sinks": sinks}) == [1.0]
+
+
+def test_the_per_type_caches_are_bounded():
+    from jaxmodules.logstate import _traverse
+
+    def make_state(i):
+        cls = type(f"State{i}", (), {"__slots__": ("log",)})
+        state = cls()
+        state.log = Log(float(i))
+        return state
+
+    states = [make_state(i) for i in range(3000)]
+    assert list_of_logs(states) == [float(i) for i in range(3000)]
+    assert _traverse._kind.cache_info().currsize <= _traverse._CACHE_SIZE
+    assert _traverse._slots.cache_info().currsize <= _traverse._CACHE_SIZE
+
+
+def test_map_logs_refuses_a_result_a_log_cannot_hold():
+    state = {"a": Log(1.0)}
+    with pytest.raises(TypeError, match="map_logs: the value fn returned: data must be"):
+        map_logs(str, state)
+    assert state["a"].data == 1.0
 
 
 def test_arrays_and_numbers_are_leaves_not_objects():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import jax
@@ -27,7 +28,7 @@ def fetch_logs(tree: Any, *, sep: str = ".") -> dict[str, Any]:
     leaf's path appended (`"acts.mean"`, `"acts.max"`). Every array is copied to the host
     by a single `jax.device_get`, so the transfers overlap and the call waits once.
     Scalars (0-d arrays and NumPy scalars) come back as Python `float`, `int`, `bool` or
-    `complex`; other arrays as `numpy.ndarray`; non-array values as they are. A Log
+    `complex`; other arrays as `numpy.ndarray`. A Log
     stacked by `lax.scan` is an array over the steps.
 
     Args:
@@ -107,8 +108,8 @@ def write_tensorboard(
         The values written, as `fetch_logs` returns them (handy for printing too).
 
     Raises:
-        TypeError: for a value TensorBoard cannot plot: a complex number, or a non-array,
-            non-number value; also if `step` is not an int or `prefix` not a str.
+        TypeError: for a value TensorBoard cannot plot (a complex number or array), before
+            anything is written; also if `step` is not an int or `prefix` not a str.
 
     Examples:
         >>> import jax.numpy as jnp
@@ -128,17 +129,22 @@ def write_tensorboard(
     if not isinstance(prefix, str):
         raise TypeError(f"write_tensorboard: prefix must be a str, got {type(prefix).__name__}")
     values = fetch_logs(tree, sep=sep)
+    # Every value is checked before the first is written: a bad one leaves no partial step.
+    writes: list[tuple[Callable[..., Any], str, Any]] = []
     for name, value in values.items():
         tag = prefix + name
         if isinstance(value, (bool, int, float)):
-            writer.add_scalar(tag, float(value), int(step))
+            writes.append((writer.add_scalar, tag, float(value)))
         elif isinstance(value, np.ndarray) and _is_real(value.dtype):
             if value.size:
-                writer.add_histogram(tag, value.astype(np.float64), int(step))
+                writes.append((writer.add_histogram, tag, value.astype(np.float64)))
         else:
             kind = f"{value.dtype} array" if isinstance(value, np.ndarray) else type(value).__name__
             raise TypeError(
                 f"write_tensorboard: the log {tag!r} holds a {kind}; TensorBoard takes real "
-                "numbers and real arrays only, convert it in the step or drop it"
+                "numbers and real arrays only, convert it in the step or drop it; nothing "
+                "was written"
             )
+    for write, tag, value in writes:
+        write(tag, value, int(step))
     return values

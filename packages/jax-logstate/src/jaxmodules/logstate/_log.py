@@ -27,12 +27,13 @@ class Log(Generic[T]):
 
     Args:
         data: the value to log: an array, a Python number, any pytree of them, or `None`
-            for a cleared log.
+            for a cleared log. Strings, arbitrary objects and `Log`s are refused.
         name: an explicit name, used as is by `named_logs` instead of the Log's path in
             the tree. `None` (the default) means "name me after my path".
 
     Raises:
-        TypeError: if `name` is neither a string nor `None`.
+        TypeError: if `data` holds something other than arrays and numbers (a string, an
+            arbitrary object, another `Log`), or if `name` is neither a string nor `None`.
         ValueError: if `name` is the empty string.
 
     Examples:
@@ -45,6 +46,10 @@ class Log(Generic[T]):
         [Array([1., 1., 1.], dtype=float32), 7]
         >>> jax.jit(lambda x: Log(2 * x, name="double"))(jnp.arange(3)).name
         'double'
+        >>> Log("warmup")
+        Traceback (most recent call last):
+        ...
+        TypeError: Log: data must be arrays, numbers or a pytree of them; got a 'str' value
     """
 
     __slots__ = ("data", "name")
@@ -57,6 +62,7 @@ class Log(Generic[T]):
                 raise TypeError(f"Log: name must be a str or None, got {type(name).__name__}")
             if not name:
                 raise ValueError("Log: name must be a non-empty string or None, got ''")
+        check_data(data, "Log")
         object.__setattr__(self, "data", data)
         object.__setattr__(self, "name", name)
 
@@ -95,6 +101,28 @@ class Log(Generic[T]):
         return self.name == other.name and _data_equal(self.data, other.data)
 
     __hash__ = None  # type: ignore[assignment]
+
+
+# Leaf types a Log may hold (jax arrays include tracers; the rest are host values).
+_VALUE_TYPES = (jax.Array, jax.core.Tracer, np.ndarray, np.generic, bool, int, float, complex)
+
+
+def check_data(data: Any, who: str) -> None:
+    """Raise `TypeError` unless `data` is an array, a number, or a pytree of them."""
+    if isinstance(data, _VALUE_TYPES) or data is None:
+        return
+    if isinstance(data, Log):
+        raise TypeError(
+            f"{who}: data is already a Log; a Log cannot hold another Log, wrap the value "
+            "itself (Log(x.data, name=...))"
+        )
+    for path, leaf in jax.tree_util.tree_flatten_with_path(data, is_leaf=is_log)[0]:
+        if not isinstance(leaf, _VALUE_TYPES):
+            where = f" at data{jax.tree_util.keystr(path)}" if path else ""
+            what = "another Log" if isinstance(leaf, Log) else f"a {type(leaf).__name__!r} value"
+            raise TypeError(
+                f"{who}: data must be arrays, numbers or a pytree of them; got {what}{where}"
+            )
 
 
 def _short_repr(data: Any) -> str:

@@ -6,6 +6,11 @@ dataclasses registered with jax, flax structs, equinox Modules, ...) are flatten
 Python object (an instance with a `__dict__` or `__slots__` that jax does not know) is
 searched through its attributes, each attribute value being walked the same way. Plain
 objects are visited once each, by identity, which makes the walk safe on cycles.
+
+Not searched (see `_opaque`): values (numbers, strings, arrays, enums), classes, modules,
+functions and methods, files and other I/O objects, loggers and their handlers, and
+writers, meaning any object whose class has a callable `write`, `flush` or
+`add_scalar` (TensorBoard and CSV writers, W&B runs, streams).
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ from __future__ import annotations
 import copy
 import enum
 import functools
+import io
 import itertools
+import logging
 import types
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -21,7 +28,7 @@ from typing import Any, TypeVar
 import jax
 import numpy as np
 
-from jaxmodules.logstate._log import Log, is_log
+from jaxmodules.logstate._log import Log, check_data, is_log
 
 Tree = TypeVar("Tree")
 KeyPath = tuple[Any, ...]
@@ -50,23 +57,31 @@ _OPAQUE_TYPES: tuple[type, ...] = (
     types.BuiltinFunctionType,
     types.MethodType,
     functools.partial,
+    io.IOBase,
+    logging.Logger,
+    logging.LoggerAdapter,
+    logging.Handler,
 )
+# Methods that mark a writer or a stream: such objects are sinks, not state.
+_WRITER_METHODS = ("write", "flush", "add_scalar")
 
-_KIND_OF_TYPE: dict[type, int] = {Log: _LOG}
-_SLOTS_OF_TYPE: dict[type, tuple[tuple[str, Any], ...]] = {}
+# The per-type caches are bounded: programs that make classes on the fly stay small.
+_CACHE_SIZE = 1024
 
 
-def _kind(cls: type) -> int:
-    kind = _KIND_OF_TYPE.get(cls)
-    if kind is None:
-        if issubclass(cls, _OPAQUE_TYPES):
-            kind = _OTHER
-        elif cls.__dictoffset__ != 0 or _slots(cls):
-            kind = _OBJECT
-        else:
-            kind = _OTHER
-        _KIND_OF_TYPE[cls] = kind
-    return kind
+def _opaque(cls: type) -> bool:
+    """Whether instances of `cls` are values or sinks whose attributes are not searched."""
+    return issubclass(cls, _OPAQUE_TYPES) or any(
+        callable(getattr(cls, method, None)) for method in _WRITER_METHODS
+    )
+
+
+def _kind_of(cls: type) -> int:
+    if cls is Log:
+        return _LOG
+    if not _opaque(cls) and (cls.__dictoffset__ != 0 or _slots(cls)):
+        return _OBJECT
+    return _OTHER
 
 
 def _positions_to_visit(leaves: list[Any]) -> list[int]:
@@ -114,25 +129,28 @@ def _key_paths(tree: Any, treedef: Any, positions: list[int]) -> list[KeyPath]:
     return found
 
 
-def _slots(cls: type) -> tuple[tuple[str, Any], ...]:
+def _slots_of(cls: type) -> tuple[tuple[str, Any], ...]:
     """(attribute name, slot descriptor) for every slot a class and its bases declare."""
-    found = _SLOTS_OF_TYPE.get(cls)
-    if found is None:
-        pairs = []
-        for klass in reversed(cls.__mro__):
-            declared = klass.__dict__.get("__slots__", ())
-            for slot in (declared,) if isinstance(declared, str) else declared:
-                if slot in ("__dict__", "__weakref__"):
-                    continue
-                # Private slot names are stored mangled, like any private attribute.
-                if slot.startswith("__") and not slot.endswith("__"):
-                    slot = f"_{klass.__name__.lstrip('_')}{slot}"
-                descriptor = klass.__dict__.get(slot)
-                if descriptor is not None and hasattr(descriptor, "__set__"):
-                    pairs.append((slot, descriptor))
-        found = tuple(pairs)
-        _SLOTS_OF_TYPE[cls] = found
-    return found
+    pairs = []
+    for klass in reversed(cls.__mro__):
+        declared = klass.__dict__.get("__slots__", ())
+        for slot in (declared,) if isinstance(declared, str) else declared:
+            if slot in ("__dict__", "__weakref__"):
+                continue
+            # Private slot names are stored mangled, like any private attribute.
+            if slot.startswith("__") and not slot.endswith("__"):
+                slot = f"_{klass.__name__.lstrip('_')}{slot}"
+            descriptor = klass.__dict__.get(slot)
+            if descriptor is not None and hasattr(descriptor, "__set__"):
+                pairs.append((slot, descriptor))
+    return tuple(pairs)
+
+
+# Both are asked once per type met, not per leaf; the caches are bounded (LRU).
+_kind: Callable[[type], int] = functools.lru_cache(maxsize=_CACHE_SIZE)(_kind_of)
+_slots: Callable[[type], tuple[tuple[str, Any], ...]] = functools.lru_cache(maxsize=_CACHE_SIZE)(
+    _slots_of
+)
 
 
 def _attributes(obj: Any) -> Iterator[tuple[str, Any]]:
@@ -343,7 +361,8 @@ def map_logs(fn: Callable[[Any], Any], tree: Tree) -> Tree:
         A tree of the same structure with the Logs' data replaced.
 
     Raises:
-        TypeError: if `fn` is not callable.
+        TypeError: if `fn` is not callable, or returns something a `Log` cannot hold
+            (see `Log`).
 
     Examples:
         >>> from jaxmodules.logstate import Log, map_logs
@@ -356,7 +375,13 @@ def map_logs(fn: Callable[[Any], Any], tree: Tree) -> Tree:
     if not callable(fn):
         hint = " (the arguments are map_logs(fn, tree))" if callable(tree) else ""
         raise TypeError(f"map_logs: fn must be callable, got {type(fn).__name__}{hint}")
-    return map_all_logs(fn, tree, batched=False)
+
+    def checked(data: Any) -> Any:
+        new = fn(data)
+        check_data(new, "map_logs: the value fn returned")
+        return new
+
+    return map_all_logs(checked, tree, batched=False)
 
 
 def map_all_logs(fn: Callable[[Any], Any], tree: Tree, *, batched: bool) -> Tree:
