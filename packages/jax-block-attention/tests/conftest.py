@@ -32,10 +32,13 @@ def dense_mask(
     is_causal: bool = False,
     window: Any = None,
     mask_fn: Callable[..., Any] | None = None,
+    q_offset: Any = 0,
 ) -> np.ndarray:
-    """The full ``(B, Hq, Lq, Lk)`` visibility, written directly from the definitions."""
-    q = np.arange(q_len)[:, None]
-    k = np.arange(k_len)[None, :]
+    """The full ``(B, Hq, Lq, Lk)`` visibility, written directly from the definitions
+    (query row ``i`` at position ``i + q_offset[b]``, key ``j`` at ``j``)."""
+    offset = np.broadcast_to(np.asarray(q_offset).reshape(-1), (batch,))
+    q = np.arange(q_len)[None, None, :, None] + offset[:, None, None, None]
+    k = np.arange(k_len)[None, None, None, :]
     visible = np.ones((batch, q_heads, q_len, k_len), bool)
     if is_causal:
         visible &= k <= q
@@ -48,11 +51,10 @@ def dense_mask(
     if mask_fn is not None:
         b_idx = np.arange(batch)[:, None, None, None]
         h_idx = np.arange(q_heads)[None, :, None, None]
-        q_idx, k_idx = q[None, None], k[None, None]
         if len(inspect.signature(mask_fn).parameters) == 3:
-            values = mask_fn(h_idx, q_idx, k_idx)
+            values = mask_fn(h_idx, q, k)
         else:
-            values = mask_fn(b_idx, h_idx, q_idx, k_idx)
+            values = mask_fn(b_idx, h_idx, q, k)
         visible &= np.asarray(values, bool)
     return visible
 
@@ -122,6 +124,7 @@ def mask_for(shape, options):
         is_causal=options.get("is_causal", False),
         window=options.get("window_size"),
         mask_fn=options.get("mask_fn"),
+        q_offset=options.get("q_offset", 0),
     )
 
 

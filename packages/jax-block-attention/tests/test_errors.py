@@ -74,11 +74,11 @@ def test_mask_fn_with_non_boolean_result():
 
 
 def test_mask_fn_with_wrong_result_shape():
-    with pytest.raises(ValueError, match=r"mask_fn returned shape \(3,\), .* \(B, Hq, n_q, n_k\)"):
+    with pytest.raises(ValueError, match=r"mask_fn must be element-wise: .* returned shape \(3,\)"):
         masked_attention_via_map(
             Q, K, V, block_size=8, mask_fn=lambda b, h, q, k: jnp.ones(3, bool)
         )
-    with pytest.raises(ValueError, match=r"mask_fn returned shape \(2, 4, 8, 8, 1\)"):
+    with pytest.raises(ValueError, match=r"element-wise: .* returned shape \(1,\) instead"):
         masked_attention_via_map(
             Q, K, V, block_size=8, mask_fn=lambda b, h, q, k: (q >= k + b + h)[..., None]
         )
@@ -88,7 +88,7 @@ def test_mask_fn_that_branches_in_python():
     def branching(b, h, q, k):
         return True if q > k else False  # noqa: SIM210 - the mistake under test
 
-    with pytest.raises(ValueError, match=r"mask_fn failed when called with index arrays b"):
+    with pytest.raises(TypeError, match=r"may not branch on them in Python.*scalar int32"):
         masked_attention_via_map(Q, K, V, mask_fn=branching)
     with pytest.raises(TypeError, match=r"mask_fn must be written with JAX array operations"):
         masked_attention_via_map(Q, K, V, mask_fn=lambda b, h, q, k: q >= int(k.max()))

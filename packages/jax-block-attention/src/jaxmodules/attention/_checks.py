@@ -1,11 +1,9 @@
-"""Argument validation for ``masked_attention_via_map``: clear errors before any tracing."""
+"""Argument validation: clear errors that name the argument, before any tracing."""
 
 from __future__ import annotations
 
-import inspect
 import numbers
 import operator
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +17,6 @@ class CheckedArguments:
     q: jax.Array
     k: jax.Array
     v: jax.Array
-    mask_fn: Callable[..., Any] | None
     block_size: tuple[int, int] | None
     window: tuple[int | None, int | None]
     scale: float | None
@@ -39,7 +36,7 @@ def _as_array(x: Any, name: str) -> jax.Array:
     return x
 
 
-def _positive_int(value: Any, name: str) -> int:
+def positive_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be a positive int, got {value!r}")
     value = operator.index(value)
@@ -48,7 +45,7 @@ def _positive_int(value: Any, name: str) -> int:
     return value
 
 
-def _block_size(block_size: Any) -> tuple[int, int] | None:
+def normalize_block_size(block_size: Any) -> tuple[int, int] | None:
     if block_size is None:
         return None
     if isinstance(block_size, (tuple, list)):
@@ -57,10 +54,10 @@ def _block_size(block_size: Any) -> tuple[int, int] | None:
                 f"block_size must be an int or a pair (query_block, key_block), got {block_size!r}"
             )
         return (
-            _positive_int(block_size[0], "block_size[0]"),
-            _positive_int(block_size[1], "block_size[1]"),
+            positive_int(block_size[0], "block_size[0]"),
+            positive_int(block_size[1], "block_size[1]"),
         )
-    size = _positive_int(block_size, "block_size")
+    size = positive_int(block_size, "block_size")
     return size, size
 
 
@@ -75,7 +72,7 @@ def _window_side(value: Any, name: str) -> int | None:
     return value
 
 
-def _window(window_size: Any) -> tuple[int | None, int | None]:
+def normalize_window(window_size: Any) -> tuple[int | None, int | None]:
     if window_size is None:
         return None, None
     if isinstance(window_size, (tuple, list)):
@@ -107,88 +104,6 @@ def _scale(scale: Any) -> float | None:
     return value
 
 
-def _mask_arity(mask_fn: Callable[..., Any]) -> int:
-    """4 for ``mask_fn(b, h, q, k)``, 3 for ``mask_fn(h, q, k)``."""
-    try:
-        signature = inspect.signature(mask_fn)
-    except (TypeError, ValueError):
-        return 4  # no introspectable signature (some builtins): assume the full form
-    for arity in (4, 3):
-        try:
-            signature.bind(*range(arity))
-        except TypeError:
-            continue
-        return arity
-    raise TypeError(
-        "mask_fn must take 4 positional arguments (b, h, q, k) or 3 (h, q, k), "
-        f"got a callable with signature {signature}"
-    )
-
-
-def normalize_mask_fn(mask_fn: Any) -> Callable[..., Any] | None:
-    if mask_fn is None:
-        return None
-    if not callable(mask_fn):
-        raise TypeError(f"mask_fn must be callable or None, got {type(mask_fn).__name__}")
-    if _mask_arity(mask_fn) == 4:
-        return mask_fn
-
-    def mask4(b: Any, h: Any, q: Any, k: Any) -> Any:
-        del b
-        return mask_fn(h, q, k)
-
-    return mask4
-
-
-def trace_mask(
-    mask4: Callable[..., Any], batch: int, heads: int, q_block: int, k_block: int
-) -> Any:
-    """Trace ``mask4`` on one block of index arrays, check its result, return the
-    closed jaxpr (whose constants are everything the mask closes over)."""
-    index = (
-        np.arange(batch, dtype=np.int32).reshape(-1, 1, 1, 1),
-        np.arange(heads, dtype=np.int32).reshape(1, -1, 1, 1),
-        np.arange(q_block, dtype=np.int32).reshape(1, 1, -1, 1),
-        np.arange(k_block, dtype=np.int32).reshape(1, 1, 1, -1),
-    )
-    shapes = (
-        f"index arrays b {(batch, 1, 1, 1)}, h {(1, heads, 1, 1)}, "
-        f"q {(1, 1, q_block, 1)}, k {(1, 1, 1, k_block)}"
-    )
-    try:
-        closed = jax.make_jaxpr(lambda *idx: jnp.asarray(mask4(*idx)))(*index)
-    except jax.errors.JAXTypeError as err:
-        raise TypeError(
-            "mask_fn must be written with JAX array operations (jnp.where, &, |, indexing "
-            "jnp arrays): it is called with traced integer arrays, so it may not branch on "
-            "them in Python, convert them to NumPy or index NumPy arrays with them. "
-            f"Calling it with {shapes} failed with {type(err).__name__}: {err}"
-        ) from None
-    except ValueError as err:
-        raise ValueError(
-            f"mask_fn failed when called with {shapes} (it gets broadcastable integer "
-            "arrays, not Python ints, so it must use element-wise array operations): "
-            f"{err}"
-        ) from err
-    result = closed.out_avals[0]
-    if result.dtype != jnp.bool_:
-        raise TypeError(
-            "mask_fn must return booleans (True = visible), got dtype "
-            f"{result.dtype} with shape {result.shape} for {shapes}"
-        )
-    expected = (batch, heads, q_block, k_block)
-    try:
-        broadcast = np.broadcast_shapes(result.shape, expected)
-    except ValueError:
-        broadcast = None
-    if broadcast != expected:
-        raise ValueError(
-            f"mask_fn returned shape {result.shape}, which does not broadcast to "
-            f"(B, Hq, n_q, n_k) = {expected} for {shapes}"
-        )
-    return closed
-
-
 def _check_shapes(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
     shapes = f"Q {tuple(q.shape)}, K {tuple(k.shape)}, V {tuple(v.shape)}"
     if q.ndim not in (3, 4):
@@ -211,11 +126,43 @@ def _check_shapes(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
     if q.shape[-1] == 0:
         raise ValueError(f"the head dimension d must be positive, got {shapes}")
     q_heads, kv_heads = q.shape[-2], k.shape[-2]
-    if kv_heads == 0 or q_heads % kv_heads != 0:
+    if q_heads == 0 or kv_heads == 0:
+        raise ValueError(
+            f"the numbers of heads must be positive, got Hq={q_heads} and Hkv={kv_heads}: "
+            f"{shapes}"
+        )
+    if q_heads % kv_heads != 0:
         raise ValueError(
             f"the number of query heads Hq={q_heads} must be a multiple of the number of "
             f"key/value heads Hkv={kv_heads}: {shapes}"
         )
+
+
+def normalize_q_offset(q_offset: Any, batch: int) -> Any:
+    """``q_offset`` as an int32 array of shape ``(1,)`` or ``(batch,)`` (NumPy when known
+    now, traced otherwise)."""
+    if isinstance(q_offset, bool):
+        raise TypeError(f"q_offset must be an int or an int array of shape (B,), got {q_offset!r}")
+    if isinstance(q_offset, numbers.Integral):
+        return np.array([int(q_offset)], np.int32)
+    if not hasattr(q_offset, "dtype"):
+        raise TypeError(
+            f"q_offset must be an int or an int array of shape (B,), got "
+            f"{type(q_offset).__name__}: {q_offset!r}"
+        )
+    if not jnp.issubdtype(q_offset.dtype, jnp.integer):
+        raise TypeError(
+            f"q_offset must have an integer dtype, got {q_offset.dtype} with shape "
+            f"{tuple(q_offset.shape)}"
+        )
+    if q_offset.ndim > 1 or (q_offset.ndim == 1 and q_offset.shape[0] not in (1, batch)):
+        raise ValueError(
+            f"q_offset must be an int or have shape (B,) = ({batch},), got shape "
+            f"{tuple(q_offset.shape)}"
+        )
+    if isinstance(q_offset, jax.core.Tracer):
+        return jnp.asarray(q_offset, jnp.int32).reshape(-1)
+    return np.asarray(q_offset, np.int32).reshape(-1)
 
 
 def check_arguments(
@@ -228,17 +175,83 @@ def check_arguments(
     block_size: Any,
     window_size: Any,
     scale: Any,
+    block_mask: Any,
+    q_offset: Any,
 ) -> CheckedArguments:
     q, k, v = _as_array(Q, "Q"), _as_array(K, "K"), _as_array(V, "V")
     _check_shapes(q, k, v)
     if not isinstance(is_causal, (bool, np.bool_)):
         raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
+    if mask_fn is not None and not callable(mask_fn):
+        raise TypeError(f"mask_fn must be callable or None, got {type(mask_fn).__name__}")
+    blocks = normalize_block_size(block_size)
+    window = normalize_window(window_size)
+    batch = q.shape[0] if q.ndim == 4 else 1
+    normalize_q_offset(q_offset, batch)
+    if block_mask is not None:
+        offset_given = not (isinstance(q_offset, numbers.Integral) and q_offset == 0)
+        _check_block_mask(block_mask, q, k, is_causal, mask_fn, window, blocks, offset_given)
     return CheckedArguments(
-        q=q,
-        k=k,
-        v=v,
-        mask_fn=normalize_mask_fn(mask_fn),
-        block_size=_block_size(block_size),
-        window=_window(window_size),
-        scale=_scale(scale),
+        q=q, k=k, v=v, block_size=blocks, window=window, scale=_scale(scale)
     )
+
+
+def _check_block_mask(
+    block_mask: Any,
+    q: jax.Array,
+    k: jax.Array,
+    is_causal: Any,
+    mask_fn: Any,
+    window: tuple[int | None, int | None],
+    blocks: tuple[int, int] | None,
+    offset_given: bool,
+) -> None:
+    from ._block_mask import BlockMask  # the block mask module imports this one
+
+    if not isinstance(block_mask, BlockMask):
+        raise TypeError(
+            f"block_mask must be a BlockMask from create_block_mask, got "
+            f"{type(block_mask).__name__}"
+        )
+    given = [
+        name
+        for name, value in (
+            ("is_causal", bool(is_causal)),
+            ("mask_fn", mask_fn is not None),
+            ("window_size", window != (None, None)),
+            ("q_offset", offset_given),
+        )
+        if value
+    ]
+    if given:
+        raise ValueError(
+            f"block_mask already holds its mask (mask_fn, is_causal, window_size, q_offset); "
+            f"do not pass {', '.join(given)} with it: {block_mask!r}"
+        )
+    if blocks is not None and blocks != tuple(block_mask.block_size):
+        raise ValueError(
+            f"block_size={blocks} differs from the block mask's {block_mask.block_size}; "
+            "leave block_size out when passing block_mask"
+        )
+    batch = q.shape[0] if q.ndim == 4 else 1
+    q_heads, q_len, k_len = q.shape[-2], q.shape[-3], k.shape[-3]
+    mask_b, mask_h, mask_q, mask_k = block_mask.shape
+    problems = []
+    if (mask_q, mask_k) != (q_len, k_len):
+        problems.append(f"it was built for (q_len, k_len) = {(mask_q, mask_k)}, the inputs "
+                        f"have {(q_len, k_len)}")
+    if mask_b not in (1, batch):
+        problems.append(f"it was built for B={mask_b}, the inputs have B={batch}")
+    if mask_h not in (1, q_heads):
+        problems.append(f"it was built for H={mask_h}, the inputs have Hq={q_heads}")
+    program = block_mask.program
+    if program is not None and mask_b == 1 and batch > 1 and program.uses_batch:
+        problems.append(
+            f"its mask_fn depends on b but it was built with B=1; build it with B={batch}"
+        )
+    if program is not None and mask_h == 1 and q_heads > 1 and program.uses_head:
+        problems.append(
+            f"its mask_fn depends on h but it was built with H=1; build it with H={q_heads}"
+        )
+    if problems:
+        raise ValueError("block_mask does not fit the inputs: " + "; ".join(problems))

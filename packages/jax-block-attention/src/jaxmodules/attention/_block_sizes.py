@@ -1,6 +1,10 @@
-"""The default block sizes: the cheapest schedule under a simple cost model.
+"""Default block sizes, per backend.
 
-Measured on XLA:CPU (float32, d = 64): the matmuls of a block run on one core at any
+On XLA:CPU the block loop picks the cheapest schedule under a cost model measured there
+(below). On GPU and TPU the block loop uses fixed tiles that fill a matrix unit; a fused
+kernel chooses its own.
+
+The XLA:CPU cost model, measured (float32, d = 64): the matmuls of a block run on one core at any
 block size, while the element-wise work on a score block (scale, mask, exponential,
 sums) is split across cores only once the block holds about ``2**19`` scores (all
 batch rows and heads together). Blocks at or above that size therefore cost about 3 ns
@@ -14,7 +18,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._masks import FULL, PARTIAL, structural_classes
+import jax
+
+from ._band import FULL, PARTIAL, band_limits, structural_classes
 
 _QUERY_BLOCK_COST = 50e-6  # seconds per query block
 _STEP_COST = 20e-6  # seconds per scheduled block pair
@@ -35,7 +41,7 @@ def _candidates(length: int, sizes: tuple[int, ...]) -> list[int]:
     return sorted({min(size, length) for size in sizes})
 
 
-def choose_block_sizes(
+def xla_cpu_block_sizes(
     *,
     q_len: int,
     k_len: int,
@@ -46,7 +52,7 @@ def choose_block_sizes(
     is_causal: bool,
     window: tuple[int | None, int | None],
 ) -> tuple[int, int]:
-    """The (query block, key block) pair with the lowest estimated time."""
+    """The (query block, key block) pair with the lowest estimated time on XLA:CPU."""
     rows = batch * q_heads
     pairs = [
         (q_block, k_block)
@@ -59,9 +65,11 @@ def choose_block_sizes(
         if q_block * k_block <= _MAX_BLOCK_AREA and rows * q_block * k_block <= _MAX_BLOCK_SCORES
     ] or pairs[:1]
     per_score = (head_dim + value_dim) * _SCORE_COST
+    lo, hi = band_limits(is_causal, window)
+    zero = np.zeros(1, np.int32)
     best, best_cost = allowed[0], np.inf
     for q_block, k_block in allowed:
-        classes = structural_classes(q_len, k_len, q_block, k_block, is_causal, window)
+        classes = structural_classes(np, q_len, k_len, q_block, k_block, lo, hi, zero)[0]
         n_full = int(np.count_nonzero(classes == FULL))
         n_partial = int(np.count_nonzero(classes == PARTIAL))
         scores = rows * q_block * k_block
@@ -74,3 +82,34 @@ def choose_block_sizes(
         if cost < best_cost:
             best, best_cost = (q_block, k_block), cost
     return best
+
+
+_ACCELERATOR_BLOCKS = (128, 128)
+
+
+def default_block_sizes(
+    *,
+    q_len: int,
+    k_len: int,
+    batch: int,
+    q_heads: int,
+    head_dim: int,
+    value_dim: int,
+    is_causal: bool,
+    window: tuple[int | None, int | None],
+    backend: str | None = None,
+) -> tuple[int, int]:
+    """Block sizes for the block loop on ``backend`` (the default backend if ``None``)."""
+    backend = backend or jax.default_backend()
+    if backend != "cpu":
+        return _ACCELERATOR_BLOCKS
+    return xla_cpu_block_sizes(
+        q_len=q_len,
+        k_len=k_len,
+        batch=batch,
+        q_heads=q_heads,
+        head_dim=head_dim,
+        value_dim=value_dim,
+        is_causal=is_causal,
+        window=window,
+    )

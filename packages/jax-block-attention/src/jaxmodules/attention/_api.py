@@ -1,0 +1,249 @@
+"""The public entry point: normalise the arguments, make the block mask, dispatch."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._band import band_limits
+from ._block_mask import BlockMask, make_block_mask
+from ._block_sizes import default_block_sizes
+from ._cache import LRUCache
+from ._checks import check_arguments, normalize_q_offset
+from ._mask_fn import has_tracers, trace_mask_fn
+from ._xla import KernelConfig, block_attention
+
+# Compiled programs, one per static configuration; bounded.
+_PROGRAMS = LRUCache[Callable[..., jax.Array]](64)
+
+
+def masked_attention_via_map(
+    Q: Any,
+    K: Any,
+    V: Any,
+    *,
+    is_causal: bool = False,
+    mask_fn: Callable[..., Any] | None = None,
+    block_size: int | tuple[int, int] | None = None,
+    window_size: int | tuple[int | None, int | None] | None = None,
+    scale: float | None = None,
+    q_offset: Any = 0,
+    block_mask: BlockMask | None = None,
+) -> jax.Array:
+    """Softmax attention computed block by block, in memory linear in the sequence length.
+
+    Queries are split into blocks of ``block_size`` positions and processed one block at a
+    time; for each query block an online softmax runs over the key blocks that its
+    :class:`BlockMask` lists. Key blocks that are fully masked are skipped, blocks that
+    are fully visible are computed without evaluating any mask, and that holds whether
+    the mask is known at trace time or built on the device from traced arrays. The
+    backward pass is a custom VJP that recomputes the scores block by block from the
+    output and the per-row log-sum-exp, so no ``Lq x Lk`` array exists in either pass.
+    It supports first-order reverse mode (``grad``, ``vjp``); differentiating it again
+    or in forward mode (``jvp``) raises an error that says so.
+
+    Args:
+        Q: Queries, ``(B, Lq, Hq, d)`` or ``(Lq, Hq, d)``.
+        K: Keys, ``(B, Lk, Hkv, d)`` or ``(Lk, Hkv, d)``; ``Hq`` must be a multiple of
+            ``Hkv`` (grouped-query attention).
+        V: Values, ``(B, Lk, Hkv, dv)`` or ``(Lk, Hkv, dv)``.
+        is_causal: Key ``k`` is visible from query ``q`` only if ``k <= q`` (positions,
+            see ``q_offset``; top-left aligned by default, as in
+            ``jax.nn.dot_product_attention``).
+        mask_fn: Optional ``mask_fn(b, h, q, k) -> bool`` or ``mask_fn(h, q, k) -> bool``,
+            ``True`` where key position ``k`` is visible from query position ``q`` for
+            batch row ``b`` and query head ``h``. Written element-wise with ``jnp``
+            operations: it is traced on scalar int32 indices and vectorized with
+            ``jax.vmap``. It may close over arrays, traced ones included (segment ids,
+            lengths). Eager calls with the same function and shapes reuse one compiled
+            program.
+        block_size: Positions per block, one int for queries and keys or a pair
+            ``(query_block, key_block)``. Defaults to a size chosen from the lengths.
+            The result does not depend on it beyond floating-point rounding.
+        window_size: ``(left, right)``: key ``k`` is visible from query ``q`` only if
+            ``q - left <= k <= q + right``. ``None`` on one side leaves that side
+            unbounded; a single int ``w`` means ``(w, w)``.
+        scale: Factor for the scores ``Q @ K^T``; defaults to ``1 / sqrt(d)``.
+        q_offset: Position of query row 0 (key ``j`` sits at position ``j``): an int, or
+            an int array ``(B,)`` that may be traced. ``Lk - Lq`` aligns the last query
+            with the last key (decoding with a KV cache, chunked prefill).
+        block_mask: A :class:`BlockMask` from :func:`create_block_mask`, reused across
+            calls; it holds the whole mask, so ``is_causal``, ``mask_fn``,
+            ``window_size``, ``q_offset`` and ``block_size`` are not passed with it.
+
+    Returns:
+        The attention output ``(B, Lq, Hq, dv)`` (or ``(Lq, Hq, dv)``) in ``Q``'s dtype.
+        A query row with no visible key gets zeros (and zero gradients).
+
+    Raises:
+        ValueError: Wrong ranks or mismatched shapes, no heads, ``Hq`` not a multiple of
+            ``Hkv``, non-positive block or negative window sizes, a ``mask_fn`` that is
+            not element-wise, a ``block_mask`` that does not fit or comes with mask
+            arguments.
+        TypeError: Non-floating inputs, non-integer sizes or offsets, a ``mask_fn`` that
+            takes neither 3 nor 4 arguments or that does not return booleans.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> from jaxmodules.attention import masked_attention_via_map
+        >>> kq, kk, kv = jax.random.split(jax.random.PRNGKey(0), 3)
+        >>> Q = jax.random.normal(kq, (2, 100, 8, 32))
+        >>> K = jax.random.normal(kk, (2, 100, 2, 32))
+        >>> V = jax.random.normal(kv, (2, 100, 2, 32))
+        >>> out = masked_attention_via_map(Q, K, V, is_causal=True, block_size=32)
+        >>> out.shape
+        (2, 100, 8, 32)
+        >>> dense = jax.nn.dot_product_attention(Q, K, V, is_causal=True)
+        >>> bool(jnp.allclose(out, dense, atol=1e-5))
+        True
+    """
+    args = check_arguments(
+        Q,
+        K,
+        V,
+        is_causal=is_causal,
+        mask_fn=mask_fn,
+        block_size=block_size,
+        window_size=window_size,
+        scale=scale,
+        block_mask=block_mask,
+        q_offset=q_offset,
+    )
+    q, k, v = args.q, args.k, args.v
+    batched = q.ndim == 4
+    if not batched:
+        q, k, v = q[None], k[None], v[None]
+    bsz, q_len, q_heads, d = q.shape
+    _, k_len, _, dv = v.shape
+    if bsz == 0 or q_len == 0 or k_len == 0:
+        out = jnp.zeros((bsz, q_len, q_heads, dv), q.dtype)
+        return out if batched else out[0]
+    if block_mask is None:
+        block_mask = _block_mask_for_call(
+            args, mask_fn, q_offset, bool(is_causal), bsz, q_heads, q_len, k_len, d, dv
+        )
+    scale_value = args.scale if args.scale is not None else 1.0 / math.sqrt(d)
+    out = attend(q, k, v, block_mask, scale_value)
+    return out if batched else out[0]
+
+
+def _block_mask_for_call(
+    args: Any,
+    mask_fn: Any,
+    q_offset: Any,
+    is_causal: bool,
+    batch: int,
+    q_heads: int,
+    q_len: int,
+    k_len: int,
+    head_dim: int,
+    value_dim: int,
+) -> BlockMask:
+    """The block mask of a call that gave ``is_causal`` / ``window_size`` / ``mask_fn``
+    / ``q_offset`` directly; reused from a bounded cache when it closes over nothing."""
+    blocks = args.block_size or default_block_sizes(
+        q_len=q_len,
+        k_len=k_len,
+        batch=batch,
+        q_heads=q_heads,
+        head_dim=head_dim,
+        value_dim=value_dim,
+        is_causal=is_causal,
+        window=args.window,
+    )
+    program, consts = (None, ()) if mask_fn is None else trace_mask_fn(mask_fn)
+    return make_block_mask(
+        program,
+        consts,
+        batch=batch,
+        heads=q_heads,
+        q_len=q_len,
+        k_len=k_len,
+        block_size=(min(blocks[0], q_len), min(blocks[1], k_len)),
+        is_causal=is_causal,
+        window=args.window,
+        q_offset=normalize_q_offset(q_offset, batch),
+    )
+
+
+def _any_listed(count: Any) -> bool:
+    """Whether any row lists a block; ``True`` when only the device knows."""
+    if has_tracers([count]):
+        return True
+    return bool(np.asarray(count).any())
+
+
+def attend(
+    q: jax.Array, k: jax.Array, v: jax.Array, block_mask: BlockMask, scale: float
+) -> jax.Array:
+    """Attention of 4-D inputs under ``block_mask`` with the block-loop backend."""
+    bsz, q_len, q_heads, _ = q.shape
+    _, k_len, kv_heads, _ = k.shape
+    mask_batch = block_mask.mask_batch
+    mask_heads = block_mask.mask_heads
+    per_head = mask_heads > 1
+    if mask_batch not in (1, bsz):
+        mask_batch = bsz  # a block mask built for B rows, broadcast (checked before)
+    lo, hi = band_limits(block_mask.is_causal, block_mask.window)
+    config = KernelConfig(
+        batch=bsz,
+        kv_heads=q_heads if per_head else kv_heads,
+        groups=1 if per_head else q_heads // kv_heads,
+        q_len=q_len,
+        k_len=k_len,
+        q_block=block_mask.block_size[0],
+        k_block=block_mask.block_size[1],
+        scale=float(scale),
+        lo=lo,
+        hi=hi,
+        program=block_mask.program,
+        mask_batch=block_mask.mask_batch,
+        mask_heads=mask_heads,
+        any_full=_any_listed(block_mask.full_kv_num_blocks),
+        any_partial=_any_listed(block_mask.kv_num_blocks),
+    )
+    schedule = (
+        block_mask.kv_num_blocks,
+        block_mask.kv_indices,
+        block_mask.full_kv_num_blocks,
+        block_mask.full_kv_indices,
+        block_mask.q_offset,
+    )
+    program = _PROGRAMS.get(config, lambda: jax.jit(lambda *a: _attend(config, *a)))
+    return program(q, k, v, schedule, block_mask.mask_consts)
+
+
+def _attend(
+    config: KernelConfig,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    schedule: tuple,
+    consts: tuple,
+) -> jax.Array:
+    """Kernel layout and padding around ``block_attention``."""
+    bsz, q_len, q_heads, d = q.shape
+    kv_heads = k.shape[2]
+    heads, groups, dv = config.kv_heads, config.groups, v.shape[-1]
+    q_pad = config.n_q_blocks * config.q_block - q_len
+    k_pad = config.n_k_blocks * config.k_block - config.k_len
+    if heads != kv_heads:
+        # The mask depends on the query head: each query head gets its own lists, so
+        # key/value heads are repeated per query head (and their gradients summed).
+        k = jnp.repeat(k, heads // kv_heads, axis=2)
+        v = jnp.repeat(v, heads // kv_heads, axis=2)
+    # (B, Lq, Hk * G, d) -> (B, Hk, Lq * G, d): the rows of one query block are
+    # contiguous and the G query heads that share a key/value head share its matmul.
+    qk = q.reshape(bsz, q_len, heads, groups, d).transpose(0, 2, 1, 3, 4)
+    qk = jnp.pad(qk, ((0, 0), (0, 0), (0, q_pad), (0, 0), (0, 0)))
+    qk = qk.reshape(bsz, heads, (q_len + q_pad) * groups, d)
+    kk = jnp.pad(k.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, k_pad), (0, 0)))
+    vk = jnp.pad(v.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, k_pad), (0, 0)))
+    out = block_attention(config, qk, kk, vk, schedule, consts)
+    out = out.reshape(bsz, heads, q_len + q_pad, groups, dv)[:, :, :q_len]
+    return out.transpose(0, 2, 1, 3, 4).reshape(bsz, q_len, q_heads, dv)
