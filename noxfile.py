@@ -117,10 +117,18 @@ def _pytest(session: nox.Session, *args: str, env: dict[str, str] | None = None)
     session.run("pytest", *config, *args, env=env)
 
 
+def _session_script(session: nox.Session, name: str, text: str) -> Path:
+    """Write ``text`` to ``name`` in the session's temporary folder (logged as a path)."""
+    path = Path(session.create_tmp()) / name
+    path.write_text(text)
+    return path
+
+
 def _run_package_tests(session: nox.Session, package: str, *pins: str) -> None:
     wheel = _wheel(session, package)
     session.install(f"{wheel}[test]", *pins)
-    session.run("python", "-c", _ISOLATION_CHECK, PACKAGES[package])
+    check = _session_script(session, "isolation_check.py", _ISOLATION_CHECK)
+    session.run("python", str(check), PACKAGES[package])
     # Tests run against the installed wheel, never the source tree.
     _pytest(session, str(ROOT / "packages" / package / "tests"), *session.posargs)
 
@@ -173,6 +181,39 @@ def tests_min_jax(session: nox.Session, package: str) -> None:
     """One package's tests against its built wheel and the oldest jax it declares."""
     version = _min_jax(package)
     _run_package_tests(session, package, f"jax=={version}", f"jaxlib=={version}")
+
+
+# A pytest plugin (loaded with -p, before any conftest.py) that starts jax's backend.
+# XLA reads XLA_FLAGS once, when the backend starts, so the attention conftest's later
+# addition of --xla_backend_optimization_level=0 does not apply to that run.
+_EARLY_BACKEND = """
+import os, jax
+jax.devices()
+_FLAGS = os.environ.get("XLA_FLAGS", "")
+
+def pytest_report_header(config):
+    return f"XLA backend started before the conftests, XLA_FLAGS={_FLAGS!r}"
+"""
+
+# Attention tests that also run at XLA's default optimisation level: every other
+# attention run compiles at level 0 to save time, which could hide a miscompilation.
+OPTIMIZED_ATTENTION_TESTS = ["test_gqa_head_masks.py", "test_skipped_blocks_backward.py"]
+
+
+@nox.session(tags=["tests"])
+def attention_optimized(session: nox.Session) -> None:
+    """A few attention tests (float32 GQA masks, both passes) at XLA's default optimisation."""
+    session.install(f"{_wheel(session, 'jax-block-attention')}[test]")
+    plugin = _session_script(session, "xla_early_backend.py", _EARLY_BACKEND)
+    tests = ROOT / "packages" / "jax-block-attention" / "tests"
+    _pytest(
+        session,
+        "-p",
+        plugin.stem,
+        *(str(tests / name) for name in OPTIMIZED_ATTENTION_TESTS),
+        *session.posargs,
+        env={"XLA_FLAGS": "", "PYTHONPATH": str(plugin.parent)},
+    )
 
 
 @nox.session(tags=["tests"])
