@@ -3,6 +3,8 @@
 import importlib
 import importlib.metadata
 import importlib.util
+import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -13,10 +15,25 @@ DISTRIBUTIONS = {
 }
 
 
+ROOT = Path(__file__).resolve().parents[1]
+PYPROJECTS = {
+    "jaxmodules": ROOT / "pyproject.toml",
+    **{dist: ROOT / "packages" / dist / "pyproject.toml" for dist in DISTRIBUTIONS},
+}
+
+
+def declared_version(dist):
+    """The version the repository's own pyproject.toml gives ``dist``."""
+    with open(PYPROJECTS[dist], "rb") as f:
+        return tomllib.load(f)["project"]["version"]
+
+
 @pytest.mark.parametrize("dist", [*DISTRIBUTIONS, "jaxmodules"])
-def test_every_distribution_reports_its_version(dist):
-    meta_version = importlib.metadata.version("jaxmodules")
-    assert importlib.metadata.version(dist) == meta_version
+def test_every_installed_distribution_has_the_version_its_pyproject_declares(dist):
+    # Checked against the source, not against another installed distribution, so a
+    # stale or mismatched install fails even when all four agree with each other.
+    assert importlib.metadata.version(dist) == declared_version(dist)
+    assert declared_version(dist) == declared_version("jaxmodules")
 
 
 @pytest.mark.parametrize(("dist", "module"), DISTRIBUTIONS.items())
