@@ -29,6 +29,8 @@ PACKAGES = {
 }
 PACKAGE_NAMES = list(PACKAGES)
 
+RUFF = "ruff==0.17.6"  # pinned: it also formats code blocks in Markdown
+
 # Extra packages the cross-package sessions need besides the wheels' own test extras.
 INTEGRATION_DEPS = [
     "pytest>=8",
@@ -39,6 +41,7 @@ INTEGRATION_DEPS = [
 ]
 DEMO_DEPS = ["optax>=0.2.3", "tqdm>=4.66", "matplotlib>=3.8"]
 DOCS_DEPS = [
+    RUFF,  # mkdocstrings formats the separate signatures with it
     "mkdocs>=1.6",
     "mkdocs-material>=9.5",
     "mkdocstrings[python]>=0.26",
@@ -136,7 +139,7 @@ def _run_package_tests(session: nox.Session, package: str, *pins: str) -> None:
 @nox.session(tags=["check"])
 def lint(session: nox.Session) -> None:
     """Ruff lint and format check over the whole repository, and version lockstep."""
-    session.install("ruff==0.17.6")  # pinned: it also formats code blocks in Markdown
+    session.install(RUFF)
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
     check_versions(session)
