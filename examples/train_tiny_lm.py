@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -160,41 +161,46 @@ def plot_loss(path: Path, train: list[tuple[int, float]], valid: list[tuple[int,
     plt.close(fig)
 
 
-def _tick_label(char: str) -> str:
-    return {" ": "␣", "\n": "⏎"}.get(char, char)
+# Spaces and line ends get visible, narrow stand-ins in the tick labels.
+_SHOWN = {" ": "·", "\n": "↵"}
 
 
 def plot_attention(path: Path, weights: list[np.ndarray], text: str) -> None:
     """One heat map per layer and head: weights[layer] is (heads, L, L) for ``text``."""
     layers, heads = len(weights), weights[0].shape[0]
+    # Big enough for one upright 9-point character per row and column.
+    side = max(2.8, 0.13 * len(text))
     fig, axes = plt.subplots(
-        layers, heads, figsize=(2.8 * heads + 1.0, 2.8 * layers + 0.9), squeeze=False
+        layers, heads, figsize=(side * heads + 1.2, side * layers + 1.2), squeeze=False
     )
-    labels = [_tick_label(c) for c in text]
+    labels = [_SHOWN.get(c, c) for c in text]
     ticks = np.arange(len(text))
+    font = {"fontsize": 9, "fontfamily": "monospace", "rotation": 0}
     for layer, row in enumerate(axes):
         for head, ax in enumerate(row):
             # A square-root colour scale keeps the many small weights visible.
             image = ax.imshow(weights[layer][head], cmap="magma", norm=PowerNorm(0.5, 0.0, 1.0))
-            ax.set_title(f"layer {layer}, head {head}", fontsize=9)
+            ax.set_title(f"layer {layer}, head {head}", fontsize=11)
             # Characters on the outer edges only: one row of labels is enough to read.
             if layer == layers - 1:
-                ax.set_xticks(ticks, labels, fontsize=6)
+                ax.set_xticks(ticks, labels, ha="center", **font)
+                ax.set_xlabel("key character", fontsize=10)
             else:
                 ax.set_xticks([])
             if head == 0:
-                ax.set_yticks(ticks, labels, fontsize=6)
+                ax.set_yticks(ticks, labels, va="center", **font)
+                ax.set_ylabel("query character", fontsize=10)
             else:
                 ax.set_yticks([])
-            ax.tick_params(length=0)
-    fig.subplots_adjust(left=0.05, right=0.9, bottom=0.07, top=0.86, wspace=0.12, hspace=0.25)
+            ax.tick_params(length=0, pad=2)
+    fig.subplots_adjust(left=0.05, right=0.9, bottom=0.08, top=0.88, wspace=0.1, hspace=0.18)
     fig.colorbar(image, cax=fig.add_axes((0.92, 0.2, 0.012, 0.55)), label="attention weight")
     fig.suptitle(
         "Attention weights after training: each row is a query character, each column a "
-        f"key it may attend to\n{text!r}",
-        fontsize=9,
+        f"key it may attend to (· is a space)\n{text!r}",
+        fontsize=12,
     )
-    fig.savefig(path, dpi=130)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -234,7 +240,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     train_curve: list[tuple[int, float]] = []
     valid_curve: list[tuple[int, float]] = [(0, validation_loss())]
     table_rows: list[dict[str, float]] = []
-    progress = tqdm(range(1, args.steps + 1), desc="training", unit="step")
+    # A live bar on a terminal only: piped to a file, every redraw would be kept.
+    progress = tqdm(
+        range(1, args.steps + 1),
+        desc="training",
+        unit="step",
+        disable=not sys.stderr.isatty(),
+    )
     for step in progress:
         if step == 2:  # the first step includes tracing and compiling
             compiled_at = time.perf_counter()
@@ -262,7 +274,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         temperature=args.temperature,
     )
     sample = data.decode(np.asarray(sample_ids).tolist())
-    print("\nSample (prompt, then generated text):\n" + "-" * 60 + f"\n{sample}\n" + "-" * 60)
+    generated = sample[len(args.prompt) :]
+    # The prompt ends at a mark the text never uses, so the two parts read apart.
+    mark = next(m for m in ("»", "|", "#", "~") if m not in data.chars)
+    about = (
+        f"The prompt {args.prompt!r} ends at {mark!r}; the {len(generated)} characters after"
+        f" it were generated (temperature {args.temperature})."
+    )
+    marked = f"{args.prompt}{mark}{generated}"
+    print(f"\nSample. {about}\n" + "-" * 60 + f"\n{marked}\n" + "-" * 60)
 
     args.out.mkdir(parents=True, exist_ok=True)
     plot_loss(args.out / "loss.png", train_curve, valid_curve)
@@ -276,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         writer = csv.DictWriter(f, fieldnames=list(table_rows[0]))
         writer.writeheader()
         writer.writerows(table_rows)
-    (args.out / "sample.txt").write_text(sample + "\n", encoding="utf-8")
+    (args.out / "sample.txt").write_text(f"{about}\n\n{marked}\n", encoding="utf-8")
 
     first, last = train_curve[0][1], np.mean([loss for _, loss in train_curve[-20:]])
     print(

@@ -401,8 +401,11 @@ def test_demo_script_runs_end_to_end(train_tiny_lm: ModuleType, tmp_path: Any, c
     assert set(rows[0]) == {"step", "valid_loss"} | expected_log_names(1)
     for row in rows:
         assert all(np.isfinite(float(value)) for value in row.values())
-    sample = (out / "sample.txt").read_text(encoding="utf-8")[:-1]  # the demo adds one "\n"
-    assert sample.startswith("And God") and len(sample) == len("And God") + 12
+    about, blank, sample = (out / "sample.txt").read_text(encoding="utf-8")[:-1].split("\n", 2)
+    # The sample marks where the prompt ends, and the first line says with what.
+    assert blank == "" and "'And God' ends at '»'" in about and "12 characters" in about
+    assert sample.startswith("And God»") and len(sample) == len("And God»") + 12
+    assert "ends at '»'" in printed
     for picture in ("loss.png", "attention.png"):
         pixels = plt.imread(out / picture)
         assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.std() > 0, picture
