@@ -23,7 +23,9 @@ def _brute_force_classes(visible, q_block, k_block):
             # Key padding counts as masked; query padding is ignored.
             part = visible[..., i * q_block : (i + 1) * q_block, j * k_block : (j + 1) * k_block]
             full = part.all(axis=(-1, -2)) & (part.shape[-1] == k_block)
-            classes[..., i, j] = np.where(full, FULL, np.where(part.any(axis=(-1, -2)), PARTIAL, EMPTY))
+            classes[..., i, j] = np.where(
+                full, FULL, np.where(part.any(axis=(-1, -2)), PARTIAL, EMPTY)
+            )
     return classes
 
 
@@ -48,8 +50,15 @@ def test_structural_classes_match_brute_force(
 ):
     window = (left, right)
     bm = create_block_mask(
-        None, 1, 1, q_len, k_len, is_causal=is_causal, window_size=window,
-        q_offset=offset, block_size=(q_block, k_block),
+        None,
+        1,
+        1,
+        q_len,
+        k_len,
+        is_causal=is_causal,
+        window_size=window,
+        q_offset=offset,
+        block_size=(q_block, k_block),
     )
     visible = ref.mask(1, 1, q_len, k_len, is_causal=is_causal, window=window, q_offset=offset)
     bq, bk = min(q_block, q_len), min(k_block, k_len)
@@ -78,7 +87,13 @@ def test_mask_fn_classes_and_dense_match_brute_force(
     options = {"is_causal": is_causal, "window_size": (left, None), "q_offset": offset}
     bm = create_block_mask(mask_fn, 2, 2, q_len, k_len, block_size=(q_block, k_block), **options)
     visible = ref.mask(
-        2, 2, q_len, k_len, is_causal=is_causal, window=(left, None), mask_fn=mask_fn,
+        2,
+        2,
+        q_len,
+        k_len,
+        is_causal=is_causal,
+        window=(left, None),
+        mask_fn=mask_fn,
         q_offset=offset,
     )
     bq, bk = min(q_block, q_len), min(k_block, k_len)
@@ -101,8 +116,14 @@ def test_lists_are_sorted_padded_and_transposes_of_each_other(
     q_len, k_len, block, is_causal, left, modulus
 ):
     bm = create_block_mask(
-        lambda b, h, q, k: (q * 7 + k) % modulus != 0, 1, 1, q_len, k_len,
-        is_causal=is_causal, window_size=(left, 3), block_size=block,
+        lambda b, h, q, k: (q * 7 + k) % modulus != 0,
+        1,
+        1,
+        q_len,
+        k_len,
+        is_causal=is_causal,
+        window_size=(left, 3),
+        block_size=block,
     )
     n_q, n_k = bm.num_blocks
     kv = np.zeros((n_q, n_k), np.int8)

@@ -39,9 +39,10 @@ def masked_attention_via_map(
 
     Queries are split into blocks of ``block_size`` positions and processed one block at a
     time; for each query block an online softmax runs over the key blocks that its
-    :class:`BlockMask` lists. Key blocks that are fully masked are skipped, blocks that
-    are fully visible are computed without evaluating any mask, and that holds whether
-    the mask is known at trace time or built on the device from traced arrays. The
+    [`BlockMask`][jaxmodules.attention.BlockMask] lists. Key blocks that are fully
+    masked are skipped, blocks that are fully visible are computed without evaluating
+    any mask, and that holds whether the mask is known at trace time or built on the
+    device from traced arrays. The
     backward pass is a custom VJP that recomputes the scores block by block from the
     output and the per-row log-sum-exp, so no ``Lq x Lk`` array exists in either pass.
     It supports first-order reverse mode (``grad``, ``vjp``); differentiating it again
@@ -72,7 +73,8 @@ def masked_attention_via_map(
         q_offset: Position of query row 0 (key ``j`` sits at position ``j``): an int, or
             an int array ``(B,)`` that may be traced. ``Lk - Lq`` aligns the last query
             with the last key (decoding with a KV cache, chunked prefill).
-        block_mask: A :class:`BlockMask` from :func:`create_block_mask`, reused across
+        block_mask: A [`BlockMask`][jaxmodules.attention.BlockMask] from
+            [`create_block_mask`][jaxmodules.attention.create_block_mask], reused across
             calls; it holds the whole mask, so ``is_causal``, ``mask_fn``,
             ``window_size``, ``q_offset`` and ``block_size`` are not passed with it.
 

@@ -51,7 +51,7 @@ def structural_classes(
     q_last = xp.minimum((i[None, :, None] + 1) * q_block, q_len) - 1 + offset
     k_first = j[None, None, :] * k_block
     k_last = xp.minimum(k_first + k_block, k_len) - 1
-    overlap = xp.ones(q_first.shape[:2] + (n_k,), bool)
+    overlap = xp.ones((*q_first.shape[:2], n_k), bool)
     full = xp.broadcast_to(k_last - k_first + 1 == k_block, overlap.shape)
     if lo is not None:
         overlap = overlap & (k_last - q_first >= lo)

@@ -16,9 +16,8 @@ Only the ratios of the constants matter.
 
 from __future__ import annotations
 
-import numpy as np
-
 import jax
+import numpy as np
 
 from ._band import FULL, PARTIAL, band_limits, structural_classes
 

@@ -128,8 +128,7 @@ def _check_shapes(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
     q_heads, kv_heads = q.shape[-2], k.shape[-2]
     if q_heads == 0 or kv_heads == 0:
         raise ValueError(
-            f"the numbers of heads must be positive, got Hq={q_heads} and Hkv={kv_heads}: "
-            f"{shapes}"
+            f"the numbers of heads must be positive, got Hq={q_heads} and Hkv={kv_heads}: {shapes}"
         )
     if q_heads % kv_heads != 0:
         raise ValueError(
@@ -191,9 +190,7 @@ def check_arguments(
     if block_mask is not None:
         offset_given = not (isinstance(q_offset, numbers.Integral) and q_offset == 0)
         _check_block_mask(block_mask, q, k, is_causal, mask_fn, window, blocks, offset_given)
-    return CheckedArguments(
-        q=q, k=k, v=v, block_size=blocks, window=window, scale=_scale(scale)
-    )
+    return CheckedArguments(q=q, k=k, v=v, block_size=blocks, window=window, scale=_scale(scale))
 
 
 def _check_block_mask(
@@ -238,8 +235,10 @@ def _check_block_mask(
     mask_b, mask_h, mask_q, mask_k = block_mask.shape
     problems = []
     if (mask_q, mask_k) != (q_len, k_len):
-        problems.append(f"it was built for (q_len, k_len) = {(mask_q, mask_k)}, the inputs "
-                        f"have {(q_len, k_len)}")
+        problems.append(
+            f"it was built for (q_len, k_len) = {(mask_q, mask_k)}, the inputs "
+            f"have {(q_len, k_len)}"
+        )
     if mask_b not in (1, batch):
         problems.append(f"it was built for B={mask_b}, the inputs have B={batch}")
     if mask_h not in (1, q_heads):
