@@ -240,8 +240,8 @@ class BlockMask:
     """Which blocks of the attention matrix to compute, as per-row index lists.
 
     Made by [`create_block_mask`][jaxmodules.attention.create_block_mask]; pass it to
-    ``masked_attention_via_map(..., block_mask=...)``. A pytree: the index arrays (and the arrays ``mask_fn`` closes
-    over) are its leaves, the sizes are static. So it can be built inside ``jax.jit``
+    ``masked_attention_via_map(..., block_mask=...)``. A pytree: the index arrays (and
+    the arrays ``mask_fn`` closes over) are its leaves, the sizes are static. So it can be built inside ``jax.jit``
     from traced segment ids, returned from a jitted function, stored in a train state
     and reused across layers, steps and calls.
 
