@@ -241,9 +241,9 @@ class BlockMask:
 
     Made by [`create_block_mask`][jaxmodules.attention.create_block_mask]; pass it to
     ``masked_attention_via_map(..., block_mask=...)``. A pytree: the index arrays (and
-    the arrays ``mask_fn`` closes over) are its leaves, the sizes are static. So it can be built inside ``jax.jit``
-    from traced segment ids, returned from a jitted function, stored in a train state
-    and reused across layers, steps and calls.
+    the arrays ``mask_fn`` closes over) are its leaves, the sizes are static. So it can
+    be built inside ``jax.jit`` from traced segment ids, returned from a jitted
+    function, stored in a train state and reused across layers, steps and calls.
 
     The leading axes ``(Bm, Hm)`` of every array are ``(1, 1)`` unless the mask depends
     on the batch row (``Bm = B``) or on the head (``Hm = H``).
