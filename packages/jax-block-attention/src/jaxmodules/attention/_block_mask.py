@@ -139,9 +139,11 @@ def _classify_pairs(
         if banded:
             visible = visible & in_band(q_pos, k_pos, spec.lo, spec.hi, spec.k_len)
         visible = jnp.broadcast_to(visible, (spec.batch, spec.heads, chunk, bq, bk))
-        # One reduction: padded query rows repeat a real row, padded keys are invisible.
-        count = visible.sum(axis=(3, 4), dtype=jnp.int32)
-        return jnp.where(count == bq * bk, FULL, jnp.where(count > 0, PARTIAL, EMPTY))
+        # Padded query rows repeat a real row and padded keys are invisible, so any / all
+        # over the block decide its class (EMPTY, PARTIAL, FULL = 0, 1, 2 = any + all).
+        # int8 max / min vectorize far better on XLA:CPU than boolean reductions.
+        as_int = visible.astype(jnp.int8)
+        return as_int.max(axis=(3, 4)) + as_int.min(axis=(3, 4))
 
     pairs = (rows_p.reshape(n_chunks, chunk), cols_p.reshape(n_chunks, chunk))
     classes = lax.map(classify, (jnp.asarray(pairs[0]), jnp.asarray(pairs[1])))
