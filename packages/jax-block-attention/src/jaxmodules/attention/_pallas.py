@@ -1,0 +1,914 @@
+"""The fused-kernel backend: one Pallas (Triton-style) kernel per pass over a block mask.
+
+Each pass is one ``pallas_call``. The forward kernel and the dQ kernel run a grid over
+``(batch row, query head, query block)``; every program reads its row of the
+[`BlockMask`][jaxmodules.attention.BlockMask] lists (plain integer array inputs, read by
+index) and runs two loops: over its full key blocks, with no element-wise mask, then
+over its partial key blocks, masked by the band (``is_causal`` / ``window_size`` with
+``q_offset``), key padding and the ``mask_fn`` program evaluated on the tile. The dK/dV
+kernel runs a grid over ``(batch row, key/value head, key block)`` and walks the
+transposed lists (query blocks per key block) for each query head of its group, so every
+output block is written by one program: no atomics.
+
+Layout inside this module: queries ``(B, Hq, Lq_pad, d_pad)``, keys ``(B, Hkv, Lk_pad,
+d_pad)``, values ``(B, Hkv, Lk_pad, dv_pad)``, lengths padded to block multiples and head
+dimensions to powers of two (Triton's tiles). Query head ``h`` reads key/value head
+``h // G``. Scores, softmax statistics and accumulators are float32.
+
+The tile math (positions, visibility, the online-softmax step and the two gradient
+steps) lives in small functions of arrays, apart from the refs and the grid, so that a
+Mosaic GPU kernel can reuse it.
+
+A ``mask_fn`` that closes over arrays (segment ids, lengths) gets them as whole-array
+kernel inputs: its program is re-evaluated on the tile's index vectors, and every
+scalar read ``ids[b, q]`` of a closed-over array becomes a load at a vector of indices.
+Programs that use a closed-over array any other way cannot be lowered; they raise
+``PallasUnsupportedError``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.extend.core import Literal
+
+from ._band import band_limits, in_band
+from ._block_mask import BlockMask
+
+Array = Any  # jax.Array, or a Pallas ref inside a kernel
+# The block mask's traced mask_fn (its jaxpr, whose constvars are the closed-over arrays).
+Program = Any
+_F32 = jnp.float32
+_MIN_TILE = 16  # Triton's smallest matmul tile side
+
+
+class PallasUnsupportedError(ValueError):
+    """A call the Pallas kernel cannot compute (the block-loop backend can)."""
+
+
+def _triton_params(num_warps: int, num_stages: int) -> Any:
+    """Triton compiler parameters; their class was renamed across jax versions."""
+    from jax.experimental.pallas import triton as pl_triton
+
+    params = getattr(pl_triton, "CompilerParams", None) or getattr(
+        pl_triton, "TritonCompilerParams", None
+    )
+    if params is None:  # pragma: no cover - only on jax versions without Pallas Triton
+        raise PallasUnsupportedError(
+            f"this jax ({jax.__version__}) has no Triton compiler parameters for Pallas"
+        )
+    return params(num_warps=num_warps, num_stages=num_stages)
+
+
+def _is_tile(n: int) -> bool:
+    return n >= _MIN_TILE and n & (n - 1) == 0
+
+
+def _tile_width(n: int) -> int:
+    """The smallest power of two ``>= max(n, 16)``: a head dimension padded for Triton."""
+    return max(_MIN_TILE, 1 << (n - 1).bit_length())
+
+
+# ------------------------------------------------------------- mask_fn programs in tiles
+
+
+@dataclass
+class _View:
+    """A closed-over array seen through the scalar indices read so far.
+
+    ``axes`` has one entry per axis of the original array: ``None`` for an axis still
+    whole, or the (vector) index read on it; ``squeezed`` marks the indexed axes the
+    program no longer sees (``dynamic_slice`` of size 1 keeps them, ``squeeze`` drops
+    them).
+    """
+
+    ref: Array
+    dtype: Any
+    shape: tuple[int, ...]  # original shape of the closed-over array
+    axes: list[Any]
+    squeezed: list[bool]
+
+
+def _unsupported(what: str) -> PallasUnsupportedError:
+    return PallasUnsupportedError(
+        "the Pallas kernel cannot evaluate this mask_fn on a tile: " + what + ". Inside "
+        "the kernel, a mask_fn may use element-wise jnp operations on its indices and read "
+        "closed-over arrays only by scalar indexing (ids[b, q], lengths[b]); use "
+        'implementation="xla" for other mask functions'
+    )
+
+
+def _literal_value(atom: Any) -> Any:
+    aval = atom.aval
+    return jnp.asarray(np.asarray(atom.val, dtype=aval.dtype))
+
+
+def _broadcast_all(values: Sequence[Any]) -> list[Any]:
+    shape = np.broadcast_shapes(*(jnp.shape(v) for v in values))
+    return [v if jnp.shape(v) == shape else jnp.broadcast_to(v, shape) for v in values]
+
+
+def _read(view: _View) -> Any:
+    """Load a fully indexed closed-over array at its (broadcast) index vectors."""
+    if any(a is None for a in view.axes) or not all(view.squeezed):
+        raise _unsupported(
+            f"a closed-over array of shape {view.shape} is used whole or partly indexed "
+            "(only scalar reads such as ids[b, q] are supported)"
+        )
+    # A 0-d array travels as shape (1,).
+    value = view.ref[tuple(_broadcast_all(view.axes))] if view.shape else view.ref[0]
+    if value.dtype != view.dtype:
+        value = value.astype(view.dtype) if view.dtype != jnp.bool_ else value != 0
+    return value
+
+
+_CALL_PARAMS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
+
+
+def _inner_jaxpr(eqn: Any) -> Any:
+    for name in _CALL_PARAMS:
+        inner = eqn.params.get(name)
+        if inner is not None:
+            return inner
+    return None
+
+
+def _holds_jaxpr(param: Any) -> bool:
+    if isinstance(param, (tuple, list)):
+        return any(_holds_jaxpr(p) for p in param)
+    return hasattr(param, "eqns") or hasattr(param, "jaxpr")
+
+
+def _eval_tile_jaxpr(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
+    """Evaluate a scalar jaxpr on broadcastable index arrays (every intermediate becomes
+    an array of the tile's broadcast shape); closed-over arrays are ``_View`` values."""
+    env: dict[Any, Any] = {}
+
+    def read(atom: Any) -> Any:
+        return _literal_value(atom) if isinstance(atom, Literal) else env[atom]
+
+    def value(atom: Any) -> Any:
+        x = read(atom)
+        return _read(x) if isinstance(x, _View) else x
+
+    for var, c in zip(jaxpr.constvars, consts, strict=True):
+        env[var] = c
+    for var, a in zip(jaxpr.invars, args, strict=True):
+        env[var] = a
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        inputs = [read(v) for v in eqn.invars]
+        inner = _inner_jaxpr(eqn)
+        if inner is not None:
+            closed_consts = list(getattr(inner, "consts", ()))
+            body = getattr(inner, "jaxpr", inner)
+            outs = _eval_tile_jaxpr(body, closed_consts, inputs)
+        elif name in ("dynamic_slice", "squeeze") and isinstance(inputs[0], _View):
+            outs = [_view_op(name, eqn, inputs)]
+        else:
+            # A closed-over array read down to a scalar per element is loaded here.
+            inputs = [_read(x) if isinstance(x, _View) else x for x in inputs]
+            scalar = all(v.aval.shape == () for v in (*eqn.invars, *eqn.outvars))
+            if not scalar:
+                raise _unsupported(
+                    f"{name!r} works on arrays of shapes "
+                    f"{[tuple(v.aval.shape) for v in eqn.invars]} (only scalar, element-wise "
+                    "operations are supported)"
+                )
+            if any(_holds_jaxpr(p) for p in eqn.params.values()):
+                raise _unsupported(f"control flow ({name!r}); use jnp.where instead")
+            if name in ("squeeze", "reshape", "broadcast_in_dim", "expand_dims", "copy"):
+                outs = inputs[:1]  # shape () to shape (): nothing to do on a tile
+            else:
+                result = eqn.primitive.bind(*_broadcast_all(inputs), **eqn.params)
+                outs = list(result) if eqn.primitive.multiple_results else [result]
+        for var, out in zip(eqn.outvars, outs, strict=True):
+            env[var] = out
+    return [value(v) for v in jaxpr.outvars]
+
+
+def _view_op(name: str, eqn: Any, inputs: list[Any]) -> _View:
+    """Scalar indexing of a closed-over array: ``dynamic_slice`` of size 1 per indexed
+    axis (whole axes kept), then ``squeeze`` of the indexed axes."""
+    view: _View = inputs[0]
+    live = [n for n, s in enumerate(view.squeezed) if not s]  # axes the program sees
+    if name == "dynamic_slice":
+        starts = inputs[1:]
+        sizes = eqn.params["slice_sizes"]
+        axes = list(view.axes)
+        for pos, size, start in zip(live, sizes, starts, strict=True):
+            dim = view.shape[pos]
+            if size == dim and dim != 1 and axes[pos] is None:
+                continue  # the whole axis is kept
+            if size != 1 or axes[pos] is not None:
+                raise _unsupported(
+                    f"a slice of size {size} of an axis of length {dim} of a closed-over "
+                    "array (only single elements may be read)"
+                )
+            if isinstance(start, _View):
+                start = _read(start)
+            # dynamic_slice clamps its start into the array, so the kernel does too.
+            axes[pos] = jnp.clip(jnp.asarray(start, jnp.int32), 0, dim - 1)
+        return _View(view.ref, view.dtype, view.shape, axes, list(view.squeezed))
+    if name == "squeeze":
+        axes, squeezed = list(view.axes), list(view.squeezed)
+        for d in eqn.params["dimensions"]:
+            pos = live[d]
+            if axes[pos] is None and view.shape[pos] != 1:
+                raise _unsupported("a squeeze of a whole axis of a closed-over array")
+            if axes[pos] is None:
+                axes[pos] = jnp.int32(0)  # an axis of length 1 has one element to read
+            squeezed[pos] = True
+        return _View(view.ref, view.dtype, view.shape, axes, squeezed)
+    raise _unsupported(f"{name!r} applied to a closed-over array")
+
+
+def _const_views(program: Program, const_refs: Sequence[Any], dtypes: Sequence[Any]) -> list:
+    views = []
+    for var, ref, dtype in zip(program.jaxpr.constvars, const_refs, dtypes, strict=True):
+        shape = tuple(var.aval.shape)
+        views.append(_View(ref, dtype, shape, [None] * len(shape), [False] * len(shape)))
+    return views
+
+
+def evaluate_on_tile(
+    program: Program, const_refs: Sequence[Any], const_dtypes: Sequence[Any], *inputs: Any
+) -> Any:
+    """A traced element-wise program (``mask_fn(b, h, q, k)``) on broadcastable input
+    arrays, reading its closed-over arrays from ``const_refs`` (Pallas refs in a kernel,
+    or arrays: both are indexed alike) laid out by
+    ``kernel_consts``. The result has the
+    inputs' broadcast shape."""
+    views = _const_views(program, const_refs, const_dtypes)
+    (out,) = _eval_tile_jaxpr(program.jaxpr, views, list(inputs))
+    return jnp.broadcast_to(out, np.broadcast_shapes(*(jnp.shape(x) for x in inputs)))
+
+
+def kernel_consts(consts: Sequence[Any]) -> tuple[list[Any], list[Any]]:
+    """The closed-over arrays as kernel inputs (booleans as int32, 0-d as shape
+    ``(1,)``) and their original dtypes."""
+    arrays, dtypes = [], []
+    for c in consts:
+        c = jnp.asarray(c)
+        dtypes.append(c.dtype)
+        if c.dtype == jnp.bool_:
+            c = c.astype(jnp.int32)
+        arrays.append(c.reshape(1) if c.ndim == 0 else c)
+    return arrays, dtypes
+
+
+def mask_program_problem(program: Program | None, consts: Sequence[Any]) -> str | None:
+    """Why the kernel cannot evaluate ``program`` on tiles, or ``None`` when it can."""
+    if program is None:
+        return None
+    arrays, dtypes = kernel_consts(consts)
+    shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays]
+
+    def trial(cs: list[Any]) -> Any:
+        q = jnp.zeros((_MIN_TILE, 1), jnp.int32)
+        k = jnp.zeros((1, _MIN_TILE), jnp.int32)
+        return evaluate_on_tile(program, cs, dtypes, jnp.int32(0), jnp.int32(0), q, k)
+
+    try:
+        jax.eval_shape(trial, shapes)
+    except PallasUnsupportedError as err:
+        return str(err)
+    except (TypeError, ValueError, NotImplementedError) as err:
+        return str(_unsupported(f"evaluating it on index vectors failed ({err})"))
+    return None
+
+
+# ------------------------------------------------------------------------ tile math
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Everything static about one call (hashable: a ``custom_vjp`` static argument)."""
+
+    q_heads: int
+    kv_heads: int
+    q_len: int
+    k_len: int
+    q_block: int
+    k_block: int
+    scale: float
+    lo: int | None
+    hi: int | None
+    program: Program | None
+    const_dtypes: tuple[Any, ...]
+    mask_batch: int  # 1 or B
+    mask_heads: int  # 1 or Hq
+    interpret: bool
+    num_warps: int = 4
+    num_stages: int = 2
+
+    @property
+    def groups(self) -> int:
+        return self.q_heads // self.kv_heads
+
+    @property
+    def n_q_blocks(self) -> int:
+        return -(-self.q_len // self.q_block)
+
+    @property
+    def n_k_blocks(self) -> int:
+        return -(-self.k_len // self.k_block)
+
+
+def query_positions(config: TileConfig, i: Array, offset: Array) -> Array:
+    """``(q_block,)`` positions of query block ``i``; padded rows repeat the last real
+    row so that a ``mask_fn`` may index arrays of length ``Lq`` (their results are
+    dropped)."""
+    rows = i * config.q_block + jnp.arange(config.q_block, dtype=jnp.int32)
+    return jnp.minimum(rows, config.q_len - 1) + offset
+
+
+def key_positions(config: TileConfig, j: Array) -> Array:
+    """``(k_block,)`` positions of key block ``j`` (padding included, ``>= Lk``)."""
+    return j * config.k_block + jnp.arange(config.k_block, dtype=jnp.int32)
+
+
+def tile_visible(
+    config: TileConfig, const_refs: Sequence[Any], b: Array, h: Array, q_pos: Array, k_pos: Array
+) -> Array:
+    """The element-wise mask of a partial tile: band, key padding and ``mask_fn``, on
+    broadcastable position arrays (``(bq, 1)`` and ``(1, bk)``, or transposed)."""
+    visible = in_band(q_pos, k_pos, config.lo, config.hi, config.k_len)
+    if config.program is not None:
+        # As in the block loop and the block-mask build: a mask kept for one head is
+        # evaluated at head 0 (where the program ignores heads, any head gives the same).
+        h = h if config.mask_heads > 1 else 0
+        k_safe = jnp.minimum(k_pos, config.k_len - 1)
+        index = [jnp.asarray(x, jnp.int32) for x in (b, h, q_pos, k_safe)]
+        custom = evaluate_on_tile(config.program, const_refs, config.const_dtypes, *index)
+        visible = visible & custom
+    return visible
+
+
+def _matmul_t(a: Array, b: Array) -> Array:
+    """``a @ b.T`` in float32."""
+    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=_F32)
+
+
+def _matmul(a: Array, b: Array) -> Array:
+    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=_F32)
+
+
+def _matmul_tn(a: Array, b: Array) -> Array:
+    """``a.T @ b`` in float32."""
+    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=_F32)
+
+
+def softmax_step(
+    carry: tuple[Array, Array, Array], s: Array, v_blk: Array
+) -> tuple[Array, Array, Array]:
+    """One online-softmax update with scores ``s (bq, bk)`` (``-inf`` = masked)."""
+    m, l, acc = carry
+    m_new = jnp.maximum(m, s.max(axis=1))
+    # A row that has seen no visible key keeps m = -inf; shift by 0 so exp() gives 0.
+    m_shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    p = jnp.exp(s - m_shift[:, None])
+    alpha = jnp.exp(m - m_shift)
+    l = alpha * l + p.sum(axis=1)
+    acc = alpha[:, None] * acc + _matmul(p.astype(v_blk.dtype), v_blk)
+    return m_new, l, acc
+
+
+def softmax_finish(m: Array, l: Array, acc: Array) -> tuple[Array, Array]:
+    """Output rows and log-sum-exp; rows without a visible key give 0 and ``-inf``."""
+    empty = l == 0.0
+    safe = jnp.where(empty, 1.0, l)
+    out = acc / safe[:, None]
+    lse = jnp.where(empty, -jnp.inf, m + jnp.log(safe))
+    return out, lse
+
+
+def dq_step(
+    dq: Array,
+    q_blk: Array,
+    k_blk: Array,
+    v_blk: Array,
+    do_blk: Array,
+    lse: Array,
+    delta: Array,
+    scale: float,
+    visible: Array | None,
+) -> Array:
+    """dQ of one tile, query-major: ``lse`` is ``+inf`` on rows without a visible key."""
+    s = _matmul_t(q_blk, k_blk) * _F32(scale)
+    p = jnp.exp(s - lse[:, None])
+    if visible is not None:
+        p = jnp.where(visible, p, 0.0)
+    dp = _matmul_t(do_blk, v_blk)
+    ds = p * (dp - delta[:, None])
+    return dq + _matmul(ds.astype(k_blk.dtype), k_blk) * _F32(scale)
+
+
+def dkdv_step(
+    carry: tuple[Array, Array],
+    q_blk: Array,
+    k_blk: Array,
+    v_blk: Array,
+    do_blk: Array,
+    lse: Array,
+    delta: Array,
+    scale: float,
+    visible_t: Array | None,
+) -> tuple[Array, Array]:
+    """dK and dV of one tile, key-major: scores transposed, ``(bk, bq)``."""
+    dk, dv = carry
+    s_t = _matmul_t(k_blk, q_blk) * _F32(scale)
+    p_t = jnp.exp(s_t - lse[None, :])
+    if visible_t is not None:
+        p_t = jnp.where(visible_t, p_t, 0.0)
+    dv = dv + _matmul(p_t.astype(do_blk.dtype), do_blk)
+    dp_t = _matmul_t(v_blk, do_blk)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk = dk + _matmul(ds_t.astype(q_blk.dtype), q_blk) * _F32(scale)
+    return dk, dv
+
+
+# ------------------------------------------------------------------------ kernels
+
+
+def _mask_index(config: TileConfig, b: Array, h: Array) -> tuple[Array, Array]:
+    """The (Bm, Hm) row of the block-mask lists for batch row ``b``, query head ``h``."""
+    mb = b if config.mask_batch > 1 else 0
+    mh = h if config.mask_heads > 1 else 0
+    return mb, mh
+
+
+def _forward_kernel(config: TileConfig, n_consts: int, *refs: Any) -> None:
+    count_ref, index_ref, full_count_ref, full_index_ref, offset_ref = refs[:5]
+    const_refs = refs[5 : 5 + n_consts]
+    q_ref, k_ref, v_ref, o_ref, lse_ref = refs[5 + n_consts :]
+    b, h, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    mb, mh = _mask_index(config, b, h)
+    bk = config.k_block
+    q_blk = q_ref[...]
+    q_pos = query_positions(config, i, offset_ref[mb])[:, None]
+
+    def step(carry: tuple, j: Array, masked: bool) -> tuple:
+        k_blk = k_ref[pl.ds(j * bk, bk), :]
+        v_blk = v_ref[pl.ds(j * bk, bk), :]
+        s = _matmul_t(q_blk, k_blk) * _F32(config.scale)
+        if masked:
+            k_pos = key_positions(config, j)[None, :]
+            s = jnp.where(tile_visible(config, const_refs, b, h, q_pos, k_pos), s, -jnp.inf)
+        return softmax_step(carry, s, v_blk)
+
+    carry = (
+        jnp.full((config.q_block,), -jnp.inf, _F32),
+        jnp.zeros((config.q_block,), _F32),
+        jnp.zeros((config.q_block, v_ref.shape[-1]), _F32),
+    )
+    carry = lax.fori_loop(
+        0,
+        full_count_ref[mb, mh, i],
+        lambda t, c: step(c, full_index_ref[mb, mh, i, t], False),
+        carry,
+    )
+    carry = lax.fori_loop(
+        0, count_ref[mb, mh, i], lambda t, c: step(c, index_ref[mb, mh, i, t], True), carry
+    )
+    out, lse = softmax_finish(*carry)
+    o_ref[...] = out.astype(o_ref.dtype)
+    lse_ref[...] = lse
+
+
+def _dq_kernel(config: TileConfig, n_consts: int, *refs: Any) -> None:
+    count_ref, index_ref, full_count_ref, full_index_ref, offset_ref = refs[:5]
+    const_refs = refs[5 : 5 + n_consts]
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs[5 + n_consts :]
+    b, h, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    mb, mh = _mask_index(config, b, h)
+    bk = config.k_block
+    q_blk, do_blk = q_ref[...], do_ref[...]
+    lse, delta = lse_ref[...], delta_ref[...]
+    q_pos = query_positions(config, i, offset_ref[mb])[:, None]
+
+    def step(dq: Array, j: Array, masked: bool) -> Array:
+        k_blk = k_ref[pl.ds(j * bk, bk), :]
+        v_blk = v_ref[pl.ds(j * bk, bk), :]
+        visible = None
+        if masked:
+            k_pos = key_positions(config, j)[None, :]
+            visible = tile_visible(config, const_refs, b, h, q_pos, k_pos)
+        return dq_step(dq, q_blk, k_blk, v_blk, do_blk, lse, delta, config.scale, visible)
+
+    dq = jnp.zeros((config.q_block, q_ref.shape[-1]), _F32)
+    dq = lax.fori_loop(
+        0,
+        full_count_ref[mb, mh, i],
+        lambda t, c: step(c, full_index_ref[mb, mh, i, t], False),
+        dq,
+    )
+    dq = lax.fori_loop(
+        0, count_ref[mb, mh, i], lambda t, c: step(c, index_ref[mb, mh, i, t], True), dq
+    )
+    dq_ref[...] = dq.astype(dq_ref.dtype)
+
+
+def _dkdv_kernel(config: TileConfig, n_consts: int, *refs: Any) -> None:
+    count_ref, index_ref, full_count_ref, full_index_ref, offset_ref = refs[:5]
+    const_refs = refs[5 : 5 + n_consts]
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = refs[5 + n_consts :]
+    b, hk, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    bq = config.q_block
+    k_blk, v_blk = k_ref[...], v_ref[...]
+    k_pos = key_positions(config, j)[:, None]
+
+    def one_head(g: Array, carry: tuple) -> tuple:
+        # The query heads of this key/value head's group, one after another, so dK and
+        # dV of the group are summed here rather than written per query head.
+        h = hk * config.groups + g
+        mb, mh = _mask_index(config, b, h)
+        offset = offset_ref[mb]
+
+        def step(c: tuple, i: Array, masked: bool) -> tuple:
+            rows = pl.ds(i * bq, bq)
+            q_blk = q_ref[h, rows, :]
+            do_blk = do_ref[h, rows, :]
+            visible_t = None
+            if masked:
+                q_pos = query_positions(config, i, offset)[None, :]
+                visible_t = tile_visible(config, const_refs, b, h, q_pos, k_pos)
+            return dkdv_step(
+                c,
+                q_blk,
+                k_blk,
+                v_blk,
+                do_blk,
+                lse_ref[h, rows],
+                delta_ref[h, rows],
+                config.scale,
+                visible_t,
+            )
+
+        carry = lax.fori_loop(
+            0,
+            full_count_ref[mb, mh, j],
+            lambda t, c: step(c, full_index_ref[mb, mh, j, t], False),
+            carry,
+        )
+        return lax.fori_loop(
+            0, count_ref[mb, mh, j], lambda t, c: step(c, index_ref[mb, mh, j, t], True), carry
+        )
+
+    carry = (
+        jnp.zeros((config.k_block, k_ref.shape[-1]), _F32),
+        jnp.zeros((config.k_block, v_ref.shape[-1]), _F32),
+    )
+    dk, dv = lax.fori_loop(0, config.groups, one_head, carry)
+    dk_ref[...] = dk.astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+# ------------------------------------------------------------------- pallas_calls
+
+
+def _whole(x: Any) -> Any:
+    """A BlockSpec that hands every program the whole array."""
+    ndim = len(x.shape)
+    return pl.BlockSpec(tuple(x.shape), lambda *_: (0,) * ndim)
+
+
+def _call(
+    config: TileConfig,
+    kernel: Callable[..., None],
+    grid: tuple[int, ...],
+    lists: Sequence[Any],
+    consts: Sequence[Any],
+    inputs: Sequence[tuple[Any, Any]],
+    outputs: Sequence[tuple[jax.ShapeDtypeStruct, Any]],
+    name: str,
+) -> Any:
+    """One ``pallas_call``: the block-mask lists and closed-over arrays go whole to every
+    program, ahead of the blocked ``inputs``; ``outputs`` pairs shapes with specs."""
+    in_specs = [_whole(x) for x in (*lists, *consts)] + [spec for _, spec in inputs]
+    return pl.pallas_call(
+        partial(kernel, config, len(consts)),
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=[spec for _, spec in outputs],
+        out_shape=[shape for shape, _ in outputs],
+        interpret=config.interpret,
+        compiler_params=_triton_params(config.num_warps, config.num_stages),
+        name=name,
+    )(*lists, *consts, *(x for x, _ in inputs))
+
+
+def _forward(
+    config: TileConfig, q: Array, k: Array, v: Array, kv_lists: tuple, consts: tuple
+) -> tuple[Array, Array]:
+    bsz, _, lq, d = q.shape
+    dv = v.shape[-1]
+    bq, g = config.q_block, config.groups
+    q_spec = pl.BlockSpec((None, None, bq, d), lambda b, h, i: (b, h, i, 0))
+    k_spec = pl.BlockSpec((None, None, k.shape[2], d), lambda b, h, i: (b, h // g, 0, 0))
+    v_spec = pl.BlockSpec((None, None, v.shape[2], dv), lambda b, h, i: (b, h // g, 0, 0))
+    out, lse = _call(
+        config,
+        _forward_kernel,
+        (bsz, config.q_heads, config.n_q_blocks),
+        kv_lists,
+        consts,
+        [(q, q_spec), (k, k_spec), (v, v_spec)],
+        [
+            (
+                jax.ShapeDtypeStruct((bsz, config.q_heads, lq, dv), q.dtype),
+                pl.BlockSpec((None, None, bq, dv), lambda b, h, i: (b, h, i, 0)),
+            ),
+            (
+                jax.ShapeDtypeStruct((bsz, config.q_heads, lq), _F32),
+                pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i)),
+            ),
+        ],
+        "block_attention_forward",
+    )
+    return out, lse
+
+
+def _backward(
+    config: TileConfig,
+    q: Array,
+    k: Array,
+    v: Array,
+    out: Array,
+    lse: Array,
+    d_out: Array,
+    d_lse: Array,
+    kv_lists: tuple,
+    q_lists: tuple,
+    consts: tuple,
+) -> tuple[Array, Array, Array]:
+    bsz, _, lq, d = q.shape
+    lk, dv = v.shape[2], v.shape[-1]
+    bq, bk, g = config.q_block, config.k_block, config.groups
+    # d lse / d s = p, so an lse cotangent only shifts each row's delta.
+    delta = jnp.einsum("bhqd,bhqd->bhq", d_out.astype(_F32), out.astype(_F32)) - d_lse
+    # +inf on rows without a visible key makes exp(s - lse) vanish there.
+    lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)
+
+    def row_spec(width: int | None) -> Any:
+        if width is None:
+            return pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i))
+        return pl.BlockSpec((None, None, bq, width), lambda b, h, i: (b, h, i, 0))
+
+    kv_whole = pl.BlockSpec((None, None, lk, d), lambda b, h, i: (b, h // g, 0, 0))
+    v_whole = pl.BlockSpec((None, None, lk, dv), lambda b, h, i: (b, h // g, 0, 0))
+    (dq,) = _call(
+        config,
+        _dq_kernel,
+        (bsz, config.q_heads, config.n_q_blocks),
+        kv_lists,
+        consts,
+        [
+            (q, row_spec(d)),
+            (k, kv_whole),
+            (v, v_whole),
+            (d_out, row_spec(dv)),
+            (lse, row_spec(None)),
+            (delta, row_spec(None)),
+        ],
+        [(jax.ShapeDtypeStruct(q.shape, q.dtype), row_spec(d))],
+        "block_attention_dq",
+    )
+
+    def per_batch(width: int | None) -> Any:
+        if width is None:
+            return pl.BlockSpec((None, config.q_heads, lq), lambda b, h, j: (b, 0, 0))
+        return pl.BlockSpec((None, config.q_heads, lq, width), lambda b, h, j: (b, 0, 0, 0))
+
+    def key_spec(width: int) -> Any:
+        return pl.BlockSpec((None, None, bk, width), lambda b, h, j: (b, h, j, 0))
+
+    dk, dv_ = _call(
+        config,
+        _dkdv_kernel,
+        (bsz, config.kv_heads, config.n_k_blocks),
+        q_lists,
+        consts,
+        [
+            (q, per_batch(d)),
+            (k, key_spec(d)),
+            (v, key_spec(dv)),
+            (d_out, per_batch(dv)),
+            (lse, per_batch(None)),
+            (delta, per_batch(None)),
+        ],
+        [
+            (jax.ShapeDtypeStruct(k.shape, k.dtype), key_spec(d)),
+            (jax.ShapeDtypeStruct(v.shape, v.dtype), key_spec(dv)),
+        ],
+        "block_attention_dkdv",
+    )
+    return dq, dk, dv_
+
+
+def _zero_cotangent(x: Any) -> Any:
+    if jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+        return jnp.zeros_like(x)
+    return np.zeros(jnp.shape(x), dtype=jax.dtypes.float0)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _kernel_attention(
+    config: TileConfig,
+    q: Array,
+    k: Array,
+    v: Array,
+    kv_lists: tuple,
+    q_lists: tuple,
+    consts: tuple,
+) -> tuple[Array, Array]:
+    """Attention over padded kernel-layout inputs: output (``q``'s dtype) and lse."""
+    return _forward(config, q, k, v, kv_lists, consts)
+
+
+def _kernel_attention_fwd(config, q, k, v, kv_lists, q_lists, consts):
+    out, lse = _forward(config, q, k, v, kv_lists, consts)
+    return (out, lse), (q, k, v, out, lse, kv_lists, q_lists, consts)
+
+
+def _kernel_attention_bwd(config, residuals, cotangents):
+    q, k, v, out, lse, kv_lists, q_lists, consts = residuals
+    d_out, d_lse = cotangents
+    dq, dk, dv = _backward(config, q, k, v, out, lse, d_out, d_lse, kv_lists, q_lists, consts)
+    zeros = jax.tree_util.tree_map(_zero_cotangent, (kv_lists, q_lists, consts))
+    return (dq, dk, dv, *zeros)
+
+
+_kernel_attention.defvjp(_kernel_attention_fwd, _kernel_attention_bwd)
+
+
+# ------------------------------------------------------------------------ entry points
+
+
+def _check_block_mask(block_mask: BlockMask, q: Any, k: Any, v: Any) -> None:
+    if not isinstance(block_mask, BlockMask):
+        raise TypeError(f"block_mask must be a BlockMask, got {type(block_mask).__name__}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if jnp.ndim(x) != 4:
+            raise ValueError(f"{name} must be 4-D (B, L, H, d), got shape {jnp.shape(x)}")
+    bsz, q_len, q_heads, d = q.shape
+    kb, k_len, kv_heads, kd = k.shape
+    if kb != bsz or kd != d or v.shape[:3] != k.shape[:3]:
+        raise ValueError(
+            f"q {q.shape}, k {k.shape} and v {v.shape} do not fit: expected q (B, Lq, Hq, d), "
+            "k (B, Lk, Hkv, d), v (B, Lk, Hkv, dv)"
+        )
+    if kv_heads == 0 or q_heads % kv_heads:
+        raise ValueError(f"q heads ({q_heads}) must be a multiple of k/v heads ({kv_heads})")
+    _, _, mask_q, mask_k = block_mask.shape
+    if (mask_q, mask_k) != (q_len, k_len):
+        raise ValueError(
+            f"block_mask is for q_len={mask_q}, k_len={mask_k}, but q has length {q_len} "
+            f"and k has length {k_len}"
+        )
+    if block_mask.mask_batch not in (1, bsz) or block_mask.mask_heads not in (1, q_heads):
+        raise ValueError(
+            f"block_mask lists are kept for {block_mask.mask_batch} batch rows and "
+            f"{block_mask.mask_heads} heads, which does not fit B={bsz}, Hq={q_heads}"
+        )
+    bq, bk = block_mask.block_size
+    if not (_is_tile(bq) and _is_tile(bk)):
+        raise ValueError(
+            f"block_mask has block_size={block_mask.block_size}; the Pallas kernel needs "
+            "powers of two >= 16 (Triton tiles): build the block mask with such a "
+            "block_size"
+        )
+
+
+def _list_name(side: str, name: str) -> str:
+    """``kv_num_blocks``, ``full_q_indices``, ...: the block mask's list attributes."""
+    return name.format(side) if "{}" in name else f"{side}_{name}"
+
+
+def _default_interpret(interpret: bool | None) -> bool:
+    if interpret is None:
+        return jax.default_backend() != "gpu"
+    return bool(interpret)
+
+
+def pallas_attend_with_lse(
+    q: Any,
+    k: Any,
+    v: Any,
+    block_mask: BlockMask,
+    scale: float,
+    *,
+    interpret: bool | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Attention under ``block_mask`` with the fused Pallas kernel, and its lse.
+
+    Args:
+        q: Queries ``(B, Lq, Hq, d)``.
+        k: Keys ``(B, Lk, Hkv, d)``, ``Hq`` a multiple of ``Hkv``.
+        v: Values ``(B, Lk, Hkv, dv)``.
+        block_mask: The mask, with block sizes that are powers of two ``>= 16``.
+        scale: Factor for the scores ``q @ k^T``.
+        interpret: Run the kernels in Pallas interpret mode; ``None``: when the default
+            backend is not a GPU.
+
+    Returns:
+        ``(out, lse)``: the output ``(B, Lq, Hq, dv)`` in ``q``'s dtype and the natural
+        log of each row's softmax denominator, ``(B, Hq, Lq)`` float32, ``-inf`` for
+        rows without a visible key (whose output is 0). Both are differentiable.
+
+    Raises:
+        ValueError: Shapes that do not fit each other or the block mask, block sizes
+            that are not powers of two ``>= 16``.
+        PallasUnsupportedError: A ``mask_fn`` the kernel cannot evaluate on tiles (a
+            ``ValueError``).
+    """
+    _check_block_mask(block_mask, q, k, v)
+    _, q_len, q_heads, d = q.shape
+    _, k_len, kv_heads, dv = v.shape
+    problem = mask_program_problem(block_mask.program, block_mask.mask_consts)
+    if problem is not None:
+        raise PallasUnsupportedError(problem)
+    consts, dtypes = kernel_consts(block_mask.mask_consts)
+    lo, hi = band_limits(block_mask.is_causal, block_mask.window)
+    config = TileConfig(
+        q_heads=q_heads,
+        kv_heads=kv_heads,
+        q_len=q_len,
+        k_len=k_len,
+        q_block=block_mask.block_size[0],
+        k_block=block_mask.block_size[1],
+        scale=float(scale),
+        lo=lo,
+        hi=hi,
+        program=block_mask.program,
+        const_dtypes=tuple(dtypes),
+        mask_batch=block_mask.mask_batch,
+        mask_heads=block_mask.mask_heads,
+        interpret=_default_interpret(interpret),
+    )
+    q_pad = config.n_q_blocks * config.q_block - q_len
+    k_pad = config.n_k_blocks * config.k_block - k_len
+    dp, dvp = _tile_width(d), _tile_width(dv)
+    # Zero padding: padded keys are masked in the (never full) last key block, padded
+    # query rows are dropped, and zero feature columns change no score.
+    qk = jnp.pad(q.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, q_pad), (0, dp - d)))
+    kk = jnp.pad(k.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, k_pad), (0, dp - d)))
+    vk = jnp.pad(v.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, k_pad), (0, dvp - dv)))
+    offset = jnp.asarray(block_mask.q_offset, jnp.int32).reshape(-1)
+    names = ("num_blocks", "indices", "full_{}_num_blocks", "full_{}_indices")
+    kv_lists = (
+        *(jnp.asarray(getattr(block_mask, _list_name("kv", n)), jnp.int32) for n in names),
+        offset,
+    )
+    q_lists = (
+        *(jnp.asarray(getattr(block_mask, _list_name("q", n)), jnp.int32) for n in names),
+        offset,
+    )
+    out, lse = _kernel_attention(config, qk, kk, vk, kv_lists, q_lists, tuple(consts))
+    out = out[:, :, :q_len, :dv].transpose(0, 2, 1, 3)
+    return out, lse[:, :, :q_len]
+
+
+def pallas_attend(
+    q: Any,
+    k: Any,
+    v: Any,
+    block_mask: BlockMask,
+    scale: float,
+    *,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """Attention under ``block_mask`` with the fused Pallas kernel (the contract of the
+    block-loop backend's ``attend``): output ``(B, Lq, Hq, dv)`` in ``q``'s dtype.
+
+    See ``pallas_attend_with_lse``
+    for the arguments and errors.
+    """
+    out, _ = pallas_attend_with_lse(q, k, v, block_mask, scale, interpret=interpret)
+    return out
+
+
+def pallas_problem(block_mask: BlockMask) -> str | None:
+    """Why ``block_mask`` cannot run on the Pallas kernel, or ``None`` when it can (for
+    a dispatcher that falls back to the block loop)."""
+    bq, bk = block_mask.block_size
+    if not (_is_tile(bq) and _is_tile(bk)):
+        return f"block_size={block_mask.block_size} is not a pair of powers of two >= 16"
+    return mask_program_problem(block_mask.program, block_mask.mask_consts)
+
+
+__all__ = [
+    "PallasUnsupportedError",
+    "TileConfig",
+    "pallas_attend",
+    "pallas_attend_with_lse",
+    "pallas_problem",
+]

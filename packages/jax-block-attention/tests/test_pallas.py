@@ -1,0 +1,330 @@
+"""The fused Pallas backend, run in interpret mode on CPU, against the float64 reference.
+
+Shapes stay small: in interpret mode every grid step is an XLA loop iteration.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+pytest.importorskip("jax.experimental.pallas", reason="this jax has no Pallas")
+try:
+    from jax.experimental.pallas import triton as _pl_triton  # noqa: F401
+except ImportError as err:  # pragma: no cover - depends on the installed jax
+    pytest.skip(f"this jax has no Pallas Triton backend ({err})", allow_module_level=True)
+
+from jaxmodules.attention import create_block_mask
+from jaxmodules.attention._pallas import (
+    PallasUnsupportedError,
+    evaluate_on_tile,
+    kernel_consts,
+    pallas_attend,
+    pallas_attend_with_lse,
+    pallas_problem,
+)
+
+# Segment ids of two batch rows: documents of 9 and of 6 tokens.
+IDS = jnp.asarray(np.stack([np.arange(48) // 9, np.arange(48) // 6]), jnp.int32)
+LENGTHS = jnp.asarray([40, 0], jnp.int32)
+KEEP = jnp.arange(48) % 5 != 2
+
+
+def same_segment(b, h, q, k):
+    return IDS[b, q] == IDS[b, k]
+
+
+def head_window(h, q, k):
+    # Head h sees the 6 * (h + 1) most recent keys, every other one for odd heads.
+    return (q - k < 6 * (h + 1)) & ((h % 2 == 0) | (k % 2 == 0))
+
+
+def within_length(b, h, q, k):
+    return k < LENGTHS[b]
+
+
+# (B, Lq, Lk, Hq, Hkv, d, dv), block_size, create_block_mask keywords
+CASES = {
+    "causal_gqa": ((1, 64, 64, 4, 2, 16, 16), 16, {"is_causal": True}),
+    "window_odd_lengths_head_dims": (
+        (1, 45, 53, 2, 1, 24, 8),
+        (16, 32),
+        {"window_size": (10, 5)},
+    ),
+    "q_offset_per_batch": (
+        (2, 20, 50, 2, 2, 16, 16),
+        16,
+        {"is_causal": True, "q_offset": np.array([30, 3])},
+    ),
+    "segment_ids_causal": (
+        (2, 48, 48, 2, 1, 16, 16),
+        16,
+        {"mask_fn": same_segment, "is_causal": True},
+    ),
+    "head_mask_gqa": ((1, 40, 40, 4, 2, 16, 16), 16, {"mask_fn": head_window, "is_causal": True}),
+    "empty_rows": (
+        (2, 32, 48, 2, 1, 16, 16),
+        16,
+        {"mask_fn": within_length, "is_causal": True, "q_offset": -5},
+    ),
+}
+
+
+def _block_mask(shape, block, options):
+    batch, q_len, k_len, q_heads = shape[:4]
+    mask_fn = options.get("mask_fn")
+    return create_block_mask(
+        mask_fn,
+        batch,
+        q_heads,
+        q_len,
+        k_len,
+        is_causal=options.get("is_causal", False),
+        window_size=options.get("window_size"),
+        q_offset=options.get("q_offset", 0),
+        block_size=block,
+    )
+
+
+def _dense_mask(ref, shape, options):
+    batch, q_len, k_len, q_heads = shape[:4]
+    return ref.mask(
+        batch,
+        q_heads,
+        q_len,
+        k_len,
+        is_causal=options.get("is_causal", False),
+        window=options.get("window_size"),
+        mask_fn=options.get("mask_fn"),
+        q_offset=options.get("q_offset", 0),
+    )
+
+
+def _reference_lse(q, k, mask, scale):
+    q, k = (np.asarray(x, np.float64) for x in (q, k))
+    k = np.repeat(k, q.shape[2] // k.shape[2], axis=2)
+    s = np.where(mask, np.einsum("bqhd,bkhd->bhqk", q, k) * scale, -np.inf)
+    m = s.max(axis=-1, initial=-np.inf)
+    m_safe = np.where(np.isfinite(m), m, 0.0)
+    with np.errstate(divide="ignore"):
+        return np.log(np.exp(s - m_safe[..., None]).sum(axis=-1)) + m_safe
+
+
+@jax.jit
+def _run(q, k, v, block_mask, d_out):
+    """Output, lse and the gradients of ``sum(out * d_out)``, in one program."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    (out, lse), vjp = jax.vjp(
+        lambda q, k, v: pallas_attend_with_lse(q, k, v, block_mask, scale), q, k, v
+    )
+    return out, lse, vjp((d_out, jnp.zeros_like(lse)))
+
+
+def _relative_error(actual, expected):
+    expected = np.asarray(expected, np.float64)
+    return np.abs(np.asarray(actual, np.float64) - expected).max() / max(
+        1.0, np.abs(expected).max()
+    )
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_forward_lse_and_gradients_match_reference(ref, case):
+    shape, block, options = CASES[case]
+    q, k, v = ref.qkv(1, *shape)
+    block_mask = _block_mask(shape, block, options)
+    mask = _dense_mask(ref, shape, options)
+    np.testing.assert_array_equal(np.asarray(block_mask.to_dense()), mask)
+    d_out = ref.qkv(2, *shape)[0][..., : shape[-1]]
+    out, lse, grads = _run(q, k, v, block_mask, d_out)
+
+    scale = 1.0 / math.sqrt(shape[5])
+    np.testing.assert_allclose(out, ref.attention(q, k, v, mask), atol=2e-5, rtol=1e-4)
+    expected_lse = _reference_lse(q, k, mask, scale)
+    assert lse.dtype == jnp.float32 and lse.shape == expected_lse.shape
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(expected_lse))
+    finite = np.isfinite(expected_lse)
+    np.testing.assert_allclose(np.asarray(lse)[finite], expected_lse[finite], atol=2e-5)
+    for name, actual, expected in zip(
+        ("dq", "dk", "dv"), grads, ref.gradients(q, k, v, mask, d_out), strict=True
+    ):
+        assert _relative_error(actual, expected) < 5e-5, name
+    if case == "empty_rows":
+        empty = ~mask.any(axis=-1)  # (B, H, Lq)
+        assert empty[1].all() and empty[0, :, :5].all() and not empty[0, :, 5:].any()
+        out_rows = np.asarray(out).transpose(0, 2, 1, 3)[empty]
+        dq_rows = np.asarray(grads[0]).transpose(0, 2, 1, 3)[empty]
+        assert not out_rows.any() and not dq_rows.any()
+        assert np.isfinite(np.asarray(grads[1])).all()
+
+
+def test_block_mask_built_inside_jit_from_traced_segment_ids(ref):
+    shape = (2, 48, 48, 2, 1, 16, 16)
+    q, k, v = ref.qkv(11, *shape)
+    d_out = ref.qkv(12, *shape)[0]
+
+    @jax.jit
+    def run(ids, q, k, v, d_out):
+        def same(b, h, q, k):
+            return ids[b, q] == ids[b, k]
+
+        block_mask = create_block_mask(same, 2, 2, 48, 48, is_causal=True, block_size=16)
+        out, vjp = jax.vjp(lambda *a: pallas_attend(*a, block_mask, 0.25), q, k, v)
+        return out, vjp(d_out)
+
+    out, grads = run(IDS, q, k, v, d_out)
+    mask = _dense_mask(ref, shape, {"mask_fn": same_segment, "is_causal": True})
+    np.testing.assert_allclose(out, ref.attention(q, k, v, mask, 0.25), atol=2e-5, rtol=1e-4)
+    expected = ref.gradients(q, k, v, mask, d_out, 0.25)
+    for actual, e in zip(grads, expected, strict=True):
+        assert _relative_error(actual, e) < 5e-5
+
+
+def test_bfloat16_against_rounded_inputs(ref):
+    shape = (1, 48, 48, 2, 1, 32, 32)
+    q, k, v = ref.qkv(3, *shape, dtype=jnp.bfloat16)
+    block_mask = _block_mask(shape, 16, {"is_causal": True, "window_size": (20, None)})
+    mask = _dense_mask(ref, shape, {"is_causal": True, "window_size": (20, None)})
+    d_out = ref.qkv(4, *shape, dtype=jnp.bfloat16)[0]
+    out, lse, grads = _run(q, k, v, block_mask, d_out)
+    assert out.dtype == jnp.bfloat16 and lse.dtype == jnp.float32
+    assert [g.dtype for g in grads] == [jnp.bfloat16] * 3
+    f32 = [np.asarray(x, np.float32) for x in (q, k, v, d_out)]
+    assert _relative_error(out, ref.attention(*f32[:3], mask)) < 2e-2
+    for actual, expected in zip(grads, ref.gradients(*f32[:3], mask, f32[3]), strict=True):
+        assert _relative_error(actual, expected) < 4e-2
+
+
+def test_lse_is_differentiable(ref):
+    shape = (1, 32, 32, 2, 1, 16, 16)
+    q, k, v = ref.qkv(5, *shape)
+    block_mask = _block_mask(shape, 16, {"is_causal": True})
+    mask = jnp.asarray(_dense_mask(ref, shape, {"is_causal": True}))
+    weights = jax.random.normal(jax.random.PRNGKey(0), (1, 2, 32))
+    scale = 0.25
+
+    def loss(attend):
+        def f(q, k, v):
+            out, lse = attend(q, k, v)
+            return jnp.sum(out**2) + jnp.sum(lse * weights)
+
+        return jax.jit(jax.grad(f, argnums=(0, 1, 2)))(q, k, v)
+
+    def dense(q, k, v):
+        k_, v_ = jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2)
+        s = jnp.where(mask, jnp.einsum("bqhd,bkhd->bhqk", q, k_) * scale, -jnp.inf)
+        lse = jax.nn.logsumexp(s, axis=-1)
+        out = jnp.einsum("bhqk,bkhd->bqhd", jnp.exp(s - lse[..., None]), v_)
+        return out, lse
+
+    actual = loss(lambda q, k, v: pallas_attend_with_lse(q, k, v, block_mask, scale))
+    for a, e in zip(actual, loss(dense), strict=True):
+        assert _relative_error(a, e) < 1e-4
+
+
+def test_pallas_call_in_forward_and_gradient(ref):
+    shape = (1, 32, 32, 2, 1, 16, 16)
+    q, k, v = ref.qkv(6, *shape)
+    block_mask = _block_mask(shape, 16, {"mask_fn": same_segment, "is_causal": True})
+    forward = jax.make_jaxpr(lambda q: pallas_attend(q, k, v, block_mask, 0.25))(q)
+    gradient = jax.make_jaxpr(
+        jax.grad(lambda q, k, v: pallas_attend(q, k, v, block_mask, 0.25).sum(), (0, 1, 2))
+    )(q, k, v)
+    assert str(forward).count("pallas_call") == 1
+    # forward (recomputed for the residuals), dQ and dK/dV kernels
+    assert str(gradient).count("pallas_call") == 3
+
+
+def test_tile_evaluation_matches_the_program():
+    def mask_fn(b, h, q, k):
+        mod = jnp.remainder(q - k, h + 2) != 1
+        keep = KEEP[k] | (h == 1)
+        return jnp.where(q > 20, same_segment(b, h, q, k), mod) & (k < LENGTHS[b] + 30) & keep
+
+    block_mask = create_block_mask(mask_fn, 2, 3, 48, 48, block_size=16)
+    program, consts = block_mask.program, block_mask.mask_consts
+    arrays, dtypes = kernel_consts(consts)
+    q = jnp.arange(48, dtype=jnp.int32)[:, None]
+    k = jnp.arange(48, dtype=jnp.int32)[None, :]
+    for b in range(2):
+        for h in range(3):
+            tile = evaluate_on_tile(program, arrays, dtypes, jnp.int32(b), jnp.int32(h), q, k)
+            expected = program.evaluate(consts, b, h, q, k)
+            np.testing.assert_array_equal(tile, expected)
+
+
+def test_block_sizes_must_be_triton_tiles(ref):
+    shape = (1, 48, 48, 1, 1, 16, 16)
+    q, k, v = ref.qkv(7, *shape)
+    block_mask = create_block_mask(None, 1, 1, 48, 48, is_causal=True, block_size=24)
+    assert "(24, 24)" in pallas_problem(block_mask)
+    with pytest.raises(ValueError, match=r"block_size=\(24, 24\).*powers of two"):
+        pallas_attend(q, k, v, block_mask, 0.25)
+
+
+def test_mask_fn_the_kernel_cannot_evaluate_is_refused(ref):
+    shape = (1, 32, 32, 1, 1, 16, 16)
+    q, k, v = ref.qkv(8, *shape)
+
+    def below_total(b, h, q, k):
+        return k < LENGTHS.sum()  # a whole closed-over array, not one element
+
+    block_mask = create_block_mask(below_total, 1, 1, 32, 32, block_size=16)
+    assert "used whole" in pallas_problem(block_mask)
+    with pytest.raises(PallasUnsupportedError, match='implementation="xla"'):
+        pallas_attend(q, k, v, block_mask, 0.25)
+    assert issubclass(PallasUnsupportedError, ValueError)
+
+    def branching(b, h, q, k):
+        return jax.lax.cond(q > 3, lambda: k < q, lambda: k > q)
+
+    branched = create_block_mask(branching, 1, 1, 32, 32, block_size=16)
+    assert "control flow ('cond')" in pallas_problem(branched)
+
+
+def test_shapes_that_do_not_fit_the_block_mask(ref):
+    q, k, v = ref.qkv(9, 1, 32, 32, 2, 1, 16)
+    block_mask = create_block_mask(None, 1, 1, 32, 48, block_size=16)
+    with pytest.raises(ValueError, match="k_len=48"):
+        pallas_attend(q, k, v, block_mask, 0.25)
+    q3 = ref.qkv(9, 1, 32, 32, 3, 2, 16)[0]
+    with pytest.raises(ValueError, match="multiple"):
+        pallas_attend(
+            q3, k[:, :, :1].repeat(2, axis=2), v[:, :, :1].repeat(2, axis=2), block_mask, 1.0
+        )
+
+
+def test_lowers_for_cuda_without_a_gpu(ref):
+    try:
+        from jax import export
+    except ImportError as err:
+        pytest.skip(f"jax.export is unavailable in this jax ({err})")
+    if not hasattr(export, "DisabledSafetyCheck"):
+        pytest.skip("this jax.export cannot allow Triton custom calls")
+    shape = (1, 64, 64, 4, 2, 24, 24)
+    q, k, v = ref.qkv(10, *shape, dtype=jnp.bfloat16)
+    documents = jnp.arange(64) // 20
+    keep = jnp.arange(64) % 7 != 3  # a boolean array travels as int32
+
+    def mask_fn(b, h, q, k):
+        return head_window(h, q, k) & (documents[q] == documents[k]) & keep[k]
+
+    block_mask = _block_mask(shape, (32, 16), {"mask_fn": mask_fn, "is_causal": True})
+
+    def value_and_grads(q, k, v, block_mask):
+        def loss(q, k, v):
+            out = pallas_attend(q, k, v, block_mask, 0.2, interpret=False)
+            return out.astype(jnp.float32).sum()
+
+        return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    exported = export.export(
+        jax.jit(value_and_grads),
+        platforms=["cuda"],
+        disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+    )(q, k, v, block_mask)
+    # Forward, dQ and dK/dV kernels, each lowered to Triton.
+    assert exported.mlir_module().count("__gpu$xla.gpu.triton") == 3
