@@ -128,6 +128,64 @@ def mask_for(shape, options):
     )
 
 
+def float64():
+    """A context in which JAX computes in float64 (the API moved between jax versions)."""
+    if hasattr(jax, "enable_x64"):
+        return jax.enable_x64(True)
+    from jax.experimental import enable_x64
+
+    return enable_x64()
+
+
+def dense_variants(
+    Q,
+    K,
+    V,
+    mask,
+    *,
+    scale=None,
+    bias=None,
+    soft_cap=None,
+    score_mod=None,
+    sinks=None,
+    q_offset=0,
+):
+    """Dense attention with every score change, written from the definitions in jnp;
+    call it inside ``float64()``. Returns ``(out, lse)``: rows with nothing visible give
+    zeros and ``lse = -inf`` (or the sink). Differentiable with ``jax.grad``."""
+    jnp = jax.numpy
+    q, k, v = (jnp.asarray(x, jnp.float64) for x in (Q, K, V))
+    batch, q_len, q_heads, d = q.shape
+    groups = q_heads // k.shape[2]
+    k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+    scale = 1.0 / np.sqrt(d) if scale is None else scale
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    if bias is not None:
+        s = s + jnp.asarray(bias, jnp.float64)
+    if soft_cap is not None:
+        s = soft_cap * jnp.tanh(s / soft_cap)
+    if score_mod is not None:
+        offset = np.broadcast_to(np.asarray(q_offset).reshape(-1), (batch,))
+        b_idx = np.arange(batch).reshape(-1, 1, 1, 1)
+        h_idx = np.arange(q_heads).reshape(1, -1, 1, 1)
+        q_pos = np.arange(q_len).reshape(1, 1, -1, 1) + offset.reshape(-1, 1, 1, 1)
+        k_pos = np.arange(k.shape[1]).reshape(1, 1, 1, -1)
+        s = jnp.broadcast_to(score_mod(s, b_idx, h_idx, q_pos, k_pos), s.shape)
+    s = jnp.where(mask, s, -jnp.inf)
+    m = s.max(axis=-1)
+    if sinks is not None:
+        m = jnp.maximum(m, jnp.asarray(sinks, jnp.float64)[None, :, None])
+    m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
+    p = jnp.exp(s - m[..., None])
+    total = p.sum(axis=-1)
+    if sinks is not None:
+        total = total + jnp.exp(jnp.asarray(sinks, jnp.float64)[None, :, None] - m)
+    safe = jnp.where(total == 0, 1.0, total)
+    out = jnp.einsum("bhqk,bkhd->bqhd", p / safe[..., None], v)
+    lse = jnp.where(total == 0, -jnp.inf, m + jnp.log(safe))
+    return out, lse
+
+
 @pytest.fixture(scope="session")
 def ref() -> SimpleNamespace:
     return SimpleNamespace(
@@ -136,4 +194,6 @@ def ref() -> SimpleNamespace:
         attention=reference_attention,
         gradients=reference_gradients,
         qkv=random_qkv,
+        float64=float64,
+        variants=dense_variants,
     )

@@ -11,12 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._band import band_limits
-from ._block_mask import BlockMask, make_block_mask
+from ._block_mask import BlockMask, make_block_mask, with_mask_arrays
 from ._block_sizes import default_block_sizes
 from ._cache import LRUCache
 from ._checks import check_arguments, normalize_q_offset
-from ._mask_fn import has_tracers, trace_mask_fn
-from ._xla import KernelConfig, block_attention
+from ._elementwise import has_tracers, trace_mask_fn, trace_score_mod
+from ._scores import ScoreConfig
+from ._xla import KernelConfig, Operands, block_attention
 
 # Compiled programs, one per static configuration; bounded.
 _PROGRAMS = LRUCache[Callable[..., jax.Array]](64)
@@ -34,7 +35,15 @@ def masked_attention_via_map(
     scale: float | None = None,
     q_offset: Any = 0,
     block_mask: BlockMask | None = None,
-) -> jax.Array:
+    bias: Any = None,
+    mask: Any = None,
+    query_seq_lengths: Any = None,
+    key_value_seq_lengths: Any = None,
+    logits_soft_cap: float | None = None,
+    score_mod: Callable[..., Any] | None = None,
+    sinks: Any = None,
+    return_lse: bool = False,
+) -> Any:
     """Softmax attention computed block by block, in memory linear in the sequence length.
 
     Queries are split into blocks of ``block_size`` positions and processed one block at a
@@ -77,10 +86,27 @@ def masked_attention_via_map(
             [`create_block_mask`][jaxmodules.attention.create_block_mask], reused across
             calls; it holds the whole mask, so ``is_causal``, ``mask_fn``,
             ``window_size``, ``q_offset`` and ``block_size`` are not passed with it.
+            (``mask`` and the sequence lengths may be: the blocks are then classified
+            again for the combined mask.)
+        bias: Added to the scores, broadcastable to ``(B, Hq, Lq, Lk)`` (``(Hq, Lq,
+            Lk)`` for 3-D inputs); it gets a gradient.
+        mask: Boolean array broadcastable to ``(B, Hq, Lq, Lk)``, ``True`` = visible,
+            indexed by query row. Blocks it leaves empty are skipped.
+        query_seq_lengths: Int array ``(B,)``: query rows at or past it are masked.
+        key_value_seq_lengths: Int array ``(B,)``: keys at or past it are masked.
+        logits_soft_cap: Scores become ``cap * tanh(s / cap)`` (Gemma 2), after the bias.
+        score_mod: ``score_mod(score, b, h, q, k) -> score``, element-wise on float32
+            scores after the soft-cap (ALiBi, relative-position biases). Floating arrays
+            it closes over get gradients, accumulated block by block.
+        sinks: Float array ``(Hq,)``: per-head sink logits; ``exp(sinks[h])`` joins every
+            row's softmax denominator as a key with value 0 (gpt-oss). Gets a gradient.
+        return_lse: Also return the log-sum-exp of each row's scores, ``(B, Hq, Lq)``
+            float32 (``-inf`` for a row with no visible key and no sink), differentiable.
 
     Returns:
-        The attention output ``(B, Lq, Hq, dv)`` (or ``(Lq, Hq, dv)``) in ``Q``'s dtype.
-        A query row with no visible key gets zeros (and zero gradients).
+        The attention output ``(B, Lq, Hq, dv)`` (or ``(Lq, Hq, dv)``) in ``Q``'s dtype;
+        with ``return_lse=True`` the pair ``(out, lse)``. A query row with no visible
+        key gets zeros (and zero gradients).
 
     Raises:
         ValueError: Wrong ranks or mismatched shapes, no heads, ``Hq`` not a multiple of
@@ -115,7 +141,16 @@ def masked_attention_via_map(
         scale=scale,
         block_mask=block_mask,
         q_offset=q_offset,
+        bias=bias,
+        mask=mask,
+        query_seq_lengths=query_seq_lengths,
+        key_value_seq_lengths=key_value_seq_lengths,
+        logits_soft_cap=logits_soft_cap,
+        score_mod=score_mod,
+        sinks=sinks,
     )
+    if not isinstance(return_lse, (bool, np.bool_)):
+        raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
     q, k, v = args.q, args.k, args.v
     batched = q.ndim == 4
     if not batched:
@@ -123,15 +158,62 @@ def masked_attention_via_map(
     bsz, q_len, q_heads, d = q.shape
     _, k_len, _, dv = v.shape
     if bsz == 0 or q_len == 0 or k_len == 0:
-        out = jnp.zeros((bsz, q_len, q_heads, dv), q.dtype)
-        return out if batched else out[0]
-    if block_mask is None:
-        block_mask = _block_mask_for_call(
-            args, mask_fn, q_offset, bool(is_causal), bsz, q_heads, q_len, k_len, d, dv
+        out, lse = _empty_result(q, dv, args.sinks)
+    else:
+        if block_mask is None:
+            block_mask = _block_mask_for_call(
+                args, mask_fn, q_offset, bool(is_causal), bsz, q_heads, q_len, k_len, d, dv
+            )
+        elif args.mask is not None or args.q_lengths is not None or args.kv_lengths is not None:
+            block_mask = _refined(block_mask, args, bsz, q_heads)
+        scale_value = args.scale if args.scale is not None else 1.0 / math.sqrt(d)
+        program, consts = (None, ()) if score_mod is None else trace_score_mod(score_mod)
+        scores = ScoreConfig(
+            soft_cap=args.soft_cap,
+            score=program,
+            bias=None if args.bias is None else tuple(n > 1 for n in args.bias.shape),
+            sinks=args.sinks is not None,
         )
-    scale_value = args.scale if args.scale is not None else 1.0 / math.sqrt(d)
-    out = attend(q, k, v, block_mask, scale_value)
-    return out if batched else out[0]
+        operands = Operands(args.bias, args.sinks, consts)
+        out, lse = attend(q, k, v, block_mask, scale_value, scores, operands)
+    if not batched:
+        out, lse = out[0], lse[0]
+    return (out, lse) if return_lse else out
+
+
+def _empty_result(q: jax.Array, dv: int, sinks: Any) -> tuple[jax.Array, jax.Array]:
+    """Zero output, and the log-sum-exp of a row with no keys (its sink, or -inf)."""
+    bsz, q_len, q_heads, _ = q.shape
+    out = jnp.zeros((bsz, q_len, q_heads, dv), q.dtype)
+    if sinks is None:
+        lse = jnp.full((bsz, q_heads, q_len), -jnp.inf, jnp.float32)
+    else:
+        lse = jnp.broadcast_to(sinks.astype(jnp.float32)[None, :, None], (bsz, q_heads, q_len))
+    return out, lse
+
+
+def _refined(block_mask: BlockMask, args: Any, batch: int, q_heads: int) -> BlockMask:
+    """``block_mask`` AND a mask array / sequence lengths, classified again."""
+    program, consts = with_mask_arrays(
+        block_mask.program,
+        block_mask.mask_consts,
+        mask=args.mask,
+        q_lengths=args.q_lengths,
+        kv_lengths=args.kv_lengths,
+        q_offset=block_mask.q_offset,
+    )
+    return make_block_mask(
+        program,
+        consts,
+        batch=batch,
+        heads=q_heads,
+        q_len=block_mask.shape[2],
+        k_len=block_mask.shape[3],
+        block_size=block_mask.block_size,
+        is_causal=block_mask.is_causal,
+        window=block_mask.window,
+        q_offset=block_mask.q_offset,
+    )
 
 
 def _block_mask_for_call(
@@ -159,6 +241,15 @@ def _block_mask_for_call(
         window=args.window,
     )
     program, consts = (None, ()) if mask_fn is None else trace_mask_fn(mask_fn)
+    offset = normalize_q_offset(q_offset, batch)
+    program, consts = with_mask_arrays(
+        program,
+        consts,
+        mask=args.mask,
+        q_lengths=args.q_lengths,
+        kv_lengths=args.kv_lengths,
+        q_offset=offset,
+    )
     return make_block_mask(
         program,
         consts,
@@ -169,7 +260,7 @@ def _block_mask_for_call(
         block_size=(min(blocks[0], q_len), min(blocks[1], k_len)),
         is_causal=is_causal,
         window=args.window,
-        q_offset=normalize_q_offset(q_offset, batch),
+        q_offset=offset,
     )
 
 
@@ -181,16 +272,22 @@ def _any_listed(count: Any) -> bool:
 
 
 def attend(
-    q: jax.Array, k: jax.Array, v: jax.Array, block_mask: BlockMask, scale: float
-) -> jax.Array:
-    """Attention of 4-D inputs under ``block_mask`` with the block-loop backend."""
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    block_mask: BlockMask,
+    scale: float,
+    scores: ScoreConfig | None = None,
+    operands: Operands | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Attention of 4-D inputs under ``block_mask`` with the block-loop backend: the
+    output and the per-row log-sum-exp ``(B, Hq, Lq)``."""
+    scores = scores or ScoreConfig()
+    operands = operands or Operands(None, None, ())
     bsz, q_len, q_heads, _ = q.shape
     _, k_len, kv_heads, _ = k.shape
-    mask_batch = block_mask.mask_batch
     mask_heads = block_mask.mask_heads
     per_head = mask_heads > 1
-    if mask_batch not in (1, bsz):
-        mask_batch = bsz  # a block mask built for B rows, broadcast (checked before)
     lo, hi = band_limits(block_mask.is_causal, block_mask.window)
     config = KernelConfig(
         batch=bsz,
@@ -208,6 +305,7 @@ def attend(
         mask_heads=mask_heads,
         any_full=_any_listed(block_mask.full_kv_num_blocks),
         any_partial=_any_listed(block_mask.kv_num_blocks),
+        scores=scores,
     )
     schedule = (
         block_mask.kv_num_blocks,
@@ -217,7 +315,24 @@ def attend(
         block_mask.q_offset,
     )
     program = _PROGRAMS.get(config, lambda: jax.jit(lambda *a: _attend(config, *a)))
-    return program(q, k, v, schedule, block_mask.mask_consts)
+    return program(q, k, v, schedule, block_mask.mask_consts, operands)
+
+
+def _kernel_bias(config: KernelConfig, bias: jax.Array, q_pad: int, k_pad: int) -> jax.Array:
+    """A rank-4 bias ``(Bb, Hb, Lqb, Lkb)`` in kernel layout ``(Bb, Hb', Lqb, Gb, Lkb)``,
+    padded to whole blocks along the axes it does not broadcast over."""
+    bb, hb, lqb, lkb = bias.shape
+    heads, groups = config.kv_heads, config.groups
+    if hb > 1 and groups > 1:
+        bias = bias.reshape(bb, heads, groups, lqb, lkb).transpose(0, 1, 3, 2, 4)
+    else:
+        bias = bias[:, :, :, None, :]
+    pads = [(0, 0)] * 5
+    if lqb > 1:
+        pads[2] = (0, q_pad)
+    if lkb > 1:
+        pads[4] = (0, k_pad)
+    return jnp.pad(bias, pads)
 
 
 def _attend(
@@ -227,7 +342,8 @@ def _attend(
     v: jax.Array,
     schedule: tuple,
     consts: tuple,
-) -> jax.Array:
+    operands: Operands,
+) -> tuple[jax.Array, jax.Array]:
     """Kernel layout and padding around ``block_attention``."""
     bsz, q_len, q_heads, d = q.shape
     kv_heads = k.shape[2]
@@ -246,6 +362,94 @@ def _attend(
     qk = qk.reshape(bsz, heads, (q_len + q_pad) * groups, d)
     kk = jnp.pad(k.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, k_pad), (0, 0)))
     vk = jnp.pad(v.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, k_pad), (0, 0)))
-    out = block_attention(config, qk, kk, vk, schedule, consts)
+    bias = None if operands.bias is None else _kernel_bias(config, operands.bias, q_pad, k_pad)
+    sinks = None if operands.sinks is None else operands.sinks.reshape(heads, groups)
+    kernel_operands = Operands(bias, sinks, operands.score_consts)
+    out, lse = block_attention(config, qk, kk, vk, schedule, consts, kernel_operands)
     out = out.reshape(bsz, heads, q_len + q_pad, groups, dv)[:, :, :q_len]
-    return out.transpose(0, 2, 1, 3, 4).reshape(bsz, q_len, q_heads, dv)
+    out = out.transpose(0, 2, 1, 3, 4).reshape(bsz, q_len, q_heads, dv)
+    lse = lse.reshape(bsz, heads, q_len + q_pad, groups)[:, :, :q_len]
+    lse = lse.transpose(0, 1, 3, 2).reshape(bsz, q_heads, q_len)
+    # Rows with nothing visible carry +inf inside the kernels; the contract says -inf.
+    return out, jnp.where(lse == jnp.inf, -jnp.inf, lse)
+
+
+def dot_product_attention(
+    query: Any,
+    key: Any,
+    value: Any,
+    bias: Any = None,
+    mask: Any = None,
+    *,
+    scale: float | None = None,
+    is_causal: bool = False,
+    query_seq_lengths: Any = None,
+    key_value_seq_lengths: Any = None,
+    local_window_size: int | tuple[int, int] | None = None,
+    implementation: str | None = None,
+    return_residual: bool = False,
+) -> Any:
+    """``jax.nn.dot_product_attention``'s signature and meaning, in linear memory.
+
+    Swap ``jax.nn.dot_product_attention`` for this function and the same call runs block
+    by block: memory linear in the sequence length, blocks that ``is_causal``,
+    ``local_window_size``, the sequence lengths or ``mask`` leave empty skipped. The one
+    difference in results: a query row with no visible key gives 0 here (and zero
+    gradients), where ``jax.nn`` gives the mean of the values.
+
+    Args:
+        query: ``(B, T, N, H)`` or ``(T, N, H)``.
+        key: ``(B, S, K, H)`` or ``(S, K, H)``; ``N`` a multiple of ``K``.
+        value: ``(B, S, K, H)`` or ``(S, K, H)`` (its head size may differ).
+        bias: Added to the scores, broadcastable to ``(B, N, T, S)``.
+        mask: Boolean, broadcastable to ``(B, N, T, S)``; ``True`` = visible.
+        scale: Score scale; ``1 / sqrt(H)`` by default.
+        is_causal: Key ``s`` visible from query ``t`` only if ``s <= t``.
+        query_seq_lengths: ``(B,)`` int: query rows at or past it are masked.
+        key_value_seq_lengths: ``(B,)`` int: keys at or past it are masked.
+        local_window_size: ``(left, right)`` or ``w`` for ``(w, w)``: key ``s`` visible
+            from ``t`` only if ``t - left <= s <= t + right``.
+        implementation: ``None`` or ``"xla"`` (the block loop).
+        return_residual: Also return the log-sum-exp of each row's scores, ``(B, T, N)``
+            (``(T, N)`` for 3-D inputs), as ``jax.nn`` does.
+
+    Returns:
+        The attention output, shaped like ``query`` with ``value``'s head size, in
+        ``query``'s dtype; with ``return_residual=True`` the pair ``(out, lse)``.
+
+    Raises:
+        ValueError: Shapes that do not fit (see ``masked_attention_via_map``), an
+            unknown ``implementation``.
+        TypeError: Non-floating inputs, a non-boolean ``mask``.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> from jaxmodules.attention import dot_product_attention
+        >>> kq, kk, kv, kb = jax.random.split(jax.random.PRNGKey(0), 4)
+        >>> q = jax.random.normal(kq, (2, 64, 4, 16))
+        >>> k = jax.random.normal(kk, (2, 64, 2, 16))
+        >>> v = jax.random.normal(kv, (2, 64, 2, 16))
+        >>> bias = jax.random.normal(kb, (1, 4, 64, 64))
+        >>> ours = dot_product_attention(q, k, v, bias, is_causal=True)
+        >>> theirs = jax.nn.dot_product_attention(q, k, v, bias, is_causal=True)
+        >>> bool(jnp.allclose(ours, theirs, atol=1e-5))
+        True
+    """
+    if implementation not in (None, "xla"):
+        raise ValueError(f"implementation must be None or 'xla', got {implementation!r}")
+    out, lse = masked_attention_via_map(
+        query,
+        key,
+        value,
+        bias=bias,
+        mask=mask,
+        scale=scale,
+        is_causal=is_causal,
+        query_seq_lengths=query_seq_lengths,
+        key_value_seq_lengths=key_value_seq_lengths,
+        window_size=local_window_size,
+        return_lse=True,
+    )
+    if not return_residual:
+        return out
+    return out, jnp.swapaxes(lse, -1, -2)

@@ -36,7 +36,7 @@ from ._checks import (
     normalize_window,
     positive_int,
 )
-from ._mask_fn import MaskProgram, has_tracers, trace_mask_fn
+from ._elementwise import MaskProgram, has_tracers, trace_mask_fn
 
 Array = Any  # jax.Array or np.ndarray
 
@@ -603,3 +603,54 @@ def create_block_mask(
         window=window,
         q_offset=offset,
     )
+
+
+def with_mask_arrays(
+    program: MaskProgram | None,
+    consts: tuple,
+    *,
+    mask: Any,
+    q_lengths: Any,
+    kv_lengths: Any,
+    q_offset: Any,
+) -> tuple[MaskProgram | None, tuple]:
+    """The mask program extended by a boolean ``mask`` array ``(B|1, H|1, Lq|1, Lk|1)``
+    (indexed by query row, not position) and sequence lengths ``(B,)``, so that one
+    program drives both the block classification and the element-wise mask."""
+    if mask is None and q_lengths is None and kv_lengths is None:
+        return program, consts
+    offsets = q_offset if has_tracers([q_offset]) else np.asarray(q_offset)
+    static_offset = None if has_tracers([q_offset]) or offsets.size > 1 else int(offsets[0])
+    offset_array = jnp.asarray(offsets, jnp.int32)
+    inner = program
+
+    def combined(b: Any, h: Any, q: Any, k: Any) -> Any:
+        visible = jnp.bool_(True)
+        if inner is not None:
+            visible = inner.evaluate(consts, b, h, q, k)
+        if static_offset is not None:
+            row = q - static_offset
+        else:
+            row = q - offset_array[b if offset_array.shape[0] > 1 else 0]
+        if mask is not None:
+            sizes = mask.shape
+            visible = (
+                visible
+                & mask[
+                    b if sizes[0] > 1 else 0,
+                    h if sizes[1] > 1 else 0,
+                    row if sizes[2] > 1 else 0,
+                    k if sizes[3] > 1 else 0,
+                ]
+            )
+        if kv_lengths is not None:
+            visible = visible & (k < kv_lengths[b])
+        if q_lengths is not None:
+            visible = visible & (row < q_lengths[b])
+        return visible
+
+    parts = [inner.name] if inner is not None else []
+    parts += ["mask"] if mask is not None else []
+    parts += ["lengths"] if q_lengths is not None or kv_lengths is not None else []
+    combined.__name__ = " & ".join(parts)
+    return trace_mask_fn(combined)

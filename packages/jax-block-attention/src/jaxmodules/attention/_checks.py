@@ -20,6 +20,12 @@ class CheckedArguments:
     block_size: tuple[int, int] | None
     window: tuple[int | None, int | None]
     scale: float | None
+    bias: jax.Array | None = None  # rank 4, broadcastable to (B, Hq, Lq, Lk)
+    mask: jax.Array | None = None  # rank 4 boolean, broadcastable to (B, Hq, Lq, Lk)
+    q_lengths: jax.Array | None = None  # (B,) int32
+    kv_lengths: jax.Array | None = None  # (B,) int32
+    soft_cap: float | None = None
+    sinks: jax.Array | None = None  # (Hq,)
 
 
 def _as_array(x: Any, name: str) -> jax.Array:
@@ -164,6 +170,61 @@ def normalize_q_offset(q_offset: Any, batch: int) -> Any:
     return np.asarray(q_offset, np.int32).reshape(-1)
 
 
+def _broadcastable(
+    x: Any, name: str, target: tuple[int, ...], boolean: bool, batched: bool
+) -> jax.Array:
+    """``x`` as a rank-4 array broadcastable to ``target = (B, Hq, Lq, Lk)``."""
+    kind = "a boolean" if boolean else "a floating"
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{name} must be {kind} array, got {type(x).__name__}")
+    ok = jnp.issubdtype(x.dtype, jnp.bool_) if boolean else jnp.issubdtype(x.dtype, jnp.floating)
+    if not ok:
+        raise TypeError(f"{name} must be {kind} array, got dtype {x.dtype}")
+    shape = tuple(x.shape)
+    full = target if batched else target[1:]
+    if len(shape) > len(full) or any(
+        n not in (1, m) for n, m in zip(shape[::-1], full[::-1], strict=False)
+    ):
+        names = "(B, Hq, Lq, Lk)" if batched else "(Hq, Lq, Lk)"
+        raise ValueError(f"{name} of shape {shape} does not broadcast to {names} = {full}")
+    return jnp.reshape(x, (1,) * (4 - len(shape)) + shape)
+
+
+def _lengths(x: Any, name: str, batch: int) -> jax.Array | None:
+    if x is None:
+        return None
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{name} must be an int array of shape (B,), got {type(x).__name__}")
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+        raise TypeError(f"{name} must have an integer dtype, got {x.dtype}")
+    if tuple(x.shape) != (batch,):
+        raise ValueError(f"{name} must have shape (B,) = ({batch},), got {tuple(x.shape)}")
+    return jnp.asarray(x, jnp.int32)
+
+
+def _soft_cap(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, np.generic)):
+        raise TypeError(f"logits_soft_cap must be a positive float or None, got {value!r}")
+    value = float(value)
+    if not (np.isfinite(value) and value > 0):
+        raise ValueError(f"logits_soft_cap must be a positive finite float, got {value}")
+    return value
+
+
+def _sinks(x: Any, q_heads: int) -> jax.Array | None:
+    if x is None:
+        return None
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"sinks must be a floating array of shape (Hq,), got {type(x).__name__}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"sinks must have a floating dtype, got {x.dtype}")
+    if tuple(x.shape) != (q_heads,):
+        raise ValueError(f"sinks must have shape (Hq,) = ({q_heads},), got {tuple(x.shape)}")
+    return x
+
+
 def check_arguments(
     Q: Any,
     K: Any,
@@ -176,6 +237,13 @@ def check_arguments(
     scale: Any,
     block_mask: Any,
     q_offset: Any,
+    bias: Any = None,
+    mask: Any = None,
+    query_seq_lengths: Any = None,
+    key_value_seq_lengths: Any = None,
+    logits_soft_cap: Any = None,
+    score_mod: Any = None,
+    sinks: Any = None,
 ) -> CheckedArguments:
     q, k, v = _as_array(Q, "Q"), _as_array(K, "K"), _as_array(V, "V")
     _check_shapes(q, k, v)
@@ -183,14 +251,35 @@ def check_arguments(
         raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
     if mask_fn is not None and not callable(mask_fn):
         raise TypeError(f"mask_fn must be callable or None, got {type(mask_fn).__name__}")
+    if score_mod is not None and not callable(score_mod):
+        raise TypeError(f"score_mod must be callable or None, got {type(score_mod).__name__}")
     blocks = normalize_block_size(block_size)
     window = normalize_window(window_size)
     batch = q.shape[0] if q.ndim == 4 else 1
     normalize_q_offset(q_offset, batch)
+    target = (batch, q.shape[-2], q.shape[-3], k.shape[-3])
     if block_mask is not None:
         offset_given = not (isinstance(q_offset, numbers.Integral) and q_offset == 0)
         _check_block_mask(block_mask, q, k, is_causal, mask_fn, window, blocks, offset_given)
-    return CheckedArguments(q=q, k=k, v=v, block_size=blocks, window=window, scale=_scale(scale))
+    if (query_seq_lengths is not None or key_value_seq_lengths is not None) and q.ndim == 3:
+        raise ValueError(
+            "query_seq_lengths and key_value_seq_lengths need batched (4-D) inputs, "
+            f"got Q of shape {tuple(q.shape)}"
+        )
+    return CheckedArguments(
+        q=q,
+        k=k,
+        v=v,
+        block_size=blocks,
+        window=window,
+        scale=_scale(scale),
+        bias=None if bias is None else _broadcastable(bias, "bias", target, False, q.ndim == 4),
+        mask=None if mask is None else _broadcastable(mask, "mask", target, True, q.ndim == 4),
+        q_lengths=_lengths(query_seq_lengths, "query_seq_lengths", batch),
+        kv_lengths=_lengths(key_value_seq_lengths, "key_value_seq_lengths", batch),
+        soft_cap=_soft_cap(logits_soft_cap),
+        sinks=_sinks(sinks, q.shape[-2]),
+    )
 
 
 def _check_block_mask(

@@ -3,8 +3,9 @@
 Layout inside this module: queries ``(B, Hk, Lq_pad * G, d)`` (rows ordered query
 position major, head within the group minor), keys ``(B, Hk, Lk_pad, d)``, values
 ``(B, Hk, Lk_pad, dv)``; ``Hk`` is ``Hkv`` (a group's ``G`` query heads share each key
-block's matmul) or, when the mask depends on the head, ``Hq`` with ``G = 1``. Scores,
-softmax statistics and accumulators are float32.
+block's matmul) or, when the mask depends on the head, ``Hq`` with ``G = 1``. A bias is
+``(Bb, Hb, Lq_b, G_b, Lk_b)`` with size-1 axes where it broadcasts; sinks ``(Hk, G)``.
+Scores, softmax statistics and accumulators are float32.
 
 The work is split into *units*, one per (batch row, head) slice that has its own block
 lists (a single unit when the mask depends on neither); within a unit, every query
@@ -14,7 +15,7 @@ blocks (no mask evaluated) and over its partial ones (element-wise mask).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -24,7 +25,8 @@ import numpy as np
 from jax import lax
 
 from ._band import in_band
-from ._mask_fn import MaskProgram
+from ._elementwise import MaskProgram
+from ._scores import ScoreConfig, TileIndex, tile_score_gradients, tile_scores
 
 Array = jax.Array
 _F32 = jnp.float32
@@ -50,6 +52,7 @@ class KernelConfig:
     mask_heads: int  # 1 or Hk (then G == 1)
     any_full: bool
     any_partial: bool
+    scores: ScoreConfig = field(default_factory=ScoreConfig)
 
     @property
     def n_q_blocks(self) -> int:
@@ -69,8 +72,23 @@ class KernelConfig:
 
 
 @dataclass(frozen=True)
+class Operands:
+    """The arrays of the score pipeline: ``bias`` and ``sinks`` in kernel layout (or
+    ``None``) and the arrays ``score_mod`` closes over."""
+
+    bias: Array | None
+    sinks: Array | None
+    score_consts: tuple
+
+
+jax.tree_util.register_dataclass(
+    Operands, data_fields=["bias", "sinks", "score_consts"], meta_fields=[]
+)
+
+
+@dataclass(frozen=True)
 class _Unit:
-    """One unit's share of the schedule and of the mask inputs (arrays)."""
+    """One unit's share of the schedule and of the index vectors (arrays)."""
 
     partial_count: Array  # (n_q,)
     partial_index: Array  # (n_q, W)
@@ -78,7 +96,12 @@ class _Unit:
     full_index: Array  # (n_q, W_full)
     offset: Array  # ()
     batch_index: Array  # (bs,) batch rows of this unit
-    head_index: Array  # (1,) query head of this unit, or 0 when the mask ignores heads
+    head_index: Array  # (hs * G,) query heads of this unit, kernel order
+    batch_slot: Array  # () this unit's slice along a per-batch operand axis
+    head_slot: Array  # () this unit's slice along a per-head operand axis
+
+
+# ------------------------------------------------------------------------ tile pieces
 
 
 def _visible(config: KernelConfig, unit: _Unit, consts: tuple, i: Array, j: Array) -> Array:
@@ -92,10 +115,11 @@ def _visible(config: KernelConfig, unit: _Unit, consts: tuple, i: Array, j: Arra
     k_pos = (j * bk + jnp.arange(bk, dtype=jnp.int32))[None, :]
     visible = in_band(q_pos, k_pos, config.lo, config.hi, config.k_len)[None, None]
     if config.program is not None:
+        head = unit.head_index[:1] if config.mask_heads > 1 else jnp.zeros(1, jnp.int32)
         custom = config.program.evaluate(
             consts,
             unit.batch_index.reshape(-1, 1, 1, 1),
-            unit.head_index.reshape(1, -1, 1, 1),
+            head.reshape(1, -1, 1, 1),
             q_pos[None, None],
             jnp.minimum(k_pos, config.k_len - 1)[None, None],
         )
@@ -103,6 +127,60 @@ def _visible(config: KernelConfig, unit: _Unit, consts: tuple, i: Array, j: Arra
     b1, h1 = visible.shape[:2]
     visible = jnp.broadcast_to(visible[:, :, :, None, :], (b1, h1, bq, g, bk))
     return visible.reshape(b1, h1, bq * g, bk)
+
+
+def _tile_index(config: KernelConfig, unit: _Unit, i: Array, j: Array) -> TileIndex:
+    """``score_mod``'s indices for the tile, in the row layout of the scores."""
+    bq, bk, g = config.q_block, config.k_block, config.groups
+    rows = jnp.arange(bq * g, dtype=jnp.int32)
+    q_pos = jnp.minimum(i * bq + rows // g, config.q_len - 1) + unit.offset
+    heads = unit.head_index.reshape(-1, g)[:, rows % g]  # (hs, rows)
+    return TileIndex(
+        b=unit.batch_index.reshape(-1, 1, 1, 1),
+        h=heads[None, :, :, None],
+        q=q_pos.reshape(1, 1, -1, 1),
+        k=(j * bk + jnp.arange(bk, dtype=jnp.int32)).reshape(1, 1, 1, -1),
+    )
+
+
+def _unit_slice(x: Array, axis: int, slot: Array, split: bool) -> Array:
+    return lax.dynamic_slice_in_dim(x, slot, 1, axis) if split and x.shape[axis] > 1 else x
+
+
+def _unit_bias(config: KernelConfig, bias: Array | None, unit: _Unit) -> Array | None:
+    if bias is None:
+        return None
+    bias = _unit_slice(bias, 0, unit.batch_slot, config.mask_batch > 1)
+    return _unit_slice(bias, 1, unit.head_slot, config.mask_heads > 1)
+
+
+def _bias_tile(config: KernelConfig, bias: Array | None, i: Array, j: Array) -> Array | None:
+    """The unit's bias over tile ``(i, j)``, as ``(bb, hb, rows, bk)``."""
+    if bias is None:
+        return None
+    bq, bk, g = config.q_block, config.k_block, config.groups
+    if bias.shape[2] > 1:
+        bias = lax.dynamic_slice_in_dim(bias, i * bq, bq, 2)
+    if bias.shape[4] > 1:
+        bias = lax.dynamic_slice_in_dim(bias, j * bk, bk, 4)
+    bb, hb = bias.shape[:2]
+    return jnp.broadcast_to(bias, (bb, hb, bq, g, bk)).reshape(bb, hb, bq * g, bk)
+
+
+def _add_bias_gradient(
+    config: KernelConfig, d_bias: Array, d_s1: Array, i: Array, j: Array
+) -> Array:
+    """Accumulate a tile's score gradient into the unit's bias gradient, summed over the
+    axes along which the bias broadcasts."""
+    bq, bk, g = config.q_block, config.k_block, config.groups
+    bs, hs = d_s1.shape[:2]
+    tile = d_s1.reshape(bs, hs, bq, g, bk)
+    keep = d_bias.shape
+    axes = tuple(a for a, n in enumerate(keep) if n == 1 and tile.shape[a] > 1)
+    tile = tile.sum(axis=axes, keepdims=True) if axes else tile
+    starts = [0, 0, i * bq if keep[2] > 1 else 0, 0, j * bk if keep[4] > 1 else 0]
+    old = lax.dynamic_slice(d_bias, starts, tile.shape)
+    return lax.dynamic_update_slice(d_bias, old + tile, starts)
 
 
 def _prescaled(config: KernelConfig, q_blk: Array) -> tuple[Array, float]:
@@ -117,29 +195,52 @@ def _prescaled(config: KernelConfig, q_blk: Array) -> tuple[Array, float]:
     return q_blk, config.scale
 
 
-def _scores(q_blk: Array, k_blk: Array, scale: float) -> Array:
+def _products(q_blk: Array, k_blk: Array, scale: float) -> Array:
     s = jnp.einsum("bhrd,bhkd->bhrk", q_blk, k_blk, preferred_element_type=_F32)
     return s if scale == 1.0 else s * _F32(scale)
+
+
+def _unit_sinks(config: KernelConfig, sinks: Array | None, unit: _Unit) -> Array | None:
+    """Sink logits per row of a query block, ``(1, hs, rows)``, or ``None``."""
+    if sinks is None:
+        return None
+    sinks = _unit_slice(sinks, 0, unit.head_slot, config.mask_heads > 1)  # (hs, G)
+    return jnp.tile(sinks, (1, config.q_block))[None].astype(_F32)
 
 
 # --------------------------------------------------------------------------- forward
 
 
 def _unit_forward(
-    config: KernelConfig, unit: _Unit, consts: tuple, q: Array, k: Array, v: Array
+    config: KernelConfig,
+    unit: _Unit,
+    consts: tuple,
+    operands: Operands,
+    q: Array,
+    k: Array,
+    v: Array,
 ) -> tuple[Array, Array]:
-    """One unit: output ``(bs, hs, rows, dv)`` (float32) and the per-row log-sum-exp."""
+    """One unit: output ``(bs, hs, rows, dv)`` (float32) and the per-row log-sum-exp
+    (``+inf`` for a row with no visible key and no sink)."""
     rows, bk = config.rows_per_block, config.k_block
     bsz, hk = q.shape[0], q.shape[1]
     dv = v.shape[-1]
+    bias = _unit_bias(config, operands.bias, unit)
+    sinks = _unit_sinks(config, operands.sinks, unit)
+    changes = config.scores.changes_scores
 
-    def update(carry, q_blk, score_scale, j, visible=None):
+    def update(carry, q_blk, score_scale, i, j, masked):
         m, l, acc = carry
         k_blk = lax.dynamic_slice_in_dim(k, j * bk, bk, axis=2)
         v_blk = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=2)
-        s = _scores(q_blk, k_blk, score_scale)
-        if visible is not None:
-            s = jnp.where(visible, s, -jnp.inf)
+        s = _products(q_blk, k_blk, score_scale)
+        if changes:
+            index = _tile_index(config, unit, i, j) if config.scores.score else None
+            s = tile_scores(
+                config.scores, s, _bias_tile(config, bias, i, j), operands.score_consts, index
+            )
+        if masked:
+            s = jnp.where(_visible(config, unit, consts, i, j), s, -jnp.inf)
         m_new = jnp.maximum(m, s.max(axis=-1))
         # A row that has seen no visible key keeps m = -inf; shift by 0 instead so that
         # exp() gives 0 rather than NaN.
@@ -158,23 +259,28 @@ def _unit_forward(
             jnp.zeros((bsz, hk, rows), _F32),
             jnp.zeros((bsz, hk, rows, dv), _F32),
         )
-        if config.any_full:
-            full_row = unit.full_index[i]
-            carry = lax.fori_loop(
-                0,
-                unit.full_count[i],
-                lambda t, c: update(c, q_blk, score_scale, full_row[t]),
-                carry,
-            )
-        if config.any_partial:
-            part_row = unit.partial_index[i]
-
-            def masked(t, c):
-                j = part_row[t]
-                return update(c, q_blk, score_scale, j, _visible(config, unit, consts, i, j))
-
-            carry = lax.fori_loop(0, unit.partial_count[i], masked, carry)
+        for count, index, masked, needed in (
+            (unit.full_count, unit.full_index, False, config.any_full),
+            (unit.partial_count, unit.partial_index, True, config.any_partial),
+        ):
+            if needed:
+                row = index[i]
+                carry = lax.fori_loop(
+                    0,
+                    count[i],
+                    lambda t, c, row=row, masked=masked: update(
+                        c, q_blk, score_scale, i, row[t], masked
+                    ),
+                    carry,
+                )
         m, l, acc = carry
+        if sinks is not None:
+            # The sink is one more key with value 0: it joins the denominator only.
+            m_total = jnp.maximum(m, sinks)
+            alpha = jnp.exp(m - m_total)
+            l = alpha * l + jnp.exp(sinks - m_total)
+            acc = alpha[..., None] * acc
+            m = m_total
         empty = l == 0.0
         out = acc / jnp.where(empty, 1.0, l)[..., None]
         # +inf for rows without any visible key makes exp(s - lse) vanish in the backward.
@@ -195,36 +301,55 @@ def _unit_backward(
     config: KernelConfig,
     unit: _Unit,
     consts: tuple,
+    operands: Operands,
+    grads: Operands,
     q: Array,
     k: Array,
     v: Array,
     out: Array,
     lse: Array,
     d_out: Array,
-) -> tuple[Array, Array, Array]:
+    d_lse: Array,
+) -> tuple[tuple[Array, Array, Array], Operands]:
     """FlashAttention-2 style backward of one unit: recompute each listed block once,
-    query block by query block, accumulating dK and dV over the whole key range."""
+    query block by query block, accumulating dK and dV over the whole key range and the
+    gradients of the score operands into ``grads`` (the unit's slices)."""
     rows, bk = config.rows_per_block, config.k_block
     bsz, hk = q.shape[0], q.shape[1]
     d, dv = q.shape[-1], v.shape[-1]
     scale = _F32(config.scale)
-    delta = jnp.einsum("bhrd,bhrd->bhr", d_out.astype(_F32), out.astype(_F32))
+    bias = _unit_bias(config, operands.bias, unit)
+    sinks = _unit_sinks(config, operands.sinks, unit)
+    scores = config.scores
+    # A cotangent on lse adds p * d_lse to each score's gradient: fold it into delta.
+    delta = jnp.einsum("bhrd,bhrd->bhr", d_out.astype(_F32), out.astype(_F32)) - d_lse
     # XLA:CPU multiplies (d, rows) x (rows, keys) about twice as fast as it contracts the
     # row axis of (rows, keys) and (rows, d); so dK and dV are accumulated transposed,
     # from transposed query and output-gradient blocks.
 
-    def update(carry, blk, j, visible=None):
-        dq_blk, dk_acc, dv_acc = carry
+    def update(carry, blk, i, j, masked):
+        dq_blk, dk_acc, dv_acc, g = carry
         q_blk, score_scale, q_t_blk, do_blk, do_t_blk, lse_blk, delta_blk = blk
         k_blk = lax.dynamic_slice_in_dim(k, j * bk, bk, axis=2)
         v_blk = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=2)
-        s = _scores(q_blk, k_blk, score_scale)
-        if visible is not None:
-            s = jnp.where(visible, s, -jnp.inf)
+        s0 = _products(q_blk, k_blk, score_scale)
+        bias_blk = _bias_tile(config, bias, i, j)
+        index = _tile_index(config, unit, i, j) if scores.score else None
+        s = tile_scores(scores, s0, bias_blk, operands.score_consts, index)
+        if masked:
+            s = jnp.where(_visible(config, unit, consts, i, j), s, -jnp.inf)
         p = jnp.exp(s - lse_blk[..., None])
         dv_blk = jnp.einsum("bhdr,bhrk->bhdk", do_t_blk, p, preferred_element_type=_F32)
         dp = jnp.einsum("bhrd,bhkd->bhrk", do_blk, v_blk, preferred_element_type=_F32)
-        ds = p * (dp - delta_blk[..., None]) * scale
+        ds = p * (dp - delta_blk[..., None])
+        if scores.changes_scores:
+            ds, d_consts = tile_score_gradients(
+                scores, s0, bias_blk, operands.score_consts, index, ds
+            )
+            d_bias = g.bias if g.bias is None else _add_bias_gradient(config, g.bias, ds, i, j)
+            d_score = tuple(a + b for a, b in zip(g.score_consts, d_consts, strict=True))
+            g = Operands(d_bias, g.sinks, d_score)
+        ds = ds * scale
         dq_blk = dq_blk + jnp.einsum("bhrk,bhkd->bhrd", ds, k_blk, preferred_element_type=_F32)
         dk_blk = jnp.einsum("bhdr,bhrk->bhdk", q_t_blk, ds, preferred_element_type=_F32)
         start = j * bk
@@ -234,45 +359,53 @@ def _unit_backward(
         dv_acc = lax.dynamic_update_slice_in_dim(
             dv_acc, lax.dynamic_slice_in_dim(dv_acc, start, bk, axis=3) + dv_blk, start, axis=3
         )
-        return dq_blk, dk_acc, dv_acc
+        return dq_blk, dk_acc, dv_acc, g
 
     def one_query_block(acc, i):
+        dk_acc, dv_acc, g = acc
         start = i * rows
         q_blk = lax.dynamic_slice_in_dim(q, start, rows, axis=2)
         do_blk = lax.dynamic_slice_in_dim(d_out, start, rows, axis=2)
+        lse_blk = lax.dynamic_slice_in_dim(lse, start, rows, axis=2)
+        delta_blk = lax.dynamic_slice_in_dim(delta, start, rows, axis=2)
         blk = (
             *_prescaled(config, q_blk),
             jnp.swapaxes(q_blk, 2, 3),
             do_blk,
             jnp.swapaxes(do_blk, 2, 3),
-            lax.dynamic_slice_in_dim(lse, start, rows, axis=2),
-            lax.dynamic_slice_in_dim(delta, start, rows, axis=2),
+            lse_blk,
+            delta_blk,
         )
-        carry = (jnp.zeros((bsz, hk, rows, d), _F32), *acc)
-        if config.any_full:
-            full_row = unit.full_index[i]
-            carry = lax.fori_loop(
-                0, unit.full_count[i], lambda t, c: update(c, blk, full_row[t]), carry
-            )
-        if config.any_partial:
-            part_row = unit.partial_index[i]
-
-            def masked(t, c):
-                j = part_row[t]
-                return update(c, blk, j, _visible(config, unit, consts, i, j))
-
-            carry = lax.fori_loop(0, unit.partial_count[i], masked, carry)
-        dq_blk, dk_acc, dv_acc = carry
-        return (dk_acc, dv_acc), dq_blk
+        if sinks is not None:
+            # The sink's score gradient is p_sink * (0 - delta); summed per head.
+            p_sink = jnp.exp(sinks - lse_blk)
+            d_sink = -(p_sink * delta_blk).sum(axis=0).reshape(hk, config.q_block, -1)
+            g = replace(g, sinks=g.sinks + d_sink.sum(axis=1))
+        carry = (jnp.zeros((bsz, hk, rows, d), _F32), dk_acc, dv_acc, g)
+        for count, index, masked, needed in (
+            (unit.full_count, unit.full_index, False, config.any_full),
+            (unit.partial_count, unit.partial_index, True, config.any_partial),
+        ):
+            if needed:
+                row = index[i]
+                carry = lax.fori_loop(
+                    0,
+                    count[i],
+                    lambda t, c, row=row, masked=masked: update(c, blk, i, row[t], masked),
+                    carry,
+                )
+        dq_blk, dk_acc, dv_acc, g = carry
+        return (dk_acc, dv_acc, g), dq_blk
 
     init = (
         jnp.zeros((bsz, hk, d, k.shape[2]), _F32),
         jnp.zeros((bsz, hk, dv, v.shape[2]), _F32),
+        grads,
     )
     blocks = jnp.arange(config.n_q_blocks, dtype=jnp.int32)
-    (dk_t, dv_t), dq = lax.scan(one_query_block, init, blocks)
+    (dk_t, dv_t, grads), dq = lax.scan(one_query_block, init, blocks)
     dq = jnp.moveaxis(dq, 0, 2).reshape(bsz, hk, -1, d)
-    return dq, jnp.swapaxes(dk_t, 2, 3), jnp.swapaxes(dv_t, 2, 3)
+    return (dq, jnp.swapaxes(dk_t, 2, 3), jnp.swapaxes(dv_t, 2, 3)), grads
 
 
 # ----------------------------------------------------------------------------- units
@@ -307,11 +440,15 @@ def _unit_inputs(config: KernelConfig, schedule: tuple) -> tuple:
 
 def _make_unit(config: KernelConfig, xs: tuple) -> _Unit:
     partial_count, partial_index, full_count, full_index, offset, unit_batch, unit_head = xs
-    slab = config.batch // config.mask_batch
     if config.mask_batch == 1:
         batch_index = jnp.arange(config.batch, dtype=jnp.int32)
     else:
-        batch_index = unit_batch.reshape(1) * slab + jnp.arange(slab, dtype=jnp.int32)
+        batch_index = unit_batch.reshape(1)
+    heads = config.kv_heads * config.groups
+    if config.mask_heads == 1:
+        head_index = jnp.arange(heads, dtype=jnp.int32)
+    else:
+        head_index = unit_head.reshape(1)
     return _Unit(
         partial_count,
         partial_index,
@@ -319,12 +456,14 @@ def _make_unit(config: KernelConfig, xs: tuple) -> _Unit:
         full_index,
         offset,
         batch_index,
-        unit_head.reshape(1),
+        head_index,
+        unit_batch,
+        unit_head,
     )
 
 
-def _for_each_unit(config: KernelConfig, fn: Any, schedule: tuple, *arrays: Array) -> Any:
-    """Run ``fn(unit, *unit_slices)`` for every unit and reassemble its outputs."""
+def _units_map(config: KernelConfig, fn: Any, schedule: tuple, *arrays: Array) -> Any:
+    """``fn(unit, *unit_slices)`` for every unit, outputs reassembled."""
     xs = _unit_inputs(config, schedule)
     split = [_split_units(config, a) for a in arrays]
     if config.units == 1:
@@ -334,30 +473,78 @@ def _for_each_unit(config: KernelConfig, fn: Any, schedule: tuple, *arrays: Arra
     return jax.tree_util.tree_map(lambda r: _join_units(config, r), result)
 
 
-def _forward(config, schedule, consts, q, k, v):
-    return _for_each_unit(
+def _forward(config, schedule, consts, operands, q, k, v):
+    return _units_map(
         config,
-        lambda unit, q, k, v: _unit_forward(config, unit, consts, q, k, v),
+        lambda unit, q, k, v: _unit_forward(config, unit, consts, operands, q, k, v),
         schedule,
         q,
         k,
         v,
     )
+
+
+def _zero_grads(config: KernelConfig, operands: Operands) -> Operands:
+    positions = config.scores.score.differentiable if config.scores.score else ()
+    return Operands(
+        None if operands.bias is None else jnp.zeros(operands.bias.shape, _F32),
+        None if operands.sinks is None else jnp.zeros(operands.sinks.shape, _F32),
+        tuple(jnp.zeros(jnp.shape(operands.score_consts[i]), _F32) for i in positions),
+    )
+
+
+def _unit_grad_slice(config: KernelConfig, grads: Operands, unit: _Unit) -> Operands:
+    sinks = grads.sinks
+    if sinks is not None:
+        sinks = _unit_slice(sinks, 0, unit.head_slot, config.mask_heads > 1)
+    return Operands(_unit_bias(config, grads.bias, unit), sinks, grads.score_consts)
+
+
+def _unit_grad_merge(
+    config: KernelConfig, grads: Operands, part: Operands, unit: _Unit
+) -> Operands:
+    def put(full: Array, piece: Array, axes: tuple[tuple[int, Array, bool], ...]) -> Array:
+        starts = [jnp.int32(0)] * full.ndim
+        for axis, slot, split in axes:
+            if split and full.shape[axis] > 1:
+                starts[axis] = slot
+        return lax.dynamic_update_slice(full, piece, starts)
+
+    bias = grads.bias
+    if bias is not None:
+        bias = put(
+            bias,
+            part.bias,
+            (
+                (0, unit.batch_slot, config.mask_batch > 1),
+                (1, unit.head_slot, config.mask_heads > 1),
+            ),
+        )
+    sinks = grads.sinks
+    if sinks is not None:
+        sinks = put(sinks, part.sinks, ((0, unit.head_slot, config.mask_heads > 1),))
+    return Operands(bias, sinks, part.score_consts)
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _backward(config, schedule, consts, q, k, v, out, lse, d_out):
-    return _for_each_unit(
-        config,
-        lambda unit, *a: _unit_backward(config, unit, consts, *a),
-        schedule,
-        q,
-        k,
-        v,
-        out,
-        lse,
-        d_out,
-    )
+def _backward(config, schedule, consts, operands, q, k, v, out, lse, d_out, d_lse):
+    xs = _unit_inputs(config, schedule)
+    arrays = [_split_units(config, a) for a in (q, k, v, out, lse, d_out, d_lse)]
+
+    def one(grads, args):
+        unit = _make_unit(config, args[0])
+        part = _unit_grad_slice(config, grads, unit)
+        dqkv, part = _unit_backward(config, unit, consts, operands, part, *args[1])
+        return _unit_grad_merge(config, grads, part, unit), dqkv
+
+    grads = _zero_grads(config, operands)
+    if config.units == 1:
+        grads, dqkv = one(grads, (tuple(x[0] for x in xs), [a[0] for a in arrays]))
+        dqkv = jax.tree_util.tree_map(lambda r: r[None], dqkv)
+    else:
+        grads, dqkv = lax.scan(one, grads, (xs, arrays))
+    dqkv = jax.tree_util.tree_map(lambda r: _join_units(config, r), dqkv)
+    return dqkv, grads
 
 
 @_backward.defjvp
@@ -376,17 +563,24 @@ def _backward_jvp(config, primals, tangents):
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
 def block_attention(
-    config: KernelConfig, q: Array, k: Array, v: Array, schedule: tuple, consts: tuple
-) -> Array:
-    """Attention over the padded, kernel-layout inputs; output in ``q``'s dtype."""
-    out, _ = _forward(config, schedule, consts, q, k, v)
-    return out.astype(q.dtype)
+    config: KernelConfig,
+    q: Array,
+    k: Array,
+    v: Array,
+    schedule: tuple,
+    consts: tuple,
+    operands: Operands,
+) -> tuple[Array, Array]:
+    """Attention over the padded, kernel-layout inputs: the output in ``q``'s dtype and
+    the per-row log-sum-exp (float32, ``+inf`` for rows with nothing visible)."""
+    out, lse = _forward(config, schedule, consts, operands, q, k, v)
+    return out.astype(q.dtype), lse
 
 
-def _block_attention_fwd(config, q, k, v, schedule, consts):
-    out, lse = _forward(config, schedule, consts, q, k, v)
+def _block_attention_fwd(config, q, k, v, schedule, consts, operands):
+    out, lse = _forward(config, schedule, consts, operands, q, k, v)
     out = out.astype(q.dtype)
-    return out, (q, k, v, schedule, consts, out, lse)
+    return (out, lse), (q, k, v, schedule, consts, operands, out, lse)
 
 
 def _zero_cotangent(x: Any) -> Any:
@@ -395,11 +589,25 @@ def _zero_cotangent(x: Any) -> Any:
     return np.zeros(jnp.shape(x), dtype=jax.dtypes.float0)
 
 
-def _block_attention_bwd(config, residuals, d_out):
-    q, k, v, schedule, consts, out, lse = residuals
-    dq, dk, dv = _backward(config, schedule, consts, q, k, v, out, lse, d_out)
+def _block_attention_bwd(config, residuals, cotangents):
+    q, k, v, schedule, consts, operands, out, lse = residuals
+    d_out, d_lse = cotangents
+    # Rows with nothing visible have lse = +inf and no gradient at all.
+    d_lse = jnp.where(jnp.isfinite(lse), d_lse, 0.0).astype(_F32)
+    (dq, dk, dv), grads = _backward(
+        config, schedule, consts, operands, q, k, v, out, lse, d_out, d_lse
+    )
+    positions = config.scores.score.differentiable if config.scores.score else ()
+    d_score = [_zero_cotangent(c) for c in operands.score_consts]
+    for i, g in zip(positions, grads.score_consts, strict=True):
+        d_score[i] = g.astype(jnp.result_type(operands.score_consts[i]))
+    d_operands = Operands(
+        None if operands.bias is None else grads.bias.astype(operands.bias.dtype),
+        None if operands.sinks is None else grads.sinks.astype(operands.sinks.dtype),
+        tuple(d_score),
+    )
     zeros = jax.tree_util.tree_map(_zero_cotangent, (schedule, consts))
-    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), *zeros)
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), *zeros, d_operands)
 
 
 block_attention.defvjp(_block_attention_fwd, _block_attention_bwd)

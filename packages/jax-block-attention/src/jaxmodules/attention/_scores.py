@@ -1,0 +1,136 @@
+"""The per-tile score pipeline every backend shares: scale, bias, soft-cap, ``score_mod``.
+
+For each visible (query, key) pair, in the order the contract fixes::
+
+    s0 = scale * q.k          (float32)
+    s1 = s0 + bias[b, h, q, k]
+    s2 = cap * tanh(s1 / cap)                    when logits_soft_cap is set
+    s3 = score_mod(s2, b, h, q, k)               when score_mod is given
+
+The backward pass recomputes ``s1`` and ``s2`` from the tile and maps the gradient of
+``s3`` back to the gradient of ``s1`` (which is also the gradient of ``bias``) and to the
+floating arrays ``score_mod`` closes over. Attention sinks enter only the softmax
+denominator and live with the online softmax of each backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from ._elementwise import ElementwiseProgram
+
+Array = jax.Array
+_F32 = jnp.float32
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Static description of the score changes of one call (hashable).
+
+    Attributes:
+        soft_cap: ``logits_soft_cap`` or ``None``.
+        score: The traced ``score_mod`` or ``None``.
+        bias: ``None`` without a bias; else which of (batch, head, query, key) it varies
+            along.
+        sinks: Whether per-head sink logits join every softmax denominator.
+    """
+
+    soft_cap: float | None = None
+    score: ElementwiseProgram | None = None
+    bias: tuple[bool, bool, bool, bool] | None = None
+    sinks: bool = False
+
+    @property
+    def changes_scores(self) -> bool:
+        return self.soft_cap is not None or self.score is not None or self.bias is not None
+
+
+@dataclass(frozen=True)
+class TileIndex:
+    """Index arrays of one tile in the ``(batch, head, row, key)`` layout of the scores,
+    for ``score_mod``: each broadcasts against the ``(bs, hs, rows, bk)`` tile."""
+
+    b: Array
+    h: Array
+    q: Array
+    k: Array
+
+
+def _capped(config: ScoreConfig, s1: Array) -> Array:
+    if config.soft_cap is None:
+        return s1
+    cap = _F32(config.soft_cap)
+    return cap * jnp.tanh(s1 / cap)
+
+
+def _modified(
+    config: ScoreConfig, s2: Array, consts: Sequence[Array], index: TileIndex | None
+) -> Array:
+    if config.score is None:
+        return s2
+    assert index is not None
+    out = config.score.evaluate(consts, s2, index.b, index.h, index.q, index.k)
+    return jnp.broadcast_to(out, s2.shape).astype(_F32)
+
+
+def tile_scores(
+    config: ScoreConfig,
+    s0: Array,
+    bias: Array | None,
+    consts: Sequence[Array],
+    index: TileIndex | None,
+) -> Array:
+    """The final float32 scores of a tile from its scaled products ``s0``."""
+    s1 = s0 if bias is None else s0 + bias.astype(_F32)
+    return _modified(config, _capped(config, s1), consts, index)
+
+
+def tile_score_gradients(
+    config: ScoreConfig,
+    s0: Array,
+    bias: Array | None,
+    consts: Sequence[Array],
+    index: TileIndex | None,
+    d_scores: Array,
+) -> tuple[Array, tuple[Array, ...]]:
+    """Gradient of the tile's final scores mapped back: to ``s1 = s0 + bias`` (so to the
+    products and to ``bias``) and to the floating arrays ``score_mod`` closes over (in
+    the order of ``config.score.differentiable``)."""
+    s1 = s0 if bias is None else s0 + bias.astype(_F32)
+    s2 = _capped(config, s1)
+    d_consts: tuple[Array, ...] = ()
+    d_s2 = d_scores
+    if config.score is not None:
+        assert index is not None
+        positions = config.score.differentiable
+        floats = [consts[i] for i in positions]
+
+        def modify(s: Array, floats: list[Array]) -> Array:
+            full = list(consts)
+            for i, value in zip(positions, floats, strict=True):
+                full[i] = value
+            return _modified(config, s, full, index)
+
+        _, pullback = jax.vjp(modify, s2, floats)
+        d_s2, d_floats = pullback(d_scores)
+        d_consts = tuple(d_floats)
+    if config.soft_cap is None:
+        return d_s2, d_consts
+    cap = _F32(config.soft_cap)
+    return d_s2 * (1.0 - jnp.square(s2 / cap)), d_consts
+
+
+def sink_logits(sinks: Array | None, shape: tuple[int, ...]) -> Array | None:
+    """Per-row sink logits broadcast to ``shape`` (the tile's row statistics)."""
+    if sinks is None:
+        return None
+    return jnp.broadcast_to(sinks.astype(_F32), shape)
+
+
+def zeros_like_floats(consts: Sequence[Any], positions: Sequence[int]) -> tuple[Array, ...]:
+    return tuple(jnp.zeros(jnp.shape(consts[i]), _F32) for i in positions)
