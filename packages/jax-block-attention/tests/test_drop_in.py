@@ -67,9 +67,19 @@ def _visible_rows(options):
     return rows
 
 
+def _jax_nn_ignores_windows() -> bool:
+    """Older jax.nn.dot_product_attention accepts local_window_size but its XLA path
+    ignores it; those cases are then checked against the float64 reference elsewhere."""
+    q = jax.random.normal(jax.random.PRNGKey(0), (1, 9, 1, 4))
+    windowed = jax.nn.dot_product_attention(q, q, q, local_window_size=(1, 1))
+    return bool(jnp.allclose(windowed, jax.nn.dot_product_attention(q, q, q)))
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_matches_jax_nn_forward_and_gradients(case):
-    q, k, v, bias, mask = _inputs(hash(case) % 1000)
+    if "local_window_size" in CASES[case] and _jax_nn_ignores_windows():
+        pytest.skip("this jax.nn.dot_product_attention ignores local_window_size")
+    q, k, v, bias, mask = _inputs(sum(map(ord, case)))
     options = _arguments(case, bias, mask)
     rows = _visible_rows(options)
     w = jax.random.normal(jax.random.PRNGKey(7), (B, T, N, H)) * rows[:, :, None, None]
