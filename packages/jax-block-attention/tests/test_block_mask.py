@@ -214,12 +214,14 @@ def test_same_mask_fn_object_sees_new_closed_over_values(ref):
         )
 
 
-def test_caches_are_bounded_and_hold_no_closed_over_arrays(ref):
+def test_caches_are_bounded_and_hold_no_closed_over_arrays(ref, monkeypatch):
+    # Small bounds, so that a few distinct calls overflow them.
+    monkeypatch.setattr(_api._PROGRAMS, "size", 3)
+    monkeypatch.setattr(_block_mask._BUILT, "size", 2)
     q, k, v = ref.qkv(18, 1, 16, 16, 1, 1, 4)
-    for width in range(_api._PROGRAMS.size + 5):
+    for width in range(6):
         masked_attention_via_map(q, k, v, window_size=(width, 0), block_size=4)
-    assert len(_api._PROGRAMS) <= _api._PROGRAMS.size
-    assert len(_block_mask._BUILT) <= _block_mask._BUILT.size
+        assert len(_api._PROGRAMS) <= 3 and len(_block_mask._BUILT) <= 2
     big = jnp.arange(1 << 16) % 3
     masked_attention_via_map(q, k, v, mask_fn=lambda b, h, q, k: big[q] == big[k], block_size=4)
     for entry in list(_block_mask._BUILT._entries.values()):

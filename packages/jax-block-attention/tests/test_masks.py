@@ -34,7 +34,7 @@ def _classes(block_mask, batch, heads):
     return np.broadcast_to(got, (batch, heads, *got.shape[2:]))
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=fixture_ok)
+@settings(max_examples=80, deadline=None, suppress_health_check=fixture_ok)
 @given(
     q_len=st.integers(1, 70),
     k_len=st.integers(1, 70),
@@ -65,7 +65,7 @@ def test_structural_classes_match_brute_force(
     np.testing.assert_array_equal(_classes(bm, 1, 1), _brute_force_classes(visible, bq, bk))
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=fixture_ok)
+@settings(max_examples=15, deadline=None, suppress_health_check=fixture_ok)
 @given(
     q_len=st.integers(1, 48),
     k_len=st.integers(1, 48),
@@ -103,7 +103,7 @@ def test_mask_fn_classes_and_dense_match_brute_force(
     assert np.isclose(bm.sparsity(), np.mean(expected == EMPTY))
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(
     q_len=st.integers(1, 60),
     k_len=st.integers(1, 60),

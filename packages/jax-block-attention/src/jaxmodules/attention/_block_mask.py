@@ -43,8 +43,8 @@ Array = Any  # jax.Array or np.ndarray
 # Mask elements evaluated per step when a mask_fn is classified, whatever the length.
 _MASK_CHUNK_ELEMENTS = 1 << 21
 # Built block masks kept for reuse: only those with no closed-over arrays, small ones.
-_BUILT = LRUCache["BlockMask"](32)
-_BUILT_MAX_BYTES = 16 << 20
+_BUILT = LRUCache["BlockMask"](16)
+_BUILT_MAX_BYTES = 4 << 20  # at most 64 MiB of index arrays in all
 _BUILDERS = LRUCache[Any](32)
 
 
