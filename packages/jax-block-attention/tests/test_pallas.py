@@ -18,7 +18,7 @@ try:
 except ImportError as err:  # pragma: no cover - depends on the installed jax
     pytest.skip(f"this jax has no Pallas Triton backend ({err})", allow_module_level=True)
 
-from jaxmodules.attention import create_block_mask
+from jaxmodules.attention import create_block_mask, dot_product_attention, masked_attention_via_map
 from jaxmodules.attention._pallas import (
     PallasUnsupportedError,
     evaluate_on_tile,
@@ -328,3 +328,198 @@ def test_lowers_for_cuda_without_a_gpu(ref):
     )(q, k, v, block_mask)
     # Forward, dQ and dK/dV kernels, each lowered to Triton.
     assert exported.mlir_module().count("__gpu$xla.gpu.triton") == 3
+
+
+# ------------------------------------------------- implementation="pallas" through the API
+
+
+def _alibi(slopes):
+    def score_mod(score, b, h, q, k):
+        return score - slopes[h] * jnp.abs(q - k)
+
+    return score_mod
+
+
+def _compare_api(ref, shape, options, *, bias=None, sinks=None, score_mod=None, seed=0):
+    """``implementation="pallas"`` against the float64 reference: output, lse and the
+    gradients of a loss through both with respect to Q, K, V, bias and sinks."""
+    batch, q_len, k_len, q_heads, kv_heads, d = shape
+    q, k, v = ref.qkv(seed, batch, q_len, k_len, q_heads, kv_heads, d)
+    rng = np.random.default_rng(seed + 1)
+    w_out = jnp.asarray(rng.standard_normal((batch, q_len, q_heads, d)), jnp.float32)
+    w_lse = jnp.asarray(rng.standard_normal((batch, q_heads, q_len)), jnp.float32)
+    visible = _dense_mask(ref, (batch, q_len, k_len, q_heads), options)
+    arrays = {"q": q, "k": k, "v": v}
+    if bias is not None:
+        arrays["bias"] = bias
+    if sinks is not None:
+        arrays["sinks"] = sinks
+
+    def loss(out, lse):
+        finite = jnp.isfinite(lse)
+        return jnp.sum(out * w_out) + jnp.sum(jnp.where(finite, lse * w_lse, 0.0))
+
+    def ours(a):
+        out, lse = masked_attention_via_map(
+            a["q"],
+            a["k"],
+            a["v"],
+            bias=a.get("bias"),
+            sinks=a.get("sinks"),
+            score_mod=score_mod,
+            return_lse=True,
+            implementation="pallas",
+            **options,
+        )
+        return loss(out, lse), (out, lse)
+
+    def theirs(a):
+        out, lse = ref.variants(
+            a["q"],
+            a["k"],
+            a["v"],
+            visible,
+            bias=a.get("bias"),
+            soft_cap=options.get("logits_soft_cap"),
+            sinks=a.get("sinks"),
+            score_mod=score_mod,
+            q_offset=options.get("q_offset", 0),
+        )
+        return loss(out, lse), (out, lse)
+
+    (_, (out, lse)), grads = jax.jit(jax.value_and_grad(ours, has_aux=True))(arrays)
+    with ref.float64():
+        arrays64 = {name: jnp.asarray(x, jnp.float64) for name, x in arrays.items()}
+        (_, (out64, lse64)), grads64 = jax.value_and_grad(theirs, has_aux=True)(arrays64)
+        out64, lse64 = np.asarray(out64), np.asarray(lse64)
+        grads64 = {name: np.asarray(g) for name, g in grads64.items()}
+    np.testing.assert_allclose(out, out64, atol=3e-5, rtol=1e-4, err_msg="out")
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(lse64))
+    finite = np.isfinite(lse64)
+    np.testing.assert_allclose(np.asarray(lse)[finite], lse64[finite], atol=3e-5, rtol=1e-5)
+    for name, got in grads.items():
+        assert got.shape == arrays[name].shape, name
+        assert _relative_error(got, grads64[name]) < 1e-4, f"d{name}"
+    return out
+
+
+def test_api_bias_soft_cap_sinks_gqa_odd_lengths(ref):
+    # Full bias, soft-cap and sinks together, default (Pallas) block sizes.
+    shape = (2, 37, 45, 4, 2, 16)
+    rng = np.random.default_rng(20)
+    bias = jnp.asarray(rng.standard_normal((2, 4, 37, 45)), jnp.float32)
+    sinks = jnp.asarray([0.5, -1.0, 2.0, 0.0], jnp.float32)
+    options = {"is_causal": True, "logits_soft_cap": 2.0}
+    _compare_api(ref, shape, options, bias=bias, sinks=sinks, seed=21)
+
+
+def test_api_broadcast_bias_alibi_score_mod_q_offset(ref):
+    shape = (2, 20, 50, 4, 1, 16)
+    bias = jnp.asarray(np.random.default_rng(22).standard_normal((1, 4, 1, 50)), jnp.float32)
+    slopes = jnp.asarray(2.0 ** -np.arange(1, 5), jnp.float32)  # concrete: no gradient
+    options = {
+        "window_size": (12, 3),
+        "q_offset": np.array([30, 3]),
+        "mask_fn": same_segment,
+        "block_size": 16,
+    }
+    _compare_api(ref, shape, options, bias=bias, score_mod=_alibi(slopes), seed=23)
+
+
+def test_api_sinks_on_empty_rows(ref):
+    sinks = jnp.asarray([0.5, -1.0], jnp.float32)
+    options = {"mask_fn": lambda b, h, q, k: k >= q + 5, "block_size": 16}
+    out = _compare_api(ref, (1, 20, 24, 2, 2, 16), options, sinks=sinks, seed=24)
+    assert not np.asarray(out[0, 19:]).any()
+
+
+def test_api_pallas_call_in_forward_and_gradient(ref):
+    q, k, v = ref.qkv(25, 1, 32, 32, 2, 1, 16)
+    bias = jnp.zeros((1, 2, 32, 32))
+
+    def attend(q, k, v, bias):
+        return masked_attention_via_map(
+            q, k, v, bias=bias, logits_soft_cap=5.0, is_causal=True, implementation="pallas"
+        )
+
+    forward = str(jax.make_jaxpr(attend)(q, k, v, bias))
+    gradient = str(
+        jax.make_jaxpr(jax.grad(lambda *a: attend(*a).sum(), (0, 1, 2, 3)))(q, k, v, bias)
+    )
+    assert forward.count("pallas_call") == 1
+    assert gradient.count("pallas_call") == 3
+    assert "pallas_call" not in str(jax.make_jaxpr(lambda q: masked_attention_via_map(q, k, v))(q))
+
+
+def test_api_refuses_what_pallas_cannot_take_and_none_falls_back(ref):
+    q, k, v = ref.qkv(26, 1, 32, 32, 2, 2, 16)
+    with pytest.raises(PallasUnsupportedError, match=r'implementation="pallas".*\(24, 24\)'):
+        masked_attention_via_map(q, k, v, block_size=24, implementation="pallas")
+
+    @jax.jit
+    def traced_slopes(slopes):
+        return masked_attention_via_map(q, k, v, score_mod=_alibi(slopes), implementation="pallas")
+
+    with pytest.raises(PallasUnsupportedError, match="score_mod closes over traced floating"):
+        traced_slopes(jnp.ones(2))
+    with pytest.raises(ValueError, match="implementation must be None or one of"):
+        masked_attention_via_map(q, k, v, implementation="triton")
+    # Under None, a CPU runs the block loop, whatever the call.
+    out = jax.jit(lambda s: masked_attention_via_map(q, k, v, score_mod=_alibi(s)))(jnp.ones(2))
+    assert out.shape == q.shape
+
+
+def test_dot_product_attention_implementations(ref):
+    q, k, v = ref.qkv(27, 2, 40, 40, 4, 2, 16)
+    expected = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    for implementation in (None, "xla", "pallas"):
+        out = dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+        np.testing.assert_allclose(out, expected, atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match=r'implementation="cudnn" cannot.*bfloat16'):
+        dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    if jax.default_backend() != "gpu":
+        half = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+        with pytest.raises(ValueError, match=r'implementation="cudnn" cannot.*needs a GPU'):
+            dot_product_attention(*half, is_causal=True, implementation="cudnn")
+
+
+def test_cudnn_takes_only_masks_it_expresses_exactly(ref, monkeypatch):
+    from jaxmodules.attention import _cudnn
+
+    q, k, v = ref.qkv(28, 1, 32, 32, 2, 2, 16, dtype=jnp.bfloat16)
+    base = dict(
+        is_causal=True,
+        window=(None, None),
+        mask_fn=None,
+        score_mod=None,
+        soft_cap=None,
+        sinks=None,
+        q_offset=0,
+        block_mask=None,
+        mask=None,
+        return_lse=False,
+    )
+    on_cpu = _cudnn.cudnn_problem(q, k, v, **base)
+    assert on_cpu is None or "needs a GPU" in on_cpu  # None only on a GPU machine
+    monkeypatch.setattr(_cudnn, "on_gpu", lambda: True)
+    assert _cudnn.cudnn_problem(q, k, v, **base) is None
+    refused = {
+        "mask_fn": (dict(mask_fn=same_segment), "mask_fn"),
+        "soft_cap": (dict(soft_cap=2.0), "logits_soft_cap"),
+        "sinks": (dict(sinks=jnp.zeros(2)), "sinks"),
+        "q_offset": (dict(q_offset=3), "q_offset"),
+        "lse": (dict(return_lse=True), "return_lse"),
+        "mask": (dict(mask=jnp.ones((1, 1, 32, 32), bool)), "mask array"),
+        "right window": (dict(is_causal=False, window=(8, 4)), "only a left window"),
+    }
+    for name, (change, message) in refused.items():
+        assert message in _cudnn.cudnn_problem(q, k, v, **{**base, **change}), name
+    assert "float16 or bfloat16" in _cudnn.cudnn_problem(
+        *(x.astype(jnp.float32) for x in (q, k, v)), **base
+    )
+    assert "head dimensions" in _cudnn.cudnn_problem(q, k, v[..., :8], **base)
+    # Non-causal (L, 0) is the causal band with a left window: passed as such (jax's own
+    # non-causal (L, 0) lets future keys through, jax PR #39576).
+    assert _cudnn.cudnn_window(False, (8, 0)) == (True, (8, 0))
+    assert _cudnn.cudnn_window(True, (8, None)) == (True, (8, 0))
+    assert _cudnn.cudnn_window(False, (None, 0)) == (True, None)

@@ -15,7 +15,9 @@ from ._block_mask import BlockMask, make_block_mask, with_mask_arrays
 from ._block_sizes import default_block_sizes
 from ._cache import LRUCache
 from ._checks import check_arguments, normalize_q_offset
+from ._cudnn import cudnn_attention, cudnn_problem, on_gpu
 from ._elementwise import has_tracers, trace_mask_fn, trace_score_mod
+from ._pallas import PallasUnsupportedError, pallas_attend_with_lse, pallas_call_problem
 from ._scores import ScoreConfig
 from ._xla import KernelConfig, Operands, block_attention
 
@@ -43,6 +45,7 @@ def masked_attention_via_map(
     score_mod: Callable[..., Any] | None = None,
     sinks: Any = None,
     return_lse: bool = False,
+    implementation: str | None = None,
 ) -> Any:
     """Softmax attention computed block by block, in memory linear in the sequence length.
 
@@ -102,6 +105,17 @@ def masked_attention_via_map(
             row's softmax denominator as a key with value 0 (gpt-oss). Gets a gradient.
         return_lse: Also return the log-sum-exp of each row's scores, ``(B, Hq, Lq)``
             float32 (``-inf`` for a row with no visible key and no sink), differentiable.
+        implementation: The backend. ``"xla"``: the block loop in plain JAX, any device,
+            every keyword. ``"pallas"``: one fused Pallas kernel per pass over the same
+            block mask (a GPU kernel; on other devices it runs in Pallas interpret mode,
+            slowly); its blocks must be powers of two ``>= 16``, chosen so when neither
+            ``block_size`` nor ``block_mask`` is given. ``"cudnn"``:
+            ``jax.nn.dot_product_attention(implementation="cudnn")`` on a GPU, only for
+            masks cuDNN expresses exactly (causal, causal with a left window, sequence
+            lengths, ``bias``; float16/bfloat16; head dimension a multiple of 8, at most
+            128; no ``mask_fn``, ``score_mod``, soft-cap, sinks, ``q_offset``, ``mask``,
+            ``block_mask`` or ``return_lse``). ``None``: on a GPU cuDNN where it applies,
+            else Pallas where it applies, else the block loop; ``"xla"`` elsewhere.
 
     Returns:
         The attention output ``(B, Lq, Hq, dv)`` (or ``(Lq, Hq, dv)``) in ``Q``'s dtype;
@@ -109,10 +123,11 @@ def masked_attention_via_map(
         key gets zeros (and zero gradients).
 
     Raises:
-        ValueError: Wrong ranks or mismatched shapes, no heads, ``Hq`` not a multiple of
-            ``Hkv``, non-positive block or negative window sizes, a ``mask_fn`` that is
-            not element-wise, a ``block_mask`` that does not fit or comes with mask
-            arguments.
+        ValueError: An unknown ``implementation``, a call the chosen implementation
+            cannot compute (the message says why), wrong ranks or mismatched shapes, no
+            heads, ``Hq`` not a multiple of ``Hkv``, non-positive block or negative
+            window sizes, a ``mask_fn`` that is not element-wise, a ``block_mask`` that
+            does not fit or comes with mask arguments.
         TypeError: Non-floating inputs, non-integer sizes or offsets, a ``mask_fn`` that
             takes neither 3 nor 4 arguments or that does not return booleans.
 
@@ -130,6 +145,7 @@ def masked_attention_via_map(
         >>> bool(jnp.allclose(out, dense, atol=1e-5))
         True
     """
+    backend = _check_implementation(implementation)
     args = check_arguments(
         Q,
         K,
@@ -157,12 +173,56 @@ def masked_attention_via_map(
         q, k, v = q[None], k[None], v[None]
     bsz, q_len, q_heads, d = q.shape
     _, k_len, _, dv = v.shape
+    if backend in ("cudnn", None):
+        problem = cudnn_problem(
+            q,
+            k,
+            v,
+            is_causal=bool(is_causal),
+            window=args.window,
+            mask_fn=mask_fn,
+            score_mod=score_mod,
+            soft_cap=args.soft_cap,
+            sinks=args.sinks,
+            q_offset=q_offset,
+            block_mask=block_mask,
+            mask=args.mask,
+            return_lse=bool(return_lse),
+        )
+        if backend == "cudnn" and problem is not None:
+            raise ValueError(f'implementation="cudnn" cannot compute this call: {problem}')
+        # implementation=None: cuDNN where it applies, else (on a GPU) Pallas if it can.
+        backend = "cudnn" if problem is None else "pallas" if on_gpu() else "xla"
+    if backend == "cudnn":
+        out = cudnn_attention(
+            q,
+            k,
+            v,
+            is_causal=bool(is_causal),
+            window=args.window,
+            scale=args.scale,
+            bias=args.bias,
+            query_seq_lengths=args.q_lengths,
+            key_value_seq_lengths=args.kv_lengths,
+        )
+        return out if batched else out[0]
     if bsz == 0 or q_len == 0 or k_len == 0:
         out, lse = _empty_result(q, dv, args.sinks)
     else:
+        pallas_blocks = backend == "pallas" and args.block_size is None
         if block_mask is None:
             block_mask = _block_mask_for_call(
-                args, mask_fn, q_offset, bool(is_causal), bsz, q_heads, q_len, k_len, d, dv
+                args,
+                mask_fn,
+                q_offset,
+                bool(is_causal),
+                bsz,
+                q_heads,
+                q_len,
+                k_len,
+                d,
+                dv,
+                pallas_blocks=pallas_blocks,
             )
         elif args.mask is not None or args.q_lengths is not None or args.kv_lengths is not None:
             block_mask = _refined(block_mask, args, bsz, q_heads)
@@ -175,10 +235,48 @@ def masked_attention_via_map(
             sinks=args.sinks is not None,
         )
         operands = Operands(args.bias, args.sinks, consts)
-        out, lse = attend(q, k, v, block_mask, scale_value, scores, operands)
+        if backend == "pallas":
+            problem = pallas_call_problem(block_mask, scores, operands)
+            if problem is not None and implementation == "pallas":
+                raise PallasUnsupportedError(
+                    f'implementation="pallas" cannot compute this call: {problem}; '
+                    'implementation="xla" can'
+                )
+            if problem is not None:
+                backend = "xla"  # implementation=None: the block loop takes everything
+        if backend == "pallas":
+            out, lse = pallas_attend_with_lse(
+                q, k, v, block_mask, scale_value, scores=scores, operands=operands
+            )
+        else:
+            out, lse = attend(q, k, v, block_mask, scale_value, scores, operands)
     if not batched:
         out, lse = out[0], lse[0]
     return (out, lse) if return_lse else out
+
+
+_IMPLEMENTATIONS = (None, "xla", "pallas", "cudnn")
+
+
+def _check_implementation(implementation: Any) -> str | None:
+    """``implementation`` checked: one of ``None``, ``"xla"``, ``"pallas"``, ``"cudnn"``."""
+    if not (implementation is None or isinstance(implementation, str)):
+        raise TypeError(
+            "implementation must be None or one of 'xla', 'pallas', 'cudnn', got "
+            f"{type(implementation).__name__}: {implementation!r}"
+        )
+    if implementation not in _IMPLEMENTATIONS:
+        raise ValueError(
+            f"implementation must be None or one of 'xla', 'pallas', 'cudnn', got "
+            f"{implementation!r}"
+        )
+    return implementation
+
+
+def _pallas_block_size(length: int) -> int:
+    """A Pallas block side for a length: a power of two in [16, 128] (not clamped to the
+    length: the kernel pads)."""
+    return min(128, 1 << (max(16, length) - 1).bit_length())
 
 
 def _empty_result(q: jax.Array, dv: int, sinks: Any) -> tuple[jax.Array, jax.Array]:
@@ -227,18 +325,27 @@ def _block_mask_for_call(
     k_len: int,
     head_dim: int,
     value_dim: int,
+    pallas_blocks: bool = False,
 ) -> BlockMask:
     """The block mask of a call that gave ``is_causal`` / ``window_size`` / ``mask_fn``
-    / ``q_offset`` directly; reused from a bounded cache when it closes over nothing."""
-    blocks = args.block_size or default_block_sizes(
-        q_len=q_len,
-        k_len=k_len,
-        batch=batch,
-        q_heads=q_heads,
-        head_dim=head_dim,
-        value_dim=value_dim,
-        is_causal=is_causal,
-        window=args.window,
+    / ``q_offset`` directly; reused from a bounded cache when it closes over nothing.
+    With ``pallas_blocks`` its blocks are powers of two for the Pallas kernel."""
+    if pallas_blocks:
+        blocks = (_pallas_block_size(q_len), _pallas_block_size(k_len))
+    blocks = (
+        blocks
+        if pallas_blocks
+        else args.block_size
+        or default_block_sizes(
+            q_len=q_len,
+            k_len=k_len,
+            batch=batch,
+            q_heads=q_heads,
+            head_dim=head_dim,
+            value_dim=value_dim,
+            is_causal=is_causal,
+            window=args.window,
+        )
     )
     program, consts = (None, ()) if mask_fn is None else trace_mask_fn(mask_fn)
     offset = normalize_q_offset(q_offset, batch)
@@ -257,7 +364,7 @@ def _block_mask_for_call(
         heads=q_heads,
         q_len=q_len,
         k_len=k_len,
-        block_size=(min(blocks[0], q_len), min(blocks[1], k_len)),
+        block_size=blocks if pallas_blocks else (min(blocks[0], q_len), min(blocks[1], k_len)),
         is_causal=is_causal,
         window=args.window,
         q_offset=offset,
@@ -409,7 +516,8 @@ def dot_product_attention(
         key_value_seq_lengths: ``(B,)`` int: keys at or past it are masked.
         local_window_size: ``(left, right)`` or ``w`` for ``(w, w)``: key ``s`` visible
             from ``t`` only if ``t - left <= s <= t + right``.
-        implementation: ``None`` or ``"xla"`` (the block loop).
+        implementation: ``None``, ``"xla"``, ``"pallas"`` or ``"cudnn"``, as in
+            ``masked_attention_via_map``.
         return_residual: Also return the log-sum-exp of each row's scores, ``(B, T, N)``
             (``(T, N)`` for 3-D inputs), as ``jax.nn`` does.
 
@@ -435,9 +543,12 @@ def dot_product_attention(
         >>> bool(jnp.allclose(ours, theirs, atol=1e-5))
         True
     """
-    if implementation not in (None, "xla"):
-        raise ValueError(f"implementation must be None or 'xla', got {implementation!r}")
-    out, lse = masked_attention_via_map(
+    if return_residual and implementation == "cudnn":
+        raise ValueError(
+            'implementation="cudnn" cannot compute this call: jax.nn returns cuDNN\'s '
+            "log-sum-exp rounded to the input dtype, not float32 (return_residual)"
+        )
+    result = masked_attention_via_map(
         query,
         key,
         value,
@@ -448,8 +559,10 @@ def dot_product_attention(
         query_seq_lengths=query_seq_lengths,
         key_value_seq_lengths=key_value_seq_lengths,
         window_size=local_window_size,
-        return_lse=True,
+        return_lse=bool(return_residual),
+        implementation=implementation,
     )
     if not return_residual:
-        return out
+        return result
+    out, lse = result
     return out, jnp.swapaxes(lse, -1, -2)

@@ -29,7 +29,7 @@ Programs that use a closed-over array any other way cannot be lowered; they rais
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -42,6 +42,8 @@ from jax.extend.core import Literal
 
 from ._band import band_limits, in_band
 from ._block_mask import BlockMask
+from ._scores import ScoreConfig, capped_scores
+from ._xla import Operands
 
 Array = Any  # jax.Array, or a Pallas ref inside a kernel
 # The block mask's traced mask_fn (its jaxpr, whose constvars are the closed-over arrays).
@@ -309,6 +311,10 @@ class TileConfig:
     interpret: bool
     num_warps: int = 4
     num_stages: int = 2
+    # The score pipeline: soft-cap, score_mod (its program and closed-over arrays'
+    # dtypes) and the bias (whether it varies along batch, head, query, key).
+    scores: ScoreConfig = field(default_factory=ScoreConfig)
+    score_dtypes: tuple[Any, ...] = ()
 
     @property
     def groups(self) -> int:
@@ -353,6 +359,73 @@ def tile_visible(
     return visible
 
 
+def _score_mod_on_tile(
+    config: TileConfig,
+    score_refs: Sequence[Any],
+    s2: Array,
+    b: Array,
+    h: Array,
+    q_pos: Array,
+    k_pos: Array,
+) -> Array:
+    program = config.scores.score
+    k_safe = jnp.minimum(k_pos, config.k_len - 1)
+    index = [jnp.asarray(x, jnp.int32) for x in (b, h, q_pos, k_safe)]
+    out = evaluate_on_tile(program, score_refs, config.score_dtypes, s2, *index)
+    return jnp.broadcast_to(out, s2.shape).astype(_F32)
+
+
+def tile_scores(
+    config: TileConfig,
+    s0: Array,
+    bias: Array | None,
+    score_refs: Sequence[Any],
+    b: Array,
+    h: Array,
+    q_pos: Array,
+    k_pos: Array,
+) -> Array:
+    """The final float32 scores of a tile (``s0 = scale * q.k``): plus the bias tile,
+    soft-capped, through ``score_mod`` on the tile's index vectors (the pipeline of
+    ``_scores``, with ``score_mod``'s closed-over arrays read from kernel refs)."""
+    s1 = s0 if bias is None else s0 + bias.astype(_F32)
+    s2 = capped_scores(config.scores.soft_cap, s1)
+    if config.scores.score is None:
+        return s2
+    return _score_mod_on_tile(config, score_refs, s2, b, h, q_pos, k_pos)
+
+
+def tile_score_gradient(
+    config: TileConfig,
+    s0: Array,
+    bias: Array | None,
+    score_refs: Sequence[Any],
+    b: Array,
+    h: Array,
+    q_pos: Array,
+    k_pos: Array,
+    d_scores: Array,
+) -> Array:
+    """The gradient of a tile's final scores mapped back to ``s1 = s0 + bias`` (the
+    gradient of the products and of the bias). ``score_mod`` is element-wise, so its
+    derivative in the score is one forward-mode pass on the tile."""
+    cap = config.scores.soft_cap
+    if cap is None and config.scores.score is None:
+        return d_scores
+    s1 = s0 if bias is None else s0 + bias.astype(_F32)
+    s2 = capped_scores(cap, s1)
+    if config.scores.score is not None:
+        _, slope = jax.jvp(
+            lambda s: _score_mod_on_tile(config, score_refs, s, b, h, q_pos, k_pos),
+            (s2,),
+            (jnp.ones_like(s2),),
+        )
+        d_scores = d_scores * slope
+    if cap is not None:
+        d_scores = d_scores * (1.0 - jnp.square(s2 / _F32(cap)))
+    return d_scores
+
+
 def _matmul_t(a: Array, b: Array) -> Array:
     """``a @ b.T`` in float32."""
     return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=_F32)
@@ -391,49 +464,16 @@ def softmax_finish(m: Array, l: Array, acc: Array) -> tuple[Array, Array]:
     return out, lse
 
 
-def dq_step(
-    dq: Array,
-    q_blk: Array,
-    k_blk: Array,
-    v_blk: Array,
-    do_blk: Array,
-    lse: Array,
-    delta: Array,
-    scale: float,
-    visible: Array | None,
-) -> Array:
-    """dQ of one tile, query-major: ``lse`` is ``+inf`` on rows without a visible key."""
-    s = _matmul_t(q_blk, k_blk) * _F32(scale)
-    p = jnp.exp(s - lse[:, None])
+def tile_gradient(
+    s: Array, lse: Array, delta: Array, dp: Array, visible: Array | None
+) -> tuple[Array, Array]:
+    """Probabilities ``p = exp(s - lse)`` and the score gradient ``p * (dp - delta)`` of
+    one tile, in either orientation (``lse`` and ``delta`` broadcast along the keys);
+    ``lse`` is ``+inf`` on rows without a visible key, whose ``p`` is then 0."""
+    p = jnp.exp(s - lse)
     if visible is not None:
         p = jnp.where(visible, p, 0.0)
-    dp = _matmul_t(do_blk, v_blk)
-    ds = p * (dp - delta[:, None])
-    return dq + _matmul(ds.astype(k_blk.dtype), k_blk) * _F32(scale)
-
-
-def dkdv_step(
-    carry: tuple[Array, Array],
-    q_blk: Array,
-    k_blk: Array,
-    v_blk: Array,
-    do_blk: Array,
-    lse: Array,
-    delta: Array,
-    scale: float,
-    visible_t: Array | None,
-) -> tuple[Array, Array]:
-    """dK and dV of one tile, key-major: scores transposed, ``(bk, bq)``."""
-    dk, dv = carry
-    s_t = _matmul_t(k_blk, q_blk) * _F32(scale)
-    p_t = jnp.exp(s_t - lse[None, :])
-    if visible_t is not None:
-        p_t = jnp.where(visible_t, p_t, 0.0)
-    dv = dv + _matmul(p_t.astype(do_blk.dtype), do_blk)
-    dp_t = _matmul_t(v_blk, do_blk)
-    ds_t = p_t * (dp_t - delta[None, :])
-    dk = dk + _matmul(ds_t.astype(q_blk.dtype), q_blk) * _F32(scale)
-    return dk, dv
+    return p, p * (dp - delta)
 
 
 # ------------------------------------------------------------------------ kernels
@@ -446,10 +486,34 @@ def _mask_index(config: TileConfig, b: Array, h: Array) -> tuple[Array, Array]:
     return mb, mh
 
 
+def _split_refs(config: TileConfig, refs: Sequence[Any]) -> tuple:
+    """The refs of a kernel: block-mask lists, mask_fn arrays, score_mod arrays, the
+    bias (or ``None``), then the pass's own inputs and outputs."""
+    n_mask, n_score = len(config.const_dtypes), len(config.score_dtypes)
+    lists = refs[:5]
+    mask_refs = refs[5 : 5 + n_mask]
+    score_refs = refs[5 + n_mask : 5 + n_mask + n_score]
+    rest = refs[5 + n_mask + n_score :]
+    bias_ref = None
+    if config.scores.bias is not None:
+        bias_ref, rest = rest[0], rest[1:]
+    return lists, mask_refs, score_refs, bias_ref, rest
+
+
+def _bias_tile(config: TileConfig, bias_ref: Any, head: Any, i: Array, j: Array) -> Array:
+    """The ``(bq | 1, bk | 1)`` bias tile of query block ``i`` and key block ``j`` (one
+    row or column where the bias broadcasts along queries or keys)."""
+    assert config.scores.bias is not None
+    _, _, along_q, along_k = config.scores.bias
+    rows = pl.ds(i * config.q_block, config.q_block) if along_q else pl.ds(0, 1)
+    cols = pl.ds(j * config.k_block, config.k_block) if along_k else pl.ds(0, 1)
+    return bias_ref[rows, cols] if head is None else bias_ref[head, rows, cols]
+
+
 def _forward_kernel(config: TileConfig, n_consts: int, *refs: Any) -> None:
-    count_ref, index_ref, full_count_ref, full_index_ref, offset_ref = refs[:5]
-    const_refs = refs[5 : 5 + n_consts]
-    q_ref, k_ref, v_ref, o_ref, lse_ref = refs[5 + n_consts :]
+    lists, mask_refs, score_refs, bias_ref, rest = _split_refs(config, refs)
+    count_ref, index_ref, full_count_ref, full_index_ref, offset_ref = lists
+    q_ref, k_ref, v_ref, o_ref, lse_ref = rest
     b, h, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     mb, mh = _mask_index(config, b, h)
     bk = config.k_block
@@ -459,10 +523,12 @@ def _forward_kernel(config: TileConfig, n_consts: int, *refs: Any) -> None:
     def step(carry: tuple, j: Array, masked: bool) -> tuple:
         k_blk = k_ref[pl.ds(j * bk, bk), :]
         v_blk = v_ref[pl.ds(j * bk, bk), :]
-        s = _matmul_t(q_blk, k_blk) * _F32(config.scale)
+        k_pos = key_positions(config, j)[None, :]
+        s0 = _matmul_t(q_blk, k_blk) * _F32(config.scale)
+        bias = None if bias_ref is None else _bias_tile(config, bias_ref, None, i, j)
+        s = tile_scores(config, s0, bias, score_refs, b, h, q_pos, k_pos)
         if masked:
-            k_pos = key_positions(config, j)[None, :]
-            s = jnp.where(tile_visible(config, const_refs, b, h, q_pos, k_pos), s, -jnp.inf)
+            s = jnp.where(tile_visible(config, mask_refs, b, h, q_pos, k_pos), s, -jnp.inf)
         return softmax_step(carry, s, v_blk)
 
     carry = (
@@ -485,24 +551,44 @@ def _forward_kernel(config: TileConfig, n_consts: int, *refs: Any) -> None:
 
 
 def _dq_kernel(config: TileConfig, n_consts: int, *refs: Any) -> None:
-    count_ref, index_ref, full_count_ref, full_index_ref, offset_ref = refs[:5]
-    const_refs = refs[5 : 5 + n_consts]
-    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs[5 + n_consts :]
+    lists, mask_refs, score_refs, bias_ref, rest = _split_refs(config, refs)
+    count_ref, index_ref, full_count_ref, full_index_ref, offset_ref = lists
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *dbias = rest
+    dbias_ref = dbias[0] if dbias else None
     b, h, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     mb, mh = _mask_index(config, b, h)
-    bk = config.k_block
+    bq, bk = config.q_block, config.k_block
     q_blk, do_blk = q_ref[...], do_ref[...]
-    lse, delta = lse_ref[...], delta_ref[...]
+    lse, delta = lse_ref[...][:, None], delta_ref[...][:, None]
     q_pos = query_positions(config, i, offset_ref[mb])[:, None]
+    scale = _F32(config.scale)
+
+    if dbias_ref is not None:
+        # This program owns rows i of dbias[b, h]: zero them, then write each listed
+        # tile once (no atomics).
+        def zero(t: Array, c: Array) -> Array:
+            dbias_ref[:, pl.ds(t * bk, bk)] = jnp.zeros((bq, bk), _F32)
+            return c
+
+        lax.fori_loop(0, config.n_k_blocks, zero, 0)
 
     def step(dq: Array, j: Array, masked: bool) -> Array:
         k_blk = k_ref[pl.ds(j * bk, bk), :]
         v_blk = v_ref[pl.ds(j * bk, bk), :]
+        k_pos = key_positions(config, j)[None, :]
         visible = None
         if masked:
-            k_pos = key_positions(config, j)[None, :]
-            visible = tile_visible(config, const_refs, b, h, q_pos, k_pos)
-        return dq_step(dq, q_blk, k_blk, v_blk, do_blk, lse, delta, config.scale, visible)
+            visible = tile_visible(config, mask_refs, b, h, q_pos, k_pos)
+        s0 = _matmul_t(q_blk, k_blk) * scale
+        bias = None if bias_ref is None else _bias_tile(config, bias_ref, None, i, j)
+        s = tile_scores(config, s0, bias, score_refs, b, h, q_pos, k_pos)
+        _, ds = tile_gradient(s, lse, delta, _matmul_t(do_blk, v_blk), visible)
+        ds = tile_score_gradient(config, s0, bias, score_refs, b, h, q_pos, k_pos, ds)
+        if visible is not None and config.scores.changes_scores:
+            ds = jnp.where(visible, ds, 0.0)
+        if dbias_ref is not None:
+            dbias_ref[:, pl.ds(j * bk, bk)] = ds
+        return dq + _matmul(ds.astype(k_blk.dtype), k_blk) * scale
 
     dq = jnp.zeros((config.q_block, q_ref.shape[-1]), _F32)
     dq = lax.fori_loop(
@@ -518,13 +604,15 @@ def _dq_kernel(config: TileConfig, n_consts: int, *refs: Any) -> None:
 
 
 def _dkdv_kernel(config: TileConfig, n_consts: int, *refs: Any) -> None:
-    count_ref, index_ref, full_count_ref, full_index_ref, offset_ref = refs[:5]
-    const_refs = refs[5 : 5 + n_consts]
-    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = refs[5 + n_consts :]
+    lists, mask_refs, score_refs, bias_ref, rest = _split_refs(config, refs)
+    count_ref, index_ref, full_count_ref, full_index_ref, offset_ref = lists
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = rest
     b, hk, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     bq = config.q_block
     k_blk, v_blk = k_ref[...], v_ref[...]
     k_pos = key_positions(config, j)[:, None]
+    scale = _F32(config.scale)
+    bias_heads = config.scores.bias is not None and config.scores.bias[1]
 
     def one_head(g: Array, carry: tuple) -> tuple:
         # The query heads of this key/value head's group, one after another, so dK and
@@ -534,24 +622,28 @@ def _dkdv_kernel(config: TileConfig, n_consts: int, *refs: Any) -> None:
         offset = offset_ref[mb]
 
         def step(c: tuple, i: Array, masked: bool) -> tuple:
+            dk, dv = c
             rows = pl.ds(i * bq, bq)
             q_blk = q_ref[h, rows, :]
             do_blk = do_ref[h, rows, :]
+            q_pos = query_positions(config, i, offset)[None, :]
             visible_t = None
             if masked:
-                q_pos = query_positions(config, i, offset)[None, :]
-                visible_t = tile_visible(config, const_refs, b, h, q_pos, k_pos)
-            return dkdv_step(
-                c,
-                q_blk,
-                k_blk,
-                v_blk,
-                do_blk,
-                lse_ref[h, rows],
-                delta_ref[h, rows],
-                config.scale,
-                visible_t,
-            )
+                visible_t = tile_visible(config, mask_refs, b, h, q_pos, k_pos)
+            # The tile transposed, (bk, bq): keys are this program's rows.
+            s0_t = _matmul_t(k_blk, q_blk) * scale
+            bias_t = None
+            if bias_ref is not None:
+                bias_t = _bias_tile(config, bias_ref, h if bias_heads else 0, i, j).T
+            s_t = tile_scores(config, s0_t, bias_t, score_refs, b, h, q_pos, k_pos)
+            lse_t, delta_t = lse_ref[h, rows][None, :], delta_ref[h, rows][None, :]
+            p_t, ds_t = tile_gradient(s_t, lse_t, delta_t, _matmul_t(v_blk, do_blk), visible_t)
+            ds_t = tile_score_gradient(config, s0_t, bias_t, score_refs, b, h, q_pos, k_pos, ds_t)
+            if visible_t is not None and config.scores.changes_scores:
+                ds_t = jnp.where(visible_t, ds_t, 0.0)
+            dv = dv + _matmul(p_t.astype(do_blk.dtype), do_blk)
+            dk = dk + _matmul(ds_t.astype(q_blk.dtype), q_blk) * scale
+            return dk, dv
 
         carry = lax.fori_loop(
             0,
@@ -606,8 +698,32 @@ def _call(
     )(*lists, *consts, *(x for x, _ in inputs))
 
 
+def _bias_specs(config: TileConfig, bias: Any) -> tuple[Any, Any]:
+    """The bias's BlockSpecs: one ``(b, h)`` slab per program of the query-major passes,
+    one batch row (all its heads) per program of the key-major pass."""
+    assert config.scores.bias is not None
+    along_b, along_h, _, _ = config.scores.bias
+    _, heads, lq, lk = bias.shape
+
+    def row(b: Any) -> Any:
+        return b if along_b else 0
+
+    def head(h: Any) -> Any:
+        return h if along_h else 0
+
+    query_major = pl.BlockSpec((None, None, lq, lk), lambda b, h, i: (row(b), head(h), 0, 0))
+    key_major = pl.BlockSpec((None, heads, lq, lk), lambda b, h, j: (row(b), 0, 0, 0))
+    return query_major, key_major
+
+
 def _forward(
-    config: TileConfig, q: Array, k: Array, v: Array, kv_lists: tuple, consts: tuple
+    config: TileConfig,
+    q: Array,
+    k: Array,
+    v: Array,
+    bias: Array | None,
+    kv_lists: tuple,
+    consts: tuple,
 ) -> tuple[Array, Array]:
     bsz, _, lq, d = q.shape
     dv = v.shape[-1]
@@ -615,13 +731,14 @@ def _forward(
     q_spec = pl.BlockSpec((None, None, bq, d), lambda b, h, i: (b, h, i, 0))
     k_spec = pl.BlockSpec((None, None, k.shape[2], d), lambda b, h, i: (b, h // g, 0, 0))
     v_spec = pl.BlockSpec((None, None, v.shape[2], dv), lambda b, h, i: (b, h // g, 0, 0))
+    bias_input = [] if bias is None else [(bias, _bias_specs(config, bias)[0])]
     out, lse = _call(
         config,
         _forward_kernel,
         (bsz, config.q_heads, config.n_q_blocks),
         kv_lists,
         consts,
-        [(q, q_spec), (k, k_spec), (v, v_spec)],
+        [*bias_input, (q, q_spec), (k, k_spec), (v, v_spec)],
         [
             (
                 jax.ShapeDtypeStruct((bsz, config.q_heads, lq, dv), q.dtype),
@@ -642,6 +759,7 @@ def _backward(
     q: Array,
     k: Array,
     v: Array,
+    bias: Array | None,
     out: Array,
     lse: Array,
     d_out: Array,
@@ -649,7 +767,7 @@ def _backward(
     kv_lists: tuple,
     q_lists: tuple,
     consts: tuple,
-) -> tuple[Array, Array, Array]:
+) -> tuple[Array, Array, Array, Array | None]:
     bsz, _, lq, d = q.shape
     lk, dv = v.shape[2], v.shape[-1]
     bq, bk, g = config.q_block, config.k_block, config.groups
@@ -665,13 +783,19 @@ def _backward(
 
     kv_whole = pl.BlockSpec((None, None, lk, d), lambda b, h, i: (b, h // g, 0, 0))
     v_whole = pl.BlockSpec((None, None, lk, dv), lambda b, h, i: (b, h // g, 0, 0))
-    (dq,) = _call(
+    bias_specs = None if bias is None else _bias_specs(config, bias)
+    dq_outputs = [(jax.ShapeDtypeStruct(q.shape, q.dtype), row_spec(d))]
+    if bias is not None:
+        # dbias of every (b, h) in float32; broadcast axes are summed afterwards.
+        dq_outputs.append((jax.ShapeDtypeStruct((bsz, config.q_heads, lq, lk), _F32), row_spec(lk)))
+    dq, *dbias = _call(
         config,
         _dq_kernel,
         (bsz, config.q_heads, config.n_q_blocks),
         kv_lists,
         consts,
         [
+            *([] if bias_specs is None else [(bias, bias_specs[0])]),
             (q, row_spec(d)),
             (k, kv_whole),
             (v, v_whole),
@@ -679,7 +803,7 @@ def _backward(
             (lse, row_spec(None)),
             (delta, row_spec(None)),
         ],
-        [(jax.ShapeDtypeStruct(q.shape, q.dtype), row_spec(d))],
+        dq_outputs,
         "block_attention_dq",
     )
 
@@ -698,6 +822,7 @@ def _backward(
         q_lists,
         consts,
         [
+            *([] if bias_specs is None else [(bias, bias_specs[1])]),
             (q, per_batch(d)),
             (k, key_spec(d)),
             (v, key_spec(dv)),
@@ -711,7 +836,13 @@ def _backward(
         ],
         "block_attention_dkdv",
     )
-    return dq, dk, dv_
+    d_bias = None
+    if bias is not None:
+        broadcast = tuple(n for n in range(4) if bias.shape[n] == 1 and dbias[0].shape[n] > 1)
+        d_bias = dbias[0].sum(axis=broadcast, keepdims=True) if broadcast else dbias[0]
+        d_bias = d_bias[: bias.shape[0], : bias.shape[1], : bias.shape[2], : bias.shape[3]]
+        d_bias = d_bias.astype(bias.dtype)
+    return dq, dk, dv_, d_bias
 
 
 def _zero_cotangent(x: Any) -> Any:
@@ -726,25 +857,28 @@ def _kernel_attention(
     q: Array,
     k: Array,
     v: Array,
+    bias: Array | None,
     kv_lists: tuple,
     q_lists: tuple,
     consts: tuple,
 ) -> tuple[Array, Array]:
     """Attention over padded kernel-layout inputs: output (``q``'s dtype) and lse."""
-    return _forward(config, q, k, v, kv_lists, consts)
+    return _forward(config, q, k, v, bias, kv_lists, consts)
 
 
-def _kernel_attention_fwd(config, q, k, v, kv_lists, q_lists, consts):
-    out, lse = _forward(config, q, k, v, kv_lists, consts)
-    return (out, lse), (q, k, v, out, lse, kv_lists, q_lists, consts)
+def _kernel_attention_fwd(config, q, k, v, bias, kv_lists, q_lists, consts):
+    out, lse = _forward(config, q, k, v, bias, kv_lists, consts)
+    return (out, lse), (q, k, v, bias, out, lse, kv_lists, q_lists, consts)
 
 
 def _kernel_attention_bwd(config, residuals, cotangents):
-    q, k, v, out, lse, kv_lists, q_lists, consts = residuals
+    q, k, v, bias, out, lse, kv_lists, q_lists, consts = residuals
     d_out, d_lse = cotangents
-    dq, dk, dv = _backward(config, q, k, v, out, lse, d_out, d_lse, kv_lists, q_lists, consts)
+    dq, dk, dv, d_bias = _backward(
+        config, q, k, v, bias, out, lse, d_out, d_lse, kv_lists, q_lists, consts
+    )
     zeros = jax.tree_util.tree_map(_zero_cotangent, (kv_lists, q_lists, consts))
-    return (dq, dk, dv, *zeros)
+    return (dq, dk, dv, d_bias, *zeros)
 
 
 _kernel_attention.defvjp(_kernel_attention_fwd, _kernel_attention_bwd)
@@ -807,6 +941,8 @@ def pallas_attend_with_lse(
     scale: float,
     *,
     interpret: bool | None = None,
+    scores: ScoreConfig | None = None,
+    operands: Operands | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Attention under ``block_mask`` with the fused Pallas kernel, and its lse.
 
@@ -818,25 +954,44 @@ def pallas_attend_with_lse(
         scale: Factor for the scores ``q @ k^T``.
         interpret: Run the kernels in Pallas interpret mode; ``None``: when the default
             backend is not a GPU.
+        scores: The score changes (soft-cap, ``score_mod`` program, which axes the bias
+            varies along, whether sinks are given), as built by
+            ``masked_attention_via_map``.
+        operands: Their arrays: a rank-4 ``bias`` broadcastable to ``(B, Hq, Lq, Lk)``
+            (gets a gradient), ``sinks`` ``(Hq,)`` (gets a gradient) and the arrays
+            ``score_mod`` closes over.
 
     Returns:
         ``(out, lse)``: the output ``(B, Lq, Hq, dv)`` in ``q``'s dtype and the natural
-        log of each row's softmax denominator, ``(B, Hq, Lq)`` float32, ``-inf`` for
-        rows without a visible key (whose output is 0). Both are differentiable.
+        log of each row's softmax denominator (sink included), ``(B, Hq, Lq)`` float32,
+        ``-inf`` for rows without a visible key and no sink (whose output is 0). Both
+        are differentiable.
 
     Raises:
         ValueError: Shapes that do not fit each other or the block mask, block sizes
             that are not powers of two ``>= 16``.
-        PallasUnsupportedError: A ``mask_fn`` the kernel cannot evaluate on tiles (a
-            ``ValueError``).
+        PallasUnsupportedError: A ``mask_fn`` or ``score_mod`` the kernel cannot
+            evaluate on tiles (a ``ValueError``).
     """
     _check_block_mask(block_mask, q, k, v)
-    _, q_len, q_heads, d = q.shape
-    _, k_len, kv_heads, dv = v.shape
-    problem = mask_program_problem(block_mask.program, block_mask.mask_consts)
+    scores = scores or ScoreConfig()
+    operands = operands or Operands(None, None, ())
+    problem = pallas_call_problem(block_mask, scores, operands)
     if problem is not None:
         raise PallasUnsupportedError(problem)
+    _, q_len, q_heads, d = q.shape
+    _, k_len, kv_heads, dv = v.shape
     consts, dtypes = kernel_consts(block_mask.mask_consts)
+    score_consts, score_dtypes = kernel_consts(operands.score_consts)
+    bias = operands.bias
+    if bias is not None:
+        bias = jnp.asarray(bias)
+        if bias.ndim != 4:
+            raise ValueError(f"bias must be rank 4 (B, Hq, Lq, Lk), got shape {bias.shape}")
+        scores = replace(
+            scores,
+            bias=(bias.shape[0] > 1, bias.shape[1] > 1, bias.shape[2] > 1, bias.shape[3] > 1),
+        )
     lo, hi = band_limits(block_mask.is_causal, block_mask.window)
     config = TileConfig(
         q_heads=q_heads,
@@ -853,6 +1008,8 @@ def pallas_attend_with_lse(
         mask_batch=block_mask.mask_batch,
         mask_heads=block_mask.mask_heads,
         interpret=_default_interpret(interpret),
+        scores=replace(scores, sinks=False),
+        score_dtypes=tuple(score_dtypes),
     )
     q_pad = config.n_q_blocks * config.q_block - q_len
     k_pad = config.n_k_blocks * config.k_block - k_len
@@ -862,6 +1019,9 @@ def pallas_attend_with_lse(
     qk = jnp.pad(q.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, q_pad), (0, dp - d)))
     kk = jnp.pad(k.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, k_pad), (0, dp - d)))
     vk = jnp.pad(v.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, k_pad), (0, dvp - dv)))
+    if bias is not None:
+        pads = ((0, 0), (0, 0), (0, q_pad if bias.shape[2] > 1 else 0))
+        bias = jnp.pad(bias, (*pads, (0, k_pad if bias.shape[3] > 1 else 0)))
     offset = jnp.asarray(block_mask.q_offset, jnp.int32).reshape(-1)
     names = ("num_blocks", "indices", "full_{}_num_blocks", "full_{}_indices")
     kv_lists = (
@@ -872,9 +1032,24 @@ def pallas_attend_with_lse(
         *(jnp.asarray(getattr(block_mask, _list_name("q", n)), jnp.int32) for n in names),
         offset,
     )
-    out, lse = _kernel_attention(config, qk, kk, vk, kv_lists, q_lists, tuple(consts))
+    all_consts = (*consts, *score_consts)
+    out, lse = _kernel_attention(config, qk, kk, vk, bias, kv_lists, q_lists, all_consts)
     out = out[:, :, :q_len, :dv].transpose(0, 2, 1, 3)
-    return out, lse[:, :, :q_len]
+    lse = lse[:, :, :q_len]
+    if operands.sinks is not None:
+        out, lse = with_sinks(out, lse, operands.sinks)
+    return out, lse
+
+
+def with_sinks(out: Array, lse: Array, sinks: Array) -> tuple[Array, Array]:
+    """Output and lse of rows whose softmax denominator also holds ``exp(sinks[h])``
+    (a key with value 0), from those without it: the denominator grows from
+    ``exp(lse)`` to ``exp(lse) + exp(sink)``, so the output shrinks by their ratio. Plain
+    JAX, so gradients (to ``sinks`` too) flow through it into the kernel's."""
+    sink = jnp.asarray(sinks, _F32)[None, :, None]
+    total = jnp.logaddexp(lse, sink)
+    factor = jnp.exp(lse - total).transpose(0, 2, 1)[..., None]  # (B, Lq, Hq, 1)
+    return (out.astype(_F32) * factor).astype(out.dtype), total
 
 
 def pallas_attend(
@@ -885,6 +1060,8 @@ def pallas_attend(
     scale: float,
     *,
     interpret: bool | None = None,
+    scores: ScoreConfig | None = None,
+    operands: Operands | None = None,
 ) -> jax.Array:
     """Attention under ``block_mask`` with the fused Pallas kernel (the contract of the
     block-loop backend's ``attend``): output ``(B, Lq, Hq, dv)`` in ``q``'s dtype.
@@ -892,7 +1069,9 @@ def pallas_attend(
     See ``pallas_attend_with_lse``
     for the arguments and errors.
     """
-    out, _ = pallas_attend_with_lse(q, k, v, block_mask, scale, interpret=interpret)
+    out, _ = pallas_attend_with_lse(
+        q, k, v, block_mask, scale, interpret=interpret, scores=scores, operands=operands
+    )
     return out
 
 
@@ -905,10 +1084,49 @@ def pallas_problem(block_mask: BlockMask) -> str | None:
     return mask_program_problem(block_mask.program, block_mask.mask_consts)
 
 
+def score_program_problem(program: Any, consts: Sequence[Any]) -> str | None:
+    """Why the kernel cannot run a ``score_mod`` program, or ``None`` when it can."""
+    traced = [i for i in program.differentiable if isinstance(consts[i], jax.core.Tracer)]
+    if traced:
+        return (
+            "score_mod closes over traced floating arrays (their gradients would need "
+            "atomic adds in the kernel); close over concrete arrays, or use "
+            'implementation="xla"'
+        )
+    arrays, dtypes = kernel_consts(consts)
+    shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays]
+
+    def trial(cs: list[Any]) -> Any:
+        s = jnp.zeros((_MIN_TILE, _MIN_TILE), _F32)
+        q = jnp.zeros((_MIN_TILE, 1), jnp.int32)
+        k = jnp.zeros((1, _MIN_TILE), jnp.int32)
+        return evaluate_on_tile(program, cs, dtypes, s, jnp.int32(0), jnp.int32(0), q, k)
+
+    try:
+        jax.eval_shape(trial, shapes)
+    except PallasUnsupportedError as err:
+        return str(err).replace("mask_fn", "score_mod")
+    except (TypeError, ValueError, NotImplementedError) as err:
+        return f"the Pallas kernel cannot evaluate this score_mod on a tile ({err})"
+    return None
+
+
+def pallas_call_problem(
+    block_mask: BlockMask, scores: ScoreConfig, operands: Operands
+) -> str | None:
+    """Why a call (its block mask and score changes) cannot run on the Pallas kernel, or
+    ``None`` when it can."""
+    problem = pallas_problem(block_mask)
+    if problem is None and scores.score is not None:
+        problem = score_program_problem(scores.score, operands.score_consts)
+    return problem
+
+
 __all__ = [
     "PallasUnsupportedError",
     "TileConfig",
     "pallas_attend",
     "pallas_attend_with_lse",
+    "pallas_call_problem",
     "pallas_problem",
 ]

@@ -61,11 +61,16 @@ class TileIndex:
     k: Array
 
 
-def _capped(config: ScoreConfig, s1: Array) -> Array:
-    if config.soft_cap is None:
+def capped_scores(soft_cap: float | None, s1: Array) -> Array:
+    """``soft_cap * tanh(s1 / soft_cap)``, or ``s1`` without a cap."""
+    if soft_cap is None:
         return s1
-    cap = _F32(config.soft_cap)
+    cap = _F32(soft_cap)
     return cap * jnp.tanh(s1 / cap)
+
+
+def _capped(config: ScoreConfig, s1: Array) -> Array:
+    return capped_scores(config.soft_cap, s1)
 
 
 def _modified(

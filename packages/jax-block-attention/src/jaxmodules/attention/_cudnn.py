@@ -1,0 +1,148 @@
+"""When and how a call goes to ``jax.nn.dot_product_attention(implementation="cudnn")``.
+
+cuDNN's fused kernel takes a fixed menu of masks: causal (top-left), causal with a left
+window, padding by sequence lengths, and an additive bias. A call is handed to it only
+when its mask is exactly one of those; ``cudnn_problem`` says why not otherwise.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_CUDNN_DTYPES = (jnp.float16, jnp.bfloat16)
+_MAX_HEAD_DIM = 128
+
+
+def on_gpu() -> bool:
+    """Whether the default JAX backend is a GPU."""
+    return jax.default_backend() == "gpu"
+
+
+def _zero_offset(q_offset: Any) -> bool:
+    if isinstance(q_offset, numbers.Integral) and not isinstance(q_offset, bool):
+        return int(q_offset) == 0
+    if isinstance(q_offset, jax.core.Tracer):
+        return False
+    try:
+        return not np.asarray(q_offset).any()
+    except TypeError:
+        return False
+
+
+def cudnn_window(
+    is_causal: bool, window: tuple[int | None, int | None]
+) -> tuple[bool, tuple[int, int] | None] | str:
+    """``(is_causal, local_window_size)`` for ``jax.nn``, or why cuDNN cannot take the band.
+
+    cuDNN takes a left window only together with the causal mask. A non-causal ``(L, 0)``
+    window is the same band as causal with ``(L, 0)``, so it is passed that way: jax's
+    own non-causal ``(L, 0)`` path lets future keys through (jax PR #39576).
+    """
+    left, right = window
+    if right is not None and right < 0:
+        return f"window_size={window} ends before the query (right < 0)"
+    if not is_causal and right == 0:
+        is_causal = True
+    elif not is_causal and (left is not None or right is not None):
+        return (
+            f"window_size={window} without is_causal: cuDNN takes only a left window on top "
+            "of the causal mask"
+        )
+    if left is None:
+        return is_causal, None
+    return is_causal, (int(left), 0)
+
+
+def cudnn_problem(
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    is_causal: bool,
+    window: tuple[int | None, int | None],
+    mask_fn: Any,
+    score_mod: Any,
+    soft_cap: Any,
+    sinks: Any,
+    q_offset: Any,
+    block_mask: Any,
+    mask: Any,
+    return_lse: bool,
+) -> str | None:
+    """Why ``jax.nn``'s cuDNN path cannot compute this call exactly, or ``None``."""
+    given = [
+        name
+        for name, value in (
+            ("mask_fn", mask_fn),
+            ("score_mod", score_mod),
+            ("logits_soft_cap", soft_cap),
+            ("sinks", sinks),
+            ("block_mask", block_mask),
+        )
+        if value is not None
+    ]
+    if given:
+        return f"cuDNN has no equivalent of {', '.join(given)}"
+    if mask is not None:
+        return (
+            "a boolean mask array can leave query rows with no visible key, which give 0 "
+            "here and are not defined by cuDNN; use sequence lengths or is_causal"
+        )
+    if not _zero_offset(q_offset):
+        return "cuDNN aligns the causal mask top-left only (q_offset must be 0)"
+    if return_lse:
+        return (
+            "jax.nn returns cuDNN's log-sum-exp rounded to the input dtype, not float32 "
+            "(return_lse)"
+        )
+    band = cudnn_window(is_causal, window)
+    if isinstance(band, str):
+        return band
+    dtype = jnp.result_type(q)
+    if dtype not in _CUDNN_DTYPES or any(jnp.result_type(x) != dtype for x in (k, v)):
+        return f"cuDNN needs float16 or bfloat16 inputs of one dtype, got {dtype}"
+    d, dv = q.shape[-1], v.shape[-1]
+    if d != dv or d % 8 or d > _MAX_HEAD_DIM:
+        return (
+            f"cuDNN needs equal query and value head dimensions, a multiple of 8 and at most "
+            f"{_MAX_HEAD_DIM}, got {d} and {dv}"
+        )
+    if not on_gpu():
+        return f"cuDNN needs a GPU, and the default JAX backend is {jax.default_backend()!r}"
+    return None
+
+
+def cudnn_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    is_causal: bool,
+    window: tuple[int | None, int | None],
+    scale: float | None,
+    bias: Any,
+    query_seq_lengths: Any,
+    key_value_seq_lengths: Any,
+) -> jax.Array:
+    """The call on ``jax.nn``'s cuDNN path (``cudnn_problem`` must have said ``None``)."""
+    band = cudnn_window(is_causal, window)
+    assert not isinstance(band, str)
+    causal, local_window = band
+    return jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        bias,
+        None,
+        scale=scale,
+        is_causal=causal,
+        query_seq_lengths=query_seq_lengths,
+        key_value_seq_lengths=key_value_seq_lengths,
+        local_window_size=local_window,
+        implementation="cudnn",
+    )
