@@ -2,7 +2,7 @@
 
 A bare ``nox`` runs what CI needs: lint, type checks, each package's tests against its
 built wheel (newest and oldest supported jax), the integration suite, the docs build and
-the packaging checks. ``demo`` and ``bench`` run only when asked for by name.
+the packaging checks. ``demo``, ``bench`` and ``gpu_check`` run only when asked for by name.
 """
 
 from __future__ import annotations
@@ -287,6 +287,17 @@ def demo(session: nox.Session) -> None:
     """Train the tiny character-level language model (examples/train_tiny_lm.py)."""
     session.install(*map(str, _all_wheels(session)), *DEMO_DEPS)
     session.run("python", str(ROOT / "examples" / "train_tiny_lm.py"), *session.posargs)
+
+
+@nox.session(default=False)
+def gpu_check(session: nox.Session) -> None:
+    """The attention backends on an NVIDIA GPU, in one command: the Pallas tests compiled
+    through Triton (not interpreted), then ``benchmarks/attention.py --impl pallas --dtype
+    bfloat16`` against jax.nn's XLA and cuDNN paths, written to
+    ``benchmarks/results/attention_gpu.*``. Without a GPU it says so and checks nothing
+    (``-- --strict`` makes that a failure)."""
+    session.install(*map(str, _all_wheels(session)), "jax[cuda12]", *INTEGRATION_DEPS)
+    session.run("python", str(ROOT / "benchmarks" / "gpu" / "check.py"), *session.posargs)
 
 
 @nox.session(default=False)

@@ -18,7 +18,12 @@ the plot to ``docs/assets/attention_benchmark.png``.
     python benchmarks/attention.py                 # full CPU run (about 15 min, 2 cores)
     python benchmarks/attention.py --max-dense-length 16384   # time dense at 16384 too
     python benchmarks/attention.py --quick         # a couple of minutes
-    python benchmarks/attention.py --dtype bfloat16 --impl cudnn   # on a GPU
+    python benchmarks/attention.py --dtype bfloat16 --impl pallas  # on a GPU
+
+``--impl`` picks the backend of ``masked_attention_via_map`` ("ours"): ``xla`` (the block
+loop), ``pallas`` (the fused kernel; interpret mode, so only for tiny runs, off a GPU),
+``cudnn`` or ``auto`` (``implementation=None``). On a GPU with float16/bfloat16 inputs
+(or with ``--impl cudnn``) ``jax.nn``'s cuDNN implementation is timed as a third column.
 """
 
 from __future__ import annotations
@@ -54,8 +59,8 @@ DOCUMENTS = 4
 # ----------------------------------------------------------------------------- inputs
 
 
-def _segment_ids(batch: int, length: int) -> jax.Array:
-    ids = np.minimum(np.arange(length) * DOCUMENTS // length, DOCUMENTS - 1)
+def _segment_ids(batch: int, length: int, documents: int = DOCUMENTS) -> jax.Array:
+    ids = np.minimum(np.arange(length) * documents // length, documents - 1)
     return jnp.asarray(np.broadcast_to(ids, (batch, length)).astype(np.int32))
 
 
@@ -64,20 +69,21 @@ def _inputs(args: argparse.Namespace, length: int) -> tuple[jax.Array, ...]:
     shape = (args.batch, length, args.heads, args.dim)
     dtype = jnp.dtype(args.dtype)
     q, k, v = (jax.random.normal(key, shape, jnp.float32).astype(dtype) for key in keys)
-    return q, k, v, _segment_ids(args.batch, length)
+    return q, k, v, _segment_ids(args.batch, length, args.documents)
 
 
-def _ours(mask: str) -> Callable[..., jax.Array]:
+def _ours(mask: str, impl: str = "xla") -> Callable[..., jax.Array]:
+    implementation = None if impl == "auto" else impl
+
     def attention(q, k, v, ids):
+        options: dict[str, Any] = {"implementation": implementation}
         if mask == "causal":
-            return masked_attention_via_map(q, k, v, is_causal=True)
-        if mask == "window":
-            return masked_attention_via_map(q, k, v, window_size=WINDOW)
-        if mask == "documents":
-            return masked_attention_via_map(
-                q, k, v, mask_fn=lambda b, h, qi, ki: ids[b, qi] == ids[b, ki]
-            )
-        return masked_attention_via_map(q, k, v)
+            options["is_causal"] = True
+        elif mask == "window":
+            options["window_size"] = WINDOW
+        elif mask == "documents":
+            options["mask_fn"] = lambda b, h, qi, ki: ids[b, qi] == ids[b, ki]
+        return masked_attention_via_map(q, k, v, **options)
 
     return attention
 
@@ -173,18 +179,18 @@ def _machine() -> dict[str, Any]:
 
 def measure_times(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
-    columns = ["ours", "xla"] + (["cudnn"] if args.impl == "cudnn" else [])
+    columns = ["ours", "xla"] + (["cudnn"] if _cudnn_column(args) else [])
     for length in args.lengths:
         inputs = _inputs(args, length)
         for mask in args.masks:
             for mode in args.modes:
                 compiled: dict[str, Any] = {}
                 skipped: dict[str, str] = {}
-                programs = {"ours": _program(_ours(mask), mode)}
+                programs = {"ours": _program(_ours(mask, args.impl), mode)}
                 for impl in columns[1:]:
                     programs[impl] = _program(_dense(mask, impl), mode)
                 for name, program in programs.items():
-                    if name != "ours" and length > args.max_dense_length:
+                    if name == "xla" and length > args.max_dense_length:
                         skipped[name] = f"not run above L={args.max_dense_length}"
                         continue
                     try:
@@ -222,7 +228,8 @@ def measure_memory(args: argparse.Namespace) -> list[dict[str, Any]]:
         inputs = (spec, spec, spec, ids)
         for mask in args.masks:
             row: dict[str, Any] = {"mask": mask, "length": length}
-            for name, attention in (("ours", _ours(mask)), ("xla", _dense(mask, "xla"))):
+            pairs = (("ours", _ours(mask, args.impl)), ("xla", _dense(mask, "xla")))
+            for name, attention in pairs:
                 for mode in MODES:
                     compiled = _compiled(_program(attention, mode), inputs)  # type: ignore[arg-type]
                     row[f"{name}_{mode}_bytes"] = _temp_bytes(compiled)
@@ -247,6 +254,7 @@ def _time_line(row: dict[str, Any]) -> str:
     return (
         f"{row['mask']:>9} {row['mode']:>7} L={row['length']:>6}: ours {_ms(row['ours_s'])} ms, "
         f"xla {_ms(row['xla_s'])} ms, ratio {ratio}"
+        + (f", cudnn {_ms(row['cudnn_s'])} ms" if row.get("cudnn_s") else "")
     )
 
 
@@ -258,8 +266,14 @@ def _memory_line(row: dict[str, Any]) -> str:
     )
 
 
+def _cudnn_column(args: argparse.Namespace) -> bool:
+    """Time jax.nn's cuDNN path too: asked for, or a GPU with half-precision inputs."""
+    half = args.dtype in ("bfloat16", "float16")
+    return args.impl == "cudnn" or (jax.default_backend() == "gpu" and half)
+
+
 def markdown(args: argparse.Namespace, machine: dict, times: list, memory: list) -> str:
-    cudnn = args.impl == "cudnn"
+    cudnn = _cudnn_column(args)
     lines = [
         "# Block attention benchmark",
         "",
@@ -271,7 +285,8 @@ def markdown(args: argparse.Namespace, machine: dict, times: list, memory: list)
         f"Python {machine['python']}; {machine['date']}",
         f"- B={args.batch}, H={args.heads}, d={args.dim}, {args.dtype}; median of "
         f"{args.repeats} alternating runs after a warm-up, {args.settle} s pause before "
-        "each; default block sizes.",
+        f"each; default block sizes; ours = `masked_attention_via_map(implementation="
+        f"{'None' if args.impl == 'auto' else repr(args.impl)})`; {args.documents} documents.",
         '- Reference: `jax.nn.dot_product_attention(implementation="xla")` with the same '
         "mask; ratio = ours / XLA (below 1: ours is faster).",
         "",
@@ -390,10 +405,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument(
         "--impl",
-        choices=["xla", "cudnn"],
+        choices=["xla", "pallas", "cudnn", "auto"],
         default="xla",
-        help="cudnn adds jax.nn's cuDNN implementation as a third column (GPU)",
+        help="backend of ours (implementation=, auto: None); on a GPU with half-precision "
+        "inputs jax.nn's cuDNN implementation is timed as a third column",
     )
+    parser.add_argument("--documents", type=int, default=DOCUMENTS, help="packed documents")
+    parser.add_argument("--name", help="output file stem (default attention_<backend>)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--dim", type=int, default=64)
@@ -437,7 +455,7 @@ def main(argv: list[str] | None = None) -> None:
     times = measure_times(args)
     memory = measure_memory(args)
     args.output.mkdir(parents=True, exist_ok=True)
-    stem = args.output / f"attention_{jax.default_backend()}"
+    stem = args.output / (args.name or f"attention_{jax.default_backend()}")
     report = markdown(args, machine, times, memory)
     stem.with_suffix(".md").write_text(report)
     settings = {k: v for k, v in vars(args).items() if k not in ("output", "argv")}

@@ -523,3 +523,46 @@ def test_cudnn_takes_only_masks_it_expresses_exactly(ref, monkeypatch):
     assert _cudnn.cudnn_window(False, (8, 0)) == (True, (8, 0))
     assert _cudnn.cudnn_window(True, (8, None)) == (True, (8, 0))
     assert _cudnn.cudnn_window(False, (None, 0)) == (True, None)
+
+
+def test_score_pipeline_lowers_for_cuda_without_a_gpu(ref):
+    try:
+        from jax import export
+    except ImportError as err:
+        pytest.skip(f"jax.export is unavailable in this jax ({err})")
+    if not hasattr(export, "DisabledSafetyCheck"):
+        pytest.skip("this jax.export cannot allow Triton custom calls")
+    from jaxmodules.attention._elementwise import trace_score_mod
+    from jaxmodules.attention._scores import ScoreConfig
+    from jaxmodules.attention._xla import Operands
+
+    shape = (1, 48, 80, 4, 2, 32, 32)
+    q, k, v = ref.qkv(29, *shape, dtype=jnp.bfloat16)
+    block_mask = _block_mask(shape, (32, 16), {"mask_fn": same_segment, "is_causal": True})
+    program, consts = trace_score_mod(_alibi(jnp.asarray(2.0 ** -np.arange(1, 5), jnp.float32)))
+    bias = jnp.asarray(np.random.default_rng(30).standard_normal((1, 4, 48, 80)), jnp.bfloat16)
+    sinks = jnp.zeros((4,), jnp.float32)
+    scores = ScoreConfig(soft_cap=20.0, score=program, sinks=True)
+
+    def value_and_grads(q, k, v, bias, sinks):
+        def loss(q, k, v, bias, sinks):
+            out = pallas_attend(
+                q,
+                k,
+                v,
+                block_mask,
+                0.2,
+                interpret=False,
+                scores=scores,
+                operands=Operands(bias, sinks, consts),
+            )
+            return out.astype(jnp.float32).sum()
+
+        return jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))(q, k, v, bias, sinks)
+
+    exported = export.export(
+        jax.jit(value_and_grads),
+        platforms=["cuda"],
+        disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+    )(q, k, v, bias, sinks)
+    assert exported.mlir_module().count("__gpu$xla.gpu.triton") == 3
