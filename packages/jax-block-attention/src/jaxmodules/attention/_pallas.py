@@ -979,8 +979,8 @@ def pallas_attend_with_lse(
     problem = pallas_call_problem(block_mask, scores, operands)
     if problem is not None:
         raise PallasUnsupportedError(problem)
-    _, q_len, q_heads, d = q.shape
-    _, k_len, kv_heads, dv = v.shape
+    _, q_len, q_heads, _ = q.shape
+    _, k_len, kv_heads, _ = v.shape
     consts, dtypes = kernel_consts(block_mask.mask_consts)
     score_consts, score_dtypes = kernel_consts(operands.score_consts)
     bias = operands.bias
@@ -1011,17 +1011,6 @@ def pallas_attend_with_lse(
         scores=replace(scores, sinks=False),
         score_dtypes=tuple(score_dtypes),
     )
-    q_pad = config.n_q_blocks * config.q_block - q_len
-    k_pad = config.n_k_blocks * config.k_block - k_len
-    dp, dvp = _tile_width(d), _tile_width(dv)
-    # Zero padding: padded keys are masked in the (never full) last key block, padded
-    # query rows are dropped, and zero feature columns change no score.
-    qk = jnp.pad(q.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, q_pad), (0, dp - d)))
-    kk = jnp.pad(k.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, k_pad), (0, dp - d)))
-    vk = jnp.pad(v.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, k_pad), (0, dvp - dv)))
-    if bias is not None:
-        pads = ((0, 0), (0, 0), (0, q_pad if bias.shape[2] > 1 else 0))
-        bias = jnp.pad(bias, (*pads, (0, k_pad if bias.shape[3] > 1 else 0)))
     offset = jnp.asarray(block_mask.q_offset, jnp.int32).reshape(-1)
     names = ("num_blocks", "indices", "full_{}_num_blocks", "full_{}_indices")
     kv_lists = (
@@ -1033,11 +1022,40 @@ def pallas_attend_with_lse(
         offset,
     )
     all_consts = (*consts, *score_consts)
-    out, lse = _kernel_attention(config, qk, kk, vk, bias, kv_lists, q_lists, all_consts)
+    return _attend_padded(config, q, k, v, bias, operands.sinks, kv_lists, q_lists, all_consts)
+
+
+@partial(jax.jit, static_argnums=(0,))
+def _attend_padded(
+    config: TileConfig,
+    q: Array,
+    k: Array,
+    v: Array,
+    bias: Array | None,
+    sinks: Array | None,
+    kv_lists: tuple,
+    q_lists: tuple,
+    consts: tuple,
+) -> tuple[Array, Array]:
+    """Kernel layout and padding around the kernels, sinks after them: one compiled
+    program per configuration and shapes, reused by eager calls."""
+    q_len, d, dv = q.shape[1], q.shape[-1], v.shape[-1]
+    q_pad = config.n_q_blocks * config.q_block - q_len
+    k_pad = config.n_k_blocks * config.k_block - config.k_len
+    dp, dvp = _tile_width(d), _tile_width(dv)
+    # Zero padding: padded keys are masked in the (never full) last key block, padded
+    # query rows are dropped, and zero feature columns change no score.
+    qk = jnp.pad(q.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, q_pad), (0, dp - d)))
+    kk = jnp.pad(k.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, k_pad), (0, dp - d)))
+    vk = jnp.pad(v.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, k_pad), (0, dvp - dv)))
+    if bias is not None:
+        pads = ((0, 0), (0, 0), (0, q_pad if bias.shape[2] > 1 else 0))
+        bias = jnp.pad(bias, (*pads, (0, k_pad if bias.shape[3] > 1 else 0)))
+    out, lse = _kernel_attention(config, qk, kk, vk, bias, kv_lists, q_lists, consts)
     out = out[:, :, :q_len, :dv].transpose(0, 2, 1, 3)
     lse = lse[:, :, :q_len]
-    if operands.sinks is not None:
-        out, lse = with_sinks(out, lse, operands.sinks)
+    if sinks is not None:
+        out, lse = with_sinks(out, lse, sinks)
     return out, lse
 
 
