@@ -45,7 +45,7 @@ def alibi(s, b, h, qp, kp):
     return s - 0.1 * (h + 1) * jnp.abs(qp - kp)
 
 
-def check(mesh, batch_axis, ring_kw, ref_kw=None, layout="zigzag"):
+def check(mesh, batch_axis, ring_kw, ref_kw=None, layout="zigzag", lse=False):
     ref_kw = dict(ring_kw) if ref_kw is None else ref_kw
     n = mesh.shape["seq"]
     sharding = NamedSharding(mesh, P(batch_axis, "seq"))
@@ -60,12 +60,18 @@ def check(mesh, batch_axis, ring_kw, ref_kw=None, layout="zigzag"):
     def loss_ring(q, k, v):
         out = ring_attention(
             q, k, v, mesh=mesh, seq_axis="seq", batch_axis=batch_axis, layout=layout,
-            **kw, **extra,
+            **kw, **extra, return_lse=lse,
         )
+        if lse:
+            out, l = out
+            return jnp.sum(out * jnp.cos(out)) + jnp.sum(jnp.sin(l)), out
         return jnp.sum(out * jnp.cos(out)), out
 
     def loss_ref(q, k, v):
-        out = masked_attention_via_map(q, k, v, **ref_kw)
+        out = masked_attention_via_map(q, k, v, **ref_kw, return_lse=lse)
+        if lse:
+            out, l = out
+            return jnp.sum(out * jnp.cos(out)) + jnp.sum(jnp.sin(l)), out
         return jnp.sum(out * jnp.cos(out)), out
 
     step = jax.jit(jax.value_and_grad(loss_ring, argnums=(0, 1, 2), has_aux=True))
@@ -102,24 +108,25 @@ def _run(body: str) -> None:
 
 def test_ring_1d_mesh_default_axis_types():
     """8 devices on "seq" from jax.make_mesh's defaults (Explicit axes on new jax): causal
-    GQA, unmasked, and a mask_fn of global positions with segment ids."""
+    GQA, unmasked, and a mask_fn of global positions with segment ids (with lse)."""
     _run(
         """
         mesh = jax.make_mesh((8,), ("seq",))
-        check(mesh, None, dict(is_causal=True))
+        check(mesh, None, dict(is_causal=True), lse=True)
         check(mesh, None, dict())
         check(
             mesh, None,
             dict(mask_fn=prefix_lm, segment_ids=seg),
             dict(mask_fn=lambda b, h, qp, kp: prefix_lm(b, h, qp, kp) & seg_mask(b, h, qp, kp)),
+            lse=True,
         )
         """
     )
 
 
 def test_ring_2d_mesh_auto_axis_types():
-    """2 "data" x 4 "seq" with Auto axes: a window on the unbalanced contiguous layout, and
-    causal with score_mod and sinks on zigzag."""
+    """2 "data" x 4 "seq" with Auto axes: a window with score_mod on the unbalanced
+    contiguous layout, and causal with sinks and lse gradients on zigzag."""
     _run(
         """
         AxisType = getattr(jax.sharding, "AxisType", None)
@@ -127,9 +134,9 @@ def test_ring_2d_mesh_auto_axis_types():
             mesh = jax.make_mesh((2, 4), ("data", "seq"))
         else:
             mesh = jax.make_mesh((2, 4), ("data", "seq"), axis_types=(AxisType.Auto,) * 2)
-        check(mesh, "data", dict(window_size=(5, 3)), layout="contiguous")
+        check(mesh, "data", dict(window_size=(5, 3), score_mod=alibi), layout="contiguous")
         sinks = jnp.asarray([0.5, -1.0, 0.0, 2.0], jnp.float32)
-        check(mesh, "data", dict(is_causal=True, score_mod=alibi, sinks=sinks))
+        check(mesh, "data", dict(is_causal=True, sinks=sinks), lse=True)
         """
     )
 

@@ -4,9 +4,8 @@ Each device keeps its queries; key/value chunks travel round the ring of devices
 ``seq_axis`` by collective permutes, one hop per step, and every step runs
 [`masked_attention_via_map`][jaxmodules.attention.masked_attention_via_map] on the local
 queries against the visiting chunk with ``return_lse=True``. The partial results are merged
-through their log-sum-exp. Gradients come from differentiating that program: the
-transpose of a collective permute is the reverse permute, so the key/value gradients travel
-back round the ring the same way.
+through their log-sum-exp. The backward pass (a custom VJP) sends the chunks round again
+with their key/value gradient accumulators.
 
 Causal balance uses the zigzag layout: the sequence is cut into ``2 n`` equal chunks and
 device ``i`` holds chunks ``i`` and ``2 n - 1 - i``, so every device owns as many early
@@ -98,8 +97,6 @@ def to_zigzag(x: Any, num_devices: int, axis: int = 1) -> Array:
 
     On an array already sharded along the sequence this is a gather across devices (one
     pass over the array); do it once per batch, e.g. in the input pipeline, not per layer.
-    On a mesh with ``Explicit`` axes jax asks for the output sharding of that gather, so
-    reorder before sharding the sequence (on the host or on unsharded arrays).
     On a mesh with ``Explicit`` axes jax asks for the output sharding of that gather, so
     reorder before sharding the sequence (on the host or on unsharded arrays).
 
@@ -289,11 +286,14 @@ def ring_attention(
     for the forward pass is O(L / n). Each step calls ``masked_attention_via_map`` on the
     local queries against the visiting chunk with the relative position offset, so its
     causal/window block skipping applies, and a query/key half-chunk pair that the causal
-    or window constraint leaves wholly masked is skipped with ``lax.cond``. In the
-    backward pass the key/value gradients travel back round the ring (the transpose of a
-    permute); the per-step attention keeps its linear-memory custom VJP, and the
-    visiting key/value chunks of all steps are saved as residuals (O(L) per device for the
-    keys and values, no ``L x L`` array).
+    or window constraint leaves wholly masked is skipped with ``lax.cond``. The backward
+    pass is a custom VJP that runs the ring again: key/value chunks travel the same way
+    with their gradient accumulators, each step differentiates its per-step calls against
+    the merged output and log-sum-exp (recomputing their forward, about a third more
+    compute than plain differentiation), and the key/value gradients take one more hop
+    home, so the backward also keeps O(L / n) per device. With ``score_mod`` the ring is
+    differentiated by plain autodiff instead (arrays it closes over then get gradients),
+    which saves every visiting key/value chunk (O(L) per device for keys and values).
 
     **Layout.** With ``layout="zigzag"`` (the default) the sequence must be in zigzag order
     (see [`to_zigzag`][jaxmodules.attention.to_zigzag]): cut into ``2 n`` chunks, device
@@ -407,20 +407,33 @@ def ring_attention(
 
     def local(q: Array, k: Array, v: Array, seg: Any, sink: Any) -> Any:
         bl, hl = q.shape[0], q.shape[2]
-        device = lax.axis_index(seq_axis)
-        b0 = _axis_index(batch_axis) * bl
-        h0 = _axis_index(head_axis) * hl
-        q_halves = (q[:, :cq], q[:, cq:])
-        q_chunks = _chunks(device, n, layout)
-        seg_q = None if seg is None else (seg[:, :cq], seg[:, cq:])
 
-        def pair(qi: int, qc: Any, k_half: Array, v_half: Array, kc: Any, seg_k: Any) -> Any:
-            q_start = qc * cq + q_offset
+        def context(seg: Any) -> tuple[Any, ...]:
+            # Made afresh in each traced function (the custom VJP's backward is traced
+            # apart from the forward): this device, batch and head offsets, query chunks.
+            device = lax.axis_index(seq_axis)
+            b0 = _axis_index(batch_axis) * bl
+            h0 = _axis_index(head_axis) * hl
+            return device, b0, h0, _chunks(device, n, layout), seg
+
+        perm = [(i, (i + 1) % n) for i in range(n)]
+
+        def shift(tree: Any) -> Any:
+            return jax.tree_util.tree_map(lambda x: lax.ppermute(x, seq_axis, perm), tree)
+
+        def half(x: Any, i: int, size: int) -> Any:
+            return None if x is None else x[:, i * size : (i + 1) * size]
+
+        def pair_call(
+            ctx: Any, q_half: Array, k_half: Array, v_half: Array, qi: int, kc: Any, seg_k: Any
+        ) -> tuple[Array, Array]:
+            """Local query half ``qi`` against one visiting key half (chunk ``kc``)."""
+            _, b0, h0, q_chunks, seg_q = ctx
             k_start = kc * ck
-            offset = (q_start - k_start).astype(jnp.int32)
+            offset = (q_chunks[qi] * cq + q_offset - k_start).astype(jnp.int32)
+            seg_qi = half(seg_q, qi, cq)
             inner_mask = None
             if mask_fn is not None or seg_k is not None:
-                seg_qi = None if seg_q is None else seg_q[qi]
 
                 def inner_mask(b: Any, h: Any, qp: Any, kp: Any) -> Any:
                     visible = jnp.bool_(True)
@@ -437,63 +450,192 @@ def ring_attention(
             inner_mod = None
             if score_mod is not None:
 
-                def inner_mod(s: Any, b: Any, h: Any, qp: Any, kp: Any) -> Any:
-                    return score_mod(s, b + b0, h + h0, qp + k_start, kp + k_start)
+                def inner_mod(sc: Any, b: Any, h: Any, qp: Any, kp: Any) -> Any:
+                    return score_mod(sc, b + b0, h + h0, qp + k_start, kp + k_start)
 
-            def compute() -> tuple[Array, Array]:
-                o, lse = masked_attention_via_map(
-                    q_halves[qi],
-                    k_half,
-                    v_half,
-                    is_causal=is_causal,
-                    window_size=window_size,
-                    mask_fn=inner_mask,
-                    q_offset=jnp.full((bl,), offset, jnp.int32),
-                    scale=scale,
-                    block_size=block_size,
-                    logits_soft_cap=logits_soft_cap,
-                    score_mod=inner_mod,
-                    return_lse=True,
-                )
-                return o.astype(jnp.float32), lse
+            o, lse = masked_attention_via_map(
+                q_half,
+                k_half,
+                v_half,
+                is_causal=is_causal,
+                window_size=window_size,
+                mask_fn=inner_mask,
+                q_offset=jnp.full((bl,), offset, jnp.int32),
+                scale=scale,
+                block_size=block_size,
+                logits_soft_cap=logits_soft_cap,
+                score_mod=inner_mod,
+                return_lse=True,
+            )
+            return o.astype(jnp.float32), lse
 
-            def skip() -> tuple[Array, Array]:
-                shape = (bl, cq, hl, v_half.shape[-1])
-                lse = jnp.full((bl, hl, cq), -jnp.inf, jnp.float32)
-                return jnp.zeros(shape, jnp.float32), lse
+        def visible(ctx: Any, qi: int, kc: Any) -> Any:
+            q_chunks = ctx[3]
+            q_start = q_chunks[qi] * cq + q_offset
+            return _maybe_visible(q_start, cq, kc * ck, ck, is_causal, window)
 
-            visible = _maybe_visible(q_start, cq, k_start, ck, is_causal, window)
-            if visible is True:
-                return compute()
-            return lax.cond(visible, compute, skip)
-
-        def step(accs: Any, kv: Any, source: Any) -> Any:
+        def forward_step(ctx: Any, q: Array, accs: Any, kv: Any, source: Any) -> Any:
             k_cur, v_cur, seg_cur = kv
             k_chunks = _chunks(source, n, layout)
             new = []
             for qi in range(2):
                 acc = accs[qi]
                 for ki in range(2):
-                    sl = slice(0, ck) if ki == 0 else slice(ck, 2 * ck)
-                    seg_k = None if seg_cur is None else seg_cur[:, sl]
-                    part = pair(qi, q_chunks[qi], k_cur[:, sl], v_cur[:, sl], k_chunks[ki], seg_k)
+                    args = (
+                        ctx,
+                        half(q, qi, cq),
+                        half(k_cur, ki, ck),
+                        half(v_cur, ki, ck),
+                        qi,
+                        k_chunks[ki],
+                        half(seg_cur, ki, ck),
+                    )
+                    dv_shape = (bl, cq, hl, v_cur.shape[-1])
+
+                    def skip() -> tuple[Array, Array]:
+                        return (
+                            jnp.zeros(dv_shape, jnp.float32),  # noqa: B023
+                            jnp.full((bl, hl, cq), -jnp.inf, jnp.float32),
+                        )
+
+                    pred = visible(ctx, qi, k_chunks[ki])
+                    if pred is True:
+                        part = pair_call(*args)
+                    else:
+                        part = lax.cond(pred, lambda a=args: pair_call(*a), skip)
                     acc = part if acc is None else _merge(acc, part)
                 new.append(acc)
             return tuple(new)
 
-        accs = step((None, None), (k, v, seg), device)
-        perm = [(i, (i + 1) % n) for i in range(n)]
+        def ring_forward(q: Array, k: Array, v: Array, seg: Any) -> tuple[Array, Array]:
+            ctx = context(seg)
+            device = ctx[0]
+            accs = forward_step(ctx, q, (None, None), (k, v, seg), device)
 
-        def body(carry: Any, s: Any) -> Any:
-            accs, kv = carry
-            kv = jax.tree_util.tree_map(lambda x: lax.ppermute(x, seq_axis, perm), kv)
-            accs = step(accs, kv, (device - s) % n)
-            return (accs, kv), None
+            def body(carry: Any, step: Any) -> Any:
+                accs, kv = carry
+                kv = shift(kv)
+                return (forward_step(ctx, q, accs, kv, (device - step) % n), kv), None
 
-        if n > 1:
-            (accs, _), _ = lax.scan(body, (accs, (k, v, seg)), jnp.arange(1, n))
-        out = jnp.concatenate([accs[0][0], accs[1][0]], axis=1)
-        lse = jnp.concatenate([accs[0][1], accs[1][1]], axis=2)
+            if n > 1:
+                (accs, _), _ = lax.scan(body, (accs, (k, v, seg)), jnp.arange(1, n))
+            out = jnp.concatenate([accs[0][0], accs[1][0]], axis=1)
+            lse = jnp.concatenate([accs[0][1], accs[1][1]], axis=2)
+            return out, lse
+
+        def backward_step(
+            ctx: Any,
+            q: Array,
+            out: Array,
+            lse: Array,
+            d_out: Array,
+            d_lse: Array,
+            kv: Any,
+            source: Any,
+        ) -> tuple[Array, Array, Array]:
+            """Gradients of one step's four pairs, from the merged ``out`` and ``lse``."""
+            k_cur, v_cur, seg_cur = kv
+            k_chunks = _chunks(source, n, layout)
+            dq = []
+            dk = [jnp.zeros((*k_cur.shape[:1], ck, *k_cur.shape[2:]), jnp.float32)] * 2
+            dv = [jnp.zeros((*v_cur.shape[:1], ck, *v_cur.shape[2:]), jnp.float32)] * 2
+            for qi in range(2):
+                o_all, l_all = half(out, qi, cq), lse[:, :, qi * cq : (qi + 1) * cq]
+                do_all = half(d_out, qi, cq)
+                dl_all = d_lse[:, :, qi * cq : (qi + 1) * cq]
+                dq_i = jnp.zeros((*q.shape[:1], cq, *q.shape[2:]), jnp.float32)
+                for ki in range(2):
+                    q_half, k_half, v_half = (
+                        half(q, qi, cq),
+                        half(k_cur, ki, ck),
+                        half(v_cur, ki, ck),
+                    )
+                    seg_k = half(seg_cur, ki, ck)
+
+                    def grads(
+                        q_half: Array = q_half,
+                        k_half: Array = k_half,
+                        v_half: Array = v_half,
+                        qi: int = qi,
+                        kc: Any = k_chunks[ki],
+                        seg_k: Any = seg_k,
+                        o_all: Array = o_all,
+                        l_all: Array = l_all,
+                        do_all: Array = do_all,
+                        dl_all: Array = dl_all,
+                    ) -> tuple[Array, Array, Array]:
+                        (o_p, l_p), pullback = jax.vjp(
+                            lambda a, b, c: pair_call(ctx, a, b, c, qi, kc, seg_k),
+                            q_half,
+                            k_half,
+                            v_half,
+                        )
+                        finite = jnp.isfinite(l_p) & jnp.isfinite(l_all)
+                        w = jnp.where(finite, jnp.exp(jnp.where(finite, l_p - l_all, 0.0)), 0.0)
+                        w_rows = jnp.swapaxes(w, 1, 2)[..., None]
+                        d_o = (w_rows * do_all).astype(o_p.dtype)
+                        dot = jnp.swapaxes(jnp.sum(do_all * (o_p - o_all), axis=-1), 1, 2)
+                        d_l = w * (dl_all + dot)
+                        g = pullback((d_o, d_l))
+                        return tuple(x.astype(jnp.float32) for x in g)
+
+                    def no_grads(
+                        q_half: Array = q_half, k_half: Array = k_half, v_half: Array = v_half
+                    ) -> tuple[Array, Array, Array]:
+                        return (
+                            jnp.zeros(q_half.shape, jnp.float32),
+                            jnp.zeros(k_half.shape, jnp.float32),
+                            jnp.zeros(v_half.shape, jnp.float32),
+                        )
+
+                    pred = visible(ctx, qi, k_chunks[ki])
+                    g = grads() if pred is True else lax.cond(pred, grads, no_grads)
+                    dq_i = dq_i + g[0]
+                    dk[ki] = dk[ki] + g[1]
+                    dv[ki] = dv[ki] + g[2]
+                dq.append(dq_i)
+            return (
+                jnp.concatenate(dq, axis=1),
+                jnp.concatenate(dk, axis=1),
+                jnp.concatenate(dv, axis=1),
+            )
+
+        @jax.custom_vjp
+        def ring(q: Array, k: Array, v: Array, seg: Any) -> tuple[Array, Array]:
+            return ring_forward(q, k, v, seg)
+
+        def ring_fwd(q: Array, k: Array, v: Array, seg: Any) -> Any:
+            out, lse = ring_forward(q, k, v, seg)
+            return (out, lse), (q, k, v, seg, out, lse)
+
+        def ring_bwd(res: Any, cts: Any) -> Any:
+            q, k, v, seg, out, lse = res
+            d_out, d_lse = cts
+            d_out = d_out.astype(jnp.float32)
+            d_lse = d_lse.astype(jnp.float32)
+            ctx = context(seg)
+            device = ctx[0]
+            dq, dk, dv = backward_step(ctx, q, out, lse, d_out, d_lse, (k, v, seg), device)
+
+            def body(carry: Any, step: Any) -> Any:
+                dq, kv, dk, dv = carry
+                kv, dk, dv = shift((kv, dk, dv))
+                g = backward_step(ctx, q, out, lse, d_out, d_lse, kv, (device - step) % n)
+                return (dq + g[0], kv, dk + g[1], dv + g[2]), None
+
+            if n > 1:
+                carry = (dq, (k, v, seg), dk, dv)
+                (dq, _, dk, dv), _ = lax.scan(body, carry, jnp.arange(1, n))
+                dk, dv = shift((dk, dv))  # home: the chunk came from the previous device
+            d_seg = None if seg is None else np.zeros(seg.shape, jax.dtypes.float0)
+            return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_seg
+
+        ring.defvjp(ring_fwd, ring_bwd)
+
+        if score_mod is None:
+            out, lse = ring(q, k, v, seg)
+        else:  # arrays score_mod closes over get gradients through plain autodiff
+            out, lse = ring_forward(q, k, v, seg)
         if sink is not None:
             sink_lse = jnp.broadcast_to(sink.astype(jnp.float32)[None, :, None], lse.shape)
             out, lse = _merge((out, lse), (jnp.zeros_like(out), sink_lse))
