@@ -525,7 +525,8 @@ def test_cudnn_takes_only_masks_it_expresses_exactly(ref, monkeypatch):
     assert _cudnn.cudnn_window(False, (None, 0)) == (True, None)
 
 
-def test_score_pipeline_lowers_for_cuda_without_a_gpu(ref):
+@pytest.mark.parametrize("bias_shape", [(1, 4, 48, 80), (1, 1, 1, 80)])
+def test_score_pipeline_lowers_for_cuda_without_a_gpu(ref, bias_shape):
     try:
         from jax import export
     except ImportError as err:
@@ -540,7 +541,7 @@ def test_score_pipeline_lowers_for_cuda_without_a_gpu(ref):
     q, k, v = ref.qkv(29, *shape, dtype=jnp.bfloat16)
     block_mask = _block_mask(shape, (32, 16), {"mask_fn": same_segment, "is_causal": True})
     program, consts = trace_score_mod(_alibi(jnp.asarray(2.0 ** -np.arange(1, 5), jnp.float32)))
-    bias = jnp.asarray(np.random.default_rng(30).standard_normal((1, 4, 48, 80)), jnp.bfloat16)
+    bias = jnp.asarray(np.random.default_rng(30).standard_normal(bias_shape), jnp.bfloat16)
     sinks = jnp.zeros((4,), jnp.float32)
     scores = ScoreConfig(soft_cap=20.0, score=program, sinks=True)
 

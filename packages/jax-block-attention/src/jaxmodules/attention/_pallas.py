@@ -15,9 +15,20 @@ d_pad)``, values ``(B, Hkv, Lk_pad, dv_pad)``, lengths padded to block multiples
 dimensions to powers of two (Triton's tiles). Query head ``h`` reads key/value head
 ``h // G``. Scores, softmax statistics and accumulators are float32.
 
-The tile math (positions, visibility, the online-softmax step and the two gradient
-steps) lives in small functions of arrays, apart from the refs and the grid, so that a
-Mosaic GPU kernel can reuse it.
+Scores follow the pipeline of ``_scores``: ``scale * q.k``, plus a bias tile (read from
+a bias input, one row or column where the bias broadcasts), soft-cap, then ``score_mod``
+evaluated on the tile's index vectors like a ``mask_fn``; the backward kernels map the
+score gradient back through them (``score_mod``'s derivative by one forward-mode pass).
+The dQ kernel, which visits each (query block, key block) tile of a head once, writes
+that tile of ``dbias`` (float32, per batch row and head; broadcast axes are summed
+afterwards), so no atomics are needed. Sinks change only each row's denominator: they are
+applied after the kernels from the lse in plain JAX, which also gives their gradient.
+``score_mod`` arrays that may need gradients (traced floating arrays) are refused: their
+gradients would need atomic adds.
+
+The tile math (positions, visibility, the score pipeline, the online-softmax step and the
+gradient step) lives in small functions of arrays, apart from the refs and the grid, so
+that a Mosaic GPU kernel can reuse it.
 
 A ``mask_fn`` that closes over arrays (segment ids, lengths) gets them as whole-array
 kernel inputs: its program is re-evaluated on the tile's index vectors, and every
@@ -986,8 +997,12 @@ def pallas_attend_with_lse(
     bias = operands.bias
     if bias is not None:
         bias = jnp.asarray(bias)
-        if bias.ndim != 4:
-            raise ValueError(f"bias must be rank 4 (B, Hq, Lq, Lk), got shape {bias.shape}")
+        full = (q.shape[0], q_heads, q_len, k_len)
+        if bias.ndim != 4 or any(n not in (1, m) for n, m in zip(bias.shape, full, strict=True)):
+            raise ValueError(
+                f"bias must be rank 4 and broadcastable to (B, Hq, Lq, Lk) = {full}, got "
+                f"shape {bias.shape}"
+            )
         scores = replace(
             scores,
             bias=(bias.shape[0] > 1, bias.shape[1] > 1, bias.shape[2] > 1, bias.shape[3] > 1),
