@@ -190,3 +190,87 @@ def test_length_not_divisible():
     q = jnp.zeros((1, 7, 2, 4))
     with pytest.raises(ValueError, match="multiple of 2"):
         ring_attention(q, q, q, mesh=mesh, seq_axis="seq")
+
+
+_TWO_PROCESS = """
+import sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(
+    coordinator_address=f"127.0.0.1:{sys.argv[1]}", num_processes=2, process_id=int(sys.argv[2])
+)
+import jax.numpy as jnp, numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+from jaxmodules.attention import masked_attention_via_map, ring_attention, to_zigzag, from_zigzag
+
+assert jax.process_count() == 2 and len(jax.devices()) == 8 and len(jax.local_devices()) == 4
+rng = np.random.default_rng(0)
+q = rng.standard_normal((2, 32, 4, 8)).astype(np.float32)
+k, v = (rng.standard_normal((2, 32, 2, 8)).astype(np.float32) for _ in "kv")
+mesh = jax.make_mesh((2, 4), ("data", "seq"))
+sharding = NamedSharding(mesh, P("data", "seq"))
+args = [
+    jax.make_array_from_callback(x.shape, sharding, lambda i, x=x: x[i])
+    for x in (np.asarray(to_zigzag(y, 4)) for y in (q, k, v))
+]
+
+
+def loss(q, k, v):
+    out = ring_attention(q, k, v, mesh=mesh, seq_axis="seq", batch_axis="data", is_causal=True)
+    return jnp.sum(out * jnp.cos(out)), out
+
+
+(_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(*args)
+out, *grads = (multihost_utils.process_allgather(x, tiled=True) for x in (out, *grads))
+
+
+def ref_loss(q, k, v):
+    out = masked_attention_via_map(q, k, v, is_causal=True)
+    return jnp.sum(out * jnp.cos(out)), out
+
+
+(_, expected), expected_grads = jax.value_and_grad(ref_loss, (0, 1, 2), has_aux=True)(q, k, v)
+np.testing.assert_allclose(from_zigzag(out, 4), expected, atol=2e-5)
+for g, e in zip(grads, expected_grads):
+    np.testing.assert_allclose(from_zigzag(g, 4), e, atol=5e-5)
+print("ok", jax.process_index())
+"""
+
+
+def test_two_processes_gloo():
+    """2 processes x 4 CPU devices (jax.distributed on 127.0.0.1, gloo collectives): a
+    data x sequence sharded ring attention forward and gradients equal one process."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    ).strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _TWO_PROCESS, str(port), str(i)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    results = []
+    try:
+        for proc in procs:
+            results.append(proc.communicate(timeout=300))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for i, (proc, (stdout, stderr)) in enumerate(zip(procs, results, strict=True)):
+        if proc.returncode != 0 and "gloo" in stderr.lower() and "not" in stderr.lower():
+            pytest.skip(f"gloo CPU collectives unavailable in jax {jax.__version__}")
+        assert proc.returncode == 0, stderr[-3000:]
+        assert stdout.strip().endswith(f"ok {i}")
