@@ -511,7 +511,7 @@ def _unit_grad_merge(
         return lax.dynamic_update_slice(full, piece, starts)
 
     bias = grads.bias
-    if bias is not None:
+    if bias is not None and part.bias is not None:
         bias = put(
             bias,
             part.bias,
@@ -521,7 +521,7 @@ def _unit_grad_merge(
             ),
         )
     sinks = grads.sinks
-    if sinks is not None:
+    if sinks is not None and part.sinks is not None:
         sinks = put(sinks, part.sinks, ((0, unit.head_slot, config.mask_heads > 1),))
     return Operands(bias, sinks, part.score_consts)
 
