@@ -5,7 +5,8 @@ use this module, so the tests check exactly the code the demo runs.
 
 Where the three jaxmodules packages come in:
 
-* ``masked_attention_via_map`` computes every causal self-attention layer;
+* ``masked_attention_via_map`` computes every causal self-attention layer (or
+  ``ring_attention`` with the sequence split over a mesh axis: context parallelism);
 * ``fancy_vmap`` writes the per-example, per-head and per-token parts as functions of
   one example (one head, one token) and vectorizes them by pattern;
 * ``Log`` marks the values to report (loss, gradient norm, learning rate and two
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxmodules.attention import masked_attention_via_map
+from jaxmodules.attention import masked_attention_via_map, ring_attention
 from jaxmodules.logstate import Log
 from jaxmodules.vectorize import fancy_vmap
 
@@ -47,6 +48,13 @@ class Config:
     # "block": masked_attention_via_map. "dense": jax.nn.dot_product_attention, the
     # reference the integration tests compare against.
     attention: str = "block"
+    # Context parallelism: with a mesh (a jax.sharding.Mesh, hashable) the block-wise
+    # attention runs as ring_attention with the sequence split over ``seq_axis`` (natural,
+    # "contiguous" order) and, if given, the batch over ``batch_axis``. None: one device's
+    # masked_attention_via_map (jit may still split the batch over devices).
+    mesh: Any = None
+    seq_axis: str = "seq"
+    batch_axis: str | None = None
     learning_rate: float = 3e-3
     warmup_steps: int = 50
     total_steps: int = 1000
@@ -136,6 +144,18 @@ def _entropy(weights: jax.Array) -> jax.Array:
 
 
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, config: Config) -> jax.Array:
+    if config.attention == "block" and config.mesh is not None:
+        return ring_attention(
+            q,
+            k,
+            v,
+            mesh=config.mesh,
+            seq_axis=config.seq_axis,
+            batch_axis=config.batch_axis,
+            layout="contiguous",
+            is_causal=True,
+            block_size=config.block_size,
+        )
     if config.attention == "block":
         return masked_attention_via_map(q, k, v, is_causal=True, block_size=config.block_size)
     if config.attention == "dense":

@@ -13,30 +13,64 @@ that has the three packages, optax, tqdm and matplotlib:
 
 It prints a table of the named logs every ``--log-every`` steps, then a text sample,
 and writes ``loss.png``, ``attention.png``, ``logs.csv`` and ``sample.txt`` to ``--out``.
+
+``--context-parallel N`` splits every sequence over N devices: the attention runs as
+``ring_attention`` over a mesh axis ``"seq"`` of size N. On a machine without N
+accelerators the script asks XLA for N simulated CPU devices before jax starts.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import matplotlib
-import numpy as np
-import tiny_lm
-from tqdm import tqdm
 
-from jaxmodules.logstate import fetch_logs, named_logs
+def _context_parallel_arg(argv: Sequence[str]) -> int:
+    """The value of ``--context-parallel`` in ``argv`` (1 when absent or malformed)."""
+    for i, arg in enumerate(argv):
+        value = None
+        if arg == "--context-parallel" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith("--context-parallel="):
+            value = arg.split("=", 1)[1]
+        if value is not None:
+            return int(value) if value.isdigit() else 1
+    return 1
+
+
+def _request_cpu_devices(count: int) -> None:
+    """Ask XLA for ``count`` CPU devices. It reads the flag once, when jax's CPU backend
+    starts, so this acts only before that; on GPUs or TPUs it changes nothing."""
+    flag = "--xla_force_host_platform_device_count"
+    if count > 1 and flag not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}={count}".strip()
+
+
+# Run as a script, this comes before jax is imported; imported (as the tests do), jax may
+# already run, and then the devices it has are the devices there are.
+if __name__ == "__main__":
+    _request_cpu_devices(_context_parallel_arg(sys.argv[1:]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import matplotlib  # noqa: E402
+import numpy as np  # noqa: E402
+import tiny_lm  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from jaxmodules.logstate import fetch_logs, named_logs  # noqa: E402
 
 matplotlib.use("Agg")  # files only, no window
-import matplotlib.pyplot as plt
-from matplotlib.colors import PowerNorm
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.colors import PowerNorm  # noqa: E402
 
 DEFAULT_TEXT = Path(__file__).parent / "data" / "genesis.txt"
 
@@ -65,6 +99,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     option(
         "--log-every", type=int, default=200, help="steps between log tables (default: %(default)s)"
     )
+    option(
+        "--context-parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help=(
+            "split each sequence over N devices (ring attention over a mesh axis 'seq'); "
+            "on CPU, N simulated devices (default: %(default)s)"
+        ),
+    )
     option("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     option(
         "--prompt",
@@ -90,14 +134,38 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="folder for the pictures, logs and sample (default: ./%(default)s)",
     )
     args = parser.parse_args(argv)
-    for name in ("steps", "batch_size", "seq_len", "d_model", "heads", "layers", "block_size"):
+    names = ("steps", "batch_size", "seq_len", "d_model", "heads", "layers", "block_size")
+    for name in (*names, "context_parallel"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.log_every < 1 or args.sample_len < 0 or args.temperature <= 0:
         parser.error("--log-every must be >= 1, --sample-len >= 0 and --temperature > 0")
     if args.d_model % args.heads:
         parser.error(f"--d-model ({args.d_model}) must be a multiple of --heads ({args.heads})")
+    if args.seq_len % (2 * args.context_parallel):
+        parser.error(
+            f"--seq-len ({args.seq_len}) must be a multiple of 2 x --context-parallel "
+            f"({2 * args.context_parallel})"
+        )
     return args
+
+
+def context_parallel_mesh(n: int) -> Mesh | None:
+    """A one-axis mesh ``("seq",)`` over the first ``n`` devices; None for ``n == 1``.
+
+    Raises:
+        SystemExit: fewer than ``n`` devices.
+    """
+    if n == 1:
+        return None
+    if jax.device_count() < n:
+        raise SystemExit(
+            f"--context-parallel {n} needs {n} devices, jax has {jax.device_count()} "
+            f"({jax.devices()[0].platform}); on CPU run the script itself, which asks XLA "
+            f"for {n} devices before jax starts, or set "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={n}"
+        )
+    return Mesh(np.array(jax.devices()[:n]), ("seq",))
 
 
 class CharData:
@@ -220,18 +288,26 @@ def main(argv: Sequence[str] | None = None) -> None:
         warmup_steps=min(50, args.steps // 10),
         total_steps=args.steps,
     )
+    mesh = context_parallel_mesh(args.context_parallel)
     rng = np.random.default_rng(args.seed)
     state = tiny_lm.init_state(config, jax.random.key(args.seed))
+    if mesh is not None:
+        # Training uses ring attention over the mesh; the state is replicated on it.
+        state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+        train_config = dataclasses.replace(config, mesh=mesh)
+    else:
+        train_config = config
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     print(
         f"{args.text.name}: {len(data.train) + len(data.valid):,} characters, "
         f"{len(data.chars)} distinct; model: {n_params:,} parameters; "
         f"devices: {jax.devices()[0].platform} x{jax.device_count()}"
+        + (f"; context parallel over {args.context_parallel}" if mesh is not None else "")
     )
 
     # Donating the state lets XLA update parameters and optimizer moments in place.
-    train_step = jax.jit(tiny_lm.make_train_step(config), donate_argnums=0)
-    eval_loss = jax.jit(lambda params, batch: tiny_lm.loss_fn(params, batch, config)[0])
+    train_step = jax.jit(tiny_lm.make_train_step(train_config), donate_argnums=0)
+    eval_loss = jax.jit(lambda params, batch: tiny_lm.loss_fn(params, batch, train_config)[0])
     valid_batches = [data.batch(rng, args.batch_size, valid=True) for _ in range(4)]
 
     def validation_loss() -> float:
