@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from jaxmodules.attention import (
+    create_block_mask,
     from_zigzag,
     masked_attention_via_map,
     ring_attention,
@@ -26,7 +27,7 @@ _CHECKS = """
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxmodules.attention import (
-    from_zigzag, masked_attention_via_map, ring_attention, to_zigzag,
+    create_block_mask, from_zigzag, masked_attention_via_map, ring_attention, to_zigzag,
 )
 
 assert len(jax.devices()) == 8
@@ -108,7 +109,8 @@ def _run(body: str) -> None:
 
 def test_ring_1d_mesh_default_axis_types():
     """8 devices on "seq" from jax.make_mesh's defaults (Explicit axes on new jax): causal
-    GQA, unmasked, and a mask_fn of global positions with segment ids (with lse)."""
+    GQA, unmasked, a mask_fn of global positions with segment ids (with lse), and a block
+    mask of the whole sequence."""
     _run(
         """
         mesh = jax.make_mesh((8,), ("seq",))
@@ -120,6 +122,11 @@ def test_ring_1d_mesh_default_axis_types():
             dict(mask_fn=lambda b, h, qp, kp: prefix_lm(b, h, qp, kp) & seg_mask(b, h, qp, kp)),
             lse=True,
         )
+        # A block mask of the whole sequence: documents, causal, a left window.
+        bm = create_block_mask(
+            seg_mask, B, 1, L, L, is_causal=True, window_size=(20, None), block_size=8
+        )
+        check(mesh, None, dict(block_mask=bm))
         """
     )
 
@@ -169,7 +176,11 @@ def test_one_device_mesh_matches():
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        (dict(block_mask=None), ValueError, "block_mask"),
+        (
+            dict(block_mask=create_block_mask(None, 1, 1, 8, 8), is_causal=True),
+            ValueError,
+            "do not pass is_causal",
+        ),
         (dict(bias=1.0), ValueError, "bias"),
         (dict(layout="striped"), ValueError, "layout"),
         (dict(seq_axis="time"), ValueError, "seq_axis"),

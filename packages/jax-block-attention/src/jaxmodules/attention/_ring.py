@@ -30,7 +30,7 @@ from ._elementwise import _arity
 Array = jax.Array
 
 _LAYOUTS = ("zigzag", "contiguous")
-_UNSUPPORTED = ("block_mask", "bias", "mask", "query_seq_lengths", "key_value_seq_lengths")
+_UNSUPPORTED = ("bias", "mask", "query_seq_lengths", "key_value_seq_lengths")
 
 
 def _shard_map(f: Callable[..., Any], mesh: Any, in_specs: Any, out_specs: Any) -> Any:
@@ -253,6 +253,48 @@ def _merge(acc: tuple[Array, Array], part: tuple[Array, Array]) -> tuple[Array, 
     return a1 * o1 + a2 * o2, lse
 
 
+def _from_block_mask(
+    block_mask: Any,
+    Q: Array,
+    K: Array,
+    is_causal: Any,
+    window_size: Any,
+    mask_fn: Any,
+    q_offset: int,
+) -> tuple[bool, Any, Any, int]:
+    """The causal flag, window, mask function and offset a block mask stands for."""
+    from ._checks import _check_block_mask
+
+    _check_block_mask(
+        block_mask,
+        Q,
+        K,
+        is_causal,
+        mask_fn,
+        (None, None)
+        if window_size is None
+        else tuple(window_size)
+        if isinstance(window_size, (tuple, list))
+        else (window_size,) * 2,
+        None,
+        q_offset != 0,
+    )
+    offsets = np.unique(np.asarray(block_mask.q_offset))
+    if offsets.size != 1:
+        raise ValueError(
+            "ring_attention takes a block_mask with one q_offset for all rows, got "
+            f"{offsets.tolist()}"
+        )
+    program, consts = block_mask.program, block_mask.mask_consts
+    stands_for = None
+    if program is not None:
+
+        def stands_for(b: Any, h: Any, q: Any, k: Any) -> Any:
+            return program.evaluate(consts, b, h, q, k)
+
+    return block_mask.is_causal, block_mask.window, stands_for, int(offsets[0])
+
+
 def ring_attention(
     Q: Any,
     K: Any,
@@ -274,6 +316,7 @@ def ring_attention(
     score_mod: Callable[..., Any] | None = None,
     sinks: Any = None,
     return_lse: bool = False,
+    block_mask: Any = None,
     **unsupported: Any,
 ) -> Any:
     """Attention over a sequence sharded along a mesh axis (context parallelism).
@@ -334,7 +377,12 @@ def ring_attention(
             softmax (after the ring).
         return_lse: Also return the log-sum-exp ``(B, Hq, Lq)`` float32 in the same
             layout.
-        **unsupported: ``block_mask``, ``bias``, ``mask``, ``query_seq_lengths`` and
+        block_mask: A [`BlockMask`][jaxmodules.attention.BlockMask] for the whole
+            sequence (natural positions, a single ``q_offset``): its causal, window,
+            offset and ``mask_fn`` parts drive every step, whose own block lists are
+            classified on the device for the visiting chunk (its block size is not used).
+            Not combined with ``is_causal``, ``window_size``, ``mask_fn`` or ``q_offset``.
+        **unsupported: ``bias``, ``mask``, ``query_seq_lengths`` and
             ``key_value_seq_lengths`` are global ``Lq x Lk`` descriptions that a ring step
             does not see; pass them as ``mask_fn`` / ``segment_ids`` instead.
 
@@ -381,6 +429,10 @@ def ring_attention(
     for name, x in (("Q", Q), ("K", K), ("V", V)):
         if x.ndim != 4:
             raise ValueError(f"ring_attention needs 4-D {name} (B, L, H, d), got {x.shape}")
+    if block_mask is not None:
+        is_causal, window_size, mask_fn, q_offset = _from_block_mask(
+            block_mask, Q, K, is_causal, window_size, mask_fn, q_offset
+        )
     n = int(mesh.shape[seq_axis])
     lq, lk = Q.shape[1], K.shape[1]
     for name, length in (("Q", lq), ("K", lk)):
