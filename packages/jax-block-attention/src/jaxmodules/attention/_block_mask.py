@@ -76,21 +76,19 @@ class _BuildSpec:
         return -(-self.k_len // self.k_block)
 
 
+def _structure(spec: _BuildSpec, xp: Any, offset: Array) -> Array:
+    """The band's block classes for ``spec``, with NumPy or on the device."""
+    return structural_classes(
+        xp, spec.q_len, spec.k_len, spec.q_block, spec.k_block, spec.lo, spec.hi, offset
+    )
+
+
 def _mask_classes(spec: _BuildSpec, offset: Array, consts: tuple) -> Array:
     """``(batch, heads, n_q, n_k)`` classes with ``mask_fn``, evaluated over the block
     pairs the band leaves non-empty (all pairs when the offset is traced), in chunks."""
     dense = jnp.zeros((spec.batch, spec.heads, spec.n_q, spec.n_k), jnp.int8)
     if spec.static_offset is not None:
-        struct = structural_classes(
-            np,
-            spec.q_len,
-            spec.k_len,
-            spec.q_block,
-            spec.k_block,
-            spec.lo,
-            spec.hi,
-            np.asarray(spec.static_offset),
-        )
+        struct = _structure(spec, np, np.asarray(spec.static_offset))
         # Pairs the band covers whole need no band test per element.
         inside = (struct == FULL).all(axis=0)
         edge = (struct != EMPTY).any(axis=0) & ~inside
@@ -183,26 +181,13 @@ def _list_arrays(xp: Any, classes: Array) -> dict[str, Array]:
 
 def _build(spec: _BuildSpec, offset: Array, consts: tuple) -> dict[str, Array]:
     """The index arrays of a block mask (traceable; widths are the static bounds)."""
-    if spec.static_offset is not None:
-        struct = jnp.asarray(
-            structural_classes(
-                np,
-                spec.q_len,
-                spec.k_len,
-                spec.q_block,
-                spec.k_block,
-                spec.lo,
-                spec.hi,
-                np.asarray(spec.static_offset),
-            )
-        )
-    else:
-        struct = structural_classes(
-            jnp, spec.q_len, spec.k_len, spec.q_block, spec.k_block, spec.lo, spec.hi, offset
-        )
     if spec.program is not None:
         classes = _mask_classes(spec, offset, consts)
     else:
+        if spec.static_offset is not None:
+            struct = jnp.asarray(_structure(spec, np, np.asarray(spec.static_offset)))
+        else:
+            struct = _structure(spec, jnp, offset)
         classes = jnp.broadcast_to(struct[:, None], (spec.batch, spec.heads, spec.n_q, spec.n_k))
     return _list_arrays(jnp, classes)
 
@@ -493,7 +478,7 @@ def make_block_mask(
             return cached
     if program is None:
         # Known band, no mask_fn: O(blocks) NumPy, nothing to compile.
-        struct = structural_classes(np, q_len, k_len, *block_size, lo, hi, offset)
+        struct = _structure(spec, np, offset)
         host = _trimmed(_list_arrays(np, struct[:, None]))
     else:
         # A compiled executable runs now even when called inside another trace.
