@@ -14,6 +14,13 @@ gpu_check`` builds one)::
    (causal and 16 packed documents), with jax.nn's XLA and cuDNN implementations as
    columns, written to ``benchmarks/results/attention_gpu.md``, ``.json`` and ``.png``;
    then a short ``--impl xla`` run (the block loop) to ``attention_gpu_xla.md``.
+3. ``benchmarks/gpu/tune.py``: the kernel's block sizes, backward tiles and warps
+   against cuDNN at L=16384, to ``attention_gpu_tuning.md``.
+
+Each part has a timeout (tests 4 min, benchmarks 6 + 3, tuning 5). Where one command
+may run at most 10 minutes, run the parts in separate calls: ``--skip-benchmark
+--skip-tuning``, then ``--skip-tests --skip-tuning``, then ``--skip-tests
+--skip-benchmark``.
 
 Without a GPU it prints why and exits with status 0 (nothing checked), or 1 with
 ``--strict``.
@@ -31,6 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 TESTS = ROOT / "packages" / "jax-block-attention" / "tests"
 BENCHMARK = ROOT / "benchmarks" / "attention.py"
+TUNE = ROOT / "benchmarks" / "gpu" / "tune.py"
 
 
 def _run(command: list[str], timeout: float) -> int:
@@ -51,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strict", action="store_true", help="fail (status 1) without a GPU")
     parser.add_argument("--skip-tests", action="store_true")
     parser.add_argument("--skip-benchmark", action="store_true")
+    parser.add_argument("--skip-tuning", action="store_true")
     args = parser.parse_args(argv)
 
     import jax
@@ -139,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
             ],
             timeout=180,
         )
+    if not args.skip_tuning:
+        statuses["tuning"] = _run([env_python, str(TUNE)], timeout=300)
     print(", ".join(f"{name}: {status}" for name, status in statuses.items()), flush=True)
     return 0 if all(status == 0 for status in statuses.values()) else 1
 

@@ -186,6 +186,93 @@ def dense_variants(
     return out, lse
 
 
+def compare_variants(
+    shape,
+    options,
+    *,
+    bias=None,
+    sinks=None,
+    extra=None,
+    make_mod=None,
+    visible_extra=None,
+    seed=0,
+    atol=3e-5,
+    jit=False,
+):
+    """``masked_attention_via_map(**options)`` against ``dense_variants`` in float64:
+    outputs, lse and the gradients of a loss through both with respect to Q, K, V and
+    the given ``bias``, ``sinks`` and ``extra`` (the array ``make_mod(extra)``'s
+    ``score_mod`` closes over). ``shape`` is ``(B, Lq, Lk, Hq, Hkv, d)``;
+    ``visible_extra`` narrows the reference's mask (for ``mask`` / lengths keywords).
+    Returns our output."""
+    from jaxmodules.attention import masked_attention_via_map
+
+    jnp = jax.numpy
+    batch, q_len, k_len, q_heads, kv_heads, d = shape
+    q, k, v = random_qkv(seed, batch, q_len, k_len, q_heads, kv_heads, d)
+    rng = np.random.default_rng(seed + 1)
+    w_out = jnp.asarray(rng.standard_normal((batch, q_len, q_heads, d)), jnp.float32)
+    w_lse = jnp.asarray(rng.standard_normal((batch, q_heads, q_len)), jnp.float32)
+    visible = mask_for(shape, options)
+    if visible_extra is not None:
+        visible = visible & visible_extra
+    diff = {"q": q, "k": k, "v": v}
+    for name, x in (("bias", bias), ("sinks", sinks), ("extra", extra)):
+        if x is not None:
+            diff[name] = x
+
+    def loss(out, lse):
+        finite = jnp.isfinite(lse)
+        weighted = jnp.where(finite, lse * w_lse, 0.0)
+        return jnp.sum(out.astype(jnp.float32) * w_out) + jnp.sum(weighted)
+
+    def score_mod(arrays):
+        return None if make_mod is None else make_mod(arrays.get("extra"))
+
+    def ours(arrays):
+        kw = dict(options, bias=arrays.get("bias"), sinks=arrays.get("sinks"))
+        out, lse = masked_attention_via_map(
+            arrays["q"],
+            arrays["k"],
+            arrays["v"],
+            score_mod=score_mod(arrays),
+            return_lse=True,
+            **kw,
+        )
+        return loss(out, lse), (out, lse)
+
+    def theirs(arrays):
+        out, lse = dense_variants(
+            arrays["q"],
+            arrays["k"],
+            arrays["v"],
+            visible,
+            scale=options.get("scale"),
+            bias=arrays.get("bias"),
+            soft_cap=options.get("logits_soft_cap"),
+            sinks=arrays.get("sinks"),
+            score_mod=score_mod(arrays),
+            q_offset=options.get("q_offset", 0),
+        )
+        return loss(out, lse), (out, lse)
+
+    run = jax.value_and_grad(ours, has_aux=True)
+    (_, (out, lse)), grads = (jax.jit(run) if jit else run)(diff)
+    with float64():
+        diff64 = {name: jnp.asarray(x, jnp.float64) for name, x in diff.items()}
+        (_, (out64, lse64)), grads64 = jax.value_and_grad(theirs, has_aux=True)(diff64)
+        out64, lse64 = np.asarray(out64), np.asarray(lse64)
+        grads64 = {name: np.asarray(g) for name, g in grads64.items()}
+    np.testing.assert_allclose(out, out64, atol=atol, rtol=1e-4, err_msg="out")
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(lse64))
+    finite = np.isfinite(lse64)
+    np.testing.assert_allclose(np.asarray(lse)[finite], lse64[finite], atol=atol, rtol=1e-5)
+    for name, got in grads.items():
+        assert got.shape == diff[name].shape, name
+        np.testing.assert_allclose(got, grads64[name], atol=atol * 4, rtol=2e-4, err_msg=f"d{name}")
+    return out
+
+
 @pytest.fixture(scope="session")
 def ref() -> SimpleNamespace:
     return SimpleNamespace(
@@ -196,4 +283,5 @@ def ref() -> SimpleNamespace:
         qkv=random_qkv,
         float64=float64,
         variants=dense_variants,
+        compare_variants=compare_variants,
     )

@@ -6,6 +6,7 @@ Shapes stay small: in interpret mode every grid step is an XLA loop iteration.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -71,6 +72,17 @@ CASES = {
         16,
         {"mask_fn": within_length, "is_causal": True, "q_offset": -5},
     ),
+    # Blocks of 32 that both backward kernels walk in slices of 16.
+    "causal_gqa_backward_slices": (
+        (1, 64, 64, 4, 2, 16, 16),
+        32,
+        {"is_causal": True, "backward_tile": 16},
+    ),
+    "segment_ids_backward_slices": (
+        (2, 48, 48, 2, 1, 16, 16),
+        32,
+        {"mask_fn": same_segment, "window_size": (20, 2), "backward_tile": 16},
+    ),
 }
 
 
@@ -90,20 +102,6 @@ def _block_mask(shape, block, options):
     )
 
 
-def _dense_mask(ref, shape, options):
-    batch, q_len, k_len, q_heads = shape[:4]
-    return ref.mask(
-        batch,
-        q_heads,
-        q_len,
-        k_len,
-        is_causal=options.get("is_causal", False),
-        window=options.get("window_size"),
-        mask_fn=options.get("mask_fn"),
-        q_offset=options.get("q_offset", 0),
-    )
-
-
 def _reference_lse(q, k, mask, scale):
     q, k = (np.asarray(x, np.float64) for x in (q, k))
     k = np.repeat(k, q.shape[2] // k.shape[2], axis=2)
@@ -114,13 +112,15 @@ def _reference_lse(q, k, mask, scale):
         return np.log(np.exp(s - m_safe[..., None]).sum(axis=-1)) + m_safe
 
 
-@jax.jit
-def _run(q, k, v, block_mask, d_out):
+@partial(jax.jit, static_argnums=(5,))
+def _run(q, k, v, block_mask, d_out, backward_tile=None):
     """Output, lse and the gradients of ``sum(out * d_out)``, in one program."""
     scale = 1.0 / math.sqrt(q.shape[-1])
-    (out, lse), vjp = jax.vjp(
-        lambda q, k, v: pallas_attend_with_lse(q, k, v, block_mask, scale), q, k, v
-    )
+
+    def attend(q, k, v):
+        return pallas_attend_with_lse(q, k, v, block_mask, scale, backward_tile=backward_tile)
+
+    (out, lse), vjp = jax.vjp(attend, q, k, v)
     return out, lse, vjp((d_out, jnp.zeros_like(lse)))
 
 
@@ -136,10 +136,10 @@ def test_forward_lse_and_gradients_match_reference(ref, case):
     shape, block, options = CASES[case]
     q, k, v = ref.qkv(1, *shape)
     block_mask = _block_mask(shape, block, options)
-    mask = _dense_mask(ref, shape, options)
+    mask = ref.mask_for(shape, options)
     np.testing.assert_array_equal(np.asarray(block_mask.to_dense()), mask)
     d_out = ref.qkv(2, *shape)[0][..., : shape[-1]]
-    out, lse, grads = _run(q, k, v, block_mask, d_out)
+    out, lse, grads = _run(q, k, v, block_mask, d_out, options.get("backward_tile"))
 
     scale = 1.0 / math.sqrt(shape[5])
     np.testing.assert_allclose(out, ref.attention(q, k, v, mask), atol=2e-5, rtol=1e-4)
@@ -176,7 +176,7 @@ def test_block_mask_built_inside_jit_from_traced_segment_ids(ref):
         return out, vjp(d_out)
 
     out, grads = run(IDS, q, k, v, d_out)
-    mask = _dense_mask(ref, shape, {"mask_fn": same_segment, "is_causal": True})
+    mask = ref.mask_for(shape, {"mask_fn": same_segment, "is_causal": True})
     np.testing.assert_allclose(out, ref.attention(q, k, v, mask, 0.25), atol=2e-5, rtol=1e-4)
     expected = ref.gradients(q, k, v, mask, d_out, 0.25)
     for actual, e in zip(grads, expected, strict=True):
@@ -187,7 +187,7 @@ def test_bfloat16_against_rounded_inputs(ref):
     shape = (1, 48, 48, 2, 1, 32, 32)
     q, k, v = ref.qkv(3, *shape, dtype=jnp.bfloat16)
     block_mask = _block_mask(shape, 16, {"is_causal": True, "window_size": (20, None)})
-    mask = _dense_mask(ref, shape, {"is_causal": True, "window_size": (20, None)})
+    mask = ref.mask_for(shape, {"is_causal": True, "window_size": (20, None)})
     d_out = ref.qkv(4, *shape, dtype=jnp.bfloat16)[0]
     out, lse, grads = _run(q, k, v, block_mask, d_out)
     assert out.dtype == jnp.bfloat16 and lse.dtype == jnp.float32
@@ -202,7 +202,7 @@ def test_lse_is_differentiable(ref):
     shape = (1, 32, 32, 2, 1, 16, 16)
     q, k, v = ref.qkv(5, *shape)
     block_mask = _block_mask(shape, 16, {"is_causal": True})
-    mask = jnp.asarray(_dense_mask(ref, shape, {"is_causal": True}))
+    mask = jnp.asarray(ref.mask_for(shape, {"is_causal": True}))
     weights = jax.random.normal(jax.random.PRNGKey(0), (1, 2, 32))
     scale = 0.25
 
@@ -340,67 +340,10 @@ def _alibi(slopes):
     return score_mod
 
 
-def _compare_api(ref, shape, options, *, bias=None, sinks=None, score_mod=None, seed=0):
-    """``implementation="pallas"`` against the float64 reference: output, lse and the
-    gradients of a loss through both with respect to Q, K, V, bias and sinks."""
-    batch, q_len, k_len, q_heads, kv_heads, d = shape
-    q, k, v = ref.qkv(seed, batch, q_len, k_len, q_heads, kv_heads, d)
-    rng = np.random.default_rng(seed + 1)
-    w_out = jnp.asarray(rng.standard_normal((batch, q_len, q_heads, d)), jnp.float32)
-    w_lse = jnp.asarray(rng.standard_normal((batch, q_heads, q_len)), jnp.float32)
-    visible = _dense_mask(ref, (batch, q_len, k_len, q_heads), options)
-    arrays = {"q": q, "k": k, "v": v}
-    if bias is not None:
-        arrays["bias"] = bias
-    if sinks is not None:
-        arrays["sinks"] = sinks
-
-    def loss(out, lse):
-        finite = jnp.isfinite(lse)
-        return jnp.sum(out * w_out) + jnp.sum(jnp.where(finite, lse * w_lse, 0.0))
-
-    def ours(a):
-        out, lse = masked_attention_via_map(
-            a["q"],
-            a["k"],
-            a["v"],
-            bias=a.get("bias"),
-            sinks=a.get("sinks"),
-            score_mod=score_mod,
-            return_lse=True,
-            implementation="pallas",
-            **options,
-        )
-        return loss(out, lse), (out, lse)
-
-    def theirs(a):
-        out, lse = ref.variants(
-            a["q"],
-            a["k"],
-            a["v"],
-            visible,
-            bias=a.get("bias"),
-            soft_cap=options.get("logits_soft_cap"),
-            sinks=a.get("sinks"),
-            score_mod=score_mod,
-            q_offset=options.get("q_offset", 0),
-        )
-        return loss(out, lse), (out, lse)
-
-    (_, (out, lse)), grads = jax.jit(jax.value_and_grad(ours, has_aux=True))(arrays)
-    with ref.float64():
-        arrays64 = {name: jnp.asarray(x, jnp.float64) for name, x in arrays.items()}
-        (_, (out64, lse64)), grads64 = jax.value_and_grad(theirs, has_aux=True)(arrays64)
-        out64, lse64 = np.asarray(out64), np.asarray(lse64)
-        grads64 = {name: np.asarray(g) for name, g in grads64.items()}
-    np.testing.assert_allclose(out, out64, atol=3e-5, rtol=1e-4, err_msg="out")
-    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(lse64))
-    finite = np.isfinite(lse64)
-    np.testing.assert_allclose(np.asarray(lse)[finite], lse64[finite], atol=3e-5, rtol=1e-5)
-    for name, got in grads.items():
-        assert got.shape == arrays[name].shape, name
-        assert _relative_error(got, grads64[name]) < 1e-4, f"d{name}"
-    return out
+def _compare_api(ref, shape, options, **arrays):
+    """``implementation="pallas"`` against the float64 reference (``ref.compare_variants``),
+    jitted: outputs, lse and every gradient."""
+    return ref.compare_variants(shape, {**options, "implementation": "pallas"}, jit=True, **arrays)
 
 
 def test_api_bias_soft_cap_sinks_gqa_odd_lengths(ref):
@@ -423,7 +366,125 @@ def test_api_broadcast_bias_alibi_score_mod_q_offset(ref):
         "mask_fn": same_segment,
         "block_size": 16,
     }
-    _compare_api(ref, shape, options, bias=bias, score_mod=_alibi(slopes), seed=23)
+    _compare_api(ref, shape, options, bias=bias, make_mod=lambda _: _alibi(slopes), seed=23)
+
+
+@pytest.mark.parametrize(
+    "bias_shape",
+    [(2, 1, 37, 1), (1, 1, 1, 1), (2, 1, 1, 45), (1, 4, 37, 45), (2, 4, 1, 45), (1, 4, 37, 1)],
+    ids=["rows", "scalar", "key_padding", "tiles_over_batch", "keys_per_head", "queries"],
+)
+def test_api_bias_gradient_for_every_broadcast(ref, bias_shape):
+    # Each way a bias can broadcast takes its own route for the gradient (tiles, row
+    # sums or column sums); all must sum back to the bias's shape.
+    rng = np.random.default_rng(sum(bias_shape))
+    bias = jnp.asarray(rng.standard_normal(bias_shape), jnp.float32)
+    options = {"is_causal": True, "mask_fn": same_segment, "block_size": 16}
+    _compare_api(ref, (2, 37, 45, 4, 2, 16), options, bias=bias, seed=len(bias_shape))
+
+
+def _array_sizes_outside_kernels(jaxpr):
+    """Element counts of every value a jaxpr and its sub-jaxprs make, not looking
+    inside ``pallas_call`` kernels (whose refs are views of their operands)."""
+    sizes = []
+    for eqn in jaxpr.eqns:
+        sizes += [math.prod(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape")]
+        if eqn.primitive.name == "pallas_call":
+            continue
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    sizes += _array_sizes_outside_kernels(inner)
+    return sizes
+
+
+@pytest.mark.parametrize("bias_shape", [(2, 1, 1, 256), (2, 4, 256, 1)])
+def test_gradient_of_a_vector_bias_stays_linear(ref, bias_shape):
+    # A key-padding bias is linear in L; its gradient must not pass through a
+    # (B, H, Lq, Lk) buffer.
+    q, k, v = ref.qkv(27, 2, 256, 256, 4, 2, 16)
+    bias = jnp.zeros(bias_shape)
+
+    def loss(q, k, v, bias):
+        out = masked_attention_via_map(
+            q, k, v, bias=bias, is_causal=True, block_size=64, implementation="pallas"
+        )
+        return out.sum()
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss, (0, 1, 2, 3)))(q, k, v, bias).jaxpr
+    largest = max(_array_sizes_outside_kernels(jaxpr))
+    assert largest < 256 * 256, largest
+
+
+@pytest.mark.parametrize(
+    "bias_shape", [(2, 4, 40, 56), (2, 1, 1, 56), (1, 4, 40, 1)], ids=["tiles", "columns", "rows"]
+)
+def test_score_pipeline_in_backward_slices(ref, bias_shape):
+    # Bias (each gradient route), soft-cap and score_mod on blocks of 32 that the
+    # backward kernels walk in slices of 16, against the float64 reference.
+    from jaxmodules.attention._elementwise import trace_score_mod
+    from jaxmodules.attention._scores import ScoreConfig
+    from jaxmodules.attention._xla import Operands
+
+    shape = (2, 40, 56, 4, 2, 16, 16)
+    options = {"is_causal": True, "q_offset": np.array([16, 5])}
+    options["mask_fn"] = lambda b, h, q, k: (q + 2 * k) % 7 != 3
+    block_mask = _block_mask(shape, 32, options)
+    visible = ref.mask_for(shape, options)
+    slopes = jnp.asarray(2.0 ** -np.arange(1, 5), jnp.float32)
+    program, consts = trace_score_mod(_alibi(slopes))
+    scores = ScoreConfig(soft_cap=3.0, score=program)
+    rng = np.random.default_rng(31)
+    arrays = {
+        "q": ref.qkv(32, *shape)[0],
+        "k": ref.qkv(33, *shape)[1],
+        "v": ref.qkv(34, *shape)[2],
+        "bias": jnp.asarray(rng.standard_normal(bias_shape), jnp.float32),
+    }
+    w_out = jnp.asarray(rng.standard_normal((2, 40, 4, 16)), jnp.float32)
+    w_lse = jnp.asarray(rng.standard_normal((2, 4, 40)), jnp.float32)
+    scale = 0.25
+
+    def loss(out, lse):
+        return jnp.sum(out * w_out) + jnp.sum(jnp.where(jnp.isfinite(lse), lse * w_lse, 0.0))
+
+    @jax.jit
+    def ours(a):
+        operands = Operands(a["bias"], None, consts)
+        out, lse = pallas_attend_with_lse(
+            a["q"],
+            a["k"],
+            a["v"],
+            block_mask,
+            scale,
+            scores=scores,
+            operands=operands,
+            backward_tile=16,
+        )
+        return loss(out, lse)
+
+    def theirs(a):
+        out, lse = ref.variants(
+            a["q"],
+            a["k"],
+            a["v"],
+            visible,
+            scale=scale,
+            bias=a["bias"],
+            soft_cap=3.0,
+            score_mod=_alibi(slopes),
+            q_offset=options["q_offset"],
+        )
+        return loss(out, lse)
+
+    value, grads = jax.value_and_grad(ours)(arrays)
+    with ref.float64():
+        arrays64 = {name: jnp.asarray(x, jnp.float64) for name, x in arrays.items()}
+        value64, grads64 = jax.value_and_grad(theirs)(arrays64)
+    np.testing.assert_allclose(value, value64, rtol=1e-5)
+    for name, got in grads.items():
+        assert _relative_error(got, grads64[name]) < 1e-4, f"d{name}"
 
 
 def test_api_sinks_on_empty_rows(ref):
@@ -556,6 +617,7 @@ def test_score_pipeline_lowers_for_cuda_without_a_gpu(ref, bias_shape):
                 interpret=False,
                 scores=scores,
                 operands=Operands(bias, sinks, consts),
+                backward_tile=16,
             )
             return out.astype(jnp.float32).sum()
 

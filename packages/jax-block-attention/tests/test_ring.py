@@ -133,7 +133,8 @@ def test_ring_1d_mesh_default_axis_types():
 
 def test_ring_2d_mesh_auto_axis_types():
     """2 "data" x 4 "seq" with Auto axes: a window with score_mod on the unbalanced
-    contiguous layout, and causal with sinks and lse gradients on zigzag."""
+    contiguous layout, causal with sinks and lse gradients on zigzag, and the gradient of
+    an array score_mod closes over."""
     _run(
         """
         AxisType = getattr(jax.sharding, "AxisType", None)
@@ -144,6 +145,29 @@ def test_ring_2d_mesh_auto_axis_types():
         check(mesh, "data", dict(window_size=(5, 3), score_mod=alibi), layout="contiguous")
         sinks = jnp.asarray([0.5, -1.0, 0.0, 2.0], jnp.float32)
         check(mesh, "data", dict(is_causal=True, sinks=sinks), lse=True)
+
+        # Learnable ALiBi slopes: score_mod closes over a traced array, whose gradient
+        # each device accumulates over its steps (summed over the mesh).
+        def loss(attend, q, k, v, slopes):
+            def mod(s, b, h, qp, kp):
+                return s - slopes[h] * jnp.abs(qp - kp)
+
+            out = attend(q, k, v, is_causal=True, score_mod=mod)
+            return jnp.sum(out * jnp.cos(out))
+
+        def ring(q, k, v, **kw):
+            return ring_attention(q, k, v, mesh=mesh, seq_axis="seq", batch_axis="data", **kw)
+
+        slopes = jnp.asarray([0.3, 0.1, 0.05, 0.02], jnp.float32)
+        sharding = NamedSharding(mesh, P("data", "seq"))
+        args = tuple(jax.device_put(to_zigzag(x, 4), sharding) for x in (q, k, v))
+        grads = jax.jit(jax.grad(lambda *a: loss(ring, *a), argnums=(0, 1, 2, 3)))(*args, slopes)
+        expected = jax.grad(lambda *a: loss(masked_attention_via_map, *a), argnums=(0, 1, 2, 3))(
+            q, k, v, slopes
+        )
+        for g, e in zip(grads[:3], expected[:3]):
+            np.testing.assert_allclose(from_zigzag(np.asarray(g), 4), e, atol=5e-5)
+        np.testing.assert_allclose(grads[3], expected[3], rtol=1e-4, atol=1e-4)
         """
     )
 

@@ -27,121 +27,35 @@ def _relative_table(table):
     return score_mod
 
 
-def _loss(out, lse, w_out, w_lse):
-    finite = jnp.isfinite(lse)
-    return jnp.sum(out.astype(jnp.float32) * w_out) + jnp.sum(jnp.where(finite, lse * w_lse, 0.0))
-
-
-def _compare(
-    ref,
-    shape,
-    options,
-    *,
-    bias=None,
-    sinks=None,
-    extra=None,
-    make_mod=None,
-    visible_extra=None,
-    seed=0,
-    atol=3e-5,
-):
-    """Ours against the float64 dense reference: outputs, lse and the gradients of a
-    loss through both outputs with respect to every differentiable input."""
-    batch, q_len, k_len, q_heads, kv_heads, d = shape
-    q, k, v = ref.qkv(seed, batch, q_len, k_len, q_heads, kv_heads, d)
-    rng = np.random.default_rng(seed + 1)
-    w_out = jnp.asarray(rng.standard_normal((batch, q_len, q_heads, d)), jnp.float32)
-    w_lse = jnp.asarray(rng.standard_normal((batch, q_heads, q_len)), jnp.float32)
-    visible = ref.mask(
-        batch,
-        q_heads,
-        q_len,
-        k_len,
-        is_causal=options.get("is_causal", False),
-        window=options.get("window_size"),
-        mask_fn=options.get("mask_fn"),
-        q_offset=options.get("q_offset", 0),
-    )
-    if visible_extra is not None:
-        visible = visible & visible_extra
-    diff = {"q": q, "k": k, "v": v}
-    if bias is not None:
-        diff["bias"] = bias
-    if sinks is not None:
-        diff["sinks"] = sinks
-    if extra is not None:
-        diff["extra"] = extra
-
-    def ours(arrays):
-        kw = dict(options)
-        if "bias" in arrays:
-            kw["bias"] = arrays["bias"]
-        if "sinks" in arrays:
-            kw["sinks"] = arrays["sinks"]
-        if make_mod is not None:
-            kw["score_mod"] = make_mod(arrays["extra"])
-        out, lse = masked_attention_via_map(
-            arrays["q"], arrays["k"], arrays["v"], return_lse=True, **kw
-        )
-        return _loss(out, lse, w_out, w_lse), (out, lse)
-
-    def theirs(arrays):
-        out, lse = ref.variants(
-            arrays["q"],
-            arrays["k"],
-            arrays["v"],
-            visible,
-            scale=options.get("scale"),
-            bias=arrays.get("bias"),
-            soft_cap=options.get("logits_soft_cap"),
-            sinks=arrays.get("sinks"),
-            score_mod=None if make_mod is None else make_mod(arrays["extra"]),
-            q_offset=options.get("q_offset", 0),
-        )
-        return _loss(out, lse, w_out, w_lse), (out, lse)
-
-    (_, (out, lse)), grads = jax.value_and_grad(ours, has_aux=True)(diff)
-    with ref.float64():
-        diff64 = {name: jnp.asarray(x, jnp.float64) for name, x in diff.items()}
-        (_, (out64, lse64)), grads64 = jax.value_and_grad(theirs, has_aux=True)(diff64)
-        out64, lse64 = np.asarray(out64), np.asarray(lse64)
-        grads64 = {name: np.asarray(g) for name, g in grads64.items()}
-    np.testing.assert_allclose(out, out64, atol=atol, rtol=1e-4, err_msg="out")
-    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(lse64))
-    finite = np.isfinite(lse64)
-    np.testing.assert_allclose(np.asarray(lse)[finite], lse64[finite], atol=atol, rtol=1e-5)
-    for name, got in grads.items():
-        assert got.shape == diff[name].shape, name
-        np.testing.assert_allclose(got, grads64[name], atol=atol * 4, rtol=2e-4, err_msg=f"d{name}")
-    return out
-
-
 SHAPE = (2, 37, 45, 4, 2, 8)
 
 
 def test_bias_full_and_broadcast(ref):
     rng = np.random.default_rng(3)
     full = jnp.asarray(rng.standard_normal((2, 4, 37, 45)), jnp.float32)
-    _compare(ref, SHAPE, {"is_causal": True, "block_size": 16}, bias=full, seed=4)
+    ref.compare_variants(SHAPE, {"is_causal": True, "block_size": 16}, bias=full, seed=4)
     per_key = jnp.asarray(rng.standard_normal((1, 4, 1, 45)), jnp.float32)
-    _compare(ref, SHAPE, {"window_size": (9, 3), "block_size": (8, 16)}, bias=per_key, seed=5)
+    ref.compare_variants(
+        SHAPE, {"window_size": (9, 3), "block_size": (8, 16)}, bias=per_key, seed=5
+    )
 
 
 def test_soft_cap(ref):
-    _compare(ref, SHAPE, {"is_causal": True, "logits_soft_cap": 2.0, "block_size": 16}, seed=6)
+    ref.compare_variants(
+        SHAPE, {"is_causal": True, "logits_soft_cap": 2.0, "block_size": 16}, seed=6
+    )
 
 
 def test_alibi_score_mod_gets_slope_gradients(ref):
     slopes = jnp.asarray(2.0 ** -np.arange(1, 5), jnp.float32)
-    _compare(
-        ref, SHAPE, {"is_causal": True, "block_size": 16}, extra=slopes, make_mod=_alibi, seed=7
+    ref.compare_variants(
+        SHAPE, {"is_causal": True, "block_size": 16}, extra=slopes, make_mod=_alibi, seed=7
     )
 
 
 def test_relative_position_table_gets_gradients(ref):
     table = jnp.asarray(np.random.default_rng(8).standard_normal(21) * 0.5, jnp.float32)
-    _compare(
-        ref,
+    ref.compare_variants(
         SHAPE,
         {"window_size": (12, 12), "block_size": 8},
         extra=table,
@@ -154,7 +68,7 @@ def test_sinks_and_lse_with_empty_rows(ref):
     sinks = jnp.asarray([0.5, -1.0, 2.0, 0.0], jnp.float32)
     # Rows 0..4 see no key (keys start 5 positions after them): sinks alone.
     options = {"mask_fn": lambda b, h, q, k: k >= q + 5, "block_size": 8}
-    out = _compare(ref, (1, 20, 24, 4, 4, 8), options, sinks=sinks, seed=10)
+    out = ref.compare_variants((1, 20, 24, 4, 4, 8), options, sinks=sinks, seed=10)
     assert not np.asarray(out[0, 19:]).any()
 
 
@@ -183,7 +97,7 @@ def test_mask_array_and_lengths(ref):
         "key_value_seq_lengths": jnp.asarray(kv_lengths),
         "block_size": 16,
     }
-    _compare(ref, SHAPE, options, visible_extra=mask & lengths, seed=13)
+    ref.compare_variants(SHAPE, options, visible_extra=mask & lengths, seed=13)
 
 
 def test_masked_blocks_of_a_mask_array_are_skipped(ref):
@@ -238,8 +152,7 @@ def test_everything_together_with_a_block_mask(ref):
     sinks = jnp.asarray(rng.standard_normal(6), jnp.float32)
     slopes = jnp.asarray(2.0 ** -np.arange(1, 7), jnp.float32)
     documents = ids[:, None, :, None] == ids[:, None, None, :]
-    _compare(
-        ref,
+    ref.compare_variants(
         (batch, length, length, 6, 2, 8),
         {"block_mask": bm, "logits_soft_cap": 3.0},
         bias=bias,
@@ -262,8 +175,7 @@ def test_everything_together_with_offsets_and_gqa(ref):
         "window_size": (10, None),
         "block_size": (4, 8),
     }
-    _compare(
-        ref,
+    ref.compare_variants(
         (2, 12, 30, 6, 3, 8),
         options,
         bias=bias,

@@ -337,11 +337,8 @@ def _block_mask_for_call(
     With ``pallas_blocks`` its blocks are powers of two for the Pallas kernel."""
     if pallas_blocks:
         blocks = (_pallas_block_size(q_len), _pallas_block_size(k_len))
-    blocks = (
-        blocks
-        if pallas_blocks
-        else args.block_size
-        or default_block_sizes(
+    else:
+        blocks = args.block_size or default_block_sizes(
             q_len=q_len,
             k_len=k_len,
             batch=batch,
@@ -351,7 +348,6 @@ def _block_mask_for_call(
             is_causal=is_causal,
             window=args.window,
         )
-    )
     program, consts = (None, ()) if mask_fn is None else trace_mask_fn(mask_fn)
     offset = normalize_q_offset(q_offset, batch)
     program, consts = with_mask_arrays(

@@ -16,6 +16,8 @@ Only the ratios of the constants matter.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import numpy as np
 
@@ -86,29 +88,10 @@ def xla_cpu_block_sizes(
 _ACCELERATOR_BLOCKS = (128, 128)
 
 
-def default_block_sizes(
-    *,
-    q_len: int,
-    k_len: int,
-    batch: int,
-    q_heads: int,
-    head_dim: int,
-    value_dim: int,
-    is_causal: bool,
-    window: tuple[int | None, int | None],
-    backend: str | None = None,
-) -> tuple[int, int]:
-    """Block sizes for the block loop on ``backend`` (the default backend if ``None``)."""
-    backend = backend or jax.default_backend()
-    if backend != "cpu":
+def default_block_sizes(*, backend: str | None = None, **shape: Any) -> tuple[int, int]:
+    """Block sizes for the block loop on ``backend`` (the default backend if ``None``);
+    ``shape`` holds the keywords of ``xla_cpu_block_sizes``, which picks them on a CPU.
+    GPUs and TPUs get ``(128, 128)``."""
+    if (backend or jax.default_backend()) != "cpu":
         return _ACCELERATOR_BLOCKS
-    return xla_cpu_block_sizes(
-        q_len=q_len,
-        k_len=k_len,
-        batch=batch,
-        q_heads=q_heads,
-        head_dim=head_dim,
-        value_dim=value_dim,
-        is_causal=is_causal,
-        window=window,
-    )
+    return xla_cpu_block_sizes(**shape)

@@ -19,10 +19,14 @@ Scores follow the pipeline of ``_scores``: ``scale * q.k``, plus a bias tile (re
 a bias input, one row or column where the bias broadcasts), soft-cap, then ``score_mod``
 evaluated on the tile's index vectors like a ``mask_fn``; the backward kernels map the
 score gradient back through them (``score_mod``'s derivative by one forward-mode pass).
-The dQ kernel, which visits each (query block, key block) tile of a head once, writes
-that tile of ``dbias`` (float32, per batch row and head; broadcast axes are summed
-afterwards), so no atomics are needed. Sinks change only each row's denominator: they are
-applied after the kernels from the lse in plain JAX, which also gives their gradient.
+The bias gradient is written where one program owns it, so no atomics are needed, in
+float32 per batch row and head (broadcast axes are summed afterwards): a bias that
+varies along queries and keys gets its tiles from the dQ kernel, which visits each tile
+of a head once; one that is constant along keys gets row sums from the dQ kernel, and
+one that varies only along keys (a key-padding bias) gets column sums from the dK/dV
+kernel. Only a bias that is itself quadratic has a quadratic gradient. Sinks change only
+each row's denominator: they are applied after the kernels from the lse in plain JAX,
+which also gives their gradient.
 ``score_mod`` arrays that may need gradients (traced floating arrays) are refused: their
 gradients would need atomic adds.
 
@@ -61,6 +65,10 @@ Array = Any  # jax.Array, or a Pallas ref inside a kernel
 Program = Any
 _F32 = jnp.float32
 _MIN_TILE = 16  # Triton's smallest matmul tile side
+# Keys (dQ) or queries (dK/dV) per backward tile when compiled for a GPU: 128 x 32 tiles,
+# as in Triton's fused-attention backward and jax's own Pallas GPU attention. Not yet
+# tuned on this kernel.
+_COMPILED_BACKWARD_TILE = 32
 
 
 class PallasUnsupportedError(ValueError):
@@ -278,25 +286,33 @@ def kernel_consts(consts: Sequence[Any]) -> tuple[list[Any], list[Any]]:
     return arrays, dtypes
 
 
-def mask_program_problem(program: Program | None, consts: Sequence[Any]) -> str | None:
-    """Why the kernel cannot evaluate ``program`` on tiles, or ``None`` when it can."""
-    if program is None:
-        return None
+def _tile_problem(program: Program, consts: Sequence[Any], *, with_score: bool) -> str | None:
+    """Why the kernel cannot evaluate ``program`` (a ``mask_fn``, or a ``score_mod``
+    when ``with_score``) on a tile's index vectors, or ``None`` when it can: a trial
+    trace on the smallest tile."""
     arrays, dtypes = kernel_consts(consts)
     shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays]
 
     def trial(cs: list[Any]) -> Any:
         q = jnp.zeros((_MIN_TILE, 1), jnp.int32)
         k = jnp.zeros((1, _MIN_TILE), jnp.int32)
-        return evaluate_on_tile(program, cs, dtypes, jnp.int32(0), jnp.int32(0), q, k)
+        score = [jnp.zeros((_MIN_TILE, _MIN_TILE), _F32)] if with_score else []
+        return evaluate_on_tile(program, cs, dtypes, *score, jnp.int32(0), jnp.int32(0), q, k)
 
     try:
         jax.eval_shape(trial, shapes)
     except PallasUnsupportedError as err:
-        return str(err)
+        problem = str(err)
     except (TypeError, ValueError, NotImplementedError) as err:
-        return str(_unsupported(f"evaluating it on index vectors failed ({err})"))
-    return None
+        problem = str(_unsupported(f"evaluating it on index vectors failed ({err})"))
+    else:
+        return None
+    return problem.replace("mask_fn", "score_mod") if with_score else problem
+
+
+def mask_program_problem(program: Program | None, consts: Sequence[Any]) -> str | None:
+    """Why the kernel cannot evaluate ``program`` on tiles, or ``None`` when it can."""
+    return None if program is None else _tile_problem(program, consts, with_score=False)
 
 
 # ------------------------------------------------------------------------ tile math
@@ -322,6 +338,11 @@ class TileConfig:
     interpret: bool
     num_warps: int = 4
     num_stages: int = 2
+    # The inner side of the backward tiles: the dQ kernel walks each listed key block in
+    # slices of this many keys, the dK/dV kernel each listed query block in slices of
+    # this many queries (None: whole blocks). Smaller tiles hold fewer float32 values
+    # per thread on a GPU.
+    backward_tile: int | None = None
     # The score pipeline: soft-cap, score_mod (its program and closed-over arrays'
     # dtypes) and the bias (whether it varies along batch, head, query, key).
     scores: ScoreConfig = field(default_factory=ScoreConfig)
@@ -332,6 +353,26 @@ class TileConfig:
         return self.q_heads // self.kv_heads
 
     @property
+    def bias_gradient(self) -> str | None:
+        """How the kernels write the bias gradient: ``"tiles"`` (dQ kernel, a bias that
+        varies along queries and keys), ``"rows"`` (dQ kernel, row sums: constant along
+        keys) or ``"columns"`` (dK/dV kernel, column sums: varies only along keys)."""
+        if self.scores.bias is None:
+            return None
+        _, _, along_q, along_k = self.scores.bias
+        if not along_k:
+            return "rows"
+        return "tiles" if along_q else "columns"
+
+    @property
+    def dq_key_tile(self) -> int:
+        return min(self.k_block, self.backward_tile or self.k_block)
+
+    @property
+    def dkdv_query_tile(self) -> int:
+        return min(self.q_block, self.backward_tile or self.q_block)
+
+    @property
     def n_q_blocks(self) -> int:
         return -(-self.q_len // self.q_block)
 
@@ -340,17 +381,25 @@ class TileConfig:
         return -(-self.k_len // self.k_block)
 
 
-def query_positions(config: TileConfig, i: Array, offset: Array) -> Array:
-    """``(q_block,)`` positions of query block ``i``; padded rows repeat the last real
-    row so that a ``mask_fn`` may index arrays of length ``Lq`` (their results are
-    dropped)."""
-    rows = i * config.q_block + jnp.arange(config.q_block, dtype=jnp.int32)
+def query_positions(config: TileConfig, start: Array, width: int, offset: Array) -> Array:
+    """``(width,)`` positions of the query rows from row ``start``; padded rows repeat
+    the last real row so that a ``mask_fn`` may index arrays of length ``Lq`` (their
+    results are dropped)."""
+    rows = start + jnp.arange(width, dtype=jnp.int32)
     return jnp.minimum(rows, config.q_len - 1) + offset
 
 
-def key_positions(config: TileConfig, j: Array) -> Array:
-    """``(k_block,)`` positions of key block ``j`` (padding included, ``>= Lk``)."""
-    return j * config.k_block + jnp.arange(config.k_block, dtype=jnp.int32)
+def key_positions(start: Array, width: int) -> Array:
+    """``(width,)`` positions of the keys from ``start`` (padding included, ``>= Lk``)."""
+    return start + jnp.arange(width, dtype=jnp.int32)
+
+
+def over_slices(start: Array, width: int, size: int, body: Callable, carry: Any) -> Any:
+    """``body(carry, first)`` over the slices of ``size`` rows that make up the ``width``
+    rows from ``start`` (one call when they are one slice)."""
+    if size >= width:
+        return body(carry, start)
+    return lax.fori_loop(0, width // size, lambda n, c: body(c, start + n * size), carry)
 
 
 def tile_visible(
@@ -511,14 +560,18 @@ def _split_refs(config: TileConfig, refs: Sequence[Any]) -> tuple:
     return lists, mask_refs, score_refs, bias_ref, rest
 
 
-def _bias_tile(config: TileConfig, bias_ref: Any, head: Any, i: Array, j: Array) -> Array:
-    """The ``(bq | 1, bk | 1)`` bias tile of query block ``i`` and key block ``j`` (one
-    row or column where the bias broadcasts along queries or keys)."""
+def _bias_tile(
+    config: TileConfig, bias_ref: Any, head: Any, rows: tuple[Any, int], cols: tuple[Any, int]
+) -> Array:
+    """The bias over query rows and key columns given as ``(start, size)``: a ``(rows |
+    1, cols | 1)`` tile, one row or column where the bias broadcasts along them."""
     assert config.scores.bias is not None
     _, _, along_q, along_k = config.scores.bias
-    rows = pl.ds(i * config.q_block, config.q_block) if along_q else pl.ds(0, 1)
-    cols = pl.ds(j * config.k_block, config.k_block) if along_k else pl.ds(0, 1)
-    return bias_ref[rows, cols] if head is None else bias_ref[head, rows, cols]
+    row_slice = pl.ds(*rows) if along_q else pl.ds(0, 1)
+    col_slice = pl.ds(*cols) if along_k else pl.ds(0, 1)
+    if head is None:
+        return bias_ref[row_slice, col_slice]
+    return bias_ref[head, row_slice, col_slice]
 
 
 def _forward_kernel(config: TileConfig, n_consts: int, *refs: Any) -> None:
@@ -527,16 +580,18 @@ def _forward_kernel(config: TileConfig, n_consts: int, *refs: Any) -> None:
     q_ref, k_ref, v_ref, o_ref, lse_ref = rest
     b, h, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     mb, mh = _mask_index(config, b, h)
-    bk = config.k_block
+    bq, bk = config.q_block, config.k_block
     q_blk = q_ref[...]
-    q_pos = query_positions(config, i, offset_ref[mb])[:, None]
+    q_pos = query_positions(config, i * bq, bq, offset_ref[mb])[:, None]
 
     def step(carry: tuple, j: Array, masked: bool) -> tuple:
         k_blk = k_ref[pl.ds(j * bk, bk), :]
         v_blk = v_ref[pl.ds(j * bk, bk), :]
-        k_pos = key_positions(config, j)[None, :]
+        k_pos = key_positions(j * bk, bk)[None, :]
         s0 = _matmul_t(q_blk, k_blk) * _F32(config.scale)
-        bias = None if bias_ref is None else _bias_tile(config, bias_ref, None, i, j)
+        bias = None
+        if bias_ref is not None:
+            bias = _bias_tile(config, bias_ref, None, (i * bq, bq), (j * bk, bk))
         s = tile_scores(config, s0, bias, score_refs, b, h, q_pos, k_pos)
         if masked:
             s = jnp.where(tile_visible(config, mask_refs, b, h, q_pos, k_pos), s, -jnp.inf)
@@ -565,16 +620,18 @@ def _dq_kernel(config: TileConfig, n_consts: int, *refs: Any) -> None:
     lists, mask_refs, score_refs, bias_ref, rest = _split_refs(config, refs)
     count_ref, index_ref, full_count_ref, full_index_ref, offset_ref = lists
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *dbias = rest
-    dbias_ref = dbias[0] if dbias else None
+    dbias_ref: Any = dbias[0] if dbias else None
     b, h, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     mb, mh = _mask_index(config, b, h)
-    bq, bk = config.q_block, config.k_block
+    bq, bk, sk = config.q_block, config.k_block, config.dq_key_tile
     q_blk, do_blk = q_ref[...], do_ref[...]
     lse, delta = lse_ref[...][:, None], delta_ref[...][:, None]
-    q_pos = query_positions(config, i, offset_ref[mb])[:, None]
+    q_pos = query_positions(config, i * bq, bq, offset_ref[mb])[:, None]
     scale = _F32(config.scale)
 
-    if dbias_ref is not None:
+    write_tiles = config.bias_gradient == "tiles"
+    sum_rows = config.bias_gradient == "rows"
+    if write_tiles:
         # This program owns rows i of dbias[b, h]: zero them, then write each listed
         # tile once (no atomics).
         def zero(t: Array, c: Array) -> Array:
@@ -583,45 +640,60 @@ def _dq_kernel(config: TileConfig, n_consts: int, *refs: Any) -> None:
 
         lax.fori_loop(0, config.n_k_blocks, zero, 0)
 
-    def step(dq: Array, j: Array, masked: bool) -> Array:
-        k_blk = k_ref[pl.ds(j * bk, bk), :]
-        v_blk = v_ref[pl.ds(j * bk, bk), :]
-        k_pos = key_positions(config, j)[None, :]
+    def tile(carry: tuple, start: Array, masked: bool) -> tuple:
+        # Keys start .. start + sk of a listed key block; the carry is dQ, then the
+        # row sums of the score gradient when they are the bias gradient.
+        dq, *d_rows = carry
+        k_blk = k_ref[pl.ds(start, sk), :]
+        v_blk = v_ref[pl.ds(start, sk), :]
+        k_pos = key_positions(start, sk)[None, :]
         visible = None
         if masked:
             visible = tile_visible(config, mask_refs, b, h, q_pos, k_pos)
         s0 = _matmul_t(q_blk, k_blk) * scale
-        bias = None if bias_ref is None else _bias_tile(config, bias_ref, None, i, j)
+        bias = None
+        if bias_ref is not None:
+            bias = _bias_tile(config, bias_ref, None, (i * bq, bq), (start, sk))
         s = tile_scores(config, s0, bias, score_refs, b, h, q_pos, k_pos)
         _, ds = tile_gradient(s, lse, delta, _matmul_t(do_blk, v_blk), visible)
         ds = tile_score_gradient(config, s0, bias, score_refs, b, h, q_pos, k_pos, ds)
         if visible is not None and config.scores.changes_scores:
             ds = jnp.where(visible, ds, 0.0)
-        if dbias_ref is not None:
-            dbias_ref[:, pl.ds(j * bk, bk)] = ds
-        return dq + _matmul(ds.astype(k_blk.dtype), k_blk) * scale
+        if write_tiles:
+            dbias_ref[:, pl.ds(start, sk)] = ds
+        if sum_rows:
+            d_rows = [d_rows[0] + ds.sum(axis=1)]
+        return (dq + _matmul(ds.astype(k_blk.dtype), k_blk) * scale, *d_rows)
 
-    dq = jnp.zeros((config.q_block, q_ref.shape[-1]), _F32)
-    dq = lax.fori_loop(
+    def step(carry: tuple, j: Array, masked: bool) -> tuple:
+        return over_slices(j * bk, bk, sk, partial(tile, masked=masked), carry)
+
+    carry = (jnp.zeros((bq, q_ref.shape[-1]), _F32), *([jnp.zeros((bq,), _F32)] * sum_rows))
+    carry = lax.fori_loop(
         0,
         full_count_ref[mb, mh, i],
         lambda t, c: step(c, full_index_ref[mb, mh, i, t], False),
-        dq,
+        carry,
     )
-    dq = lax.fori_loop(
-        0, count_ref[mb, mh, i], lambda t, c: step(c, index_ref[mb, mh, i, t], True), dq
+    dq, *d_rows = lax.fori_loop(
+        0, count_ref[mb, mh, i], lambda t, c: step(c, index_ref[mb, mh, i, t], True), carry
     )
     dq_ref[...] = dq.astype(dq_ref.dtype)
+    if sum_rows:
+        dbias_ref[...] = d_rows[0]
 
 
 def _dkdv_kernel(config: TileConfig, n_consts: int, *refs: Any) -> None:
     lists, mask_refs, score_refs, bias_ref, rest = _split_refs(config, refs)
     count_ref, index_ref, full_count_ref, full_index_ref, offset_ref = lists
-    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = rest
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *dbias = rest
+    # Column sums of the score gradient per query head of the group: the gradient of a
+    # bias that varies only along keys.
+    dbias_ref: Any = dbias[0] if dbias else None
     b, hk, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    bq = config.q_block
+    bq, bk, sq = config.q_block, config.k_block, config.dkdv_query_tile
     k_blk, v_blk = k_ref[...], v_ref[...]
-    k_pos = key_positions(config, j)[:, None]
+    k_pos = key_positions(j * bk, bk)[:, None]
     scale = _F32(config.scale)
     bias_heads = config.scores.bias is not None and config.scores.bias[1]
 
@@ -632,12 +704,13 @@ def _dkdv_kernel(config: TileConfig, n_consts: int, *refs: Any) -> None:
         mb, mh = _mask_index(config, b, h)
         offset = offset_ref[mb]
 
-        def step(c: tuple, i: Array, masked: bool) -> tuple:
-            dk, dv = c
-            rows = pl.ds(i * bq, bq)
+        def tile(c: tuple, start: Array, masked: bool) -> tuple:
+            # Queries start .. start + sq of a listed query block.
+            dk, dv, *d_cols = c
+            rows = pl.ds(start, sq)
             q_blk = q_ref[h, rows, :]
             do_blk = do_ref[h, rows, :]
-            q_pos = query_positions(config, i, offset)[None, :]
+            q_pos = query_positions(config, start, sq, offset)[None, :]
             visible_t = None
             if masked:
                 visible_t = tile_visible(config, mask_refs, b, h, q_pos, k_pos)
@@ -645,7 +718,8 @@ def _dkdv_kernel(config: TileConfig, n_consts: int, *refs: Any) -> None:
             s0_t = _matmul_t(k_blk, q_blk) * scale
             bias_t = None
             if bias_ref is not None:
-                bias_t = _bias_tile(config, bias_ref, h if bias_heads else 0, i, j).T
+                head = h if bias_heads else 0
+                bias_t = _bias_tile(config, bias_ref, head, (start, sq), (j * bk, bk)).T
             s_t = tile_scores(config, s0_t, bias_t, score_refs, b, h, q_pos, k_pos)
             lse_t, delta_t = lse_ref[h, rows][None, :], delta_ref[h, rows][None, :]
             p_t, ds_t = tile_gradient(s_t, lse_t, delta_t, _matmul_t(v_blk, do_blk), visible_t)
@@ -654,17 +728,29 @@ def _dkdv_kernel(config: TileConfig, n_consts: int, *refs: Any) -> None:
                 ds_t = jnp.where(visible_t, ds_t, 0.0)
             dv = dv + _matmul(p_t.astype(do_blk.dtype), do_blk)
             dk = dk + _matmul(ds_t.astype(q_blk.dtype), q_blk) * scale
-            return dk, dv
+            if dbias_ref is not None:
+                d_cols = [d_cols[0] + ds_t.sum(axis=1)]
+            return (dk, dv, *d_cols)
 
-        carry = lax.fori_loop(
+        def step(c: tuple, i: Array, masked: bool) -> tuple:
+            return over_slices(i * bq, bq, sq, partial(tile, masked=masked), c)
+
+        head_carry = (*carry, *([jnp.zeros((bk,), _F32)] * (dbias_ref is not None)))
+        head_carry = lax.fori_loop(
             0,
             full_count_ref[mb, mh, j],
             lambda t, c: step(c, full_index_ref[mb, mh, j, t], False),
-            carry,
+            head_carry,
         )
-        return lax.fori_loop(
-            0, count_ref[mb, mh, j], lambda t, c: step(c, index_ref[mb, mh, j, t], True), carry
+        dk, dv, *d_cols = lax.fori_loop(
+            0,
+            count_ref[mb, mh, j],
+            lambda t, c: step(c, index_ref[mb, mh, j, t], True),
+            head_carry,
         )
+        if dbias_ref is not None:
+            dbias_ref[pl.ds(g, 1), :] = d_cols[0][None, :]
+        return dk, dv
 
     carry = (
         jnp.zeros((config.k_block, k_ref.shape[-1]), _F32),
@@ -796,9 +882,12 @@ def _backward(
     v_whole = pl.BlockSpec((None, None, lk, dv), lambda b, h, i: (b, h // g, 0, 0))
     bias_specs = None if bias is None else _bias_specs(config, bias)
     dq_outputs = [(jax.ShapeDtypeStruct(q.shape, q.dtype), row_spec(d))]
-    if bias is not None:
-        # dbias of every (b, h) in float32; broadcast axes are summed afterwards.
+    # dbias of every (b, h) in float32 (broadcast axes are summed afterwards): tiles or
+    # row sums from the dQ kernel, column sums from the dK/dV kernel.
+    if config.bias_gradient == "tiles":
         dq_outputs.append((jax.ShapeDtypeStruct((bsz, config.q_heads, lq, lk), _F32), row_spec(lk)))
+    elif config.bias_gradient == "rows":
+        dq_outputs.append((jax.ShapeDtypeStruct((bsz, config.q_heads, lq), _F32), row_spec(None)))
     dq, *dbias = _call(
         config,
         _dq_kernel,
@@ -826,7 +915,18 @@ def _backward(
     def key_spec(width: int) -> Any:
         return pl.BlockSpec((None, None, bk, width), lambda b, h, j: (b, h, j, 0))
 
-    dk, dv_ = _call(
+    dkdv_outputs = [
+        (jax.ShapeDtypeStruct(k.shape, k.dtype), key_spec(d)),
+        (jax.ShapeDtypeStruct(v.shape, v.dtype), key_spec(dv)),
+    ]
+    if config.bias_gradient == "columns":
+        dkdv_outputs.append(
+            (
+                jax.ShapeDtypeStruct((bsz, config.q_heads, lk), _F32),
+                pl.BlockSpec((None, g, bk), lambda b, h, j: (b, h, j)),
+            )
+        )
+    dk, dv_, *dbias_columns = _call(
         config,
         _dkdv_kernel,
         (bsz, config.kv_heads, config.n_k_blocks),
@@ -841,19 +941,29 @@ def _backward(
             (lse, per_batch(None)),
             (delta, per_batch(None)),
         ],
-        [
-            (jax.ShapeDtypeStruct(k.shape, k.dtype), key_spec(d)),
-            (jax.ShapeDtypeStruct(v.shape, v.dtype), key_spec(dv)),
-        ],
+        dkdv_outputs,
         "block_attention_dkdv",
     )
     d_bias = None
     if bias is not None:
-        broadcast = tuple(n for n in range(4) if bias.shape[n] == 1 and dbias[0].shape[n] > 1)
-        d_bias = dbias[0].sum(axis=broadcast, keepdims=True) if broadcast else dbias[0]
-        d_bias = d_bias[: bias.shape[0], : bias.shape[1], : bias.shape[2], : bias.shape[3]]
-        d_bias = d_bias.astype(bias.dtype)
+        d_bias = _bias_cotangent(config, bias, dbias, dbias_columns)
     return dq, dk, dv_, d_bias
+
+
+def _bias_cotangent(config: TileConfig, bias: Array, tiles_or_rows: list, columns: list) -> Array:
+    """The kernels' float32 bias gradient, per batch row and head, summed over the axes
+    along which ``bias`` broadcasts and cut to its (padded) shape and dtype."""
+    if config.bias_gradient == "columns":
+        grad = columns[0][:, :, None, :]
+    elif config.bias_gradient == "rows":
+        grad = tiles_or_rows[0][:, :, :, None]
+    else:
+        grad = tiles_or_rows[0]
+    broadcast = tuple(n for n in range(4) if bias.shape[n] == 1 and grad.shape[n] > 1)
+    if broadcast:
+        grad = grad.sum(axis=broadcast, keepdims=True)
+    grad = grad[: bias.shape[0], : bias.shape[1], : bias.shape[2], : bias.shape[3]]
+    return grad.astype(bias.dtype)
 
 
 def _zero_cotangent(x: Any) -> Any:
@@ -954,6 +1064,8 @@ def pallas_attend_with_lse(
     interpret: bool | None = None,
     scores: ScoreConfig | None = None,
     operands: Operands | None = None,
+    backward_tile: int | None = None,
+    num_warps: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Attention under ``block_mask`` with the fused Pallas kernel, and its lse.
 
@@ -971,6 +1083,11 @@ def pallas_attend_with_lse(
         operands: Their arrays: a rank-4 ``bias`` broadcastable to ``(B, Hq, Lq, Lk)``
             (gets a gradient), ``sinks`` ``(Hq,)`` (gets a gradient) and the arrays
             ``score_mod`` closes over.
+        backward_tile: The inner side of the backward kernels' tiles (keys per slice in
+            dQ, queries per slice in dK/dV), a power of two ``>= 16``; ``None``:
+            ``_COMPILED_BACKWARD_TILE`` when compiled, whole blocks when interpreted.
+        num_warps: Warps per Triton program; ``None``: 4 for head dimensions up to 64,
+            else 8.
 
     Returns:
         ``(out, lse)``: the output ``(B, Lq, Hq, dv)`` in ``q``'s dtype and the natural
@@ -1007,6 +1124,11 @@ def pallas_attend_with_lse(
             scores,
             bias=(bias.shape[0] > 1, bias.shape[1] > 1, bias.shape[2] > 1, bias.shape[3] > 1),
         )
+    interpret = _default_interpret(interpret)
+    if backward_tile is None:
+        backward_tile = None if interpret else _COMPILED_BACKWARD_TILE
+    elif not _is_tile(backward_tile):
+        raise ValueError(f"backward_tile must be a power of two >= 16, got {backward_tile}")
     lo, hi = band_limits(block_mask.is_causal, block_mask.window)
     config = TileConfig(
         q_heads=q_heads,
@@ -1022,7 +1144,9 @@ def pallas_attend_with_lse(
         const_dtypes=tuple(dtypes),
         mask_batch=block_mask.mask_batch,
         mask_heads=block_mask.mask_heads,
-        interpret=_default_interpret(interpret),
+        interpret=interpret,
+        num_warps=num_warps or (4 if _tile_width(q.shape[-1]) <= 64 else 8),
+        backward_tile=backward_tile,
         scores=replace(scores, sinks=False),
         score_dtypes=tuple(score_dtypes),
     )
@@ -1095,15 +1219,25 @@ def pallas_attend(
     interpret: bool | None = None,
     scores: ScoreConfig | None = None,
     operands: Operands | None = None,
+    backward_tile: int | None = None,
+    num_warps: int | None = None,
 ) -> jax.Array:
     """Attention under ``block_mask`` with the fused Pallas kernel (the contract of the
     block-loop backend's ``attend``): output ``(B, Lq, Hq, dv)`` in ``q``'s dtype.
 
-    See ``pallas_attend_with_lse``
-    for the arguments and errors.
+    See ``pallas_attend_with_lse`` for the arguments and errors.
     """
     out, _ = pallas_attend_with_lse(
-        q, k, v, block_mask, scale, interpret=interpret, scores=scores, operands=operands
+        q,
+        k,
+        v,
+        block_mask,
+        scale,
+        interpret=interpret,
+        scores=scores,
+        operands=operands,
+        backward_tile=backward_tile,
+        num_warps=num_warps,
     )
     return out
 
@@ -1126,22 +1260,7 @@ def score_program_problem(program: Any, consts: Sequence[Any]) -> str | None:
             "atomic adds in the kernel); close over concrete arrays, or use "
             'implementation="xla"'
         )
-    arrays, dtypes = kernel_consts(consts)
-    shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays]
-
-    def trial(cs: list[Any]) -> Any:
-        s = jnp.zeros((_MIN_TILE, _MIN_TILE), _F32)
-        q = jnp.zeros((_MIN_TILE, 1), jnp.int32)
-        k = jnp.zeros((1, _MIN_TILE), jnp.int32)
-        return evaluate_on_tile(program, cs, dtypes, s, jnp.int32(0), jnp.int32(0), q, k)
-
-    try:
-        jax.eval_shape(trial, shapes)
-    except PallasUnsupportedError as err:
-        return str(err).replace("mask_fn", "score_mod")
-    except (TypeError, ValueError, NotImplementedError) as err:
-        return f"the Pallas kernel cannot evaluate this score_mod on a tile ({err})"
-    return None
+    return _tile_problem(program, consts, with_score=True)
 
 
 def pallas_call_problem(

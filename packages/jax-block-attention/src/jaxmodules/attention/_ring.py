@@ -25,7 +25,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from ._api import masked_attention_via_map
-from ._elementwise import _arity
+from ._elementwise import _arity, has_tracers, trace_score_mod
 
 Array = jax.Array
 
@@ -334,9 +334,9 @@ def ring_attention(
     with their gradient accumulators, each step differentiates its per-step calls against
     the merged output and log-sum-exp (recomputing their forward, about a third more
     compute than plain differentiation), and the key/value gradients take one more hop
-    home, so the backward also keeps O(L / n) per device. With ``score_mod`` the ring is
-    differentiated by plain autodiff instead (arrays it closes over then get gradients),
-    which saves every visiting key/value chunk (O(L) per device for keys and values).
+    home, so the backward also keeps O(L / n) per device. Traced floating arrays that
+    ``score_mod`` closes over (learnable slopes or tables) are inputs of that VJP too:
+    each device accumulates their gradient over its steps, summed over the mesh after.
 
     **Layout.** With ``layout="zigzag"`` (the default) the sequence must be in zigzag order
     (see [`to_zigzag`][jaxmodules.attention.to_zigzag]): cut into ``2 n`` chunks, device
@@ -450,6 +450,13 @@ def ring_attention(
             )
     window = _window(window_size)
     arity = None if mask_fn is None else _arity(mask_fn)
+    # Arrays score_mod closes over that may need gradients go through shard_map as
+    # replicated inputs of the ring's VJP; concrete ones stay closed over.
+    mod_program, mod_consts = (None, ()) if score_mod is None else trace_score_mod(score_mod)
+    mod_inputs = tuple(mod_consts) if has_tracers(mod_consts) else ()
+    differentiable = [
+        i for i, c in enumerate(mod_inputs) if jnp.issubdtype(jnp.result_type(c), jnp.inexact)
+    ]
     cq, ck = lq // (2 * n), lk // (2 * n)
 
     seq_spec = P(batch_axis, seq_axis, head_axis, None)
@@ -457,8 +464,25 @@ def ring_attention(
     seg_spec = P(batch_axis, seq_axis)
     sink_spec = P(head_axis)
 
-    def local(q: Array, k: Array, v: Array, seg: Any, sink: Any) -> Any:
+    def local(q: Array, k: Array, v: Array, seg: Any, sink: Any, *mod_arrays: Any) -> Any:
         bl, hl = q.shape[0], q.shape[2]
+
+        def user_mod(arrays: Sequence[Any]) -> Callable[..., Any] | None:
+            """score_mod, reading its traced arrays from ``arrays``."""
+            if score_mod is None or not mod_inputs:
+                return score_mod
+            assert mod_program is not None
+
+            def traced_mod(sc: Any, b: Any, h: Any, qp: Any, kp: Any) -> Any:
+                return mod_program.evaluate(arrays, sc, b, h, qp, kp)
+
+            return traced_mod
+
+        def with_float(arrays: Sequence[Any], floats: Sequence[Any]) -> list[Any]:
+            full = list(arrays)
+            for i, x in zip(differentiable, floats, strict=True):
+                full[i] = x
+            return full
 
         def context(seg: Any) -> tuple[Any, ...]:
             # Made afresh in each traced function (the custom VJP's backward is traced
@@ -477,9 +501,17 @@ def ring_attention(
             return None if x is None else x[:, i * size : (i + 1) * size]
 
         def pair_call(
-            ctx: Any, q_half: Array, k_half: Array, v_half: Array, qi: int, kc: Any, seg_k: Any
+            ctx: Any,
+            q_half: Array,
+            k_half: Array,
+            v_half: Array,
+            qi: int,
+            kc: Any,
+            seg_k: Any,
+            arrays: Sequence[Any],
         ) -> tuple[Array, Array]:
-            """Local query half ``qi`` against one visiting key half (chunk ``kc``)."""
+            """Local query half ``qi`` against one visiting key half (chunk ``kc``);
+            ``arrays`` are score_mod's traced arrays."""
             _, b0, h0, q_chunks, seg_q = ctx
             k_start = kc * ck
             offset = (q_chunks[qi] * cq + q_offset - k_start).astype(jnp.int32)
@@ -500,10 +532,11 @@ def ring_attention(
                     return visible
 
             inner_mod = None
-            if score_mod is not None:
+            mod = user_mod(arrays)
+            if mod is not None:
 
                 def inner_mod(sc: Any, b: Any, h: Any, qp: Any, kp: Any) -> Any:
-                    return score_mod(sc, b + b0, h + h0, qp + k_start, kp + k_start)
+                    return mod(sc, b + b0, h + h0, qp + k_start, kp + k_start)
 
             o, lse = masked_attention_via_map(
                 q_half,
@@ -526,7 +559,9 @@ def ring_attention(
             q_start = q_chunks[qi] * cq + q_offset
             return _maybe_visible(q_start, cq, kc * ck, ck, is_causal, window)
 
-        def forward_step(ctx: Any, q: Array, accs: Any, kv: Any, source: Any) -> Any:
+        def forward_step(
+            ctx: Any, q: Array, accs: Any, kv: Any, source: Any, arrays: Sequence[Any]
+        ) -> Any:
             k_cur, v_cur, seg_cur = kv
             k_chunks = _chunks(source, n, layout)
             new = []
@@ -541,6 +576,7 @@ def ring_attention(
                         qi,
                         k_chunks[ki],
                         half(seg_cur, ki, ck),
+                        arrays,
                     )
                     dv_shape = (bl, cq, hl, v_cur.shape[-1])
 
@@ -559,15 +595,18 @@ def ring_attention(
                 new.append(acc)
             return tuple(new)
 
-        def ring_forward(q: Array, k: Array, v: Array, seg: Any) -> tuple[Array, Array]:
+        def ring_forward(
+            q: Array, k: Array, v: Array, seg: Any, arrays: Sequence[Any]
+        ) -> tuple[Array, Array]:
             ctx = context(seg)
             device = ctx[0]
-            accs = forward_step(ctx, q, (None, None), (k, v, seg), device)
+            accs = forward_step(ctx, q, (None, None), (k, v, seg), device, arrays)
 
             def body(carry: Any, step: Any) -> Any:
                 accs, kv = carry
                 kv = shift(kv)
-                return (forward_step(ctx, q, accs, kv, (device - step) % n), kv), None
+                source = (device - step) % n
+                return (forward_step(ctx, q, accs, kv, source, arrays), kv), None
 
             if n > 1:
                 (accs, _), _ = lax.scan(body, (accs, (k, v, seg)), jnp.arange(1, n))
@@ -584,10 +623,14 @@ def ring_attention(
             d_lse: Array,
             kv: Any,
             source: Any,
-        ) -> tuple[Array, Array, Array]:
-            """Gradients of one step's four pairs, from the merged ``out`` and ``lse``."""
+            arrays: Sequence[Any],
+        ) -> tuple[Array, Array, Array, list[Array]]:
+            """Gradients of one step's four pairs, from the merged ``out`` and ``lse``:
+            dQ, dK, dV and the step's share of the floating ``arrays``' gradients."""
             k_cur, v_cur, seg_cur = kv
             k_chunks = _chunks(source, n, layout)
+            floats = [arrays[i] for i in differentiable]
+            d_floats = [jnp.zeros(jnp.shape(x), jnp.float32) for x in floats]
             dq = []
             dk = [jnp.zeros((*k_cur.shape[:1], ck, *k_cur.shape[2:]), jnp.float32)] * 2
             dv = [jnp.zeros((*v_cur.shape[:1], ck, *v_cur.shape[2:]), jnp.float32)] * 2
@@ -615,12 +658,15 @@ def ring_attention(
                         l_all: Array = l_all,
                         do_all: Array = do_all,
                         dl_all: Array = dl_all,
-                    ) -> tuple[Array, Array, Array]:
+                    ) -> tuple[Array, ...]:
                         (o_p, l_p), pullback = jax.vjp(
-                            lambda a, b, c: pair_call(ctx, a, b, c, qi, kc, seg_k),
+                            lambda a, b, c, fs: pair_call(
+                                ctx, a, b, c, qi, kc, seg_k, with_float(arrays, fs)
+                            ),
                             q_half,
                             k_half,
                             v_half,
+                            floats,
                         )
                         finite = jnp.isfinite(l_p) & jnp.isfinite(l_all)
                         w = jnp.where(finite, jnp.exp(jnp.where(finite, l_p - l_all, 0.0)), 0.0)
@@ -628,66 +674,73 @@ def ring_attention(
                         d_o = (w_rows * do_all).astype(o_p.dtype)
                         dot = jnp.swapaxes(jnp.sum(do_all * (o_p - o_all), axis=-1), 1, 2)
                         d_l = w * (dl_all + dot)
-                        g = pullback((d_o, d_l))
+                        dq_p, dk_p, dv_p, d_fs = pullback((d_o, d_l))
+                        g = (dq_p, dk_p, dv_p, *d_fs)
                         return tuple(x.astype(jnp.float32) for x in g)
 
                     def no_grads(
                         q_half: Array = q_half, k_half: Array = k_half, v_half: Array = v_half
-                    ) -> tuple[Array, Array, Array]:
-                        return (
-                            jnp.zeros(q_half.shape, jnp.float32),
-                            jnp.zeros(k_half.shape, jnp.float32),
-                            jnp.zeros(v_half.shape, jnp.float32),
-                        )
+                    ) -> tuple[Array, ...]:
+                        shapes: tuple[Any, ...] = (q_half.shape, k_half.shape, v_half.shape)
+                        shapes += tuple(jnp.shape(x) for x in floats)
+                        return tuple(jnp.zeros(shape, jnp.float32) for shape in shapes)
 
                     pred = visible(ctx, qi, k_chunks[ki])
                     g = grads() if pred is True else lax.cond(pred, grads, no_grads)
                     dq_i = dq_i + g[0]
                     dk[ki] = dk[ki] + g[1]
                     dv[ki] = dv[ki] + g[2]
+                    d_floats = [acc + new for acc, new in zip(d_floats, g[3:], strict=True)]
                 dq.append(dq_i)
             return (
                 jnp.concatenate(dq, axis=1),
                 jnp.concatenate(dk, axis=1),
                 jnp.concatenate(dv, axis=1),
+                d_floats,
             )
 
         @jax.custom_vjp
-        def ring(q: Array, k: Array, v: Array, seg: Any) -> tuple[Array, Array]:
-            return ring_forward(q, k, v, seg)
+        def ring(q: Array, k: Array, v: Array, seg: Any, arrays: tuple) -> tuple[Array, Array]:
+            return ring_forward(q, k, v, seg, arrays)
 
-        def ring_fwd(q: Array, k: Array, v: Array, seg: Any) -> Any:
-            out, lse = ring_forward(q, k, v, seg)
-            return (out, lse), (q, k, v, seg, out, lse)
+        def ring_fwd(q: Array, k: Array, v: Array, seg: Any, arrays: tuple) -> Any:
+            out, lse = ring_forward(q, k, v, seg, arrays)
+            return (out, lse), (q, k, v, seg, arrays, out, lse)
 
         def ring_bwd(res: Any, cts: Any) -> Any:
-            q, k, v, seg, out, lse = res
+            q, k, v, seg, arrays, out, lse = res
             d_out, d_lse = cts
             d_out = d_out.astype(jnp.float32)
             d_lse = d_lse.astype(jnp.float32)
             ctx = context(seg)
             device = ctx[0]
-            dq, dk, dv = backward_step(ctx, q, out, lse, d_out, d_lse, (k, v, seg), device)
+            first = backward_step(ctx, q, out, lse, d_out, d_lse, (k, v, seg), device, arrays)
+            dq, dk, dv, d_floats = first
 
             def body(carry: Any, step: Any) -> Any:
-                dq, kv, dk, dv = carry
+                dq, kv, dk, dv, d_floats = carry
                 kv, dk, dv = shift((kv, dk, dv))
-                g = backward_step(ctx, q, out, lse, d_out, d_lse, kv, (device - step) % n)
-                return (dq + g[0], kv, dk + g[1], dv + g[2]), None
+                source = (device - step) % n
+                g = backward_step(ctx, q, out, lse, d_out, d_lse, kv, source, arrays)
+                d_floats = [acc + new for acc, new in zip(d_floats, g[3], strict=True)]
+                return (dq + g[0], kv, dk + g[1], dv + g[2], d_floats), None
 
             if n > 1:
-                carry = (dq, (k, v, seg), dk, dv)
-                (dq, _, dk, dv), _ = lax.scan(body, carry, jnp.arange(1, n))
+                carry = (dq, (k, v, seg), dk, dv, d_floats)
+                (dq, _, dk, dv, d_floats), _ = lax.scan(body, carry, jnp.arange(1, n))
                 dk, dv = shift((dk, dv))  # home: the chunk came from the previous device
             d_seg = None if seg is None else np.zeros(seg.shape, jax.dtypes.float0)
-            return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_seg
+            # This device's share of the arrays' gradients; shard_map's transpose sums
+            # the shares of a replicated input over the mesh.
+            d_arrays: list[Any] = [np.zeros(jnp.shape(x), jax.dtypes.float0) for x in arrays]
+            for i, g in zip(differentiable, d_floats, strict=True):
+                d_arrays[i] = g.astype(jnp.result_type(arrays[i]))
+            grads = (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype))
+            return (*grads, d_seg, tuple(d_arrays))
 
         ring.defvjp(ring_fwd, ring_bwd)
 
-        if score_mod is None:
-            out, lse = ring(q, k, v, seg)
-        else:  # arrays score_mod closes over get gradients through plain autodiff
-            out, lse = ring_forward(q, k, v, seg)
+        out, lse = ring(q, k, v, seg, tuple(mod_arrays))
         if sink is not None:
             sink_lse = jnp.broadcast_to(sink.astype(jnp.float32)[None, :, None], lse.shape)
             out, lse = _merge((out, lse), (jnp.zeros_like(out), sink_lse))
@@ -695,7 +748,7 @@ def ring_attention(
 
     seg_arg = segment_ids
     sink_arg = None if sinks is None else jnp.asarray(sinks)
-    in_specs = (seq_spec, seq_spec, seq_spec, seg_spec, sink_spec)
-    args = _reshard_explicit(mesh, (Q, K, V, seg_arg, sink_arg), in_specs)
+    in_specs = (seq_spec, seq_spec, seq_spec, seg_spec, sink_spec, *(P(),) * len(mod_inputs))
+    args = _reshard_explicit(mesh, (Q, K, V, seg_arg, sink_arg, *mod_inputs), in_specs)
     out, lse = _shard_map(local, mesh, in_specs, (seq_spec, lse_spec))(*args)
     return (out, lse) if return_lse else out
