@@ -330,12 +330,109 @@ def test_lowers_for_cuda_without_a_gpu(ref):
     assert exported.mlir_module().count("__gpu$xla.gpu.triton") == 3
 
 
+def test_gpu_defaults_lower_for_cuda_without_a_gpu(ref):
+    # What a GPU user gets first: 128 x 128 blocks, d=128 (8 warps), the compiled
+    # default of 32-wide backward slices, GQA and a key-padding bias (column sums).
+    try:
+        from jax import export
+    except ImportError as err:
+        pytest.skip(f"jax.export is unavailable in this jax ({err})")
+    if not hasattr(export, "DisabledSafetyCheck"):
+        pytest.skip("this jax.export cannot allow Triton custom calls")
+    from jaxmodules.attention._xla import Operands
+
+    shape = (1, 256, 256, 4, 1, 128, 128)
+    q, k, v = ref.qkv(35, *shape, dtype=jnp.bfloat16)
+    block_mask = _block_mask(shape, 128, {"is_causal": True})
+    bias = jnp.zeros((1, 1, 1, 256), jnp.bfloat16)
+
+    def value_and_grads(q, k, v, bias):
+        def loss(q, k, v, bias):
+            operands = Operands(bias, None, ())
+            out = pallas_attend(q, k, v, block_mask, 0.1, interpret=False, operands=operands)
+            return out.astype(jnp.float32).sum()
+
+        return jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(q, k, v, bias)
+
+    exported = export.export(
+        jax.jit(value_and_grads),
+        platforms=["cuda"],
+        disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+    )(q, k, v, bias)
+    assert exported.mlir_module().count("__gpu$xla.gpu.triton") == 3
+
+
+def test_score_mod_array_gradients_lower_for_cuda_without_a_gpu(ref):
+    # Gradients of traced arrays score_mod closes over (a bucket table read at q - k and
+    # the head, slopes read at the head) lower to Triton with the compiled defaults.
+    try:
+        from jax import export
+    except ImportError as err:
+        pytest.skip(f"jax.export is unavailable in this jax ({err})")
+    if not hasattr(export, "DisabledSafetyCheck"):
+        pytest.skip("this jax.export cannot allow Triton custom calls")
+    from jaxmodules.attention._elementwise import trace_score_mod
+    from jaxmodules.attention._scores import ScoreConfig
+    from jaxmodules.attention._xla import Operands
+
+    shape = (1, 128, 128, 4, 2, 64, 64)
+    q, k, v = ref.qkv(36, *shape, dtype=jnp.bfloat16)
+    block_mask = _block_mask(shape, 64, {"is_causal": True})
+    table = jnp.zeros((8, 4), jnp.float32)
+    slopes = jnp.ones((4,), jnp.float32)
+
+    def value_and_grads(q, k, v, table, slopes):
+        def loss(q, k, v, table, slopes):
+            def mod(score, b, h, qp, kp):
+                return _bucket_table(table)(score, b, h, qp, kp) - slopes[h] * jnp.abs(qp - kp)
+
+            program, consts = trace_score_mod(mod)
+            out = pallas_attend(
+                q,
+                k,
+                v,
+                block_mask,
+                0.125,
+                interpret=False,
+                scores=ScoreConfig(score=program),
+                operands=Operands(None, None, consts),
+            )
+            return out.astype(jnp.float32).sum()
+
+        return jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))(q, k, v, table, slopes)
+
+    exported = export.export(
+        jax.jit(value_and_grads),
+        platforms=["cuda"],
+        disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+    )(q, k, v, table, slopes)
+    assert exported.mlir_module().count("__gpu$xla.gpu.triton") == 3
+
+
 # ------------------------------------------------- implementation="pallas" through the API
 
 
 def _alibi(slopes):
     def score_mod(score, b, h, q, k):
         return score - slopes[h] * jnp.abs(q - k)
+
+    return score_mod
+
+
+def _relative_table(table):
+    span = table.shape[0] // 2
+
+    def score_mod(score, b, h, q, k):
+        return score + table[jnp.clip(q - k, -span, span) + span]
+
+    return score_mod
+
+
+def _bucket_table(table):
+    # T5-style: a (buckets, heads) table read at a bucket of q - k and the head.
+    def score_mod(score, b, h, q, k):
+        bucket = jnp.clip(q - k, -3, 4) + 3
+        return score + table[bucket, h]
 
     return score_mod
 
@@ -487,6 +584,35 @@ def test_score_pipeline_in_backward_slices(ref, bias_shape):
         assert _relative_error(got, grads64[name]) < 1e-4, f"d{name}"
 
 
+@pytest.mark.parametrize(
+    "name", ["alibi_slopes", "bucket_table", "relative_table", "temperature", "two_reads"]
+)
+def test_api_gradients_of_traced_score_mod_arrays(ref, name):
+    # Learnable arrays score_mod closes over: read at the head only (one sum per tile),
+    # at an index that varies across the tile (walked entry by entry), 0-d, and two
+    # reads of one array; with GQA, a mask and backward slices of the blocks.
+    rng = np.random.default_rng(40)
+    slopes = jnp.asarray(2.0 ** -np.arange(1, 5), jnp.float32)
+    cases = {
+        "alibi_slopes": (slopes, _alibi),
+        "bucket_table": (jnp.asarray(rng.standard_normal((8, 4)), jnp.float32), _bucket_table),
+        "relative_table": (jnp.asarray(rng.standard_normal(21), jnp.float32), _relative_table),
+        "temperature": (
+            jnp.asarray(0.7, jnp.float32),
+            lambda t: lambda score, b, h, q, k: score * t,
+        ),
+        "two_reads": (
+            jnp.stack([slopes, jnp.asarray(rng.standard_normal(4), jnp.float32)]),
+            lambda a: (
+                lambda score, b, h, q, k: score - a[0, h] * jnp.abs(q - k) + a[1, h] * (k % 2)
+            ),
+        ),
+    }
+    extra, make_mod = cases[name]
+    options = {"is_causal": True, "mask_fn": same_segment, "block_size": 16}
+    _compare_api(ref, (2, 37, 45, 4, 2, 16), options, extra=extra, make_mod=make_mod, seed=41)
+
+
 def test_api_sinks_on_empty_rows(ref):
     sinks = jnp.asarray([0.5, -1.0], jnp.float32)
     options = {"mask_fn": lambda b, h, q, k: k >= q + 5, "block_size": 16}
@@ -518,15 +644,20 @@ def test_api_refuses_what_pallas_cannot_take_and_none_falls_back(ref):
         masked_attention_via_map(q, k, v, block_size=24, implementation="pallas")
 
     @jax.jit
-    def traced_slopes(slopes):
-        return masked_attention_via_map(q, k, v, score_mod=_alibi(slopes), implementation="pallas")
+    def traced_table(table):
+        return masked_attention_via_map(
+            q, k, v, score_mod=_relative_table(table), implementation="pallas"
+        )
 
-    with pytest.raises(PallasUnsupportedError, match="score_mod closes over traced floating"):
-        traced_slopes(jnp.ones(2))
+    # A traced table read at q - k: its gradient would be kept whole per program.
+    with pytest.raises(PallasUnsupportedError, match=r"traced array of shape \(2049,\)"):
+        traced_table(jnp.ones(2049))
     with pytest.raises(ValueError, match="implementation must be None or one of"):
         masked_attention_via_map(q, k, v, implementation="triton")
     # Under None, a CPU runs the block loop, whatever the call.
-    out = jax.jit(lambda s: masked_attention_via_map(q, k, v, score_mod=_alibi(s)))(jnp.ones(2))
+    out = jax.jit(lambda t: masked_attention_via_map(q, k, v, score_mod=_relative_table(t)))(
+        jnp.ones(2049)
+    )
     assert out.shape == q.shape
 
 

@@ -109,8 +109,8 @@ def _run(body: str) -> None:
 
 def test_ring_1d_mesh_default_axis_types():
     """8 devices on "seq" from jax.make_mesh's defaults (Explicit axes on new jax): causal
-    GQA, unmasked, a mask_fn of global positions with segment ids (with lse), and a block
-    mask of the whole sequence."""
+    GQA, unmasked, a mask_fn of global positions with segment ids (with lse), a block
+    mask of the whole sequence; and 2 devices whose steps run the Pallas kernel."""
     _run(
         """
         mesh = jax.make_mesh((8,), ("seq",))
@@ -127,6 +127,14 @@ def test_ring_1d_mesh_default_axis_types():
             seg_mask, B, 1, L, L, is_causal=True, window_size=(20, None), block_size=8
         )
         check(mesh, None, dict(block_mask=bm))
+        # The fused kernel in every step (interpret mode on CPU), on two devices.
+        two = jax.make_mesh((2,), ("seq",), devices=jax.devices()[:2])
+        check(
+            two, None,
+            dict(is_causal=True, implementation="pallas"),
+            dict(is_causal=True),
+            lse=True,
+        )
         """
     )
 
@@ -210,6 +218,7 @@ def test_one_device_mesh_matches():
         (dict(seq_axis="time"), ValueError, "seq_axis"),
         (dict(q_offset=jnp.zeros((1,), jnp.int32)), TypeError, "q_offset"),
         (dict(frobnicate=1), TypeError, "frobnicate"),
+        (dict(implementation="triton"), ValueError, "implementation must be"),
     ],
 )
 def test_errors(kwargs, error, match):

@@ -27,8 +27,13 @@ one that varies only along keys (a key-padding bias) gets column sums from the d
 kernel. Only a bias that is itself quadratic has a quadratic gradient. Sinks change only
 each row's denominator: they are applied after the kernels from the lse in plain JAX,
 which also gives their gradient.
-``score_mod`` arrays that may need gradients (traced floating arrays) are refused: their
-gradients would need atomic adds.
+Traced floating arrays that ``score_mod`` closes over (learnable slopes, a relative
+position table) get their gradients from the dQ kernel too: each tile's score gradient is
+pulled back through the program to the values it read, and each program adds them into
+its own copy of the flattened array's gradient (a sum for reads at one index per tile,
+entry by entry for an index that varies across the tile); the copies are summed after.
+Arrays of more than ``_MAX_ARRAY_GRADIENT`` entries, or reads that vary over more than
+``_MAX_READ_ENTRIES`` entries within a tile, are refused.
 
 The tile math (positions, visibility, the score pipeline, the online-softmax step and the
 gradient step) lives in small functions of arrays, apart from the refs and the grid, so
@@ -69,6 +74,11 @@ _MIN_TILE = 16  # Triton's smallest matmul tile side
 # as in Triton's fused-attention backward and jax's own Pallas GPU attention. Not yet
 # tuned on this kernel.
 _COMPILED_BACKWARD_TILE = 32
+# Gradients of traced arrays that score_mod closes over: each dQ program keeps the whole
+# flattened gradient (at most this many entries) and walks an index that varies across a
+# tile entry by entry (at most this many).
+_MAX_ARRAY_GRADIENT = 1024
+_MAX_READ_ENTRIES = 256
 
 
 class PallasUnsupportedError(ValueError):
@@ -91,6 +101,11 @@ def _triton_params(num_warps: int, num_stages: int) -> Any:
 
 def _is_tile(n: int) -> bool:
     return n >= _MIN_TILE and n & (n - 1) == 0
+
+
+def _array_grad_width(shape: tuple[int, ...]) -> int:
+    """Entries of a flattened array's gradient in a kernel: a power of two ``>= 16``."""
+    return _tile_width(int(np.prod(shape, dtype=np.int64)))
 
 
 def _tile_width(n: int) -> int:
@@ -116,6 +131,12 @@ class _View:
     shape: tuple[int, ...]  # original shape of the closed-over array
     axes: list[Any]
     squeezed: list[bool]
+    const: int = 0  # which of the program's closed-over arrays
+
+
+# Loads a fully indexed ``_View``: ``_read``, or one that also records or replaces the
+# values read (for gradients with respect to closed-over arrays).
+Reader = Callable[[_View], Any]
 
 
 def _unsupported(what: str) -> PallasUnsupportedError:
@@ -168,9 +189,12 @@ def _holds_jaxpr(param: Any) -> bool:
     return hasattr(param, "eqns") or hasattr(param, "jaxpr")
 
 
-def _eval_tile_jaxpr(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
+def _eval_tile_jaxpr(
+    jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], reader: Reader = _read
+) -> list[Any]:
     """Evaluate a scalar jaxpr on broadcastable index arrays (every intermediate becomes
-    an array of the tile's broadcast shape); closed-over arrays are ``_View`` values."""
+    an array of the tile's broadcast shape); closed-over arrays are ``_View`` values,
+    loaded by ``reader`` once fully indexed."""
     env: dict[Any, Any] = {}
 
     def read(atom: Any) -> Any:
@@ -178,7 +202,7 @@ def _eval_tile_jaxpr(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any]) -> 
 
     def value(atom: Any) -> Any:
         x = read(atom)
-        return _read(x) if isinstance(x, _View) else x
+        return reader(x) if isinstance(x, _View) else x
 
     for var, c in zip(jaxpr.constvars, consts, strict=True):
         env[var] = c
@@ -191,12 +215,12 @@ def _eval_tile_jaxpr(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any]) -> 
         if inner is not None:
             closed_consts = list(getattr(inner, "consts", ()))
             body = getattr(inner, "jaxpr", inner)
-            outs = _eval_tile_jaxpr(body, closed_consts, inputs)
+            outs = _eval_tile_jaxpr(body, closed_consts, inputs, reader)
         elif name in ("dynamic_slice", "squeeze") and isinstance(inputs[0], _View):
-            outs = [_view_op(name, eqn, inputs)]
+            outs = [_view_op(name, eqn, inputs, reader)]
         else:
             # A closed-over array read down to a scalar per element is loaded here.
-            inputs = [_read(x) if isinstance(x, _View) else x for x in inputs]
+            inputs = [reader(x) if isinstance(x, _View) else x for x in inputs]
             scalar = all(v.aval.shape == () for v in (*eqn.invars, *eqn.outvars))
             if not scalar:
                 raise _unsupported(
@@ -216,7 +240,7 @@ def _eval_tile_jaxpr(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any]) -> 
     return [value(v) for v in jaxpr.outvars]
 
 
-def _view_op(name: str, eqn: Any, inputs: list[Any]) -> _View:
+def _view_op(name: str, eqn: Any, inputs: list[Any], reader: Reader) -> _View:
     """Scalar indexing of a closed-over array: ``dynamic_slice`` of size 1 per indexed
     axis (whole axes kept), then ``squeeze`` of the indexed axes."""
     view: _View = inputs[0]
@@ -235,10 +259,10 @@ def _view_op(name: str, eqn: Any, inputs: list[Any]) -> _View:
                     "array (only single elements may be read)"
                 )
             if isinstance(start, _View):
-                start = _read(start)
+                start = reader(start)
             # dynamic_slice clamps its start into the array, so the kernel does too.
             axes[pos] = jnp.clip(jnp.asarray(start, jnp.int32), 0, dim - 1)
-        return _View(view.ref, view.dtype, view.shape, axes, list(view.squeezed))
+        return replace(view, axes=axes, squeezed=list(view.squeezed))
     if name == "squeeze":
         axes, squeezed = list(view.axes), list(view.squeezed)
         for d in eqn.params["dimensions"]:
@@ -248,29 +272,68 @@ def _view_op(name: str, eqn: Any, inputs: list[Any]) -> _View:
             if axes[pos] is None:
                 axes[pos] = jnp.int32(0)  # an axis of length 1 has one element to read
             squeezed[pos] = True
-        return _View(view.ref, view.dtype, view.shape, axes, squeezed)
+        return replace(view, axes=axes, squeezed=squeezed)
     raise _unsupported(f"{name!r} applied to a closed-over array")
 
 
 def _const_views(program: Program, const_refs: Sequence[Any], dtypes: Sequence[Any]) -> list:
     views = []
-    for var, ref, dtype in zip(program.jaxpr.constvars, const_refs, dtypes, strict=True):
+    for n, (var, ref, dtype) in enumerate(
+        zip(program.jaxpr.constvars, const_refs, dtypes, strict=True)
+    ):
         shape = tuple(var.aval.shape)
-        views.append(_View(ref, dtype, shape, [None] * len(shape), [False] * len(shape)))
+        views.append(_View(ref, dtype, shape, [None] * len(shape), [False] * len(shape), n))
     return views
 
 
 def evaluate_on_tile(
-    program: Program, const_refs: Sequence[Any], const_dtypes: Sequence[Any], *inputs: Any
+    program: Program,
+    const_refs: Sequence[Any],
+    const_dtypes: Sequence[Any],
+    *inputs: Any,
+    reader: Reader = _read,
 ) -> Any:
     """A traced element-wise program (``mask_fn(b, h, q, k)``) on broadcastable input
     arrays, reading its closed-over arrays from ``const_refs`` (Pallas refs in a kernel,
-    or arrays: both are indexed alike) laid out by
-    ``kernel_consts``. The result has the
-    inputs' broadcast shape."""
+    or arrays: both are indexed alike) laid out by ``kernel_consts``, through
+    ``reader``. The result has the inputs' broadcast shape."""
     views = _const_views(program, const_refs, const_dtypes)
-    (out,) = _eval_tile_jaxpr(program.jaxpr, views, list(inputs))
+    (out,) = _eval_tile_jaxpr(program.jaxpr, views, list(inputs), reader)
     return jnp.broadcast_to(out, np.broadcast_shapes(*(jnp.shape(x) for x in inputs)))
+
+
+@dataclass(frozen=True)
+class ArrayRead:
+    """One load of a closed-over floating array on a tile: which array, the index
+    arrays per axis (scalars or broadcastable tiles) and the value loaded."""
+
+    const: int
+    index: tuple[Any, ...]
+    value: Any
+
+
+def recording_reader(arrays: Sequence[int], reads: list[ArrayRead]) -> Reader:
+    """A reader that appends each load of the closed-over ``arrays`` to ``reads``."""
+
+    def reader(view: _View) -> Any:
+        value = _read(view)
+        if view.const in arrays:
+            reads.append(ArrayRead(view.const, tuple(view.axes), value))
+        return value
+
+    return reader
+
+
+def replaying_reader(arrays: Sequence[int], values: Sequence[Any]) -> Reader:
+    """A reader that returns ``values``, in order, for the loads of the closed-over
+    ``arrays`` (as recorded by ``recording_reader`` on the same program and tile), so
+    that a function of them can be differentiated."""
+    pending = iter(values)
+
+    def reader(view: _View) -> Any:
+        return next(pending) if view.const in arrays else _read(view)
+
+    return reader
 
 
 def kernel_consts(consts: Sequence[Any]) -> tuple[list[Any], list[Any]]:
@@ -347,6 +410,8 @@ class TileConfig:
     # dtypes) and the bias (whether it varies along batch, head, query, key).
     scores: ScoreConfig = field(default_factory=ScoreConfig)
     score_dtypes: tuple[Any, ...] = ()
+    # The score_mod arrays that get gradients (traced floating ones), by position.
+    score_grads: tuple[int, ...] = ()
 
     @property
     def groups(self) -> int:
@@ -363,6 +428,11 @@ class TileConfig:
         if not along_k:
             return "rows"
         return "tiles" if along_q else "columns"
+
+    def score_array_shape(self, n: int) -> tuple[int, ...]:
+        """The shape of ``score_mod``'s closed-over array ``n``, as the program sees it."""
+        assert self.scores.score is not None
+        return tuple(self.scores.score.jaxpr.constvars[n].aval.shape)
 
     @property
     def dq_key_tile(self) -> int:
@@ -427,11 +497,12 @@ def _score_mod_on_tile(
     h: Array,
     q_pos: Array,
     k_pos: Array,
+    reader: Reader = _read,
 ) -> Array:
     program = config.scores.score
     k_safe = jnp.minimum(k_pos, config.k_len - 1)
     index = [jnp.asarray(x, jnp.int32) for x in (b, h, q_pos, k_safe)]
-    out = evaluate_on_tile(program, score_refs, config.score_dtypes, s2, *index)
+    out = evaluate_on_tile(program, score_refs, config.score_dtypes, s2, *index, reader=reader)
     return jnp.broadcast_to(out, s2.shape).astype(_F32)
 
 
@@ -444,15 +515,17 @@ def tile_scores(
     h: Array,
     q_pos: Array,
     k_pos: Array,
+    reader: Reader = _read,
 ) -> Array:
     """The final float32 scores of a tile (``s0 = scale * q.k``): plus the bias tile,
     soft-capped, through ``score_mod`` on the tile's index vectors (the pipeline of
-    ``_scores``, with ``score_mod``'s closed-over arrays read from kernel refs)."""
+    ``_scores``, with ``score_mod``'s closed-over arrays read from kernel refs through
+    ``reader``)."""
     s1 = s0 if bias is None else s0 + bias.astype(_F32)
     s2 = capped_scores(config.scores.soft_cap, s1)
     if config.scores.score is None:
         return s2
-    return _score_mod_on_tile(config, score_refs, s2, b, h, q_pos, k_pos)
+    return _score_mod_on_tile(config, score_refs, s2, b, h, q_pos, k_pos, reader)
 
 
 def tile_score_gradient(
@@ -484,6 +557,82 @@ def tile_score_gradient(
     if cap is not None:
         d_scores = d_scores * (1.0 - jnp.square(s2 / _F32(cap)))
     return d_scores
+
+
+def tile_score_and_read_gradients(
+    config: TileConfig,
+    s0: Array,
+    bias: Array | None,
+    score_refs: Sequence[Any],
+    b: Array,
+    h: Array,
+    q_pos: Array,
+    k_pos: Array,
+    d_scores: Array,
+    reads: Sequence[ArrayRead],
+) -> tuple[Array, list[Array]]:
+    """``tile_score_gradient``, and the gradients of the values ``score_mod`` read from
+    its differentiable arrays on this tile (``reads``, recorded when the tile's scores
+    were computed): one reverse pass through the program with those values as inputs."""
+    cap = config.scores.soft_cap
+    s1 = s0 if bias is None else s0 + bias.astype(_F32)
+    s2 = capped_scores(cap, s1)
+
+    def scores_of(s: Array, values: list[Array]) -> Array:
+        reader = replaying_reader(config.score_grads, values)
+        return _score_mod_on_tile(config, score_refs, s, b, h, q_pos, k_pos, reader)
+
+    _, pullback = jax.vjp(scores_of, s2, [read.value for read in reads])
+    d_s2, d_values = pullback(d_scores)
+    if cap is not None:
+        d_s2 = d_s2 * (1.0 - jnp.square(s2 / _F32(cap)))
+    return d_s2, d_values
+
+
+def _sum_all(x: Array) -> Array:
+    """Sum of every element, one axis at a time (as Triton reduces)."""
+    while jnp.ndim(x):
+        x = x.sum(axis=-1)
+    return x
+
+
+def _row_major_strides(shape: tuple[int, ...]) -> list[int]:
+    return [int(np.prod(shape[n + 1 :], dtype=np.int64)) for n in range(len(shape))]
+
+
+def add_read_gradient(acc: Array, read: ArrayRead, shape: tuple[int, ...], grad: Array) -> Array:
+    """Add the gradient ``grad`` of one tile's read of an array of ``shape`` into
+    ``acc``, that array's flattened float32 gradient (padded to a power of two). Axes
+    read at one index for the whole tile add one sum; axes whose index varies across the
+    tile are walked entry by entry (``read_problem`` bounds how many), summing the tile's
+    gradient where the index equals it. No scatter, no atomics."""
+    strides = _row_major_strides(shape)
+    positions = jnp.arange(acc.shape[0], dtype=jnp.int32)
+    base = jnp.int32(0)
+    varying = []
+    for index, stride, dim in zip(read.index, strides, shape, strict=True):
+        if jnp.size(index) == 1:
+            base = base + jnp.reshape(index, ()).astype(jnp.int32) * stride
+        else:
+            varying.append((index, stride, dim))
+    if not varying:
+        return acc + jnp.where(positions == base, _sum_all(grad), 0.0)
+    offsets = sum(index * stride for index, stride, _ in varying)
+    grad = jnp.broadcast_to(grad, jnp.shape(offsets))
+    count = int(np.prod([dim for _, _, dim in varying]))
+
+    def entry(n: Array, acc: Array) -> Array:
+        # Non-negative, so lax's truncating division is floor division (jnp's % and //
+        # add sign fixes that Triton's lowering does not take).
+        offset, rest = jnp.int32(0), jnp.asarray(n, jnp.int32)
+        for _, stride, dim in reversed(varying):
+            size = jnp.int32(dim)
+            offset = offset + lax.rem(rest, size) * jnp.int32(stride)
+            rest = lax.div(rest, size)
+        total = _sum_all(jnp.where(offsets == offset, grad, 0.0))
+        return acc + jnp.where(positions == base + offset, total, 0.0)
+
+    return lax.fori_loop(0, count, entry, acc)
 
 
 def _matmul_t(a: Array, b: Array) -> Array:
@@ -619,8 +768,11 @@ def _forward_kernel(config: TileConfig, n_consts: int, *refs: Any) -> None:
 def _dq_kernel(config: TileConfig, n_consts: int, *refs: Any) -> None:
     lists, mask_refs, score_refs, bias_ref, rest = _split_refs(config, refs)
     count_ref, index_ref, full_count_ref, full_index_ref, offset_ref = lists
-    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *dbias = rest
-    dbias_ref: Any = dbias[0] if dbias else None
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *extra = rest
+    # After dQ: the bias gradient (tiles or row sums), then one flattened gradient per
+    # differentiable score_mod array, this program's share.
+    dbias_ref: Any = extra.pop(0) if config.bias_gradient in ("tiles", "rows") else None
+    array_refs = extra
     b, h, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     mb, mh = _mask_index(config, b, h)
     bq, bk, sk = config.q_block, config.k_block, config.dq_key_tile
@@ -640,10 +792,8 @@ def _dq_kernel(config: TileConfig, n_consts: int, *refs: Any) -> None:
 
         lax.fori_loop(0, config.n_k_blocks, zero, 0)
 
-    def tile(carry: tuple, start: Array, masked: bool) -> tuple:
-        # Keys start .. start + sk of a listed key block; the carry is dQ, then the
-        # row sums of the score gradient when they are the bias gradient.
-        dq, *d_rows = carry
+    def tile(carry: dict, start: Array, masked: bool) -> dict:
+        # Keys start .. start + sk of a listed key block.
         k_blk = k_ref[pl.ds(start, sk), :]
         v_blk = v_ref[pl.ds(start, sk), :]
         k_pos = key_positions(start, sk)[None, :]
@@ -654,33 +804,55 @@ def _dq_kernel(config: TileConfig, n_consts: int, *refs: Any) -> None:
         bias = None
         if bias_ref is not None:
             bias = _bias_tile(config, bias_ref, None, (i * bq, bq), (start, sk))
-        s = tile_scores(config, s0, bias, score_refs, b, h, q_pos, k_pos)
+        reads: list[ArrayRead] = []
+        reader = recording_reader(config.score_grads, reads) if config.score_grads else _read
+        s = tile_scores(config, s0, bias, score_refs, b, h, q_pos, k_pos, reader)
         _, ds = tile_gradient(s, lse, delta, _matmul_t(do_blk, v_blk), visible)
-        ds = tile_score_gradient(config, s0, bias, score_refs, b, h, q_pos, k_pos, ds)
+        carry = dict(carry)
+        if config.score_grads:
+            if visible is not None:
+                ds = jnp.where(visible, ds, 0.0)
+            ds, d_values = tile_score_and_read_gradients(
+                config, s0, bias, score_refs, b, h, q_pos, k_pos, ds, reads
+            )
+            arrays = list(carry["arrays"])
+            for read, d_value in zip(reads, d_values, strict=True):
+                slot = config.score_grads.index(read.const)
+                shape = config.score_array_shape(read.const)
+                arrays[slot] = add_read_gradient(arrays[slot], read, shape, d_value)
+            carry["arrays"] = arrays
+        else:
+            ds = tile_score_gradient(config, s0, bias, score_refs, b, h, q_pos, k_pos, ds)
         if visible is not None and config.scores.changes_scores:
             ds = jnp.where(visible, ds, 0.0)
         if write_tiles:
             dbias_ref[:, pl.ds(start, sk)] = ds
         if sum_rows:
-            d_rows = [d_rows[0] + ds.sum(axis=1)]
-        return (dq + _matmul(ds.astype(k_blk.dtype), k_blk) * scale, *d_rows)
+            carry["rows"] = carry["rows"] + ds.sum(axis=1)
+        carry["dq"] = carry["dq"] + _matmul(ds.astype(k_blk.dtype), k_blk) * scale
+        return carry
 
-    def step(carry: tuple, j: Array, masked: bool) -> tuple:
+    def step(carry: dict, j: Array, masked: bool) -> dict:
         return over_slices(j * bk, bk, sk, partial(tile, masked=masked), carry)
 
-    carry = (jnp.zeros((bq, q_ref.shape[-1]), _F32), *([jnp.zeros((bq,), _F32)] * sum_rows))
+    carry: dict[str, Any] = {"dq": jnp.zeros((bq, q_ref.shape[-1]), _F32)}
+    if sum_rows:
+        carry["rows"] = jnp.zeros((bq,), _F32)
+    carry["arrays"] = [jnp.zeros(ref.shape, _F32) for ref in array_refs]
     carry = lax.fori_loop(
         0,
         full_count_ref[mb, mh, i],
         lambda t, c: step(c, full_index_ref[mb, mh, i, t], False),
         carry,
     )
-    dq, *d_rows = lax.fori_loop(
+    carry = lax.fori_loop(
         0, count_ref[mb, mh, i], lambda t, c: step(c, index_ref[mb, mh, i, t], True), carry
     )
-    dq_ref[...] = dq.astype(dq_ref.dtype)
+    dq_ref[...] = carry["dq"].astype(dq_ref.dtype)
     if sum_rows:
-        dbias_ref[...] = d_rows[0]
+        dbias_ref[...] = carry["rows"]
+    for ref, grad in zip(array_refs, carry["arrays"], strict=True):
+        ref[...] = grad
 
 
 def _dkdv_kernel(config: TileConfig, n_consts: int, *refs: Any) -> None:
@@ -864,7 +1036,9 @@ def _backward(
     kv_lists: tuple,
     q_lists: tuple,
     consts: tuple,
-) -> tuple[Array, Array, Array, Array | None]:
+) -> tuple[Array, Array, Array, Array | None, list[Array]]:
+    """dQ, dK, dV, the bias gradient and the gradients of the differentiable
+    ``score_mod`` arrays (flattened, float32, padded: see ``_array_cotangents``)."""
     bsz, _, lq, d = q.shape
     lk, dv = v.shape[2], v.shape[-1]
     bq, bk, g = config.q_block, config.k_block, config.groups
@@ -888,7 +1062,16 @@ def _backward(
         dq_outputs.append((jax.ShapeDtypeStruct((bsz, config.q_heads, lq, lk), _F32), row_spec(lk)))
     elif config.bias_gradient == "rows":
         dq_outputs.append((jax.ShapeDtypeStruct((bsz, config.q_heads, lq), _F32), row_spec(None)))
-    dq, *dbias = _call(
+    # Each program's share of the score_mod arrays' gradients, summed afterwards.
+    for n in config.score_grads:
+        width = _array_grad_width(config.score_array_shape(n))
+        dq_outputs.append(
+            (
+                jax.ShapeDtypeStruct((bsz, config.q_heads, config.n_q_blocks, width), _F32),
+                pl.BlockSpec((None, None, None, width), lambda b, h, i: (b, h, i, 0)),
+            )
+        )
+    dq, *dq_extra = _call(
         config,
         _dq_kernel,
         (bsz, config.q_heads, config.n_q_blocks),
@@ -906,6 +1089,8 @@ def _backward(
         dq_outputs,
         "block_attention_dq",
     )
+    dbias = dq_extra[: len(dq_extra) - len(config.score_grads)]
+    d_arrays = [x.sum(axis=(0, 1, 2)) for x in dq_extra[len(dbias) :]]
 
     def per_batch(width: int | None) -> Any:
         if width is None:
@@ -947,7 +1132,7 @@ def _backward(
     d_bias = None
     if bias is not None:
         d_bias = _bias_cotangent(config, bias, dbias, dbias_columns)
-    return dq, dk, dv_, d_bias
+    return dq, dk, dv_, d_bias, d_arrays
 
 
 def _bias_cotangent(config: TileConfig, bias: Array, tiles_or_rows: list, columns: list) -> Array:
@@ -995,11 +1180,24 @@ def _kernel_attention_fwd(config, q, k, v, bias, kv_lists, q_lists, consts):
 def _kernel_attention_bwd(config, residuals, cotangents):
     q, k, v, bias, out, lse, kv_lists, q_lists, consts = residuals
     d_out, d_lse = cotangents
-    dq, dk, dv, d_bias = _backward(
+    dq, dk, dv, d_bias, d_arrays = _backward(
         config, q, k, v, bias, out, lse, d_out, d_lse, kv_lists, q_lists, consts
     )
-    zeros = jax.tree_util.tree_map(_zero_cotangent, (kv_lists, q_lists, consts))
-    return (dq, dk, dv, d_bias, *zeros)
+    zeros = jax.tree_util.tree_map(_zero_cotangent, (kv_lists, q_lists))
+    return (dq, dk, dv, d_bias, *zeros, _array_cotangents(config, consts, d_arrays))
+
+
+def _array_cotangents(config: TileConfig, consts: tuple, d_arrays: list[Array]) -> tuple:
+    """Cotangents of the kernel's closed-over arrays (``mask_fn``'s, then
+    ``score_mod``'s): the summed gradients for the differentiable score_mod arrays, cut
+    from their padding to the kernel layout; zeros for the rest."""
+    cotangents = [_zero_cotangent(c) for c in consts]
+    first = len(config.const_dtypes)
+    for n, grad in zip(config.score_grads, d_arrays, strict=True):
+        const = consts[first + n]
+        size = int(np.prod(jnp.shape(const), dtype=np.int64))
+        cotangents[first + n] = grad[:size].reshape(jnp.shape(const)).astype(const.dtype)
+    return tuple(cotangents)
 
 
 _kernel_attention.defvjp(_kernel_attention_fwd, _kernel_attention_bwd)
@@ -1149,6 +1347,9 @@ def pallas_attend_with_lse(
         backward_tile=backward_tile,
         scores=replace(scores, sinks=False),
         score_dtypes=tuple(score_dtypes),
+        score_grads=(
+            () if scores.score is None else traced_score_arrays(scores.score, operands.score_consts)
+        ),
     )
     offset = jnp.asarray(block_mask.q_offset, jnp.int32).reshape(-1)
     names = ("num_blocks", "indices", "full_{}_num_blocks", "full_{}_indices")
@@ -1251,16 +1452,52 @@ def pallas_problem(block_mask: BlockMask) -> str | None:
     return mask_program_problem(block_mask.program, block_mask.mask_consts)
 
 
+def traced_score_arrays(program: Any, consts: Sequence[Any]) -> tuple[int, ...]:
+    """Positions of the ``score_mod`` arrays that may need gradients: traced, floating."""
+    return tuple(i for i in program.differentiable if isinstance(consts[i], jax.core.Tracer))
+
+
 def score_program_problem(program: Any, consts: Sequence[Any]) -> str | None:
     """Why the kernel cannot run a ``score_mod`` program, or ``None`` when it can."""
-    traced = [i for i in program.differentiable if isinstance(consts[i], jax.core.Tracer)]
-    if traced:
+    problem = _tile_problem(program, consts, with_score=True)
+    grads = traced_score_arrays(program, consts)
+    if problem is not None or not grads:
+        return problem
+    for n in grads:
+        shape = tuple(jnp.shape(consts[n]))
+        if _array_grad_width(shape) > _MAX_ARRAY_GRADIENT:
+            return (
+                f"score_mod closes over a traced array of shape {shape}; the Pallas kernel "
+                f"keeps the gradient of such arrays per program, up to {_MAX_ARRAY_GRADIENT} "
+                'entries: use implementation="xla", or a bias'
+            )
+    arrays, dtypes = kernel_consts(consts)
+    widest: list[int] = []
+
+    def trial(cs: list[Any]) -> Any:
+        reads: list[ArrayRead] = []
+        s = jnp.zeros((_MIN_TILE, _MIN_TILE), _F32)
+        q = jnp.zeros((_MIN_TILE, 1), jnp.int32)
+        k = jnp.zeros((1, _MIN_TILE), jnp.int32)
+        zero = jnp.int32(0)
+        reader = recording_reader(grads, reads)
+        out = evaluate_on_tile(program, cs, dtypes, s, zero, zero, q, k, reader=reader)
+        for read in reads:
+            shape = tuple(jnp.shape(consts[read.const]))
+            walked = [
+                dim for index, dim in zip(read.index, shape, strict=True) if jnp.size(index) > 1
+            ]
+            widest.append(int(np.prod(walked, dtype=np.int64)))
+        return out
+
+    jax.eval_shape(trial, [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays])
+    if widest and max(widest) > _MAX_READ_ENTRIES:
         return (
-            "score_mod closes over traced floating arrays (their gradients would need "
-            "atomic adds in the kernel); close over concrete arrays, or use "
-            'implementation="xla"'
+            "score_mod reads a traced array at indices that vary within a tile over "
+            f"{max(widest)} entries; the Pallas kernel sums their gradient entry by entry, "
+            f'up to {_MAX_READ_ENTRIES}: use implementation="xla"'
         )
-    return _tile_problem(program, consts, with_score=True)
+    return None
 
 
 def pallas_call_problem(

@@ -24,7 +24,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from ._api import masked_attention_via_map
+from ._api import _check_implementation, masked_attention_via_map
 from ._elementwise import _arity, has_tracers, trace_score_mod
 
 Array = jax.Array
@@ -317,6 +317,7 @@ def ring_attention(
     sinks: Any = None,
     return_lse: bool = False,
     block_mask: Any = None,
+    implementation: str | None = None,
     **unsupported: Any,
 ) -> Any:
     """Attention over a sequence sharded along a mesh axis (context parallelism).
@@ -382,6 +383,9 @@ def ring_attention(
             offset and ``mask_fn`` parts drive every step, whose own block lists are
             classified on the device for the visiting chunk (its block size is not used).
             Not combined with ``is_causal``, ``window_size``, ``mask_fn`` or ``q_offset``.
+        implementation: The backend of every step, as in ``masked_attention_via_map``
+            (``None``: the fastest that takes the step; steps carry a query offset, so on
+            a GPU that is the Pallas kernel where it applies).
         **unsupported: ``bias``, ``mask``, ``query_seq_lengths`` and
             ``key_value_seq_lengths`` are global ``Lq x Lk`` descriptions that a ring step
             does not see; pass them as ``mask_fn`` / ``segment_ids`` instead.
@@ -419,6 +423,7 @@ def ring_attention(
         raise TypeError(f"ring_attention got an unexpected keyword argument {name!r}")
     if layout not in _LAYOUTS:
         raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
+    _check_implementation(implementation)
     if seq_axis not in mesh.axis_names:
         raise ValueError(f"seq_axis {seq_axis!r} is not an axis of the mesh {mesh.axis_names}")
     if isinstance(q_offset, (bool, np.bool_)) or not isinstance(q_offset, (int, np.integer)):
@@ -551,6 +556,7 @@ def ring_attention(
                 logits_soft_cap=logits_soft_cap,
                 score_mod=inner_mod,
                 return_lse=True,
+                implementation=implementation,
             )
             return o.astype(jnp.float32), lse
 
