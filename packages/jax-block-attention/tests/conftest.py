@@ -273,6 +273,33 @@ def compare_variants(
     return out
 
 
+# score_mod factories shared by the tests: ALiBi with per-head slopes, a relative
+# position table read at q - k, and a T5-style table read at a bucket of q - k and the head.
+
+
+def alibi(slopes):
+    def score_mod(score, b, h, q, k):
+        return score - slopes[h] * jax.numpy.abs(q - k)
+
+    return score_mod
+
+
+def relative_table(table):
+    span = table.shape[0] // 2
+
+    def score_mod(score, b, h, q, k):
+        return score + table[jax.numpy.clip(q - k, -span, span) + span]
+
+    return score_mod
+
+
+def bucket_table(table):
+    def score_mod(score, b, h, q, k):
+        return score + table[jax.numpy.clip(q - k, -3, 4) + 3, h]
+
+    return score_mod
+
+
 @pytest.fixture(scope="session")
 def ref() -> SimpleNamespace:
     return SimpleNamespace(
@@ -284,4 +311,7 @@ def ref() -> SimpleNamespace:
         float64=float64,
         variants=dense_variants,
         compare_variants=compare_variants,
+        alibi=alibi,
+        relative_table=relative_table,
+        bucket_table=bucket_table,
     )

@@ -297,13 +297,25 @@ def test_shapes_that_do_not_fit_the_block_mask(ref):
         )
 
 
-def test_lowers_for_cuda_without_a_gpu(ref):
+def _triton_kernels_for_cuda(fn, *args):
+    """How many Triton kernels ``jit(fn)`` holds when exported for CUDA from this CPU
+    machine (the test is skipped where this jax cannot)."""
     try:
         from jax import export
     except ImportError as err:
         pytest.skip(f"jax.export is unavailable in this jax ({err})")
     if not hasattr(export, "DisabledSafetyCheck"):
         pytest.skip("this jax.export cannot allow Triton custom calls")
+    triton = "__gpu$xla.gpu.triton"
+    exported = export.export(
+        jax.jit(fn),
+        platforms=["cuda"],
+        disabled_checks=[export.DisabledSafetyCheck.custom_call(triton)],
+    )(*args)
+    return exported.mlir_module().count(triton)
+
+
+def test_lowers_for_cuda_without_a_gpu(ref):
     shape = (1, 64, 64, 4, 2, 24, 24)
     q, k, v = ref.qkv(10, *shape, dtype=jnp.bfloat16)
     documents = jnp.arange(64) // 20
@@ -321,24 +333,13 @@ def test_lowers_for_cuda_without_a_gpu(ref):
 
         return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
 
-    exported = export.export(
-        jax.jit(value_and_grads),
-        platforms=["cuda"],
-        disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-    )(q, k, v, block_mask)
     # Forward, dQ and dK/dV kernels, each lowered to Triton.
-    assert exported.mlir_module().count("__gpu$xla.gpu.triton") == 3
+    assert _triton_kernels_for_cuda(value_and_grads, q, k, v, block_mask) == 3
 
 
 def test_gpu_defaults_lower_for_cuda_without_a_gpu(ref):
     # What a GPU user gets first: 128 x 128 blocks, d=128 (8 warps), the compiled
     # default of 32-wide backward slices, GQA and a key-padding bias (column sums).
-    try:
-        from jax import export
-    except ImportError as err:
-        pytest.skip(f"jax.export is unavailable in this jax ({err})")
-    if not hasattr(export, "DisabledSafetyCheck"):
-        pytest.skip("this jax.export cannot allow Triton custom calls")
     from jaxmodules.attention._xla import Operands
 
     shape = (1, 256, 256, 4, 1, 128, 128)
@@ -354,23 +355,12 @@ def test_gpu_defaults_lower_for_cuda_without_a_gpu(ref):
 
         return jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(q, k, v, bias)
 
-    exported = export.export(
-        jax.jit(value_and_grads),
-        platforms=["cuda"],
-        disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-    )(q, k, v, bias)
-    assert exported.mlir_module().count("__gpu$xla.gpu.triton") == 3
+    assert _triton_kernels_for_cuda(value_and_grads, q, k, v, bias) == 3
 
 
 def test_score_mod_array_gradients_lower_for_cuda_without_a_gpu(ref):
     # Gradients of traced arrays score_mod closes over (a bucket table read at q - k and
     # the head, slopes read at the head) lower to Triton with the compiled defaults.
-    try:
-        from jax import export
-    except ImportError as err:
-        pytest.skip(f"jax.export is unavailable in this jax ({err})")
-    if not hasattr(export, "DisabledSafetyCheck"):
-        pytest.skip("this jax.export cannot allow Triton custom calls")
     from jaxmodules.attention._elementwise import trace_score_mod
     from jaxmodules.attention._scores import ScoreConfig
     from jaxmodules.attention._xla import Operands
@@ -384,7 +374,7 @@ def test_score_mod_array_gradients_lower_for_cuda_without_a_gpu(ref):
     def value_and_grads(q, k, v, table, slopes):
         def loss(q, k, v, table, slopes):
             def mod(score, b, h, qp, kp):
-                return _bucket_table(table)(score, b, h, qp, kp) - slopes[h] * jnp.abs(qp - kp)
+                return ref.bucket_table(table)(score, b, h, qp, kp) - slopes[h] * jnp.abs(qp - kp)
 
             program, consts = trace_score_mod(mod)
             out = pallas_attend(
@@ -401,40 +391,10 @@ def test_score_mod_array_gradients_lower_for_cuda_without_a_gpu(ref):
 
         return jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))(q, k, v, table, slopes)
 
-    exported = export.export(
-        jax.jit(value_and_grads),
-        platforms=["cuda"],
-        disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-    )(q, k, v, table, slopes)
-    assert exported.mlir_module().count("__gpu$xla.gpu.triton") == 3
+    assert _triton_kernels_for_cuda(value_and_grads, q, k, v, table, slopes) == 3
 
 
 # ------------------------------------------------- implementation="pallas" through the API
-
-
-def _alibi(slopes):
-    def score_mod(score, b, h, q, k):
-        return score - slopes[h] * jnp.abs(q - k)
-
-    return score_mod
-
-
-def _relative_table(table):
-    span = table.shape[0] // 2
-
-    def score_mod(score, b, h, q, k):
-        return score + table[jnp.clip(q - k, -span, span) + span]
-
-    return score_mod
-
-
-def _bucket_table(table):
-    # T5-style: a (buckets, heads) table read at a bucket of q - k and the head.
-    def score_mod(score, b, h, q, k):
-        bucket = jnp.clip(q - k, -3, 4) + 3
-        return score + table[bucket, h]
-
-    return score_mod
 
 
 def _compare_api(ref, shape, options, **arrays):
@@ -463,7 +423,7 @@ def test_api_broadcast_bias_alibi_score_mod_q_offset(ref):
         "mask_fn": same_segment,
         "block_size": 16,
     }
-    _compare_api(ref, shape, options, bias=bias, make_mod=lambda _: _alibi(slopes), seed=23)
+    _compare_api(ref, shape, options, bias=bias, make_mod=lambda _: ref.alibi(slopes), seed=23)
 
 
 @pytest.mark.parametrize(
@@ -530,7 +490,7 @@ def test_score_pipeline_in_backward_slices(ref, bias_shape):
     block_mask = _block_mask(shape, 32, options)
     visible = ref.mask_for(shape, options)
     slopes = jnp.asarray(2.0 ** -np.arange(1, 5), jnp.float32)
-    program, consts = trace_score_mod(_alibi(slopes))
+    program, consts = trace_score_mod(ref.alibi(slopes))
     scores = ScoreConfig(soft_cap=3.0, score=program)
     rng = np.random.default_rng(31)
     arrays = {
@@ -570,7 +530,7 @@ def test_score_pipeline_in_backward_slices(ref, bias_shape):
             scale=scale,
             bias=a["bias"],
             soft_cap=3.0,
-            score_mod=_alibi(slopes),
+            score_mod=ref.alibi(slopes),
             q_offset=options["q_offset"],
         )
         return loss(out, lse)
@@ -594,9 +554,9 @@ def test_api_gradients_of_traced_score_mod_arrays(ref, name):
     rng = np.random.default_rng(40)
     slopes = jnp.asarray(2.0 ** -np.arange(1, 5), jnp.float32)
     cases = {
-        "alibi_slopes": (slopes, _alibi),
-        "bucket_table": (jnp.asarray(rng.standard_normal((8, 4)), jnp.float32), _bucket_table),
-        "relative_table": (jnp.asarray(rng.standard_normal(21), jnp.float32), _relative_table),
+        "alibi_slopes": (slopes, ref.alibi),
+        "bucket_table": (jnp.asarray(rng.standard_normal((8, 4)), jnp.float32), ref.bucket_table),
+        "relative_table": (jnp.asarray(rng.standard_normal(21), jnp.float32), ref.relative_table),
         "temperature": (
             jnp.asarray(0.7, jnp.float32),
             lambda t: lambda score, b, h, q, k: score * t,
@@ -646,7 +606,7 @@ def test_api_refuses_what_pallas_cannot_take_and_none_falls_back(ref):
     @jax.jit
     def traced_table(table):
         return masked_attention_via_map(
-            q, k, v, score_mod=_relative_table(table), implementation="pallas"
+            q, k, v, score_mod=ref.relative_table(table), implementation="pallas"
         )
 
     # A traced table read at q - k: its gradient would be kept whole per program.
@@ -655,7 +615,7 @@ def test_api_refuses_what_pallas_cannot_take_and_none_falls_back(ref):
     with pytest.raises(ValueError, match="implementation must be None or one of"):
         masked_attention_via_map(q, k, v, implementation="triton")
     # Under None, a CPU runs the block loop, whatever the call.
-    out = jax.jit(lambda t: masked_attention_via_map(q, k, v, score_mod=_relative_table(t)))(
+    out = jax.jit(lambda t: masked_attention_via_map(q, k, v, score_mod=ref.relative_table(t)))(
         jnp.ones(2049)
     )
     assert out.shape == q.shape
@@ -719,12 +679,6 @@ def test_cudnn_takes_only_masks_it_expresses_exactly(ref, monkeypatch):
 
 @pytest.mark.parametrize("bias_shape", [(1, 4, 48, 80), (1, 1, 1, 80)])
 def test_score_pipeline_lowers_for_cuda_without_a_gpu(ref, bias_shape):
-    try:
-        from jax import export
-    except ImportError as err:
-        pytest.skip(f"jax.export is unavailable in this jax ({err})")
-    if not hasattr(export, "DisabledSafetyCheck"):
-        pytest.skip("this jax.export cannot allow Triton custom calls")
     from jaxmodules.attention._elementwise import trace_score_mod
     from jaxmodules.attention._scores import ScoreConfig
     from jaxmodules.attention._xla import Operands
@@ -732,7 +686,7 @@ def test_score_pipeline_lowers_for_cuda_without_a_gpu(ref, bias_shape):
     shape = (1, 48, 80, 4, 2, 32, 32)
     q, k, v = ref.qkv(29, *shape, dtype=jnp.bfloat16)
     block_mask = _block_mask(shape, (32, 16), {"mask_fn": same_segment, "is_causal": True})
-    program, consts = trace_score_mod(_alibi(jnp.asarray(2.0 ** -np.arange(1, 5), jnp.float32)))
+    program, consts = trace_score_mod(ref.alibi(jnp.asarray(2.0 ** -np.arange(1, 5), jnp.float32)))
     bias = jnp.asarray(np.random.default_rng(30).standard_normal(bias_shape), jnp.bfloat16)
     sinks = jnp.zeros((4,), jnp.float32)
     scores = ScoreConfig(soft_cap=20.0, score=program, sinks=True)
@@ -754,9 +708,4 @@ def test_score_pipeline_lowers_for_cuda_without_a_gpu(ref, bias_shape):
 
         return jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))(q, k, v, bias, sinks)
 
-    exported = export.export(
-        jax.jit(value_and_grads),
-        platforms=["cuda"],
-        disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-    )(q, k, v, bias, sinks)
-    assert exported.mlir_module().count("__gpu$xla.gpu.triton") == 3
+    assert _triton_kernels_for_cuda(value_and_grads, q, k, v, bias, sinks) == 3

@@ -10,23 +10,6 @@ import pytest
 
 from jaxmodules.attention import create_block_mask, masked_attention_via_map
 
-
-def _alibi(slopes):
-    def score_mod(score, b, h, q, k):
-        return score - slopes[h] * jnp.abs(q - k)
-
-    return score_mod
-
-
-def _relative_table(table):
-    span = table.shape[0] // 2
-
-    def score_mod(score, b, h, q, k):
-        return score + table[jnp.clip(q - k, -span, span) + span]
-
-    return score_mod
-
-
 SHAPE = (2, 37, 45, 4, 2, 8)
 
 
@@ -49,7 +32,7 @@ def test_soft_cap(ref):
 def test_alibi_score_mod_gets_slope_gradients(ref):
     slopes = jnp.asarray(2.0 ** -np.arange(1, 5), jnp.float32)
     ref.compare_variants(
-        SHAPE, {"is_causal": True, "block_size": 16}, extra=slopes, make_mod=_alibi, seed=7
+        SHAPE, {"is_causal": True, "block_size": 16}, extra=slopes, make_mod=ref.alibi, seed=7
     )
 
 
@@ -59,7 +42,7 @@ def test_relative_position_table_gets_gradients(ref):
         SHAPE,
         {"window_size": (12, 12), "block_size": 8},
         extra=table,
-        make_mod=_relative_table,
+        make_mod=ref.relative_table,
         seed=9,
     )
 
@@ -158,7 +141,7 @@ def test_everything_together_with_a_block_mask(ref):
         bias=bias,
         sinks=sinks,
         extra=slopes,
-        make_mod=_alibi,
+        make_mod=ref.alibi,
         visible_extra=documents & np.tril(np.ones((length, length), bool)),
         seed=17,
     )
@@ -181,7 +164,7 @@ def test_everything_together_with_offsets_and_gqa(ref):
         bias=bias,
         sinks=sinks,
         extra=slopes,
-        make_mod=_alibi,
+        make_mod=ref.alibi,
         seed=19,
     )
 
@@ -194,7 +177,7 @@ def test_bfloat16_with_every_change(ref):
     slopes = jnp.asarray(2.0 ** -np.arange(1, 5), jnp.float32)
     options = {"is_causal": True, "logits_soft_cap": 4.0, "block_size": 16}
     out, lse = masked_attention_via_map(
-        q, k, v, bias=bias, sinks=sinks, score_mod=_alibi(slopes), return_lse=True, **options
+        q, k, v, bias=bias, sinks=sinks, score_mod=ref.alibi(slopes), return_lse=True, **options
     )
     assert out.dtype == jnp.bfloat16 and lse.dtype == jnp.float32
     with ref.float64():
@@ -206,7 +189,7 @@ def test_bfloat16_with_every_change(ref):
             bias=bias,
             soft_cap=4.0,
             sinks=sinks,
-            score_mod=_alibi(jnp.asarray(slopes, jnp.float64)),
+            score_mod=ref.alibi(jnp.asarray(slopes, jnp.float64)),
         )
     np.testing.assert_allclose(np.asarray(out, np.float32), out64, atol=3e-2, rtol=3e-2)
     np.testing.assert_allclose(lse, lse64, atol=2e-2, rtol=1e-2)

@@ -10,11 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._band import band_limits
 from ._block_mask import BlockMask, make_block_mask, with_mask_arrays
 from ._block_sizes import default_block_sizes
 from ._cache import LRUCache
 from ._checks import check_arguments, normalize_q_offset
+from ._config import block_fields
 from ._cudnn import cudnn_attention, cudnn_problem, on_gpu
 from ._elementwise import has_tracers, trace_mask_fn, trace_score_mod
 from ._pallas import PallasUnsupportedError, pallas_attend_with_lse, pallas_call_problem
@@ -396,21 +396,11 @@ def attend(
     _, k_len, kv_heads, _ = k.shape
     mask_heads = block_mask.mask_heads
     per_head = mask_heads > 1
-    lo, hi = band_limits(block_mask.is_causal, block_mask.window)
     config = KernelConfig(
+        **block_fields(block_mask, q_len=q_len, k_len=k_len, scale=scale),
         batch=bsz,
         kv_heads=q_heads if per_head else kv_heads,
         groups=1 if per_head else q_heads // kv_heads,
-        q_len=q_len,
-        k_len=k_len,
-        q_block=block_mask.block_size[0],
-        k_block=block_mask.block_size[1],
-        scale=float(scale),
-        lo=lo,
-        hi=hi,
-        program=block_mask.program,
-        mask_batch=block_mask.mask_batch,
-        mask_heads=mask_heads,
         any_full=_any_listed(block_mask.full_kv_num_blocks),
         any_partial=_any_listed(block_mask.kv_num_blocks),
         scores=scores,

@@ -49,7 +49,7 @@ Programs that use a closed-over array any other way cannot be lowered; they rais
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -60,8 +60,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.extend.core import Literal
 
-from ._band import band_limits, in_band
+from ._band import in_band
 from ._block_mask import BlockMask
+from ._config import BlockConfig, block_fields
 from ._scores import ScoreConfig, capped_scores
 from ._xla import Operands
 
@@ -381,23 +382,14 @@ def mask_program_problem(program: Program | None, consts: Sequence[Any]) -> str 
 # ------------------------------------------------------------------------ tile math
 
 
-@dataclass(frozen=True)
-class TileConfig:
-    """Everything static about one call (hashable: a ``custom_vjp`` static argument)."""
+@dataclass(frozen=True, kw_only=True)
+class TileConfig(BlockConfig):
+    """Everything static about one call of the kernels: the shared ``BlockConfig``, the
+    heads, how the closed-over arrays travel, and the Triton tuning."""
 
     q_heads: int
     kv_heads: int
-    q_len: int
-    k_len: int
-    q_block: int
-    k_block: int
-    scale: float
-    lo: int | None
-    hi: int | None
-    program: Program | None
     const_dtypes: tuple[Any, ...]
-    mask_batch: int  # 1 or B
-    mask_heads: int  # 1 or Hq
     interpret: bool
     num_warps: int = 4
     num_stages: int = 2
@@ -406,11 +398,9 @@ class TileConfig:
     # this many queries (None: whole blocks). Smaller tiles hold fewer float32 values
     # per thread on a GPU.
     backward_tile: int | None = None
-    # The score pipeline: soft-cap, score_mod (its program and closed-over arrays'
-    # dtypes) and the bias (whether it varies along batch, head, query, key).
-    scores: ScoreConfig = field(default_factory=ScoreConfig)
+    # The score_mod program's closed-over arrays' dtypes, and which of them get
+    # gradients (traced floating ones), by position.
     score_dtypes: tuple[Any, ...] = ()
-    # The score_mod arrays that get gradients (traced floating ones), by position.
     score_grads: tuple[int, ...] = ()
 
     @property
@@ -441,14 +431,6 @@ class TileConfig:
     @property
     def dkdv_query_tile(self) -> int:
         return min(self.q_block, self.backward_tile or self.q_block)
-
-    @property
-    def n_q_blocks(self) -> int:
-        return -(-self.q_len // self.q_block)
-
-    @property
-    def n_k_blocks(self) -> int:
-        return -(-self.k_len // self.k_block)
 
 
 def query_positions(config: TileConfig, start: Array, width: int, offset: Array) -> Array:
@@ -1327,21 +1309,11 @@ def pallas_attend_with_lse(
         backward_tile = None if interpret else _COMPILED_BACKWARD_TILE
     elif not _is_tile(backward_tile):
         raise ValueError(f"backward_tile must be a power of two >= 16, got {backward_tile}")
-    lo, hi = band_limits(block_mask.is_causal, block_mask.window)
     config = TileConfig(
+        **block_fields(block_mask, q_len=q_len, k_len=k_len, scale=scale),
         q_heads=q_heads,
         kv_heads=kv_heads,
-        q_len=q_len,
-        k_len=k_len,
-        q_block=block_mask.block_size[0],
-        k_block=block_mask.block_size[1],
-        scale=float(scale),
-        lo=lo,
-        hi=hi,
-        program=block_mask.program,
         const_dtypes=tuple(dtypes),
-        mask_batch=block_mask.mask_batch,
-        mask_heads=block_mask.mask_heads,
         interpret=interpret,
         num_warps=num_warps or (4 if _tile_width(q.shape[-1]) <= 64 else 8),
         backward_tile=backward_tile,

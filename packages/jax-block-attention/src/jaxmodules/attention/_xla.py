@@ -15,7 +15,7 @@ blocks (no mask evaluated) and over its partial ones (element-wise mask).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -25,42 +25,24 @@ import numpy as np
 from jax import lax
 
 from ._band import in_band
-from ._elementwise import MaskProgram
-from ._scores import ScoreConfig, TileIndex, tile_score_gradients, tile_scores
+from ._config import BlockConfig
+from ._scores import TileIndex, tile_score_gradients, tile_scores
 
 Array = jax.Array
 _F32 = jnp.float32
 
 
-@dataclass(frozen=True)
-class KernelConfig:
-    """Everything static about one call of the block loop (hashable: a jit static
-    argument and a ``custom_vjp`` non-differentiable argument)."""
+@dataclass(frozen=True, kw_only=True)
+class KernelConfig(BlockConfig):
+    """Everything static about one call of the block loop: the shared ``BlockConfig``
+    and the kernel layout's heads (``mask_heads > 1`` means ``kv_heads == Hq`` and
+    ``groups == 1``)."""
 
     batch: int
     kv_heads: int  # Hk: heads of the kernel layout
     groups: int  # G: query heads per kernel head
-    q_len: int
-    k_len: int
-    q_block: int
-    k_block: int
-    scale: float
-    lo: int | None
-    hi: int | None
-    program: MaskProgram | None
-    mask_batch: int  # 1 or B
-    mask_heads: int  # 1 or Hk (then G == 1)
     any_full: bool
     any_partial: bool
-    scores: ScoreConfig = field(default_factory=ScoreConfig)
-
-    @property
-    def n_q_blocks(self) -> int:
-        return -(-self.q_len // self.q_block)
-
-    @property
-    def n_k_blocks(self) -> int:
-        return -(-self.k_len // self.k_block)
 
     @property
     def rows_per_block(self) -> int:
