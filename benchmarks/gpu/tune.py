@@ -6,7 +6,9 @@ several block sizes (the block mask's, which are the forward's tiles), backward 
 (``backward_tile``: keys per dQ tile, queries per dK/dV tile) and warps per program,
 alternating with ``jax.nn.dot_product_attention(implementation="cudnn")`` as reference,
 and reports each median, its ratio to cuDNN and the achieved TFLOP/s (causal: half the
-dense FLOPs; backward counted as 2.5 forwards, as FlashAttention does).
+dense FLOPs; backward counted as 2.5 forwards, as FlashAttention does). Then decoding:
+16 new queries per row against all L keys, forward only, with the key lists split into
+1, the default number of and 16 shares (``kv_splits``), against cuDNN without a mask.
 
     python benchmarks/gpu/tune.py                    # writes results/attention_gpu_tuning.md
     python benchmarks/gpu/tune.py --length 4096      # shorter
@@ -71,10 +73,25 @@ def _program(attend: Callable[..., jax.Array], mode: str) -> Callable[..., Any]:
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
 
-def _pallas(args: argparse.Namespace, block: tuple[int, int], tile: int | None, warps: int):
+def _pallas(
+    args: argparse.Namespace,
+    block: tuple[int, int],
+    tile: int | None,
+    warps: int | None,
+    *,
+    q_len: int | None = None,
+    causal: bool = True,
+    kv_splits: int | None = None,
+) -> Callable[..., jax.Array]:
     length = args.length
     block_mask = create_block_mask(
-        None, args.batch, args.heads, length, length, is_causal=True, block_size=block
+        None,
+        args.batch,
+        args.heads,
+        q_len or length,
+        length,
+        is_causal=causal,
+        block_size=block,
     )
     scale = args.dim**-0.5
 
@@ -88,6 +105,7 @@ def _pallas(args: argparse.Namespace, block: tuple[int, int], tile: int | None, 
             interpret=args.smoke or None,
             backward_tile=tile,
             num_warps=warps,
+            kv_splits=kv_splits,
         )
 
     return attend
@@ -99,6 +117,42 @@ def _cudnn(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
 def _xla(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+
+
+DECODE_QUERIES = 16
+DECODE_SPLITS = (1, None, 16)  # None: the kernel's default
+
+
+def _decode_rows(args: argparse.Namespace, inputs: tuple, on_gpu: bool) -> list[tuple]:
+    """Decoding: the last DECODE_QUERIES queries against every key, no mask."""
+    q = inputs[0][:, -DECODE_QUERIES:]
+    k, v = inputs[1], inputs[2]
+
+    def reference(q, k, v):
+        if on_gpu:
+            return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+        return jax.nn.dot_product_attention(q, k, v, implementation="xla")
+
+    reference_s = _time(jax.jit(reference), (q, k, v), args.repeats)
+    rows = []
+    for splits in DECODE_SPLITS:
+        attend = _pallas(
+            args,
+            (DECODE_QUERIES, 128),
+            None,
+            None,
+            q_len=DECODE_QUERIES,
+            causal=False,
+            kv_splits=splits,
+        )
+        ours_s = _time(jax.jit(attend), (q, k, v), args.repeats)
+        rows.append(("decode", splits, ours_s, reference_s))
+        print(
+            f"decode   kv_splits={splits}: {ours_s * 1e3:.3f} ms, reference "
+            f"{reference_s * 1e3:.3f} ms, ratio {ours_s / reference_s:.2f}",
+            flush=True,
+        )
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -126,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     reference = _cudnn if on_gpu else _xla
     reference_name = "cuDNN" if on_gpu else "XLA"
 
-    rows = []
+    rows: list[tuple[Any, ...]] = []
     for mode, configs in (("fwd", FORWARD_CONFIGS), ("fwd+bwd", BACKWARD_CONFIGS)):
         reference_program = _program(reference, mode)
         for block, tile, warps in configs:
@@ -146,6 +200,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"{flops[mode] / ours_s / 1e12:.0f} TFLOP/s",
                 flush=True,
             )
+
+    decode = _decode_rows(args, inputs, on_gpu)
 
     device = jax.devices()[0]
     lines = [
@@ -170,6 +226,20 @@ def main(argv: list[str] | None = None) -> None:
             f"| {mode} | {block[0]}x{block[1]} | {tile or '-'} | {warps} "
             f"| {ours_s * 1e3:.2f} | {reference_s * 1e3:.2f} | {ours_s / reference_s:.2f} "
             f"| {flops[mode] / ours_s / 1e12:.1f} |"
+        )
+    # Decoding reads every key once: bytes of K and V over the time.
+    kv_bytes = 2 * inputs[1].size * inputs[1].dtype.itemsize
+    lines += [
+        "",
+        f"Decoding: {DECODE_QUERIES} queries per row against L={args.length} keys, no mask.",
+        "",
+        f"| kv_splits | ours (ms) | {reference_name} (ms) | ratio | K/V read (GB/s) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for _, splits, ours_s, reference_s in decode:
+        lines.append(
+            f"| {splits or 'default'} | {ours_s * 1e3:.3f} | {reference_s * 1e3:.3f} "
+            f"| {ours_s / reference_s:.2f} | {kv_bytes / ours_s / 1e9:.0f} |"
         )
     if not args.smoke:
         args.output.write_text("\n".join(lines) + "\n")

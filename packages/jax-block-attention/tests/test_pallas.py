@@ -83,6 +83,18 @@ CASES = {
         32,
         {"mask_fn": same_segment, "window_size": (20, 2), "backward_tile": 16},
     ),
+    # Split-K forwards: decoding-like rows of 7 to 13 key blocks in 3 shares, and rows of 1
+    # to 3 blocks in 4 shares (some shares empty).
+    "decode_kv_splits": (
+        (2, 16, 200, 4, 2, 16, 16),
+        16,
+        {"is_causal": True, "q_offset": np.array([184, 100]), "kv_splits": 3},
+    ),
+    "segment_ids_kv_splits": (
+        (2, 48, 48, 2, 1, 16, 16),
+        16,
+        {"mask_fn": same_segment, "is_causal": True, "kv_splits": 4},
+    ),
 }
 
 
@@ -112,13 +124,15 @@ def _reference_lse(q, k, mask, scale):
         return np.log(np.exp(s - m_safe[..., None]).sum(axis=-1)) + m_safe
 
 
-@partial(jax.jit, static_argnums=(5,))
-def _run(q, k, v, block_mask, d_out, backward_tile=None):
+@partial(jax.jit, static_argnums=(5, 6))
+def _run(q, k, v, block_mask, d_out, backward_tile=None, kv_splits=None):
     """Output, lse and the gradients of ``sum(out * d_out)``, in one program."""
     scale = 1.0 / math.sqrt(q.shape[-1])
 
     def attend(q, k, v):
-        return pallas_attend_with_lse(q, k, v, block_mask, scale, backward_tile=backward_tile)
+        return pallas_attend_with_lse(
+            q, k, v, block_mask, scale, backward_tile=backward_tile, kv_splits=kv_splits
+        )
 
     (out, lse), vjp = jax.vjp(attend, q, k, v)
     return out, lse, vjp((d_out, jnp.zeros_like(lse)))
@@ -139,7 +153,8 @@ def test_forward_lse_and_gradients_match_reference(ref, case):
     mask = ref.mask_for(shape, options)
     np.testing.assert_array_equal(np.asarray(block_mask.to_dense()), mask)
     d_out = ref.qkv(2, *shape)[0][..., : shape[-1]]
-    out, lse, grads = _run(q, k, v, block_mask, d_out, options.get("backward_tile"))
+    tuning = (options.get("backward_tile"), options.get("kv_splits"))
+    out, lse, grads = _run(q, k, v, block_mask, d_out, *tuning)
 
     scale = 1.0 / math.sqrt(shape[5])
     np.testing.assert_allclose(out, ref.attention(q, k, v, mask), atol=2e-5, rtol=1e-4)
@@ -356,6 +371,25 @@ def test_gpu_defaults_lower_for_cuda_without_a_gpu(ref):
         return jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(q, k, v, bias)
 
     assert _triton_kernels_for_cuda(value_and_grads, q, k, v, bias) == 3
+
+
+def test_decode_split_lowers_for_cuda_without_a_gpu(ref):
+    # Decoding: 4 query heads of 16 rows against 2048 keys are 4 programs, so compiled
+    # the forward splits each row's 16 key blocks into 4 shares (a 4-D grid).
+    shape = (1, 16, 2048, 4, 1, 128, 128)
+    q, k, v = ref.qkv(37, *shape, dtype=jnp.bfloat16)
+    block_mask = _block_mask(shape, (16, 128), {"is_causal": True, "q_offset": 2032})
+
+    def value_and_grads(q, k, v):
+        def loss(q, k, v):
+            out = pallas_attend(q, k, v, block_mask, 0.1, interpret=False)
+            return out.astype(jnp.float32).sum()
+
+        return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    jaxpr = str(jax.make_jaxpr(value_and_grads)(q, k, v))
+    assert "GridMapping(grid=(1, 4, 1, 4)" in jaxpr  # (B, Hq, query blocks, shares)
+    assert _triton_kernels_for_cuda(value_and_grads, q, k, v) == 3
 
 
 def test_score_mod_array_gradients_lower_for_cuda_without_a_gpu(ref):

@@ -80,6 +80,11 @@ _COMPILED_BACKWARD_TILE = 32
 # tile entry by entry (at most this many).
 _MAX_ARRAY_GRADIENT = 1024
 _MAX_READ_ENTRIES = 256
+# Split-K when compiled: split the key lists of a forward with fewer programs than this
+# (about two per SM of a 132-SM H100/H200) into at most as many shares as bring it
+# there, each of at least _MIN_SPLIT_BLOCKS key blocks. Not yet tuned on a GPU.
+_TARGET_PROGRAMS = 256
+_MIN_SPLIT_BLOCKS = 4
 
 
 class PallasUnsupportedError(ValueError):
@@ -398,6 +403,10 @@ class TileConfig(BlockConfig):
     # this many queries (None: whole blocks). Smaller tiles hold fewer float32 values
     # per thread on a GPU.
     backward_tile: int | None = None
+    # Forward programs per query block, each walking an equal share of the block's key
+    # lists; their partial results are merged through their log-sum-exp (split-K, for
+    # few long rows: decoding).
+    kv_splits: int = 1
     # The score_mod program's closed-over arrays' dtypes, and which of them get
     # gradients (traced floating ones), by position.
     score_dtypes: tuple[Any, ...] = ()
@@ -733,18 +742,40 @@ def _forward_kernel(config: TileConfig, n_consts: int, *refs: Any) -> None:
         jnp.zeros((config.q_block,), _F32),
         jnp.zeros((config.q_block, v_ref.shape[-1]), _F32),
     )
+    full_range = _split_share(config, full_count_ref[mb, mh, i])
     carry = lax.fori_loop(
-        0,
-        full_count_ref[mb, mh, i],
-        lambda t, c: step(c, full_index_ref[mb, mh, i, t], False),
-        carry,
+        *full_range, lambda t, c: step(c, full_index_ref[mb, mh, i, t], False), carry
     )
+    partial_range = _split_share(config, count_ref[mb, mh, i])
     carry = lax.fori_loop(
-        0, count_ref[mb, mh, i], lambda t, c: step(c, index_ref[mb, mh, i, t], True), carry
+        *partial_range, lambda t, c: step(c, index_ref[mb, mh, i, t], True), carry
     )
     out, lse = softmax_finish(*carry)
     o_ref[...] = out.astype(o_ref.dtype)
     lse_ref[...] = lse
+
+
+def _split_share(config: TileConfig, count: Array) -> tuple[Array, Array]:
+    """The entries ``[start, stop)`` of a list of ``count`` blocks that this forward
+    program walks: all of them, or its equal share when the lists are split."""
+    if config.kv_splits == 1:
+        return jnp.int32(0), count
+    share = lax.div(count + (config.kv_splits - 1), jnp.int32(config.kv_splits))
+    start = jnp.minimum(pl.program_id(3) * share, count)
+    return start, jnp.minimum(start + share, count)
+
+
+def merge_splits(out: Array, lse: Array, dtype: Any) -> tuple[Array, Array]:
+    """One output and lse from the float32 partial results of the splits (leading
+    axis): each weighs ``exp(lse_split - lse)``; a split that saw no key has ``lse =
+    -inf`` and weight 0."""
+    top = lse.max(axis=0)
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    weights = jnp.exp(lse - top)  # exp(-inf) = 0
+    total = weights.sum(axis=0)
+    merged = (weights[..., None] * out).sum(axis=0) / jnp.where(total > 0, total, 1.0)[..., None]
+    merged_lse = jnp.where(total > 0, top + jnp.log(jnp.where(total > 0, total, 1.0)), -jnp.inf)
+    return merged.astype(dtype), merged_lse
 
 
 def _dq_kernel(config: TileConfig, n_consts: int, *refs: Any) -> None:
@@ -962,7 +993,7 @@ def _bias_specs(config: TileConfig, bias: Any) -> tuple[Any, Any]:
     def head(h: Any) -> Any:
         return h if along_h else 0
 
-    query_major = pl.BlockSpec((None, None, lq, lk), lambda b, h, i: (row(b), head(h), 0, 0))
+    query_major = pl.BlockSpec((None, None, lq, lk), lambda b, h, *_: (row(b), head(h), 0, 0))
     key_major = pl.BlockSpec((None, heads, lq, lk), lambda b, h, j: (row(b), 0, 0, 0))
     return query_major, key_major
 
@@ -978,19 +1009,15 @@ def _forward(
 ) -> tuple[Array, Array]:
     bsz, _, lq, d = q.shape
     dv = v.shape[-1]
-    bq, g = config.q_block, config.groups
-    q_spec = pl.BlockSpec((None, None, bq, d), lambda b, h, i: (b, h, i, 0))
-    k_spec = pl.BlockSpec((None, None, k.shape[2], d), lambda b, h, i: (b, h // g, 0, 0))
-    v_spec = pl.BlockSpec((None, None, v.shape[2], dv), lambda b, h, i: (b, h // g, 0, 0))
+    bq, g, splits = config.q_block, config.groups, config.kv_splits
+    # The grid is (batch row, query head, query block[, split]).
+    q_spec = pl.BlockSpec((None, None, bq, d), lambda b, h, i, *_: (b, h, i, 0))
+    k_spec = pl.BlockSpec((None, None, k.shape[2], d), lambda b, h, *_: (b, h // g, 0, 0))
+    v_spec = pl.BlockSpec((None, None, v.shape[2], dv), lambda b, h, *_: (b, h // g, 0, 0))
     bias_input = [] if bias is None else [(bias, _bias_specs(config, bias)[0])]
-    out, lse = _call(
-        config,
-        _forward_kernel,
-        (bsz, config.q_heads, config.n_q_blocks),
-        kv_lists,
-        consts,
-        [*bias_input, (q, q_spec), (k, k_spec), (v, v_spec)],
-        [
+    grid: tuple[int, ...] = (bsz, config.q_heads, config.n_q_blocks)
+    if splits == 1:
+        outputs = [
             (
                 jax.ShapeDtypeStruct((bsz, config.q_heads, lq, dv), q.dtype),
                 pl.BlockSpec((None, None, bq, dv), lambda b, h, i: (b, h, i, 0)),
@@ -999,9 +1026,32 @@ def _forward(
                 jax.ShapeDtypeStruct((bsz, config.q_heads, lq), _F32),
                 pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i)),
             ),
-        ],
+        ]
+    else:
+        grid += (splits,)
+        # Float32 partial results per split, merged below.
+        outputs = [
+            (
+                jax.ShapeDtypeStruct((splits, bsz, config.q_heads, lq, dv), _F32),
+                pl.BlockSpec((None, None, None, bq, dv), lambda b, h, i, s: (s, b, h, i, 0)),
+            ),
+            (
+                jax.ShapeDtypeStruct((splits, bsz, config.q_heads, lq), _F32),
+                pl.BlockSpec((None, None, None, bq), lambda b, h, i, s: (s, b, h, i)),
+            ),
+        ]
+    out, lse = _call(
+        config,
+        _forward_kernel,
+        grid,
+        kv_lists,
+        consts,
+        [*bias_input, (q, q_spec), (k, k_spec), (v, v_spec)],
+        outputs,
         "block_attention_forward",
     )
+    if splits > 1:
+        out, lse = merge_splits(out, lse, q.dtype)
     return out, lse
 
 
@@ -1246,6 +1296,7 @@ def pallas_attend_with_lse(
     operands: Operands | None = None,
     backward_tile: int | None = None,
     num_warps: int | None = None,
+    kv_splits: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Attention under ``block_mask`` with the fused Pallas kernel, and its lse.
 
@@ -1268,6 +1319,10 @@ def pallas_attend_with_lse(
             ``_COMPILED_BACKWARD_TILE`` when compiled, whole blocks when interpreted.
         num_warps: Warps per Triton program; ``None``: 4 for head dimensions up to 64,
             else 8.
+        kv_splits: Forward programs per query block, each over an equal share of its
+            key lists, merged by log-sum-exp (split-K); ``None``: 1 when interpreted,
+            enough to reach about ``_TARGET_PROGRAMS`` programs when compiled (decoding
+            and other calls with few, long rows).
 
     Returns:
         ``(out, lse)``: the output ``(B, Lq, Hq, dv)`` in ``q``'s dtype and the natural
@@ -1309,6 +1364,16 @@ def pallas_attend_with_lse(
         backward_tile = None if interpret else _COMPILED_BACKWARD_TILE
     elif not _is_tile(backward_tile):
         raise ValueError(f"backward_tile must be a power of two >= 16, got {backward_tile}")
+    n_q_blocks = -(-q_len // block_mask.block_size[0])
+    n_k_blocks = -(-k_len // block_mask.block_size[1])
+    if kv_splits is None:
+        programs = q.shape[0] * q_heads * n_q_blocks
+        kv_splits = 1
+        if not interpret and programs < _TARGET_PROGRAMS:
+            wanted = -(-_TARGET_PROGRAMS // programs)
+            kv_splits = max(1, min(wanted, n_k_blocks // _MIN_SPLIT_BLOCKS))
+    elif isinstance(kv_splits, bool) or not isinstance(kv_splits, int) or kv_splits < 1:
+        raise ValueError(f"kv_splits must be a positive int, got {kv_splits!r}")
     config = TileConfig(
         **block_fields(block_mask, q_len=q_len, k_len=k_len, scale=scale),
         q_heads=q_heads,
@@ -1317,6 +1382,7 @@ def pallas_attend_with_lse(
         interpret=interpret,
         num_warps=num_warps or (4 if _tile_width(q.shape[-1]) <= 64 else 8),
         backward_tile=backward_tile,
+        kv_splits=kv_splits,
         scores=replace(scores, sinks=False),
         score_dtypes=tuple(score_dtypes),
         score_grads=(
@@ -1394,6 +1460,7 @@ def pallas_attend(
     operands: Operands | None = None,
     backward_tile: int | None = None,
     num_warps: int | None = None,
+    kv_splits: int | None = None,
 ) -> jax.Array:
     """Attention under ``block_mask`` with the fused Pallas kernel (the contract of the
     block-loop backend's ``attend``): output ``(B, Lq, Hq, dv)`` in ``q``'s dtype.
@@ -1411,6 +1478,7 @@ def pallas_attend(
         operands=operands,
         backward_tile=backward_tile,
         num_warps=num_warps,
+        kv_splits=kv_splits,
     )
     return out
 
