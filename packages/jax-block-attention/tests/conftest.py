@@ -293,6 +293,15 @@ def relative_table(table):
     return score_mod
 
 
+def same_segment(ids):
+    """``mask_fn`` of packed documents: ``ids`` is ``(B, L)``."""
+
+    def mask_fn(b, h, q, k):
+        return ids[b, q] == ids[b, k]
+
+    return mask_fn
+
+
 def bucket_table(table):
     def score_mod(score, b, h, q, k):
         return score + table[jax.numpy.clip(q - k, -3, 4) + 3, h]
@@ -314,4 +323,5 @@ def ref() -> SimpleNamespace:
         alibi=alibi,
         relative_table=relative_table,
         bucket_table=bucket_table,
+        same_segment=same_segment,
     )

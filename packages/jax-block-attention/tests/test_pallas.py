@@ -762,6 +762,36 @@ def test_api_refuses_what_pallas_cannot_take_and_none_falls_back(ref):
     assert out.shape == q.shape
 
 
+def test_vmap_over_the_kernel(ref):
+    # jax.vmap (as fancy_vmap applies it) adds a grid axis to every pallas_call; each
+    # mapped slice, with its own segment ids, must match the block loop on that slice.
+    rng = np.random.default_rng(42)
+    q, k, v = (jnp.asarray(rng.standard_normal((3, 2, 40, h, 16)), jnp.float32) for h in (4, 2, 2))
+    ids = jnp.asarray(rng.integers(0, 3, (3, 2, 40)), jnp.int32)
+
+    def attend(q, k, v, ids, implementation):
+        def same(b, h, qi, ki):
+            return ids[b, qi] == ids[b, ki]
+
+        return masked_attention_via_map(
+            q, k, v, is_causal=True, mask_fn=same, implementation=implementation
+        )
+
+    def loss(q, k, v, ids, implementation):
+        return jnp.sum(jnp.sin(attend(q, k, v, ids, implementation)))
+
+    mapped = jax.vmap(lambda *a: attend(*a, "pallas"))(q, k, v, ids)
+    grads = jax.vmap(jax.grad(lambda *a: loss(*a, "pallas"), argnums=(0, 1, 2)))(q, k, v, ids)
+    for n in range(3):
+        row_ids = np.asarray(ids[n])
+        mask = ref.mask(2, 4, 40, 40, is_causal=True, mask_fn=ref.same_segment(row_ids))
+        np.testing.assert_allclose(mapped[n], ref.attention(q[n], k[n], v[n], mask), atol=2e-5)
+        # The block loop on this slice (float32, but an independent backend).
+        expected = jax.grad(loss, argnums=(0, 1, 2))(q[n], k[n], v[n], ids[n], "xla")
+        for got, want in zip(grads, expected, strict=True):
+            np.testing.assert_allclose(got[n], want, atol=2e-5, rtol=1e-4)
+
+
 def test_dot_product_attention_implementations(ref):
     q, k, v = ref.qkv(27, 2, 40, 40, 4, 2, 16)
     expected = jax.nn.dot_product_attention(q, k, v, is_causal=True)
