@@ -63,6 +63,24 @@ def _time(fn: Callable[..., Any], inputs: tuple, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _try_time(label: str, fn: Callable[..., Any], inputs: tuple, repeats: int) -> float | None:
+    """``_time``, or ``None`` (reported) when the program does not compile or run, so
+    that one configuration Triton rejects does not end the sweep."""
+    try:
+        return _time(fn, inputs, repeats)
+    except Exception as err:
+        print(f"{label}: failed ({type(err).__name__}: {err})", flush=True)
+        return None
+
+
+def _ms(seconds: float | None, digits: int = 2) -> str:
+    return "failed" if seconds is None else f"{seconds * 1e3:.{digits}f}"
+
+
+def _ratio(ours: float | None, reference: float | None) -> str:
+    return "-" if ours is None or reference is None else f"{ours / reference:.2f}"
+
+
 def _program(attend: Callable[..., jax.Array], mode: str) -> Callable[..., Any]:
     if mode == "fwd":
         return jax.jit(attend)
@@ -133,7 +151,7 @@ def _decode_rows(args: argparse.Namespace, inputs: tuple, on_gpu: bool) -> list[
             return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
         return jax.nn.dot_product_attention(q, k, v, implementation="xla")
 
-    reference_s = _time(jax.jit(reference), (q, k, v), args.repeats)
+    reference_s = _try_time("decode reference", jax.jit(reference), (q, k, v), args.repeats)
     rows = []
     for splits in DECODE_SPLITS:
         attend = _pallas(
@@ -145,11 +163,12 @@ def _decode_rows(args: argparse.Namespace, inputs: tuple, on_gpu: bool) -> list[
             causal=False,
             kv_splits=splits,
         )
-        ours_s = _time(jax.jit(attend), (q, k, v), args.repeats)
+        label = f"decode   kv_splits={splits}"
+        ours_s = _try_time(label, jax.jit(attend), (q, k, v), args.repeats)
         rows.append(("decode", splits, ours_s, reference_s))
         print(
-            f"decode   kv_splits={splits}: {ours_s * 1e3:.3f} ms, reference "
-            f"{reference_s * 1e3:.3f} ms, ratio {ours_s / reference_s:.2f}",
+            f"{label}: {_ms(ours_s, 3)} ms, reference {_ms(reference_s, 3)} ms, "
+            f"ratio {_ratio(ours_s, reference_s)}",
             flush=True,
         )
     return rows
@@ -184,19 +203,17 @@ def main(argv: list[str] | None = None) -> None:
     for mode, configs in (("fwd", FORWARD_CONFIGS), ("fwd+bwd", BACKWARD_CONFIGS)):
         reference_program = _program(reference, mode)
         for block, tile, warps in configs:
+            label = f"{mode:8s} block={block} tile={tile} warps={warps}"
             ours = _program(_pallas(args, block, tile, warps), mode)
-            try:
-                ours_s = _time(ours, inputs, args.repeats)
-            except Exception as err:  # a configuration Triton cannot compile
-                print(f"{mode} {block} tile={tile} warps={warps}: failed ({err})", flush=True)
+            ours_s = _try_time(label, ours, inputs, args.repeats)
+            if ours_s is None:
                 rows.append((mode, block, tile, warps, None, None))
                 continue
-            reference_s = _time(reference_program, inputs, args.repeats)
+            reference_s = _try_time(reference_name, reference_program, inputs, args.repeats)
             rows.append((mode, block, tile, warps, ours_s, reference_s))
             print(
-                f"{mode:8s} block={block} tile={tile} warps={warps}: "
-                f"{ours_s * 1e3:.2f} ms, {reference_name} {reference_s * 1e3:.2f} ms, "
-                f"ratio {ours_s / reference_s:.2f}, "
+                f"{label}: {_ms(ours_s)} ms, {reference_name} {_ms(reference_s)} ms, "
+                f"ratio {_ratio(ours_s, reference_s)}, "
                 f"{flops[mode] / ours_s / 1e12:.0f} TFLOP/s",
                 flush=True,
             )
@@ -224,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
             continue
         lines.append(
             f"| {mode} | {block[0]}x{block[1]} | {tile or '-'} | {warps} "
-            f"| {ours_s * 1e3:.2f} | {reference_s * 1e3:.2f} | {ours_s / reference_s:.2f} "
+            f"| {_ms(ours_s)} | {_ms(reference_s)} | {_ratio(ours_s, reference_s)} "
             f"| {flops[mode] / ours_s / 1e12:.1f} |"
         )
     # Decoding reads every key once: bytes of K and V over the time.
@@ -237,9 +254,10 @@ def main(argv: list[str] | None = None) -> None:
         "|---|---:|---:|---:|---:|",
     ]
     for _, splits, ours_s, reference_s in decode:
+        bandwidth = "-" if ours_s is None else f"{kv_bytes / ours_s / 1e9:.0f}"
         lines.append(
-            f"| {splits or 'default'} | {ours_s * 1e3:.3f} | {reference_s * 1e3:.3f} "
-            f"| {ours_s / reference_s:.2f} | {kv_bytes / ours_s / 1e9:.0f} |"
+            f"| {splits or 'default'} | {_ms(ours_s, 3)} | {_ms(reference_s, 3)} "
+            f"| {_ratio(ours_s, reference_s)} | {bandwidth} |"
         )
     if not args.smoke:
         args.output.write_text("\n".join(lines) + "\n")
