@@ -135,6 +135,29 @@ def test_ring_1d_mesh_default_axis_types():
             dict(is_causal=True),
             lse=True,
         )
+        # Learnable slopes through the kernel's array gradients inside the ring's VJP.
+        def slopes_loss(q, k, v, slopes, attend):
+            def mod(s, b, h, qp, kp):
+                return s - slopes[h] * jnp.abs(qp - kp)
+
+            return jnp.sum(jnp.cos(attend(q, k, v, is_causal=True, score_mod=mod)))
+
+        def on_ring(q, k, v, **kw):
+            return ring_attention(q, k, v, mesh=two, seq_axis="seq", implementation="pallas", **kw)
+
+        slopes = jnp.asarray([0.3, 0.1, 0.05, 0.02], jnp.float32)
+        zig = tuple(
+            jax.device_put(to_zigzag(x, 2), NamedSharding(two, P(None, "seq"))) for x in (q, k, v)
+        )
+        got = jax.jit(jax.grad(lambda *a: slopes_loss(*a, on_ring), argnums=(0, 1, 2, 3)))(
+            *zig, slopes
+        )
+        want = jax.grad(
+            lambda *a: slopes_loss(*a, masked_attention_via_map), argnums=(0, 1, 2, 3)
+        )(q, k, v, slopes)
+        for g, e in zip(got[:3], want[:3]):
+            np.testing.assert_allclose(from_zigzag(np.asarray(g), 2), e, atol=5e-5)
+        np.testing.assert_allclose(got[3], want[3], rtol=1e-4, atol=1e-4)
         """
     )
 
