@@ -18,7 +18,7 @@ from ._config import block_fields
 from ._cudnn import cudnn_attention, cudnn_problem, on_gpu
 from ._elementwise import has_tracers, trace_mask_fn, trace_score_mod
 from ._pallas import PallasUnsupportedError, pallas_attend_with_lse, pallas_call_problem
-from ._scores import ScoreConfig
+from ._scores import ScoreConfig, bias_axes
 from ._xla import KernelConfig, Operands, block_attention
 
 # Compiled programs, one per static configuration; bounded.
@@ -231,7 +231,7 @@ def masked_attention_via_map(
         scores = ScoreConfig(
             soft_cap=args.soft_cap,
             score=program,
-            bias=None if args.bias is None else _varies(args.bias.shape),
+            bias=None if args.bias is None else bias_axes(args.bias.shape),
             sinks=args.sinks is not None,
         )
         operands = Operands(args.bias, args.sinks, consts)
@@ -277,11 +277,6 @@ def _pallas_block_size(length: int) -> int:
     """A Pallas block side for a length: a power of two in [16, 128] (not clamped to the
     length: the kernel pads)."""
     return min(128, 1 << (max(16, length) - 1).bit_length())
-
-
-def _varies(shape: tuple[int, ...]) -> tuple[bool, bool, bool, bool]:
-    """Which of (batch, head, query, key) a rank-4 bias varies along."""
-    return (shape[0] > 1, shape[1] > 1, shape[2] > 1, shape[3] > 1)
 
 
 def _empty_result(q: jax.Array, dv: int, sinks: Any) -> tuple[jax.Array, jax.Array]:

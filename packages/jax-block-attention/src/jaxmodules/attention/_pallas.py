@@ -62,8 +62,9 @@ from jax.extend.core import Literal
 
 from ._band import in_band
 from ._block_mask import BlockMask
+from ._cache import LRUCache
 from ._config import BlockConfig, block_fields
-from ._scores import ScoreConfig, capped_scores
+from ._scores import ScoreConfig, bias_axes, capped_scores, merge_by_lse, with_sinks
 from ._xla import Operands
 
 Array = Any  # jax.Array, or a Pallas ref inside a kernel
@@ -355,18 +356,28 @@ def kernel_consts(consts: Sequence[Any]) -> tuple[list[Any], list[Any]]:
     return arrays, dtypes
 
 
-def _tile_problem(program: Program, consts: Sequence[Any], *, with_score: bool) -> str | None:
+def _tile_problem(
+    program: Program,
+    consts: Sequence[Any],
+    *,
+    with_score: bool,
+    reads: list[ArrayRead] | None = None,
+    recorded: Sequence[int] = (),
+) -> str | None:
     """Why the kernel cannot evaluate ``program`` (a ``mask_fn``, or a ``score_mod``
     when ``with_score``) on a tile's index vectors, or ``None`` when it can: a trial
-    trace on the smallest tile."""
+    trace on the smallest tile, which appends its loads of the closed-over arrays
+    ``recorded`` to ``reads``."""
     arrays, dtypes = kernel_consts(consts)
     shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays]
+    reader = _read if reads is None else recording_reader(recorded, reads)
 
     def trial(cs: list[Any]) -> Any:
         q = jnp.zeros((_MIN_TILE, 1), jnp.int32)
         k = jnp.zeros((1, _MIN_TILE), jnp.int32)
         score = [jnp.zeros((_MIN_TILE, _MIN_TILE), _F32)] if with_score else []
-        return evaluate_on_tile(program, cs, dtypes, *score, jnp.int32(0), jnp.int32(0), q, k)
+        index = (jnp.int32(0), jnp.int32(0), q, k)
+        return evaluate_on_tile(program, cs, dtypes, *score, *index, reader=reader)
 
     try:
         jax.eval_shape(trial, shapes)
@@ -519,7 +530,7 @@ def tile_scores(
     return _score_mod_on_tile(config, score_refs, s2, b, h, q_pos, k_pos, reader)
 
 
-def tile_score_gradient(
+def tile_score_gradients(
     config: TileConfig,
     s0: Array,
     bias: Array | None,
@@ -529,16 +540,29 @@ def tile_score_gradient(
     q_pos: Array,
     k_pos: Array,
     d_scores: Array,
-) -> Array:
+    reads: Sequence[ArrayRead] = (),
+) -> tuple[Array, list[Array]]:
     """The gradient of a tile's final scores mapped back to ``s1 = s0 + bias`` (the
-    gradient of the products and of the bias). ``score_mod`` is element-wise, so its
-    derivative in the score is one forward-mode pass on the tile."""
+    gradient of the products and of the bias), and the gradients of the values
+    ``score_mod`` read from its differentiable arrays (``reads``, recorded when the
+    tile's scores were computed). ``score_mod`` is element-wise: without reads its
+    derivative in the score is one forward-mode pass on the tile, with reads one reverse
+    pass that takes their values as inputs."""
     cap = config.scores.soft_cap
     if cap is None and config.scores.score is None:
-        return d_scores
+        return d_scores, []
     s1 = s0 if bias is None else s0 + bias.astype(_F32)
     s2 = capped_scores(cap, s1)
-    if config.scores.score is not None:
+    d_values: list[Array] = []
+    if reads:
+
+        def scores_of(s: Array, values: list[Array]) -> Array:
+            reader = replaying_reader(config.score_grads, values)
+            return _score_mod_on_tile(config, score_refs, s, b, h, q_pos, k_pos, reader)
+
+        _, pullback = jax.vjp(scores_of, s2, [read.value for read in reads])
+        d_scores, d_values = pullback(d_scores)
+    elif config.scores.score is not None:
         _, slope = jax.jvp(
             lambda s: _score_mod_on_tile(config, score_refs, s, b, h, q_pos, k_pos),
             (s2,),
@@ -547,37 +571,7 @@ def tile_score_gradient(
         d_scores = d_scores * slope
     if cap is not None:
         d_scores = d_scores * (1.0 - jnp.square(s2 / _F32(cap)))
-    return d_scores
-
-
-def tile_score_and_read_gradients(
-    config: TileConfig,
-    s0: Array,
-    bias: Array | None,
-    score_refs: Sequence[Any],
-    b: Array,
-    h: Array,
-    q_pos: Array,
-    k_pos: Array,
-    d_scores: Array,
-    reads: Sequence[ArrayRead],
-) -> tuple[Array, list[Array]]:
-    """``tile_score_gradient``, and the gradients of the values ``score_mod`` read from
-    its differentiable arrays on this tile (``reads``, recorded when the tile's scores
-    were computed): one reverse pass through the program with those values as inputs."""
-    cap = config.scores.soft_cap
-    s1 = s0 if bias is None else s0 + bias.astype(_F32)
-    s2 = capped_scores(cap, s1)
-
-    def scores_of(s: Array, values: list[Array]) -> Array:
-        reader = replaying_reader(config.score_grads, values)
-        return _score_mod_on_tile(config, score_refs, s, b, h, q_pos, k_pos, reader)
-
-    _, pullback = jax.vjp(scores_of, s2, [read.value for read in reads])
-    d_s2, d_values = pullback(d_scores)
-    if cap is not None:
-        d_s2 = d_s2 * (1.0 - jnp.square(s2 / _F32(cap)))
-    return d_s2, d_values
+    return d_scores, d_values
 
 
 def _sum_all(x: Array) -> Array:
@@ -591,11 +585,18 @@ def _row_major_strides(shape: tuple[int, ...]) -> list[int]:
     return [int(np.prod(shape[n + 1 :], dtype=np.int64)) for n in range(len(shape))]
 
 
+def walked_entries(read: ArrayRead, shape: tuple[int, ...]) -> int:
+    """How many entries ``add_read_gradient`` walks for a read of an array of ``shape``:
+    the product of the axes whose index varies across the tile (1 for none)."""
+    dims = [dim for index, dim in zip(read.index, shape, strict=True) if jnp.size(index) > 1]
+    return int(np.prod(dims, dtype=np.int64))
+
+
 def add_read_gradient(acc: Array, read: ArrayRead, shape: tuple[int, ...], grad: Array) -> Array:
     """Add the gradient ``grad`` of one tile's read of an array of ``shape`` into
     ``acc``, that array's flattened float32 gradient (padded to a power of two). Axes
     read at one index for the whole tile add one sum; axes whose index varies across the
-    tile are walked entry by entry (``read_problem`` bounds how many), summing the tile's
+    tile are walked entry by entry (``score_program_problem`` bounds how many), summing the tile's
     gradient where the index equals it. No scatter, no atomics."""
     strides = _row_major_strides(shape)
     positions = jnp.arange(acc.shape[0], dtype=jnp.int32)
@@ -610,7 +611,7 @@ def add_read_gradient(acc: Array, read: ArrayRead, shape: tuple[int, ...], grad:
         return acc + jnp.where(positions == base, _sum_all(grad), 0.0)
     offsets = sum(index * stride for index, stride, _ in varying)
     grad = jnp.broadcast_to(grad, jnp.shape(offsets))
-    count = int(np.prod([dim for _, _, dim in varying]))
+    count = walked_entries(read, shape)
 
     def entry(n: Array, acc: Array) -> Array:
         # Non-negative, so lax's truncating division is floor division (jnp's % and //
@@ -633,11 +634,6 @@ def _matmul_t(a: Array, b: Array) -> Array:
 
 def _matmul(a: Array, b: Array) -> Array:
     return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=_F32)
-
-
-def _matmul_tn(a: Array, b: Array) -> Array:
-    """``a.T @ b`` in float32."""
-    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=_F32)
 
 
 def softmax_step(
@@ -714,7 +710,7 @@ def _bias_tile(
     return bias_ref[head, row_slice, col_slice]
 
 
-def _forward_kernel(config: TileConfig, n_consts: int, *refs: Any) -> None:
+def _forward_kernel(config: TileConfig, *refs: Any) -> None:
     lists, mask_refs, score_refs, bias_ref, rest = _split_refs(config, refs)
     count_ref, index_ref, full_count_ref, full_index_ref, offset_ref = lists
     q_ref, k_ref, v_ref, o_ref, lse_ref = rest
@@ -765,20 +761,7 @@ def _split_share(config: TileConfig, count: Array) -> tuple[Array, Array]:
     return start, jnp.minimum(start + share, count)
 
 
-def merge_splits(out: Array, lse: Array, dtype: Any) -> tuple[Array, Array]:
-    """One output and lse from the float32 partial results of the splits (leading
-    axis): each weighs ``exp(lse_split - lse)``; a split that saw no key has ``lse =
-    -inf`` and weight 0."""
-    top = lse.max(axis=0)
-    top = jnp.where(jnp.isfinite(top), top, 0.0)
-    weights = jnp.exp(lse - top)  # exp(-inf) = 0
-    total = weights.sum(axis=0)
-    merged = (weights[..., None] * out).sum(axis=0) / jnp.where(total > 0, total, 1.0)[..., None]
-    merged_lse = jnp.where(total > 0, top + jnp.log(jnp.where(total > 0, total, 1.0)), -jnp.inf)
-    return merged.astype(dtype), merged_lse
-
-
-def _dq_kernel(config: TileConfig, n_consts: int, *refs: Any) -> None:
+def _dq_kernel(config: TileConfig, *refs: Any) -> None:
     lists, mask_refs, score_refs, bias_ref, rest = _split_refs(config, refs)
     count_ref, index_ref, full_count_ref, full_index_ref, offset_ref = lists
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *extra = rest
@@ -821,21 +804,18 @@ def _dq_kernel(config: TileConfig, n_consts: int, *refs: Any) -> None:
         reader = recording_reader(config.score_grads, reads) if config.score_grads else _read
         s = tile_scores(config, s0, bias, score_refs, b, h, q_pos, k_pos, reader)
         _, ds = tile_gradient(s, lse, delta, _matmul_t(do_blk, v_blk), visible)
+        if reads and visible is not None:
+            ds = jnp.where(visible, ds, 0.0)  # the reads' gradients sum over the tile
+        ds, d_values = tile_score_gradients(
+            config, s0, bias, score_refs, b, h, q_pos, k_pos, ds, reads
+        )
         carry = dict(carry)
-        if config.score_grads:
-            if visible is not None:
-                ds = jnp.where(visible, ds, 0.0)
-            ds, d_values = tile_score_and_read_gradients(
-                config, s0, bias, score_refs, b, h, q_pos, k_pos, ds, reads
-            )
-            arrays = list(carry["arrays"])
-            for read, d_value in zip(reads, d_values, strict=True):
-                slot = config.score_grads.index(read.const)
-                shape = config.score_array_shape(read.const)
-                arrays[slot] = add_read_gradient(arrays[slot], read, shape, d_value)
-            carry["arrays"] = arrays
-        else:
-            ds = tile_score_gradient(config, s0, bias, score_refs, b, h, q_pos, k_pos, ds)
+        arrays = list(carry["arrays"])
+        for read, d_value in zip(reads, d_values, strict=True):
+            slot = config.score_grads.index(read.const)
+            shape = config.score_array_shape(read.const)
+            arrays[slot] = add_read_gradient(arrays[slot], read, shape, d_value)
+        carry["arrays"] = arrays
         if visible is not None and config.scores.changes_scores:
             ds = jnp.where(visible, ds, 0.0)
         if write_tiles:
@@ -868,7 +848,7 @@ def _dq_kernel(config: TileConfig, n_consts: int, *refs: Any) -> None:
         ref[...] = grad
 
 
-def _dkdv_kernel(config: TileConfig, n_consts: int, *refs: Any) -> None:
+def _dkdv_kernel(config: TileConfig, *refs: Any) -> None:
     lists, mask_refs, score_refs, bias_ref, rest = _split_refs(config, refs)
     count_ref, index_ref, full_count_ref, full_index_ref, offset_ref = lists
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *dbias = rest
@@ -889,9 +869,8 @@ def _dkdv_kernel(config: TileConfig, n_consts: int, *refs: Any) -> None:
         mb, mh = _mask_index(config, b, h)
         offset = offset_ref[mb]
 
-        def tile(c: tuple, start: Array, masked: bool) -> tuple:
+        def tile(carry: dict, start: Array, masked: bool) -> dict:
             # Queries start .. start + sq of a listed query block.
-            dk, dv, *d_cols = c
             rows = pl.ds(start, sq)
             q_blk = q_ref[h, rows, :]
             do_blk = do_ref[h, rows, :]
@@ -908,34 +887,39 @@ def _dkdv_kernel(config: TileConfig, n_consts: int, *refs: Any) -> None:
             s_t = tile_scores(config, s0_t, bias_t, score_refs, b, h, q_pos, k_pos)
             lse_t, delta_t = lse_ref[h, rows][None, :], delta_ref[h, rows][None, :]
             p_t, ds_t = tile_gradient(s_t, lse_t, delta_t, _matmul_t(v_blk, do_blk), visible_t)
-            ds_t = tile_score_gradient(config, s0_t, bias_t, score_refs, b, h, q_pos, k_pos, ds_t)
+            ds_t, _ = tile_score_gradients(
+                config, s0_t, bias_t, score_refs, b, h, q_pos, k_pos, ds_t
+            )
             if visible_t is not None and config.scores.changes_scores:
                 ds_t = jnp.where(visible_t, ds_t, 0.0)
-            dv = dv + _matmul(p_t.astype(do_blk.dtype), do_blk)
-            dk = dk + _matmul(ds_t.astype(q_blk.dtype), q_blk) * scale
+            carry = dict(carry)
+            carry["dv"] = carry["dv"] + _matmul(p_t.astype(do_blk.dtype), do_blk)
+            carry["dk"] = carry["dk"] + _matmul(ds_t.astype(q_blk.dtype), q_blk) * scale
             if dbias_ref is not None:
-                d_cols = [d_cols[0] + ds_t.sum(axis=1)]
-            return (dk, dv, *d_cols)
+                carry["columns"] = carry["columns"] + ds_t.sum(axis=1)
+            return carry
 
-        def step(c: tuple, i: Array, masked: bool) -> tuple:
-            return over_slices(i * bq, bq, sq, partial(tile, masked=masked), c)
+        def step(carry: dict, i: Array, masked: bool) -> dict:
+            return over_slices(i * bq, bq, sq, partial(tile, masked=masked), carry)
 
-        head_carry = (*carry, *([jnp.zeros((bk,), _F32)] * (dbias_ref is not None)))
+        head_carry = {"dk": carry[0], "dv": carry[1]}
+        if dbias_ref is not None:
+            head_carry["columns"] = jnp.zeros((bk,), _F32)
         head_carry = lax.fori_loop(
             0,
             full_count_ref[mb, mh, j],
             lambda t, c: step(c, full_index_ref[mb, mh, j, t], False),
             head_carry,
         )
-        dk, dv, *d_cols = lax.fori_loop(
+        head_carry = lax.fori_loop(
             0,
             count_ref[mb, mh, j],
             lambda t, c: step(c, index_ref[mb, mh, j, t], True),
             head_carry,
         )
         if dbias_ref is not None:
-            dbias_ref[pl.ds(g, 1), :] = d_cols[0][None, :]
-        return dk, dv
+            dbias_ref[pl.ds(g, 1), :] = head_carry["columns"][None, :]
+        return head_carry["dk"], head_carry["dv"]
 
     carry = (
         jnp.zeros((config.k_block, k_ref.shape[-1]), _F32),
@@ -969,7 +953,7 @@ def _call(
     program, ahead of the blocked ``inputs``; ``outputs`` pairs shapes with specs."""
     in_specs = [_whole(x) for x in (*lists, *consts)] + [spec for _, spec in inputs]
     return pl.pallas_call(
-        partial(kernel, config, len(consts)),
+        partial(kernel, config),
         grid=grid,
         in_specs=in_specs,
         out_specs=[spec for _, spec in outputs],
@@ -1051,7 +1035,8 @@ def _forward(
         "block_attention_forward",
     )
     if splits > 1:
-        out, lse = merge_splits(out, lse, q.dtype)
+        out, lse = merge_by_lse(out, lse)
+        out = out.astype(q.dtype)
     return out, lse
 
 
@@ -1355,10 +1340,7 @@ def pallas_attend_with_lse(
                 f"bias must be rank 4 and broadcastable to (B, Hq, Lq, Lk) = {full}, got "
                 f"shape {bias.shape}"
             )
-        scores = replace(
-            scores,
-            bias=(bias.shape[0] > 1, bias.shape[1] > 1, bias.shape[2] > 1, bias.shape[3] > 1),
-        )
+        scores = replace(scores, bias=bias_axes(bias.shape))
     interpret = _default_interpret(interpret)
     if backward_tile is None:
         backward_tile = None if interpret else _COMPILED_BACKWARD_TILE
@@ -1437,17 +1419,6 @@ def _attend_padded(
     return out, lse
 
 
-def with_sinks(out: Array, lse: Array, sinks: Array) -> tuple[Array, Array]:
-    """Output and lse of rows whose softmax denominator also holds ``exp(sinks[h])``
-    (a key with value 0), from those without it: the denominator grows from
-    ``exp(lse)`` to ``exp(lse) + exp(sink)``, so the output shrinks by their ratio. Plain
-    JAX, so gradients (to ``sinks`` too) flow through it into the kernel's."""
-    sink = jnp.asarray(sinks, _F32)[None, :, None]
-    total = jnp.logaddexp(lse, sink)
-    factor = jnp.exp(lse - total).transpose(0, 2, 1)[..., None]  # (B, Lq, Hq, 1)
-    return (out.astype(_F32) * factor).astype(out.dtype), total
-
-
 def pallas_attend(
     q: Any,
     k: Any,
@@ -1499,10 +1470,7 @@ def traced_score_arrays(program: Any, consts: Sequence[Any]) -> tuple[int, ...]:
 
 def score_program_problem(program: Any, consts: Sequence[Any]) -> str | None:
     """Why the kernel cannot run a ``score_mod`` program, or ``None`` when it can."""
-    problem = _tile_problem(program, consts, with_score=True)
     grads = traced_score_arrays(program, consts)
-    if problem is not None or not grads:
-        return problem
     for n in grads:
         shape = tuple(jnp.shape(consts[n]))
         if _array_grad_width(shape) > _MAX_ARRAY_GRADIENT:
@@ -1511,33 +1479,27 @@ def score_program_problem(program: Any, consts: Sequence[Any]) -> str | None:
                 f"keeps the gradient of such arrays per program, up to {_MAX_ARRAY_GRADIENT} "
                 'entries: use implementation="xla", or a bias'
             )
-    arrays, dtypes = kernel_consts(consts)
-    widest: list[int] = []
-
-    def trial(cs: list[Any]) -> Any:
-        reads: list[ArrayRead] = []
-        s = jnp.zeros((_MIN_TILE, _MIN_TILE), _F32)
-        q = jnp.zeros((_MIN_TILE, 1), jnp.int32)
-        k = jnp.zeros((1, _MIN_TILE), jnp.int32)
-        zero = jnp.int32(0)
-        reader = recording_reader(grads, reads)
-        out = evaluate_on_tile(program, cs, dtypes, s, zero, zero, q, k, reader=reader)
-        for read in reads:
-            shape = tuple(jnp.shape(consts[read.const]))
-            walked = [
-                dim for index, dim in zip(read.index, shape, strict=True) if jnp.size(index) > 1
-            ]
-            widest.append(int(np.prod(walked, dtype=np.int64)))
-        return out
-
-    jax.eval_shape(trial, [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays])
-    if widest and max(widest) > _MAX_READ_ENTRIES:
+    reads: list[ArrayRead] = []
+    problem = _tile_problem(program, consts, with_score=True, reads=reads, recorded=grads)
+    if problem is not None:
+        return problem
+    walked = [walked_entries(read, jnp.shape(consts[read.const])) for read in reads]
+    if walked and max(walked) > _MAX_READ_ENTRIES:
         return (
             "score_mod reads a traced array at indices that vary within a tile over "
-            f"{max(widest)} entries; the Pallas kernel sums their gradient entry by entry, "
+            f"{max(walked)} entries; the Pallas kernel sums their gradient entry by entry, "
             f'up to {_MAX_READ_ENTRIES}: use implementation="xla"'
         )
     return None
+
+
+# Answers of pallas_call_problem, by everything they depend on (no arrays): the dispatcher
+# and the kernel entry ask the same question, and eager calls ask it again each time.
+_PROBLEMS = LRUCache[str | None](64)
+
+
+def _avals(consts: Sequence[Any]) -> tuple:
+    return tuple((tuple(jnp.shape(c)), str(jnp.result_type(c))) for c in consts)
 
 
 def pallas_call_problem(
@@ -1545,10 +1507,24 @@ def pallas_call_problem(
 ) -> str | None:
     """Why a call (its block mask and score changes) cannot run on the Pallas kernel, or
     ``None`` when it can."""
-    problem = pallas_problem(block_mask)
-    if problem is None and scores.score is not None:
-        problem = score_program_problem(scores.score, operands.score_consts)
-    return problem
+    score_consts = () if scores.score is None else tuple(operands.score_consts)
+    grads = () if scores.score is None else traced_score_arrays(scores.score, score_consts)
+    key = (
+        block_mask.block_size,
+        block_mask.program,
+        _avals(block_mask.mask_consts),
+        scores.score,
+        _avals(score_consts),
+        grads,
+    )
+
+    def answer() -> str | None:
+        problem = pallas_problem(block_mask)
+        if problem is None and scores.score is not None:
+            problem = score_program_problem(scores.score, score_consts)
+        return problem
+
+    return _PROBLEMS.get(key, answer)
 
 
 __all__ = [

@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 from ._api import _check_implementation, masked_attention_via_map
 from ._elementwise import _arity, has_tracers, trace_score_mod
+from ._scores import merge_by_lse, with_sinks
 
 Array = jax.Array
 
@@ -240,17 +241,10 @@ def _axis_index(axes: Any) -> Any:
 
 def _merge(acc: tuple[Array, Array], part: tuple[Array, Array]) -> tuple[Array, Array]:
     """Merge two partial softmax results ``(out (B, L, H, dv) f32, lse (B, H, L))``."""
-    o1, l1 = acc
-    o2, l2 = part
-    m = lax.stop_gradient(jnp.maximum(l1, l2))
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    w1, w2 = jnp.exp(l1 - m), jnp.exp(l2 - m)
-    total = w1 + w2
-    safe = jnp.where(total > 0, total, 1.0)
-    lse = jnp.where(total > 0, m + jnp.log(safe), -jnp.inf)
-    a1 = jnp.swapaxes(w1 / safe, 1, 2)[..., None]
-    a2 = jnp.swapaxes(w2 / safe, 1, 2)[..., None]
-    return a1 * o1 + a2 * o2, lse
+    outs = jnp.stack([acc[0], part[0]])
+    lses = jnp.swapaxes(jnp.stack([acc[1], part[1]]), 2, 3)  # (2, B, L, H), as outs
+    out, lse = merge_by_lse(outs, lses)
+    return out, jnp.swapaxes(lse, 1, 2)
 
 
 def _from_block_mask(
@@ -271,11 +265,7 @@ def _from_block_mask(
         K,
         is_causal,
         mask_fn,
-        (None, None)
-        if window_size is None
-        else tuple(window_size)
-        if isinstance(window_size, (tuple, list))
-        else (window_size,) * 2,
+        _window(window_size) or (None, None),
         None,
         q_offset != 0,
     )
@@ -748,8 +738,7 @@ def ring_attention(
 
         out, lse = ring(q, k, v, seg, tuple(mod_arrays))
         if sink is not None:
-            sink_lse = jnp.broadcast_to(sink.astype(jnp.float32)[None, :, None], lse.shape)
-            out, lse = _merge((out, lse), (jnp.zeros_like(out), sink_lse))
+            out, lse = with_sinks(out, lse, sink)
         return out.astype(q.dtype), lse
 
     seg_arg = segment_ids

@@ -50,6 +50,12 @@ class ScoreConfig:
         return self.soft_cap is not None or self.score is not None or self.bias is not None
 
 
+def bias_axes(shape: tuple[int, ...]) -> tuple[bool, bool, bool, bool]:
+    """Which of (batch, head, query, key) a rank-4 bias of ``shape`` varies along."""
+    b, h, q, k = (n > 1 for n in shape)
+    return b, h, q, k
+
+
 @dataclass(frozen=True)
 class TileIndex:
     """Index arrays of one tile in the ``(batch, head, row, key)`` layout of the scores,
@@ -67,10 +73,6 @@ def capped_scores(soft_cap: float | None, s1: Array) -> Array:
         return s1
     cap = _F32(soft_cap)
     return cap * jnp.tanh(s1 / cap)
-
-
-def _capped(config: ScoreConfig, s1: Array) -> Array:
-    return capped_scores(config.soft_cap, s1)
 
 
 def _modified(
@@ -92,7 +94,7 @@ def tile_scores(
 ) -> Array:
     """The final float32 scores of a tile from its scaled products ``s0``."""
     s1 = s0 if bias is None else s0 + bias.astype(_F32)
-    return _modified(config, _capped(config, s1), consts, index)
+    return _modified(config, capped_scores(config.soft_cap, s1), consts, index)
 
 
 def tile_score_gradients(
@@ -107,7 +109,7 @@ def tile_score_gradients(
     products and to ``bias``) and to the floating arrays ``score_mod`` closes over (in
     the order of ``config.score.differentiable``)."""
     s1 = s0 if bias is None else s0 + bias.astype(_F32)
-    s2 = _capped(config, s1)
+    s2 = capped_scores(config.soft_cap, s1)
     d_consts: tuple[Array, ...] = ()
     d_s2 = d_scores
     if config.score is not None:
@@ -139,3 +141,29 @@ def sink_logits(sinks: Array | None, shape: tuple[int, ...]) -> Array | None:
 
 def zeros_like_floats(consts: Sequence[Any], positions: Sequence[int]) -> tuple[Array, ...]:
     return tuple(jnp.zeros(jnp.shape(consts[i]), _F32) for i in positions)
+
+
+def merge_by_lse(outs: Array, lses: Array) -> tuple[Array, Array]:
+    """Partial softmax results over disjoint key sets, merged through their
+    log-sum-exp: ``outs (S, ..., dv)`` and ``lses (S, ...)`` along the leading axis.
+    Each part weighs ``exp(lse_part - lse)``; a part that saw no key (``lse = -inf``)
+    weighs 0. Returns the float32 output and the merged lse (``-inf`` if no part saw a
+    key)."""
+    top = jax.lax.stop_gradient(lses.max(axis=0))
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    weights = jnp.exp(lses - top)  # exp(-inf) = 0
+    total = weights.sum(axis=0)
+    safe = jnp.where(total > 0, total, 1.0)
+    out = (weights[..., None] * outs.astype(_F32)).sum(axis=0) / safe[..., None]
+    return out, jnp.where(total > 0, top + jnp.log(safe), -jnp.inf)
+
+
+def with_sinks(out: Array, lse: Array, sinks: Array) -> tuple[Array, Array]:
+    """Output ``(B, Lq, Hq, dv)`` and lse ``(B, Hq, Lq)`` of rows whose softmax
+    denominator also holds ``exp(sinks[h])`` (a key with value 0), from those without
+    it: the denominator grows from ``exp(lse)`` to ``exp(lse) + exp(sink)``, so the
+    output shrinks by their ratio. Differentiable, ``sinks`` included."""
+    sink = jnp.asarray(sinks, _F32)[None, :, None]
+    total = jnp.logaddexp(lse, sink)
+    factor = jnp.exp(lse - total).transpose(0, 2, 1)[..., None]  # (B, Lq, Hq, 1)
+    return (out.astype(_F32) * factor).astype(out.dtype), total
