@@ -186,6 +186,56 @@ def dense_variants(
     return out, lse
 
 
+def against_reference(
+    attend, arrays, visible, rng, *, scale=None, soft_cap=None, make_mod=None, q_offset=0, jit=False
+):
+    """``attend(arrays, score_mod) -> (out, lse)`` and ``dense_variants`` in float64, on
+    ``arrays`` (``q``, ``k``, ``v`` and, when present, ``bias``, ``sinks`` and whatever
+    ``make_mod(arrays)``'s ``score_mod`` closes over), with the reference mask
+    ``visible``. A loss weighs both outputs with weights drawn from ``rng``. Returns
+    ``(value, out, lse, grads)`` for ours and, as NumPy arrays, for the reference."""
+    jnp = jax.numpy
+    batch, q_len, q_heads, _ = arrays["q"].shape
+    dv = arrays["v"].shape[-1]
+    w_out = jnp.asarray(rng.standard_normal((batch, q_len, q_heads, dv)), jnp.float32)
+    w_lse = jnp.asarray(rng.standard_normal((batch, q_heads, q_len)), jnp.float32)
+
+    def loss(out, lse):
+        weighted = jnp.where(jnp.isfinite(lse), lse * w_lse, 0.0)
+        return jnp.sum(out.astype(jnp.float32) * w_out) + jnp.sum(weighted)
+
+    def score_mod(a):
+        return None if make_mod is None else make_mod(a)
+
+    def ours(a):
+        out, lse = attend(a, score_mod(a))
+        return loss(out, lse), (out, lse)
+
+    def theirs(a):
+        out, lse = dense_variants(
+            a["q"],
+            a["k"],
+            a["v"],
+            visible,
+            scale=scale,
+            bias=a.get("bias"),
+            soft_cap=soft_cap,
+            sinks=a.get("sinks"),
+            score_mod=score_mod(a),
+            q_offset=q_offset,
+        )
+        return loss(out, lse), (out, lse)
+
+    run = jax.value_and_grad(ours, has_aux=True)
+    (value, (out, lse)), grads = (jax.jit(run) if jit else run)(arrays)
+    with float64():
+        arrays64 = {name: jnp.asarray(x, jnp.float64) for name, x in arrays.items()}
+        (value64, (out64, lse64)), grads64 = jax.value_and_grad(theirs, has_aux=True)(arrays64)
+        grads64 = {name: np.asarray(g) for name, g in grads64.items()}
+        theirs_result = (np.asarray(value64), np.asarray(out64), np.asarray(lse64), grads64)
+    return (value, out, lse, grads), theirs_result
+
+
 def compare_variants(
     shape,
     options,
@@ -207,12 +257,8 @@ def compare_variants(
     Returns our output."""
     from jaxmodules.attention import masked_attention_via_map
 
-    jnp = jax.numpy
     batch, q_len, k_len, q_heads, kv_heads, d = shape
     q, k, v = random_qkv(seed, batch, q_len, k_len, q_heads, kv_heads, d)
-    rng = np.random.default_rng(seed + 1)
-    w_out = jnp.asarray(rng.standard_normal((batch, q_len, q_heads, d)), jnp.float32)
-    w_lse = jnp.asarray(rng.standard_normal((batch, q_heads, q_len)), jnp.float32)
     visible = mask_for(shape, options)
     if visible_extra is not None:
         visible = visible & visible_extra
@@ -221,48 +267,23 @@ def compare_variants(
         if x is not None:
             diff[name] = x
 
-    def loss(out, lse):
-        finite = jnp.isfinite(lse)
-        weighted = jnp.where(finite, lse * w_lse, 0.0)
-        return jnp.sum(out.astype(jnp.float32) * w_out) + jnp.sum(weighted)
-
-    def score_mod(arrays):
-        return None if make_mod is None else make_mod(arrays.get("extra"))
-
-    def ours(arrays):
+    def attend(arrays, score_mod):
         kw = dict(options, bias=arrays.get("bias"), sinks=arrays.get("sinks"))
-        out, lse = masked_attention_via_map(
-            arrays["q"],
-            arrays["k"],
-            arrays["v"],
-            score_mod=score_mod(arrays),
-            return_lse=True,
-            **kw,
+        return masked_attention_via_map(
+            arrays["q"], arrays["k"], arrays["v"], score_mod=score_mod, return_lse=True, **kw
         )
-        return loss(out, lse), (out, lse)
 
-    def theirs(arrays):
-        out, lse = dense_variants(
-            arrays["q"],
-            arrays["k"],
-            arrays["v"],
-            visible,
-            scale=options.get("scale"),
-            bias=arrays.get("bias"),
-            soft_cap=options.get("logits_soft_cap"),
-            sinks=arrays.get("sinks"),
-            score_mod=score_mod(arrays),
-            q_offset=options.get("q_offset", 0),
-        )
-        return loss(out, lse), (out, lse)
-
-    run = jax.value_and_grad(ours, has_aux=True)
-    (_, (out, lse)), grads = (jax.jit(run) if jit else run)(diff)
-    with float64():
-        diff64 = {name: jnp.asarray(x, jnp.float64) for name, x in diff.items()}
-        (_, (out64, lse64)), grads64 = jax.value_and_grad(theirs, has_aux=True)(diff64)
-        out64, lse64 = np.asarray(out64), np.asarray(lse64)
-        grads64 = {name: np.asarray(g) for name, g in grads64.items()}
+    (_, out, lse, grads), (_, out64, lse64, grads64) = against_reference(
+        attend,
+        diff,
+        visible,
+        np.random.default_rng(seed + 1),
+        scale=options.get("scale"),
+        soft_cap=options.get("logits_soft_cap"),
+        make_mod=None if make_mod is None else lambda arrays: make_mod(arrays.get("extra")),
+        q_offset=options.get("q_offset", 0),
+        jit=jit,
+    )
     np.testing.assert_allclose(out, out64, atol=atol, rtol=1e-4, err_msg="out")
     np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(lse64))
     finite = np.isfinite(lse64)
@@ -320,6 +341,7 @@ def ref() -> SimpleNamespace:
         float64=float64,
         variants=dense_variants,
         compare_variants=compare_variants,
+        against_reference=against_reference,
         alibi=alibi,
         relative_table=relative_table,
         bucket_table=bucket_table,

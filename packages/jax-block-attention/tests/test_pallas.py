@@ -508,24 +508,42 @@ def test_gradient_of_a_vector_bias_stays_linear(ref, bias_shape):
     assert largest < 256 * 256, largest
 
 
+def _kernel_and_reference(ref, arrays, block_mask, visible, rng, **kwargs):
+    """``pallas_attend_with_lse`` (jitted; ``backward_tile`` and ``kv_splits`` from
+    ``kwargs``) and the float64 reference, as ``ref.against_reference`` returns them."""
+    from jaxmodules.attention._elementwise import trace_score_mod
+    from jaxmodules.attention._scores import ScoreConfig
+    from jaxmodules.attention._xla import Operands
+
+    tuning = {name: kwargs.pop(name) for name in ("backward_tile", "kv_splits") if name in kwargs}
+
+    def attend(a, score_mod):
+        program, consts = (None, ()) if score_mod is None else trace_score_mod(score_mod)
+        scores = ScoreConfig(soft_cap=kwargs.get("soft_cap"), score=program, sinks="sinks" in a)
+        return pallas_attend_with_lse(
+            a["q"],
+            a["k"],
+            a["v"],
+            block_mask,
+            kwargs["scale"],
+            scores=scores,
+            operands=Operands(a.get("bias"), a.get("sinks"), consts),
+            **tuning,
+        )
+
+    return ref.against_reference(attend, arrays, visible, rng, jit=True, **kwargs)
+
+
 @pytest.mark.parametrize(
     "bias_shape", [(2, 4, 40, 56), (2, 1, 1, 56), (1, 4, 40, 1)], ids=["tiles", "columns", "rows"]
 )
 def test_score_pipeline_in_backward_slices(ref, bias_shape):
     # Bias (each gradient route), soft-cap and score_mod on blocks of 32 that the
     # backward kernels walk in slices of 16, against the float64 reference.
-    from jaxmodules.attention._elementwise import trace_score_mod
-    from jaxmodules.attention._scores import ScoreConfig
-    from jaxmodules.attention._xla import Operands
-
     shape = (2, 40, 56, 4, 2, 16, 16)
     options = {"is_causal": True, "q_offset": np.array([16, 5])}
     options["mask_fn"] = lambda b, h, q, k: (q + 2 * k) % 7 != 3
-    block_mask = _block_mask(shape, 32, options)
-    visible = ref.mask_for(shape, options)
-    slopes = jnp.asarray(2.0 ** -np.arange(1, 5), jnp.float32)
-    program, consts = trace_score_mod(ref.alibi(slopes))
-    scores = ScoreConfig(soft_cap=3.0, score=program)
+    slopes = jnp.asarray(2.0 ** -np.arange(1, 5), jnp.float32)  # concrete
     rng = np.random.default_rng(31)
     arrays = {
         "q": ref.qkv(32, *shape)[0],
@@ -533,46 +551,18 @@ def test_score_pipeline_in_backward_slices(ref, bias_shape):
         "v": ref.qkv(34, *shape)[2],
         "bias": jnp.asarray(rng.standard_normal(bias_shape), jnp.float32),
     }
-    w_out = jnp.asarray(rng.standard_normal((2, 40, 4, 16)), jnp.float32)
-    w_lse = jnp.asarray(rng.standard_normal((2, 4, 40)), jnp.float32)
-    scale = 0.25
-
-    def loss(out, lse):
-        return jnp.sum(out * w_out) + jnp.sum(jnp.where(jnp.isfinite(lse), lse * w_lse, 0.0))
-
-    @jax.jit
-    def ours(a):
-        operands = Operands(a["bias"], None, consts)
-        out, lse = pallas_attend_with_lse(
-            a["q"],
-            a["k"],
-            a["v"],
-            block_mask,
-            scale,
-            scores=scores,
-            operands=operands,
-            backward_tile=16,
-        )
-        return loss(out, lse)
-
-    def theirs(a):
-        out, lse = ref.variants(
-            a["q"],
-            a["k"],
-            a["v"],
-            visible,
-            scale=scale,
-            bias=a["bias"],
-            soft_cap=3.0,
-            score_mod=ref.alibi(slopes),
-            q_offset=options["q_offset"],
-        )
-        return loss(out, lse)
-
-    value, grads = jax.value_and_grad(ours)(arrays)
-    with ref.float64():
-        arrays64 = {name: jnp.asarray(x, jnp.float64) for name, x in arrays.items()}
-        value64, grads64 = jax.value_and_grad(theirs)(arrays64)
+    (value, _, _, grads), (value64, _, _, grads64) = _kernel_and_reference(
+        ref,
+        arrays,
+        _block_mask(shape, 32, options),
+        ref.mask_for(shape, options),
+        rng,
+        scale=0.25,
+        q_offset=options["q_offset"],
+        soft_cap=3.0,
+        make_mod=lambda _: ref.alibi(slopes),
+        backward_tile=16,
+    )
     np.testing.assert_allclose(value, value64, rtol=1e-5)
     for name, got in grads.items():
         assert _relative_error(got, grads64[name]) < 1e-4, f"d{name}"
@@ -612,17 +602,11 @@ def test_random_combinations_match_reference(ref, seed):
     # Options drawn together (GQA, odd lengths, offsets, windows, masks, every bias
     # broadcast, soft-cap, a score_mod with a traced table, sinks, backward slices,
     # split-K), all outputs and gradients against the float64 reference.
-    from jaxmodules.attention._elementwise import trace_score_mod
-    from jaxmodules.attention._scores import ScoreConfig
-    from jaxmodules.attention._xla import Operands
-
     rng = np.random.default_rng(100 + seed)
     call = _random_call(rng)
     shape = call["shape"]
-    batch, q_len, _, q_heads, _, d, dv = shape
+    q_heads, d = shape[3], shape[5]
     options = call["options"]
-    block_mask = _block_mask(shape, call["block"], options)
-    visible = ref.mask_for(shape, options)
     q, k, v = ref.qkv(seed, *shape)
     arrays = {"q": q, "k": k, "v": v}
     if call["bias_shape"] is not None:
@@ -631,56 +615,23 @@ def test_random_combinations_match_reference(ref, seed):
         arrays["table"] = jnp.asarray(rng.standard_normal((8, q_heads)), jnp.float32)
     if call["sinks"]:
         arrays["sinks"] = jnp.asarray(rng.standard_normal(q_heads), jnp.float32)
-    w_out = jnp.asarray(rng.standard_normal((batch, q_len, q_heads, dv)), jnp.float32)
-    w_lse = jnp.asarray(rng.standard_normal((batch, q_heads, q_len)), jnp.float32)
-    scale = 1.0 / math.sqrt(d)
-
-    def loss(out, lse):
-        return jnp.sum(out * w_out) + jnp.sum(jnp.where(jnp.isfinite(lse), lse * w_lse, 0.0))
-
-    def score_mod(a):
-        return ref.bucket_table(a["table"]) if "table" in a else None
-
-    @jax.jit
-    def ours(a):
-        program, consts = (None, ()) if "table" not in a else trace_score_mod(score_mod(a))
-        scores = ScoreConfig(soft_cap=call["soft_cap"], score=program, sinks="sinks" in a)
-        out, lse = pallas_attend_with_lse(
-            a["q"],
-            a["k"],
-            a["v"],
-            block_mask,
-            scale,
-            scores=scores,
-            operands=Operands(a.get("bias"), a.get("sinks"), consts),
-            backward_tile=call["backward_tile"],
-            kv_splits=call["kv_splits"],
-        )
-        return loss(out, lse), (out, lse)
-
-    def theirs(a):
-        out, lse = ref.variants(
-            a["q"],
-            a["k"],
-            a["v"],
-            visible,
-            scale=scale,
-            bias=a.get("bias"),
-            soft_cap=call["soft_cap"],
-            score_mod=score_mod(a),
-            sinks=a.get("sinks"),
-            q_offset=options["q_offset"],
-        )
-        return loss(out, lse), (out, lse)
-
-    (_, (out, lse)), grads = jax.value_and_grad(ours, has_aux=True)(arrays)
-    with ref.float64():
-        arrays64 = {name: jnp.asarray(x, jnp.float64) for name, x in arrays.items()}
-        (_, (out64, lse64)), grads64 = jax.value_and_grad(theirs, has_aux=True)(arrays64)
+    (_, out, lse, grads), (_, out64, lse64, grads64) = _kernel_and_reference(
+        ref,
+        arrays,
+        _block_mask(shape, call["block"], options),
+        ref.mask_for(shape, options),
+        rng,
+        scale=1.0 / math.sqrt(d),
+        q_offset=options["q_offset"],
+        soft_cap=call["soft_cap"],
+        make_mod=lambda a: ref.bucket_table(a["table"]) if "table" in a else None,
+        backward_tile=call["backward_tile"],
+        kv_splits=call["kv_splits"],
+    )
     np.testing.assert_allclose(out, out64, atol=3e-5, rtol=1e-4, err_msg=str(call))
-    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(np.asarray(lse64)))
-    finite = np.isfinite(np.asarray(lse64))
-    np.testing.assert_allclose(np.asarray(lse)[finite], np.asarray(lse64)[finite], atol=3e-5)
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(lse64))
+    finite = np.isfinite(lse64)
+    np.testing.assert_allclose(np.asarray(lse)[finite], lse64[finite], atol=3e-5)
     for name, got in grads.items():
         assert _relative_error(got, grads64[name]) < 1e-4, f"d{name}: {call}"
 
