@@ -28,6 +28,7 @@ from jaxmodules.attention._pallas import (
     pallas_attend_with_lse,
     pallas_problem,
 )
+from jaxmodules.attention._pallas._tuning import KernelTiles, Tuning
 
 # Segment ids of two batch rows: documents of 9 and of 6 tokens.
 IDS = jnp.asarray(np.stack([np.arange(48) // 9, np.arange(48) // 6]), jnp.int32)
@@ -48,7 +49,12 @@ def within_length(b, h, q, k):
     return k < LENGTHS[b]
 
 
-# (B, Lq, Lk, Hq, Hkv, d, dv), block_size, create_block_mask keywords
+def _tiles(forward, dq, dkdv):
+    """A kernel tuning of (rows, cols) per kernel, 4 warps and 2 stages."""
+    return Tuning(*(KernelTiles(rows, cols, 4, 2) for rows, cols in (forward, dq, dkdv)))
+
+
+# (B, Lq, Lk, Hq, Hkv, d, dv), block_size, create_block_mask keywords (and tuning)
 CASES = {
     "causal_gqa": ((1, 64, 64, 4, 2, 16, 16), 16, {"is_causal": True}),
     "window_odd_lengths_head_dims": (
@@ -95,6 +101,25 @@ CASES = {
         16,
         {"mask_fn": same_segment, "is_causal": True, "kv_splits": 4},
     ),
+    # Tiles cut from blocks of 32 (as compiled at large head dimensions): every kernel's
+    # programs own 16 rows of a block and walk its listed blocks in tiles of 16, causal
+    # rows run last-first, and the dK/dV programs split each group of 2 query heads.
+    "causal_gqa_sub_tiles": (
+        (1, 64, 64, 4, 2, 16, 16),
+        32,
+        {"is_causal": True, "tuning": _tiles((16, 16), (16, 16), (16, 16)), "group_splits": 2},
+    ),
+    # A band bounded only below (keys from 3 before each query on): the dK/dV key tiles
+    # run last-first; rows and slices of different sizes per kernel.
+    "segment_ids_lower_band_sub_tiles": (
+        (2, 48, 48, 2, 1, 16, 16),
+        32,
+        {
+            "mask_fn": same_segment,
+            "window_size": (3, None),
+            "tuning": _tiles((16, 32), (32, 16), (16, 32)),
+        },
+    ),
 }
 
 
@@ -124,14 +149,27 @@ def _reference_lse(q, k, mask, scale):
         return np.log(np.exp(s - m_safe[..., None]).sum(axis=-1)) + m_safe
 
 
-@partial(jax.jit, static_argnums=(5, 6))
-def _run(q, k, v, block_mask, d_out, backward_tile=None, kv_splits=None):
+_TUNING_OPTIONS = ("backward_tile", "kv_splits", "tuning", "group_splits")
+
+
+@partial(jax.jit, static_argnums=(5, 6, 7, 8))
+def _run(
+    q, k, v, block_mask, d_out, backward_tile=None, kv_splits=None, tuning=None, group_splits=None
+):
     """Output, lse and the gradients of ``sum(out * d_out)``, in one program."""
     scale = 1.0 / math.sqrt(q.shape[-1])
 
     def attend(q, k, v):
         return pallas_attend_with_lse(
-            q, k, v, block_mask, scale, backward_tile=backward_tile, kv_splits=kv_splits
+            q,
+            k,
+            v,
+            block_mask,
+            scale,
+            backward_tile=backward_tile,
+            kv_splits=kv_splits,
+            tuning=tuning,
+            group_splits=group_splits,
         )
 
     (out, lse), vjp = jax.vjp(attend, q, k, v)
@@ -153,7 +191,7 @@ def test_forward_lse_and_gradients_match_reference(ref, case):
     mask = ref.mask_for(shape, options)
     np.testing.assert_array_equal(np.asarray(block_mask.to_dense()), mask)
     d_out = ref.qkv(2, *shape)[0][..., : shape[-1]]
-    tuning = (options.get("backward_tile"), options.get("kv_splits"))
+    tuning = tuple(options.get(name) for name in _TUNING_OPTIONS)
     out, lse, grads = _run(q, k, v, block_mask, d_out, *tuning)
 
     scale = 1.0 / math.sqrt(shape[5])
@@ -388,7 +426,12 @@ def test_decode_split_lowers_for_cuda_without_a_gpu(ref):
         return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
 
     jaxpr = str(jax.make_jaxpr(value_and_grads)(q, k, v))
-    assert "GridMapping(grid=(1, 4, 1, 4)" in jaxpr  # (B, Hq, query blocks, shares)
+    # (query tiles, shares, Hq, B): query tiles on the fastest grid axis.
+    assert "GridMapping(grid=(1, 4, 4, 1)" in jaxpr
+    # dK/dV: 32 key tiles of 64 rows (d=128) of one key/value head are too few programs,
+    # so the 4 query heads of the group go to 4 programs per key tile (partial sums
+    # added after).
+    assert "GridMapping(grid=(32, 4, 1, 1)" in jaxpr
     assert _triton_kernels_for_cuda(value_and_grads, q, k, v) == 3
 
 

@@ -24,14 +24,11 @@ from ._tile_program import (
     kernel_consts,
     mask_program_problem,
 )
+from ._tuning import Tuning, compiled_tuning, whole_blocks
 
 Array = Any  # jax.Array, or a Pallas ref inside a kernel
 _F32 = jnp.float32
 
-# Keys (dQ) or queries (dK/dV) per backward tile when compiled for a GPU: 128 x 32 tiles,
-# as in Triton's fused-attention backward and jax's own Pallas GPU attention. Not yet
-# tuned on this kernel.
-_COMPILED_BACKWARD_TILE = 32
 # Gradients of traced arrays that score_mod closes over: each dQ program keeps the whole
 # flattened gradient (at most this many entries) and walks an index that varies across a
 # tile entry by entry (at most this many).
@@ -39,7 +36,8 @@ _MAX_ARRAY_GRADIENT = 1024
 _MAX_READ_ENTRIES = 256
 # Split-K when compiled: split the key lists of a forward with fewer programs than this
 # (about two per SM of a 132-SM H100/H200) into at most as many shares as bring it
-# there, each of at least _MIN_SPLIT_BLOCKS key blocks. Not yet tuned on a GPU.
+# there, each of at least _MIN_SPLIT_BLOCKS key blocks; likewise split the query heads
+# of a GQA group across dK/dV programs. Not yet tuned on a GPU.
 _TARGET_PROGRAMS = 256
 _MIN_SPLIT_BLOCKS = 4
 
@@ -112,6 +110,8 @@ def pallas_attend_with_lse(
     backward_tile: int | None = None,
     num_warps: int | None = None,
     kv_splits: int | None = None,
+    tuning: Tuning | None = None,
+    group_splits: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Attention under ``block_mask`` with the fused Pallas kernel, and its lse.
 
@@ -130,14 +130,20 @@ def pallas_attend_with_lse(
             (gets a gradient), ``sinks`` ``(Hq,)`` (gets a gradient) and the arrays
             ``score_mod`` closes over.
         backward_tile: The inner side of the backward kernels' tiles (keys per slice in
-            dQ, queries per slice in dK/dV), a power of two ``>= 16``; ``None``:
-            ``_COMPILED_BACKWARD_TILE`` when compiled, whole blocks when interpreted.
-        num_warps: Warps per Triton program; ``None``: 4 for head dimensions up to 64,
-            else 8.
-        kv_splits: Forward programs per query block, each over an equal share of its
+            dQ, queries per slice in dK/dV), a power of two ``>= 16``; ``None``: the
+            tuning's.
+        num_warps: Warps per Triton program of every kernel; ``None``: the tuning's.
+        kv_splits: Forward programs per query tile, each over an equal share of its
             key lists, merged by log-sum-exp (split-K); ``None``: 1 when interpreted,
             enough to reach about ``_TARGET_PROGRAMS`` programs when compiled (decoding
             and other calls with few, long rows).
+        tuning: Each kernel's tiles, warps and stages; ``None``: the table of
+            ``_tuning`` for the head dimension and dtype when compiled, whole blocks
+            when interpreted.
+        group_splits: dK/dV programs per key tile, each over an equal share of the
+            query heads of a key/value head (a divisor of ``Hq / Hkv``); ``None``: 1
+            when interpreted, enough to reach about ``_TARGET_PROGRAMS`` programs when
+            compiled.
 
     Returns:
         ``(out, lse)``: the output ``(B, Lq, Hq, dv)`` in ``q``'s dtype and the natural
@@ -172,35 +178,64 @@ def pallas_attend_with_lse(
             )
         scores = replace(scores, bias=bias_axes(bias.shape))
     interpret = _default_interpret(interpret)
-    if backward_tile is None:
-        backward_tile = None if interpret else _COMPILED_BACKWARD_TILE
-    elif not _is_tile(backward_tile):
-        raise ValueError(f"backward_tile must be a power of two >= 16, got {backward_tile}")
-    n_q_blocks = -(-q_len // block_mask.block_size[0])
-    n_k_blocks = -(-k_len // block_mask.block_size[1])
-    if kv_splits is None:
-        programs = q.shape[0] * q_heads * n_q_blocks
-        kv_splits = 1
-        if not interpret and programs < _TARGET_PROGRAMS:
-            wanted = -(-_TARGET_PROGRAMS // programs)
-            kv_splits = max(1, min(wanted, n_k_blocks // _MIN_SPLIT_BLOCKS))
-    elif isinstance(kv_splits, bool) or not isinstance(kv_splits, int) or kv_splits < 1:
-        raise ValueError(f"kv_splits must be a positive int, got {kv_splits!r}")
+    bq, bk = block_mask.block_size
+    if tuning is None:
+        width = _tile_width(max(q.shape[-1], v.shape[-1]))
+        tuning = whole_blocks(bq, bk) if interpret else compiled_tuning(width, q.dtype)
+    if backward_tile is not None:
+        if not _is_tile(backward_tile):
+            raise ValueError(f"backward_tile must be a power of two >= 16, got {backward_tile}")
+        tuning = replace(
+            tuning,
+            dq=replace(tuning.dq, cols=backward_tile),
+            dkdv=replace(tuning.dkdv, cols=backward_tile),
+        )
+    if num_warps is not None:
+        tuning = Tuning(*(replace(t, warps=num_warps) for t in tuning.kernels))
     config = TileConfig(
         **block_fields(block_mask, q_len=q_len, k_len=k_len, scale=scale),
         q_heads=q_heads,
         kv_heads=kv_heads,
         const_dtypes=tuple(dtypes),
         interpret=interpret,
-        num_warps=num_warps or (4 if _tile_width(q.shape[-1]) <= 64 else 8),
-        backward_tile=backward_tile,
-        kv_splits=kv_splits,
+        tuning=tuning,
         scores=replace(scores, sinks=False),
         score_dtypes=tuple(score_dtypes),
         score_grads=(
             () if scores.score is None else traced_score_arrays(scores.score, operands.score_consts)
         ),
     )
+    bsz = q.shape[0]
+    if kv_splits is None:
+        programs = bsz * q_heads * config.row_tiles("forward")
+        kv_splits = 1
+        if not interpret and programs < _TARGET_PROGRAMS:
+            wanted = -(-_TARGET_PROGRAMS // programs)
+            kv_splits = max(1, min(wanted, config.n_k_blocks // _MIN_SPLIT_BLOCKS))
+    elif isinstance(kv_splits, bool) or not isinstance(kv_splits, int) or kv_splits < 1:
+        raise ValueError(f"kv_splits must be a positive int, got {kv_splits!r}")
+    groups = q_heads // kv_heads
+    if group_splits is None:
+        group_splits = 1
+        programs = bsz * kv_heads * config.row_tiles("dkdv")
+        if not interpret:
+            # The fewest shares of the group that bring the dK/dV grid to the target.
+            for n in range(1, groups + 1):
+                group_splits = n
+                if groups % n == 0 and programs * n >= _TARGET_PROGRAMS:
+                    break
+            if groups % group_splits:
+                group_splits = groups
+    elif (
+        isinstance(group_splits, bool)
+        or not isinstance(group_splits, int)
+        or group_splits < 1
+        or groups % group_splits
+    ):
+        raise ValueError(
+            f"group_splits must be a positive divisor of Hq / Hkv = {groups}, got {group_splits!r}"
+        )
+    config = replace(config, kv_splits=kv_splits, group_splits=group_splits)
     offset = jnp.asarray(block_mask.q_offset, jnp.int32).reshape(-1)
     names = ("num_blocks", "indices", "full_{}_num_blocks", "full_{}_indices")
     kv_lists = (
@@ -262,6 +297,8 @@ def pallas_attend(
     backward_tile: int | None = None,
     num_warps: int | None = None,
     kv_splits: int | None = None,
+    tuning: Tuning | None = None,
+    group_splits: int | None = None,
 ) -> jax.Array:
     """Attention under ``block_mask`` with the fused Pallas kernel (the contract of the
     block-loop backend's ``attend``): output ``(B, Lq, Hq, dv)`` in ``q``'s dtype.
@@ -280,6 +317,8 @@ def pallas_attend(
         backward_tile=backward_tile,
         num_warps=num_warps,
         kv_splits=kv_splits,
+        tuning=tuning,
+        group_splits=group_splits,
     )
     return out
 

@@ -1,0 +1,83 @@
+"""Tiles, warps and pipeline stages of the compiled Pallas kernels, per head dimension,
+input dtype and kernel.
+
+Each kernel's program owns ``rows`` rows of its output (query rows for the forward and
+dQ kernels, key rows for dK/dV) and walks the listed blocks of the other side in
+slices of ``cols`` (keys for the forward and dQ, queries for dK/dV). Both are cut from
+the block mask's blocks, which stay the unit of skipping: a tile never exceeds its
+block, and a block larger than a tile is walked in several tiles.
+
+The table was chosen from the Triton compile report (``benchmarks/gpu/compile_report.py``:
+the kernels lowered for CUDA and compiled by Triton 3.6.0 for sm_90 and sm_80) so that
+every kernel fits the shared memory of both (227 / 163 KiB), the 16-bit kernels spill
+no more on sm_90 than jax's own Pallas ``mha`` at the same head dimension, and none
+spills more than 256 bytes. It has not been timed on a GPU yet: the GPU run
+(``benchmarks/gpu/tune.py``) refines it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class KernelTiles:
+    """One kernel's launch: output rows per program, inner slice, warps, stages."""
+
+    rows: int
+    cols: int
+    warps: int
+    stages: int
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """The three kernels' launches for one call."""
+
+    forward: KernelTiles
+    dq: KernelTiles
+    dkdv: KernelTiles
+
+    @property
+    def kernels(self) -> tuple[KernelTiles, KernelTiles, KernelTiles]:
+        return self.forward, self.dq, self.dkdv
+
+
+# (16-bit inputs?, padded head dimension) -> forward, dQ, dK/dV.
+_TABLE: dict[tuple[bool, int], Tuning] = {}
+
+
+def _row(half: bool, d: int, fwd: tuple, dq: tuple, dkdv: tuple) -> None:
+    _TABLE[half, d] = Tuning(KernelTiles(*fwd), KernelTiles(*dq), KernelTiles(*dkdv))
+
+
+#     16-bit   d    forward (rows, cols, warps, stages), dQ, dK/dV
+_row(True, 16, (128, 64, 4, 3), (128, 32, 4, 2), (128, 32, 8, 2))
+_row(True, 32, (128, 64, 4, 3), (128, 32, 4, 2), (128, 32, 8, 2))
+_row(True, 64, (128, 64, 4, 3), (128, 32, 4, 2), (128, 32, 8, 2))
+_row(True, 128, (128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 8, 2))
+_row(True, 256, (64, 64, 8, 2), (64, 16, 8, 2), (32, 64, 8, 2))
+_row(False, 16, (64, 64, 4, 2), (64, 32, 4, 2), (64, 32, 4, 2))
+_row(False, 32, (64, 64, 4, 2), (64, 32, 4, 2), (64, 32, 4, 2))
+_row(False, 64, (64, 64, 4, 2), (64, 32, 4, 2), (64, 32, 4, 2))
+_row(False, 128, (64, 32, 8, 2), (64, 32, 8, 2), (32, 32, 8, 2))
+_row(False, 256, (32, 32, 8, 2), (32, 16, 8, 2), (32, 16, 8, 2))
+
+
+def compiled_tuning(head_dim: int, dtype: Any) -> Tuning:
+    """The table's launch for a padded head dimension (a power of two ``>= 16``) and
+    input dtype; head dimensions above 256 take the 256 row."""
+    half = np.dtype(dtype).itemsize <= 2
+    return _TABLE[half, min(head_dim, 256)]
+
+
+def whole_blocks(q_block: int, k_block: int) -> Tuning:
+    """Every kernel on whole blocks (interpret mode: fewer, larger steps)."""
+    return Tuning(
+        KernelTiles(q_block, k_block, 4, 2),
+        KernelTiles(q_block, k_block, 4, 2),
+        KernelTiles(k_block, q_block, 4, 2),
+    )
