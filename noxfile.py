@@ -7,7 +7,10 @@ the packaging checks. ``demo``, ``bench`` and ``gpu_check`` run only when asked 
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
 import tomllib
 import zipfile
 from pathlib import Path
@@ -30,6 +33,8 @@ PACKAGES = {
 PACKAGE_NAMES = list(PACKAGES)
 
 RUFF = "ruff==0.17.6"  # pinned: it also formats code blocks in Markdown
+# The version on the GPU machines; it compiles kernels without a GPU.
+TRITON = "triton==3.6.0"
 
 # Extra packages the cross-package sessions need besides the wheels' own test extras.
 INTEGRATION_DEPS = [
@@ -50,6 +55,65 @@ DOCS_DEPS = [
     "optax>=0.2.3",
     "matplotlib>=3.8",
 ]
+
+
+# The newest jax needs Python >= 3.12 (pip on 3.11 stops at jax 0.10). Sessions marked
+# with it run on the first such interpreter found: NOX_NEWEST_PYTHON, else python3.12 or
+# python3.13 on PATH, else the oldest pyenv-installed Python >= 3.12 (the oldest, because
+# new jax wheels reach the newest Python last).
+NEWEST_PYTHON_MIN = (3, 12)
+NO_NEWEST_PYTHON = (
+    "no Python >= 3.12 found, which the newest jax needs. Install one with "
+    "`pyenv install 3.12` (https://github.com/pyenv/pyenv) or your OS's python3.12 "
+    "package, then rerun nox (or point NOX_NEWEST_PYTHON at its interpreter)"
+)
+
+
+def _python_version(interpreter: str) -> tuple[int, int] | None:
+    try:
+        out = subprocess.run(
+            [interpreter, "-c", "import sys; print(*sys.version_info[:2])"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    parts = out.stdout.split()
+    if out.returncode != 0 or len(parts) != 2:
+        return None
+    return int(parts[0]), int(parts[1])
+
+
+def _pyenv_pythons() -> list[str]:
+    """pyenv's CPython 3.X.Y interpreters new enough for the newest jax, oldest first
+    (its real binaries, not its shims, which answer only for the versions selected)."""
+    root = os.environ.get("PYENV_ROOT") or str(Path.home() / ".pyenv")
+    found = []
+    for python in (Path(root) / "versions").glob("3.*/bin/python3"):
+        match = re.fullmatch(r"3\.(\d+)\.(\d+)", python.parent.parent.name)
+        if match and (3, int(match[1])) >= NEWEST_PYTHON_MIN:
+            found.append(((int(match[1]), int(match[2])), str(python)))
+    return [python for _, python in sorted(found)]
+
+
+def _find_newest_python() -> str | None:
+    """An interpreter for the newest jax, or ``None`` when this machine has none."""
+    candidates = [os.environ.get("NOX_NEWEST_PYTHON", "")]
+    candidates += [shutil.which(name) or "" for name in ("python3.12", "python3.13")]
+    for candidate in [*candidates, *_pyenv_pythons()]:
+        if candidate and (_python_version(candidate) or (0, 0)) >= NEWEST_PYTHON_MIN:
+            return candidate
+    return None
+
+
+NEWEST_PYTHON = _find_newest_python()
+
+
+def _require_newest_python(session: nox.Session) -> None:
+    if NEWEST_PYTHON is None:
+        session.error(NO_NEWEST_PYTHON)
 
 
 def _pyproject(path: Path) -> dict:
@@ -287,6 +351,18 @@ def demo(session: nox.Session) -> None:
     """Train the tiny character-level language model (examples/train_tiny_lm.py)."""
     session.install(*map(str, _all_wheels(session)), *DEMO_DEPS)
     session.run("python", str(ROOT / "examples" / "train_tiny_lm.py"), *session.posargs)
+
+
+@nox.session(tags=["check"], python=NEWEST_PYTHON)
+def gpu_compile(session: nox.Session) -> None:
+    """The attention kernels compiled by the real Triton compiler for sm_90 and sm_80
+    (no GPU needed), newest jax: shared memory, registers, spills and tensor-core use per
+    kernel, written to ``benchmarks/results/attention_gpu_compile.md``; fails on a kernel
+    that does not compile, cannot launch or spills (``benchmarks/gpu/compile_report.py``;
+    arguments after ``--`` go to it)."""
+    _require_newest_python(session)
+    session.install(str(_wheel(session, "jax-block-attention")), "jax", TRITON)
+    session.run("python", str(ROOT / "benchmarks" / "gpu" / "compile_report.py"), *session.posargs)
 
 
 @nox.session(default=False)
