@@ -220,12 +220,8 @@ def pallas_attend_with_lse(
         programs = bsz * kv_heads * config.row_tiles("dkdv")
         if not interpret:
             # The fewest shares of the group that bring the dK/dV grid to the target.
-            for n in range(1, groups + 1):
-                group_splits = n
-                if groups % n == 0 and programs * n >= _TARGET_PROGRAMS:
-                    break
-            if groups % group_splits:
-                group_splits = groups
+            shares = [n for n in range(1, groups + 1) if groups % n == 0]
+            group_splits = next((n for n in shares if programs * n >= _TARGET_PROGRAMS), groups)
     elif (
         isinstance(group_splits, bool)
         or not isinstance(group_splits, int)
