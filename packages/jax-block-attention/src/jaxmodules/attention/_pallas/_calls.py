@@ -108,7 +108,8 @@ def _forward(
     def tile(r: Any) -> Any:
         return config.row_tile("forward", r)
 
-    # The grid is (query tile[, split], query head, batch row).
+    # The grid is (query tile[, split], query head, batch row): query tiles on the
+    # fastest axis, as in FlashAttention-2 and jax's own Pallas GPU attention.
     q_spec = pl.BlockSpec((None, None, rows, d), lambda r, *ids: (ids[-1], ids[-2], tile(r), 0))
     k_spec = pl.BlockSpec((None, None, k.shape[2], d), lambda *ids: (ids[-1], ids[-2] // g, 0, 0))
     v_spec = pl.BlockSpec((None, None, v.shape[2], dv), lambda *ids: (ids[-1], ids[-2] // g, 0, 0))

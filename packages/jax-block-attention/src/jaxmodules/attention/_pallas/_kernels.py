@@ -84,14 +84,19 @@ def _walk_lists(
     """``tile(carry, first, masked)`` over the full blocks listed for ``row`` (unmasked),
     then over its partial blocks (masked), in tiles of ``cols``."""
     count_ref, index_ref, full_count_ref, full_index_ref, _ = lists
+    r0, r1, r2 = row
     for counts, indices, masked in (
         (full_count_ref, full_index_ref, False),
         (count_ref, index_ref, True),
     ):
-        count = counts[row]
+        count = counts[r0, r1, r2]
         entries = _split_share(config, count) if split else (jnp.int32(0), count)
+
+        def block_at(t: Array, indices: Any = indices) -> Array:
+            return indices[r0, r1, r2, t]
+
         carry = walk_tiles(
-            lambda t, indices=indices: indices[(*row, t)],
+            block_at,
             entries,
             max(indices.shape[-1] - 1, 0),
             block,
@@ -227,7 +232,9 @@ def _dq_kernel(config: TileConfig, *refs: Any) -> None:
             dbias_ref[:, pl.ds(first, cols)] = ds
         if sum_rows:
             carry["rows"] = carry["rows"] + ds.sum(axis=1)
-        # The scale of s0 = scale * q.k is applied once, after the loop.
+        # The scale of s0 = scale * q.k is applied once, after the loop, not on every
+        # accumulator update (as FlashAttention-2's backward scales dQ and dK in its
+        # epilogue).
         carry["dq"] = carry["dq"] + _matmul(ds.astype(k_blk.dtype), k_blk)
         return carry
 

@@ -63,7 +63,9 @@ class TileConfig(BlockConfig):
     kv_splits: int = 1
     # dK/dV programs per key tile, each summing the gradients of an equal share of the
     # group's query heads (float32 partial sums, added afterwards): GQA with few
-    # key/value heads leaves too few programs to fill a GPU otherwise.
+    # key/value heads leaves too few programs to fill a GPU otherwise. FlashAttention-2
+    # goes all the way (dK/dV per query head, summed over the group afterwards); shares
+    # keep that extra memory to what the grid needs.
     group_splits: int = 1
     # The score_mod program's closed-over arrays' dtypes, and which of them get
     # gradients (traced floating ones), by position.
@@ -115,7 +117,9 @@ class TileConfig(BlockConfig):
     def heavy_last(self, kernel: str) -> bool:
         """Whether the kernel's later row tiles walk more blocks (a band bounded above:
         causal, for queries; bounded only below, for keys): then the grid runs them
-        first, so that the longest programs do not start in the last wave."""
+        first, so that the longest programs do not start in the last wave (the
+        longest-processing-time-first order of FlashAttention-3's causal scheduler; a
+        compile report cannot show it)."""
         if kernel == "dkdv":
             return self.lo is not None and self.hi is None
         return self.hi is not None
