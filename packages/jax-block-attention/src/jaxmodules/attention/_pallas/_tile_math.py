@@ -272,6 +272,10 @@ def tile_score_gradients(
     return d_scores, d_values
 
 
+# Entries of a read's gradient walked in straight-line code rather than a loop.
+_UNROLLED_ENTRIES = 16
+
+
 def _sum_all(x: Array) -> Array:
     """Sum of every element, one axis at a time (as Triton reduces)."""
     while jnp.ndim(x):
@@ -322,6 +326,12 @@ def add_read_gradient(acc: Array, read: ArrayRead, shape: tuple[int, ...], grad:
         total = _sum_all(jnp.where(offsets == offset, grad, 0.0))
         return acc + jnp.where(positions == base + offset, total, 0.0)
 
+    if count <= _UNROLLED_ENTRIES:
+        # Unrolled, so that the kernel's loop over key tiles stays the innermost loop,
+        # the one Triton pipelines.
+        for n in range(count):
+            acc = entry(jnp.int32(n), acc)
+        return acc
     return lax.fori_loop(0, count, entry, acc)
 
 

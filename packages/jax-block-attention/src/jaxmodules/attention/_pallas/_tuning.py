@@ -13,6 +13,16 @@ every kernel fits the shared memory of both (227 / 163 KiB), the 16-bit kernels 
 no more on sm_90 than jax's own Pallas ``mha`` at the same head dimension, and none
 spills more than 256 bytes. It has not been timed on a GPU yet: the GPU run
 (``benchmarks/gpu/tune.py``) refines it.
+
+How it was read off the report: at d=256 and for float32 the 128 x 128 tiles do not fit
+(320 KiB of shared memory for the d=256 forward) or spill (up to 5 KiB), so rows and key
+tiles shrink until neither happens; below d=256 the dK/dV kernel's two float32
+accumulators need 8 warps or 64-row tiles. Where the registers already hold an SM to one
+program (16-bit, d <= 128) the kernels take a third pipeline stage, which shared memory
+then has room for; at d=256 and for float32 they keep two. 32-row tiles (d=256 dK/dV,
+float32 at d >= 128) compile to ``mma.sync`` rather than Hopper's ``wgmma``, as jax's
+own backward does at every head dimension. d=512 is compiled by the same method, not
+by the report's cases.
 """
 
 from __future__ import annotations
@@ -55,23 +65,25 @@ def _row(half: bool, d: int, fwd: tuple, dq: tuple, dkdv: tuple) -> None:
 
 
 #     16-bit   d    forward (rows, cols, warps, stages), dQ, dK/dV
-_row(True, 16, (128, 64, 4, 3), (128, 32, 4, 2), (128, 32, 8, 2))
-_row(True, 32, (128, 64, 4, 3), (128, 32, 4, 2), (128, 32, 8, 2))
-_row(True, 64, (128, 64, 4, 3), (128, 32, 4, 2), (128, 32, 8, 2))
-_row(True, 128, (128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 8, 2))
+_row(True, 16, (128, 64, 4, 3), (128, 32, 4, 3), (128, 32, 8, 3))
+_row(True, 32, (128, 64, 4, 3), (128, 32, 4, 3), (128, 32, 8, 3))
+_row(True, 64, (128, 64, 4, 3), (128, 32, 4, 3), (128, 32, 8, 3))
+_row(True, 128, (128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 8, 3))
 _row(True, 256, (64, 64, 8, 2), (64, 16, 8, 2), (32, 64, 8, 2))
+_row(True, 512, (32, 16, 8, 2), (32, 16, 8, 2), (32, 16, 8, 2))
 _row(False, 16, (64, 64, 4, 2), (64, 32, 4, 2), (64, 32, 4, 2))
 _row(False, 32, (64, 64, 4, 2), (64, 32, 4, 2), (64, 32, 4, 2))
 _row(False, 64, (64, 64, 4, 2), (64, 32, 4, 2), (64, 32, 4, 2))
 _row(False, 128, (64, 32, 8, 2), (64, 32, 8, 2), (32, 32, 8, 2))
 _row(False, 256, (32, 32, 8, 2), (32, 16, 8, 2), (32, 16, 8, 2))
+_row(False, 512, (32, 16, 8, 2), (16, 16, 8, 1), (16, 16, 8, 1))
 
 
 def compiled_tuning(head_dim: int, dtype: Any) -> Tuning:
     """The table's launch for a padded head dimension (a power of two ``>= 16``) and
-    input dtype; head dimensions above 256 take the 256 row."""
+    input dtype; head dimensions above 512 take the 512 row."""
     half = np.dtype(dtype).itemsize <= 2
-    return _TABLE[half, min(head_dim, 256)]
+    return _TABLE[half, min(head_dim, 512)]
 
 
 def whole_blocks(q_block: int, k_block: int) -> Tuning:
