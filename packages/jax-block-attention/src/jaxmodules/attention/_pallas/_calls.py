@@ -176,7 +176,7 @@ def _backward(
     ``score_mod`` arrays (flattened, float32, padded: see ``_array_cotangents``)."""
     bsz, _, lq, d = q.shape
     lk, dv = v.shape[2], v.shape[-1]
-    g, splits = config.groups, config.group_splits
+    g = config.groups
     # d lse / d s = p, so an lse cotangent only shifts each row's delta.
     lse, d_lse = backward_statistics(lse, d_lse)
     delta = jnp.einsum("bhqd,bhqd->bhq", d_out.astype(_F32), out.astype(_F32)) - d_lse
@@ -234,6 +234,33 @@ def _backward(
     dbias = dq_extra[: len(dq_extra) - len(config.score_grads)]
     d_arrays = [x.sum(axis=(0, 1, 2)) for x in dq_extra[len(dbias) :]]
 
+    bias_input = [] if bias_specs is None else [(bias, bias_specs[1])]
+    dk, dv_, dbias_columns = _dkdv_pass(
+        config, q, k, v, bias_input, d_out, lse, delta, q_lists, consts
+    )
+    d_bias = None
+    if bias is not None:
+        d_bias = _bias_cotangent(config, bias, dbias, dbias_columns)
+    return dq, dk, dv_, d_bias, d_arrays
+
+
+def _dkdv_pass(
+    config: TileConfig,
+    q: Array,
+    k: Array,
+    v: Array,
+    bias_input: list[tuple[Any, Any]],
+    d_out: Array,
+    lse: Array,
+    delta: Array,
+    q_lists: tuple,
+    consts: tuple,
+) -> tuple[Array, Array, list[Array]]:
+    """The dK/dV kernel's pallas_call: dK, dV and the bias's column sums (a list, empty
+    unless the bias varies only along keys)."""
+    bsz, _, lq, d = q.shape
+    lk, dv = v.shape[2], v.shape[-1]
+    g, splits = config.groups, config.group_splits
     key_rows, _ = config.tiles("dkdv")
 
     def key_tile(r: Any) -> Any:
@@ -286,7 +313,7 @@ def _backward(
         q_lists,
         consts,
         [
-            *([] if bias_specs is None else [(bias, bias_specs[1])]),
+            *bias_input,
             (q, per_batch(d)),
             (k, key_spec(d)),
             (v, key_spec(dv)),
@@ -300,10 +327,7 @@ def _backward(
     )
     if splits > 1:
         dk, dv_ = dk.sum(axis=0).astype(k.dtype), dv_.sum(axis=0).astype(v.dtype)
-    d_bias = None
-    if bias is not None:
-        d_bias = _bias_cotangent(config, bias, dbias, dbias_columns)
-    return dq, dk, dv_, d_bias, d_arrays
+    return dk, dv_, dbias_columns
 
 
 def _bias_cotangent(config: TileConfig, bias: Array, tiles_or_rows: list, columns: list) -> Array:
