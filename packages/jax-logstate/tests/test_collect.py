@@ -50,12 +50,10 @@ def assert_logs(logs, expected, rtol=1e-6, ordered=False):
     assert sorted(logs) == sorted(expected)
     for name, want in expected.items():
         assert isinstance(logs[name], Log) and logs[name].name == name
-        got = logs[name].data
-        jax.tree.map(
-            lambda g, w: np.testing.assert_allclose(g, w, rtol=rtol, atol=1e-6, err_msg=name),
-            got,
-            want,
-        )
+        got_leaves, want_leaves = jax.tree.leaves(logs[name].data), jax.tree.leaves(want)
+        assert len(got_leaves) == len(want_leaves), name
+        for got, wanted in zip(got_leaves, want_leaves, strict=True):
+            np.testing.assert_allclose(got, wanted, rtol=rtol, atol=1e-6, err_msg=name)
 
 
 def shard_map_fn():
@@ -193,6 +191,7 @@ def test_a_jitted_function_is_traced_apart_inside_collect_outside_it_and_per_sco
         return v
 
     out, logs = collect(f)(x)
+    np.testing.assert_allclose(out, 4 * x[::-1], rtol=1e-6)
     assert_logs(logs, {"a.s": x.sum(), "b.s": 2 * x.sum()}, rtol=1e-5)
     # ... and the trace made inside collect never leaks out of it.
     np.testing.assert_allclose(g(x), 2 * x)
@@ -463,21 +462,28 @@ def test_vmap_outside_collect_selects_per_example_branch_values(rng):
 
 def test_cond_branches_that_disagree_are_a_value_error_naming_the_emit(rng):
     x = rng.normal(size=3).astype(np.float32)
-    names = lambda v: lax.cond(  # noqa: E731
-        v[0] > 0,
-        lambda u: (emit("only_here", u), u)[1],
-        lambda u: (emit("other", u), u)[1],
-        v,
-    )
-    with pytest.raises(ValueError, match=r"emit\('other'\): branch 0 \(false_fun of a lax.cond\) emits it and branch 1 \(true_fun"):
+
+    def names(v):
+        return lax.cond(
+            v[0] > 0,
+            lambda u: (emit("only_here", u), u)[1],
+            lambda u: (emit("other", u), u)[1],
+            v,
+        )
+
+    branches = r"branch 0 \(false_fun of a lax.cond\) emits it and branch 1 \(true_fun"
+    with pytest.raises(ValueError, match=r"emit\('other'\): " + branches):
         collect(names)(x)
-    shapes = lambda v: lax.cond(  # noqa: E731
-        v[0] > 0,
-        lambda u: (emit("s", u), u)[1],
-        lambda u: (emit("s", u[:2]), u)[1],
-        v,
-    )
-    with pytest.raises(ValueError, match=r"emit\('s'\): .*different shapes: float32\[2\] in branch 0"):
+
+    def shapes(v):
+        return lax.cond(
+            v[0] > 0,
+            lambda u: (emit("s", u), u)[1],
+            lambda u: (emit("s", u[:2]), u)[1],
+            v,
+        )
+
+    with pytest.raises(ValueError, match=r"emit\('s'\): .*shapes: float32\[2\] in branch 0"):
         collect(shapes)(x)
 
 
@@ -739,9 +745,8 @@ def test_bad_names_and_values_are_refused_naming_the_emit():
         collect(lambda v: emit("log", Log(v)))(x)
     with pytest.raises(TypeError, match=r"emit\('none'\): the value holds no arrays"):
         collect(lambda v: emit("none", None))(x)
-    with pytest.raises(TypeError, match=r"scope: the name must be a str, got int"):
-        with scope(1):  # type: ignore[arg-type]
-            pass
+    with pytest.raises(TypeError, match=r"scope: the name must be a str, got int"), scope(1):
+        pass
     with pytest.raises(TypeError, match=r"collect: fn must be callable, got int"):
         collect(3)  # type: ignore[arg-type]
     # Outside collect the same checks apply, so mistakes show up without logging on.

@@ -14,17 +14,22 @@ How it works, in two passes:
    equation that holds one is rebuilt through jax's public API, with the emitted values
    as extra outputs of its sub-program:
 
-   | primitive | rebuilt as | emitted values |
-   |---|---|---|
-   | `pjit` / `jit` | `jax.jit` | passed out unchanged |
-   | `scan` (also `fori_loop` with static bounds, `lax.map`) | `lax.scan` | per-iteration outputs, stacked on a new leading axis |
-   | `cond` (`lax.cond`, `lax.switch`) | `lax.switch` | the taken branch's; every branch must emit the same names, shapes and dtypes |
-   | `remat2` (`jax.checkpoint`) | `jax.checkpoint`, same policy | passed out unchanged |
-   | `custom_jvp_call`, `custom_vjp_call`, `custom_vjp_call_jaxpr` | the same primitive on the function without its emits (the custom rule is kept) | the function evaluated once more on inputs cut from differentiation |
-   | `shard_map` | `shard_map` (`jax.shard_map` or `jax.experimental.shard_map`) | one value per device, stacked on a new leading axis sharded over the manual mesh axes |
-   | `closed_call`, `core_call` | inlined | passed out unchanged |
-   | `while` (`lax.while_loop`, `fori_loop` with traced bounds) | ValueError: the number of iterations is unknown, use `scan` | |
-   | anything else | ValueError naming the primitive | |
+   - `pjit` / `jit`: rebuilt with `jax.jit`; emitted values pass out unchanged.
+   - `scan` (also `fori_loop` with static bounds, `lax.map`): rebuilt with `lax.scan`;
+     emitted values become per-iteration outputs, stacked on a new leading axis.
+   - `cond` (`lax.cond`, `lax.switch`): rebuilt with `lax.switch`; the taken branch's
+     values. Every branch must emit the same names, shapes and dtypes.
+   - `remat2` (`jax.checkpoint`): rebuilt with `jax.checkpoint`, same policy.
+   - `custom_jvp_call`, `custom_vjp_call` (`custom_vjp_call_jaxpr` in older jax): the same
+     primitive, bound on the function without its emits, so the custom rule is kept; the
+     emitted values come from evaluating the function once more on inputs cut from
+     differentiation (only what they need survives dead-code elimination).
+   - `shard_map`: rebuilt with `jax.shard_map`; one value per device, stacked on a new
+     leading axis sharded over the manual mesh axes.
+   - `closed_call`, `core_call`: inlined.
+   - `while` (`lax.while_loop`, `fori_loop` with traced bounds): a ValueError, since the
+     number of iterations is unknown; the message suggests `scan`.
+   - anything else: a ValueError naming the primitive. An emit is never dropped.
 
    Values are recorded per *scan level*: a name may be emitted once per level (once per
    iteration inside a scan); a second emit of it is a ValueError.
@@ -66,7 +71,7 @@ class _Record(NamedTuple):
 class _Meta(NamedTuple):
     name: str
     tree: Any
-    count: int
+    n_leaves: int
 
 
 def _leaf_types(leaves: Sequence[Any]) -> tuple[tuple[tuple[int, ...], Any], ...]:
@@ -105,7 +110,7 @@ class _Level:
         """Add values that a rebuilt sub-program passed out as extra outputs."""
         it = iter(leaves)
         for m in meta:
-            self.add(m.name, m.tree, [next(it) for _ in range(m.count)])
+            self.add(m.name, m.tree, [next(it) for _ in range(m.n_leaves)])
 
 
 def _closed(jaxpr: Any) -> Any:
@@ -162,15 +167,6 @@ def _scan_split(params: dict[str, Any], n_in: int) -> tuple[int, int]:
     return len(list(consts)), len(list(carry))
 
 
-def _spec_from_names(names: dict[int, tuple[Any, ...]], ndim: int) -> Any:
-    """A PartitionSpec from the `{dim: mesh axes}` form of older shard_map equations."""
-    spec = []
-    for dim in range(ndim):
-        axes = names.get(dim)
-        spec.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
-    return jax.sharding.PartitionSpec(*spec)
-
-
 _SUPPORTED = (
     "jit/pjit, scan (fori_loop with static bounds, lax.map), cond/switch, checkpoint/remat, "
     "custom_jvp, custom_vjp, shard_map"
@@ -217,7 +213,9 @@ class _Interpreter:
         closed = _closed(closed)
         return self.eval(closed.jaxpr, closed.consts, args, level)
 
-    def eval(self, jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], level: _Level) -> list[Any]:
+    def eval(
+        self, jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], level: _Level
+    ) -> list[Any]:
         env: dict[Any, Any] = {}
 
         def read(v: Any) -> Any:
@@ -344,9 +342,7 @@ class _Interpreter:
             def branch(*args: Any) -> tuple[list[Any], list[Any]]:
                 sub = _Level()
                 outs = self.eval_closed(closed, args, sub)
-                signature = {
-                    r.name: (r.tree, _leaf_types(r.leaves)) for r in sub.records.values()
-                }
+                signature = {r.name: (r.tree, _leaf_types(r.leaves)) for r in sub.records.values()}
                 if not first:
                     first.append((i, signature))
                     first_meta.extend(sub.meta())
@@ -403,39 +399,17 @@ class _Interpreter:
             # One value per device: a leading axis of 1 here, of the device count outside.
             return tuple(outs), [jnp.expand_dims(x, 0) for x in leaves]
 
-        if "in_specs" in params:  # jax 0.6 on: jax.shard_map
-            manual = params.get("newly_manual_axes") or params.get("axis_names")
-            manual = set(mesh.axis_names) if not manual else set(manual)
-            axes = tuple(a for a in mesh.axis_names if a in manual)
-            mapped = jax.shard_map(  # type: ignore[attr-defined]
-                run,
-                mesh=mesh,
-                in_specs=tuple(params["in_specs"]),
-                out_specs=(tuple(params["out_specs"]), jax.sharding.PartitionSpec(axes)),
-                axis_names=manual,
-                check_vma=params.get("check_vma", True),
-            )
-        else:  # older jax: jax.experimental.shard_map with {dim: axes} names
-            from jax.experimental.shard_map import shard_map
-
-            auto = params.get("auto", frozenset())
-            axes = tuple(a for a in mesh.axis_names if a not in auto)
-            in_specs = tuple(
-                _spec_from_names(n, np.ndim(x)) for n, x in zip(params["in_names"], invals, strict=True)
-            )
-            out_avals = [v.aval for v in eqn.outvars]
-            out_specs = tuple(
-                _spec_from_names(n, len(a.shape))
-                for n, a in zip(params["out_names"], out_avals, strict=True)
-            )
-            mapped = shard_map(
-                run,
-                mesh,
-                in_specs=in_specs,
-                out_specs=(out_specs, jax.sharding.PartitionSpec(axes)),
-                check_rep=params.get("check_rep", True),
-                auto=auto,
-            )
+        manual = params.get("newly_manual_axes") or params.get("axis_names")
+        manual = set(mesh.axis_names) if not manual else set(manual)
+        axes = tuple(a for a in mesh.axis_names if a in manual)
+        mapped = jax.shard_map(
+            run,
+            mesh=mesh,
+            in_specs=tuple(params["in_specs"]),
+            out_specs=(tuple(params["out_specs"]), jax.sharding.PartitionSpec(axes)),
+            axis_names=manual,
+            check_vma=params.get("check_vma", True),
+        )
         outs, leaves = mapped(*invals)
         level.extend(box[-1], leaves)
         return list(outs)
@@ -467,8 +441,8 @@ def _check_branches(
             has, lacks = (j, i) if name not in first else (i, j)
             raise ValueError(
                 f"emit({name!r}): {_branch(has, count)} emits it and {_branch(lacks, count)} "
-                "does not; every branch of a lax.cond/switch must emit the same names (with the same "
-                "shapes and dtypes), so that the log holds the taken branch's value"
+                "does not; every branch of a lax.cond/switch must emit the same names (with "
+                "the same shapes and dtypes), so that the log holds the taken branch's value"
             )
         if first[name] != other[name]:
             (tree_a, types_a), (tree_b, types_b) = first[name], other[name]
@@ -490,7 +464,10 @@ def _is_dynamic(x: Any) -> bool:
     return isinstance(x, jax.Array | np.ndarray | np.generic | jax.core.Tracer)
 
 
-def collect(fn: Callable[..., R]) -> Callable[..., tuple[R, collections.OrderedDict[str, Log[Any]]]]:
+Logs = collections.OrderedDict[str, Log[Any]]
+
+
+def collect(fn: Callable[..., R]) -> Callable[..., tuple[R, Logs]]:
     """Wrap `fn` so that it also returns the values it `emit`s, as named `Log`s.
 
     `collect(fn)(*args, **kwargs)` runs `fn(*args, **kwargs)` and returns `(out, logs)`:
@@ -574,7 +551,7 @@ def collect(fn: Callable[..., R]) -> Callable[..., tuple[R, collections.OrderedD
         )
 
     @functools.wraps(fn)
-    def collected(*args: Any, **kwargs: Any) -> tuple[R, collections.OrderedDict[str, Log[Any]]]:
+    def collected(*args: Any, **kwargs: Any) -> tuple[R, Logs]:
         leaves, in_tree = jax.tree_util.tree_flatten((args, kwargs))
         dynamic = [i for i, x in enumerate(leaves) if _is_dynamic(x)]
         out_trees: list[Any] = []

@@ -28,19 +28,19 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+# jax keeps its effect machinery, configuration states and fancy batchers private;
+# these names have been stable from jax 0.5 on.
+from jax._src import config as _jax_config
+from jax._src import effects as _jax_effects
+from jax._src.interpreters import batching as _batching
 from jax.extend.core import Primitive
 from jax.interpreters import ad, mlir
 
 from jaxmodules.logstate._log import check_data
 
-# jax keeps its effect machinery and configuration states private; these names have
-# been stable from jax 0.5 on.
-from jax._src import config as _jax_config  # noqa: E402  (private, see above)
-from jax._src import effects as _jax_effects  # noqa: E402
-from jax._src.interpreters import batching as _batching  # noqa: E402
 
-
-class EmitEffect(_jax_effects.Effect):  # type: ignore[misc]
+class EmitEffect(_jax_effects.Effect):
     """The effect of `emit`: keeps the operation alive through dead-code elimination."""
 
     def __repr__(self) -> str:
@@ -165,7 +165,7 @@ SUPPORTED = _state_in_trace_keys()
 
 def current_prefix() -> str | None:
     """The prefix names get while `collect` traces; None when no `collect` is tracing."""
-    return _NAMING.value  # type: ignore[no-any-return]
+    return _NAMING.value
 
 
 @contextlib.contextmanager
