@@ -528,6 +528,43 @@ def test_grad_with_collect_inside_returns_logs_as_aux_and_they_never_change_grad
     np.testing.assert_array_equal(jax.grad(through_logs)(w), np.zeros_like(w))
 
 
+@pytest.mark.parametrize("remat", [False, True], ids=["scan", "scan-of-checkpoint"])
+def test_grad_through_a_scan_over_layers_with_collect_on_either_side(rng, remat):
+    x = rng.normal(size=3).astype(np.float32)
+    ws = rng.normal(size=(4, 3, 3)).astype(np.float32) / 2
+
+    def loss(ws, x):
+        def layer(h, w):
+            h = jnp.tanh(h @ w)
+            emit("h_norm", jnp.linalg.norm(h))
+            return h, None
+
+        body = jax.checkpoint(layer) if remat else layer
+        return jnp.sum(lax.scan(body, x, ws)[0] ** 2)
+
+    def by_hand(ws, x):
+        def layer(h, w):
+            h = jnp.tanh(h @ w)
+            return h, jnp.linalg.norm(h)
+
+        h, norms = lax.scan(layer, x, ws)
+        return jnp.sum(h**2), {"h_norm": norms}
+
+    (_, expected), ref_grads = jax.value_and_grad(by_hand, has_aux=True)(ws, x)
+    grads, logs = jax.jit(collect(jax.grad(loss)))(ws, x)
+    np.testing.assert_allclose(grads, ref_grads, rtol=1e-5, atol=1e-7)
+    assert_logs(logs, expected, rtol=1e-5)
+    grads, logs = jax.jit(jax.grad(collect(loss), has_aux=True))(ws, x)
+    np.testing.assert_allclose(grads, ref_grads, rtol=1e-5, atol=1e-7)
+    assert_logs(logs, expected, rtol=1e-5)
+    # Forward mode as well.
+    tangent = rng.normal(size=ws.shape).astype(np.float32)
+    (_, jvp_out), logs = collect(lambda w: jax.jvp(lambda v: loss(v, x), (w,), (tangent,)))(ws)
+    _, ref_jvp = jax.jvp(lambda v: by_hand(v, x)[0], (ws,), (tangent,))
+    np.testing.assert_allclose(jvp_out, ref_jvp, rtol=1e-5)
+    assert_logs(logs, expected, rtol=1e-5)
+
+
 def test_checkpoint_emits_once_from_the_forward_pass(rng):
     w = rng.normal(size=(3, 3)).astype(np.float32)
     x = rng.normal(size=3).astype(np.float32)

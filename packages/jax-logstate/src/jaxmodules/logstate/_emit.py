@@ -54,6 +54,9 @@ for _allowed in (
     _jax_effects.control_flow_allowed_effects,
     _jax_effects.custom_derivatives_allowed_effects,
     _jax_effects.remat_allowed_effects,
+    # Keeps an emit that partial evaluation stages out with no output depending on it
+    # (a scan body's loop-variant part, when differentiating).
+    _jax_effects.partial_eval_kept_effects,
 ):
     _allowed.add_type(EmitEffect)
 
