@@ -51,14 +51,16 @@ class EmitEffect(_jax_effects.Effect):
 
 emit_effect = EmitEffect()
 for _allowed in (
-    _jax_effects.control_flow_allowed_effects,
-    _jax_effects.custom_derivatives_allowed_effects,
-    _jax_effects.remat_allowed_effects,
+    "control_flow_allowed_effects",
+    "custom_derivatives_allowed_effects",
+    "remat_allowed_effects",
     # Keeps an emit that partial evaluation stages out with no output depending on it
-    # (a scan body's loop-variant part, when differentiating).
-    _jax_effects.partial_eval_kept_effects,
+    # (a scan body's loop-variant part, when differentiating). Older jax, where collect
+    # refuses to run, lacks it.
+    "partial_eval_kept_effects",
 ):
-    _allowed.add_type(EmitEffect)
+    if hasattr(_jax_effects, _allowed):
+        getattr(_jax_effects, _allowed).add_type(EmitEffect)
 
 emit_p = Primitive("emit")
 emit_p.multiple_results = True
@@ -216,8 +218,8 @@ def emit(name: str, value: Any) -> None:
         ...     emit("mean", jnp.mean(x))
         ...     return 2 * x
         >>> out, logs = collect(f)(jnp.arange(4.0))
-        >>> logs
-        {'mean': Log(Array(1.5, dtype=float32), name='mean')}
+        >>> logs["mean"]
+        Log(Array(1.5, dtype=float32), name='mean')
         >>> f(jnp.arange(4.0))  # outside collect, emit does nothing
         Array([0., 2., 4., 6.], dtype=float32)
     """
