@@ -460,6 +460,20 @@ def test_vmap_outside_collect_selects_per_example_branch_values(rng):
     np.testing.assert_allclose(out, np.where(xs[:, :1] > 0, xs, -xs), rtol=1e-6)
 
 
+def test_cond_under_a_batched_predicate_inside_collect_is_reported_not_mixed(rng):
+    # vmap runs every branch of a cond whose predicate it batches; the emits of both
+    # branches then meet at one level: an error pointing at vmap(collect(...)).
+    xs = rng.normal(size=(4, 3)).astype(np.float32)
+
+    def f(v):
+        return lax.cond(
+            v[0] > 0, lambda u: (emit("b", u), u)[1], lambda u: (emit("b", -u), u)[1], v
+        )
+
+    with pytest.raises(ValueError, match=r"emit\('b'\): .*twice.*put that vmap outside"):
+        collect(jax.vmap(f))(xs)
+
+
 def test_cond_branches_that_disagree_are_a_value_error_naming_the_emit(rng):
     x = rng.normal(size=3).astype(np.float32)
 

@@ -521,6 +521,7 @@ def collect(fn: Callable[..., R]) -> Callable[..., tuple[R, Logs]]:
             branches of a `cond` disagree on what they emit, an emit sits inside a
             `lax.while_loop` (use `scan`), or inside an operation `collect` cannot
             thread values out of (the message names it).
+        RuntimeError: when wrapping, on jax older than 0.8 (see the package README).
 
     Example:
         >>> import jax
