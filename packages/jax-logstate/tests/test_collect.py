@@ -841,3 +841,27 @@ def test_a_nested_collect_keeps_its_own_emits(rng):
     np.testing.assert_allclose(y, 2 * x, rtol=1e-6)
     assert_logs(inner_logs, {"shared_name": x.sum()}, rtol=1e-5)
     assert_logs(logs, {"shared_name": 2 * x.max()}, rtol=1e-6)
+
+
+def test_collect_of_a_closure_over_values_traced_outside_it(rng):
+    # Parameters closed over (the flax/equinox style) rather than passed as arguments.
+    w = rng.normal(size=(3, 2)).astype(np.float32)
+    x = rng.normal(size=3).astype(np.float32)
+
+    def loss(w):
+        def inner(v):
+            h = jnp.tanh(v @ w)
+            emit("h", h)
+            return jnp.sum(h**2)
+
+        return collect(inner)(x)
+
+    grads, logs = jax.jit(jax.grad(loss, has_aux=True))(w)
+    ref_grads, h = jax.grad(
+        lambda w: (jnp.sum(jnp.tanh(x @ w) ** 2), jnp.tanh(x @ w)), has_aux=True
+    )(w)
+    np.testing.assert_allclose(grads, ref_grads, rtol=1e-5)
+    assert_logs(logs, {"h": h}, rtol=1e-5)
+    scales = rng.normal(size=4).astype(np.float32)
+    _, logs = jax.vmap(lambda s: collect(lambda v: (emit("m", jnp.max(v * s)), v)[1])(x))(scales)
+    assert_logs(logs, {"m": np.max(x[None] * scales[:, None], axis=1)}, rtol=1e-6)
