@@ -1,6 +1,6 @@
 """`collect`: run a function and gather every value it `emit`s, as named `Log`s.
 
-How it works, in two passes:
+How it works (the `emit` primitive and its rules are in `_emit.py`):
 
 1. **Trace.** `fn` is traced to a jaxpr with `jax.make_jaxpr` while the naming state says
    "collecting", so each `emit` leaves an `emit` equation wherever it was called: in the
@@ -31,8 +31,8 @@ How it works, in two passes:
      number of iterations is unknown; the message suggests `scan`.
    - anything else: a ValueError naming the primitive. An emit is never dropped.
 
-   Values are recorded per *scan level*: a name may be emitted once per level (once per
-   iteration inside a scan); a second emit of it is a ValueError.
+   A name may be emitted once per `collect` (once per iteration inside a scan, once per
+   branch that can run inside a cond); a second emit of it is a ValueError.
 3. Every recorded value goes through `lax.stop_gradient` and becomes
    `Log(value, name=name)`, in the order of first emission.
 """
