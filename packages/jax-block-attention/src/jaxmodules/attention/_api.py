@@ -16,6 +16,7 @@ from ._cache import LRUCache
 from ._checks import check_arguments, normalize_q_offset
 from ._config import block_fields
 from ._cudnn import cudnn_attention, cudnn_problem, on_gpu
+from ._dropout import Dropout, check_dropout
 from ._elementwise import has_tracers, trace_mask_fn, trace_score_mod
 from ._pallas import PallasUnsupportedError, pallas_attend_with_lse, pallas_call_problem
 from ._scores import ScoreConfig, bias_axes
@@ -46,6 +47,8 @@ def masked_attention_via_map(
     sinks: Any = None,
     return_lse: bool = False,
     implementation: str | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: Any = None,
 ) -> Any:
     """Softmax attention computed block by block, in memory linear in the sequence length.
 
@@ -105,6 +108,8 @@ def masked_attention_via_map(
             row's softmax denominator as a key with value 0 (gpt-oss). Gets a gradient.
         return_lse: Also return the log-sum-exp of each row's scores, ``(B, Hq, Lq)``
             float32 (``-inf`` for a row with no visible key and no sink), differentiable.
+            With dropout it is still the log-sum-exp of all visible scores: dropout acts
+            on the normalised weights, after the softmax statistics.
         implementation: The backend. ``"xla"``: the block loop in plain JAX, any device,
             every keyword. ``"pallas"``: one fused Pallas kernel per pass over the same
             block mask (a GPU kernel; on other devices it runs in Pallas interpret mode,
@@ -114,8 +119,21 @@ def masked_attention_via_map(
             masks cuDNN expresses exactly (causal, causal with a left window, sequence
             lengths, ``bias``; float16/bfloat16; head dimension a multiple of 8, at most
             128; no ``mask_fn``, ``score_mod``, soft-cap, sinks, ``q_offset``, ``mask``,
-            ``block_mask`` or ``return_lse``). ``None``: on a GPU cuDNN where it applies,
-            else Pallas where it applies, else the block loop; ``"xla"`` elsewhere.
+            ``block_mask``, ``return_lse`` or dropout). ``None``: on a GPU cuDNN where it
+            applies, else Pallas where it applies, else the block loop; ``"xla"``
+            elsewhere.
+        dropout_rate: Attention dropout: each weight (after the softmax) is dropped with
+            this probability and kept weights are divided by ``1 - rate`` (inverted
+            dropout, as in flax and PyTorch). A Python float in ``[0, 1)``; 0 (the
+            default) is no dropout. The decision for query row ``i`` and key ``j`` of
+            batch row ``b``, query head ``h`` is a hash of ``(dropout_rng, b, h, i +
+            q_offset, j)``: the same in every backend and for every block size,
+            regenerated in the backward pass rather than stored, so memory stays linear.
+            [`dropout_keep_mask`][jaxmodules.attention.dropout_keep_mask] materialises
+            it.
+        dropout_rng: The PRNG key of the dropout (``jax.random.key`` or
+            ``jax.random.PRNGKey``); needed when ``dropout_rate > 0``. The same key gives
+            the same decisions; split a fresh one per step.
 
     Returns:
         The attention output ``(B, Lq, Hq, dv)`` (or ``(Lq, Hq, dv)``) in ``Q``'s dtype;
@@ -127,9 +145,11 @@ def masked_attention_via_map(
             cannot compute (the message says why), wrong ranks or mismatched shapes, no
             heads, ``Hq`` not a multiple of ``Hkv``, non-positive block or negative
             window sizes, a ``mask_fn`` that is not element-wise, a ``block_mask`` that
-            does not fit or comes with mask arguments.
+            does not fit or comes with mask arguments, a ``dropout_rate`` outside
+            ``[0, 1)`` or a positive one without ``dropout_rng``.
         TypeError: Non-floating inputs, non-integer sizes or offsets, a ``mask_fn`` that
-            takes neither 3 nor 4 arguments or that does not return booleans.
+            takes neither 3 nor 4 arguments or that does not return booleans, a
+            ``dropout_rng`` that is not a PRNG key.
 
     Examples:
         >>> import jax, jax.numpy as jnp
@@ -146,6 +166,58 @@ def masked_attention_via_map(
         True
     """
     backend = _check_implementation(implementation)
+    dropout = check_dropout(dropout_rate, dropout_rng)
+    return attention_call(
+        Q,
+        K,
+        V,
+        is_causal=is_causal,
+        mask_fn=mask_fn,
+        block_size=block_size,
+        window_size=window_size,
+        scale=scale,
+        q_offset=q_offset,
+        block_mask=block_mask,
+        bias=bias,
+        mask=mask,
+        query_seq_lengths=query_seq_lengths,
+        key_value_seq_lengths=key_value_seq_lengths,
+        logits_soft_cap=logits_soft_cap,
+        score_mod=score_mod,
+        sinks=sinks,
+        return_lse=return_lse,
+        implementation=implementation,
+        backend=backend,
+        dropout=dropout,
+    )
+
+
+def attention_call(
+    Q: Any,
+    K: Any,
+    V: Any,
+    *,
+    is_causal: bool,
+    mask_fn: Callable[..., Any] | None,
+    block_size: Any,
+    window_size: Any,
+    scale: float | None,
+    q_offset: Any,
+    block_mask: BlockMask | None,
+    bias: Any,
+    mask: Any,
+    query_seq_lengths: Any,
+    key_value_seq_lengths: Any,
+    logits_soft_cap: float | None,
+    score_mod: Callable[..., Any] | None,
+    sinks: Any,
+    return_lse: bool,
+    implementation: str | None,
+    backend: str | None,
+    dropout: Dropout | None,
+) -> Any:
+    """``masked_attention_via_map`` with ``implementation`` checked (``backend``) and the
+    dropout request built (flax's ``broadcast_dropout`` shares its seeds)."""
     args = check_arguments(
         Q,
         K,
@@ -188,6 +260,7 @@ def masked_attention_via_map(
             block_mask=block_mask,
             mask=args.mask,
             return_lse=bool(return_lse),
+            dropout=dropout is not None,
         )
         if backend == "cudnn" and problem is not None:
             raise ValueError(f'implementation="cudnn" cannot compute this call: {problem}')
@@ -234,7 +307,9 @@ def masked_attention_via_map(
             bias=None if args.bias is None else bias_axes(args.bias.shape),
             sinks=args.sinks is not None,
         )
-        operands = Operands(args.bias, args.sinks, consts)
+        seeds = None if dropout is None else dropout.seeds(bsz, q_heads)
+        operands = Operands(args.bias, args.sinks, consts, seeds)
+        rate = 0.0 if dropout is None else dropout.rate
         if backend == "pallas":
             problem = pallas_call_problem(block_mask, scores, operands)
             if problem is not None and implementation == "pallas":
@@ -249,7 +324,7 @@ def masked_attention_via_map(
                 q, k, v, block_mask, scale_value, scores=scores, operands=operands
             )
         else:
-            out, lse = attend(q, k, v, block_mask, scale_value, scores, operands)
+            out, lse = attend(q, k, v, block_mask, scale_value, scores, operands, rate)
     if not batched:
         out, lse = out[0], lse[0]
     return (out, lse) if return_lse else out
@@ -382,9 +457,11 @@ def attend(
     scale: float,
     scores: ScoreConfig | None = None,
     operands: Operands | None = None,
+    dropout_rate: float = 0.0,
 ) -> tuple[jax.Array, jax.Array]:
     """Attention of 4-D inputs under ``block_mask`` with the block-loop backend: the
-    output and the per-row log-sum-exp ``(B, Hq, Lq)``."""
+    output and the per-row log-sum-exp ``(B, Hq, Lq)``. With ``dropout_rate``,
+    ``operands.seeds`` holds the ``(B, Hq)`` dropout seeds."""
     scores = scores or ScoreConfig()
     operands = operands or Operands(None, None, ())
     bsz, q_len, q_heads, _ = q.shape
@@ -399,6 +476,7 @@ def attend(
         any_full=_any_listed(block_mask.full_kv_num_blocks),
         any_partial=_any_listed(block_mask.kv_num_blocks),
         scores=scores,
+        dropout_rate=float(dropout_rate) if operands.seeds is not None else 0.0,
     )
     schedule = (
         block_mask.kv_num_blocks,
@@ -457,7 +535,7 @@ def _attend(
     vk = jnp.pad(v.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, k_pad), (0, 0)))
     bias = None if operands.bias is None else _kernel_bias(config, operands.bias, q_pad, k_pad)
     sinks = None if operands.sinks is None else operands.sinks.reshape(heads, groups)
-    kernel_operands = Operands(bias, sinks, operands.score_consts)
+    kernel_operands = Operands(bias, sinks, operands.score_consts, operands.seeds)
     out, lse = block_attention(config, qk, kk, vk, schedule, consts, kernel_operands)
     out = out.reshape(bsz, heads, q_len + q_pad, groups, dv)[:, :, :q_len]
     out = out.transpose(0, 2, 1, 3, 4).reshape(bsz, q_len, q_heads, dv)

@@ -73,8 +73,13 @@ def cudnn_problem(
     block_mask: Any,
     mask: Any,
     return_lse: bool,
+    dropout: bool = False,
 ) -> str | None:
     """Why ``jax.nn``'s cuDNN path cannot compute this call exactly, or ``None``."""
+    if dropout:
+        # jax.nn.dot_product_attention takes no dropout, and cuDNN's own would draw other
+        # decisions than the hash every other backend shares.
+        return "jax.nn's cuDNN attention has no dropout (dropout_rate)"
     given = [
         name
         for name, value in (

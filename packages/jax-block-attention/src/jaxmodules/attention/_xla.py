@@ -26,6 +26,7 @@ from jax import lax
 
 from ._band import in_band
 from ._config import BlockConfig
+from ._dropout import keep_from_rows, row_hashes, threshold
 from ._scores import TileIndex, tile_score_gradients, tile_scores
 
 Array = jax.Array
@@ -56,15 +57,17 @@ class KernelConfig(BlockConfig):
 @dataclass(frozen=True)
 class Operands:
     """The arrays of the score pipeline: ``bias`` and ``sinks`` in kernel layout (or
-    ``None``) and the arrays ``score_mod`` closes over."""
+    ``None``), the arrays ``score_mod`` closes over, and dropout's ``(B, Hq)`` uint32
+    seeds (``None`` without dropout)."""
 
     bias: Array | None
     sinks: Array | None
     score_consts: tuple
+    seeds: Array | None = None
 
 
 jax.tree_util.register_dataclass(
-    Operands, data_fields=["bias", "sinks", "score_consts"], meta_fields=[]
+    Operands, data_fields=["bias", "sinks", "score_consts", "seeds"], meta_fields=[]
 )
 
 
@@ -123,6 +126,24 @@ def _tile_index(config: KernelConfig, unit: _Unit, i: Array, j: Array) -> TileIn
         q=q_pos.reshape(1, 1, -1, 1),
         k=(j * bk + jnp.arange(bk, dtype=jnp.int32)).reshape(1, 1, 1, -1),
     )
+
+
+def _dropout_rows(config: KernelConfig, unit: _Unit, seeds: Array | None, i: Array) -> Any:
+    """Dropout's row hashes of query block ``i``, ``(bs, hs, rows, 1)``, or ``None``."""
+    if seeds is None:
+        return None
+    bq, g = config.q_block, config.groups
+    rows = jnp.arange(bq * g, dtype=jnp.int32)
+    q_pos = jnp.minimum(i * bq + rows // g, config.q_len - 1) + unit.offset
+    heads = unit.head_index.reshape(-1, g)[:, rows % g]  # (hs, rows): query heads
+    row_seeds = seeds[unit.batch_index[:, None, None], heads[None]]
+    return row_hashes(row_seeds, q_pos[None, None, :])[..., None]
+
+
+def _dropout_keep(config: KernelConfig, rows: Array, j: Array) -> Array:
+    """Which weights of the tile against key block ``j`` dropout keeps."""
+    k_pos = j * config.k_block + jnp.arange(config.k_block, dtype=jnp.int32)
+    return keep_from_rows(rows, k_pos, threshold(config.dropout_rate))
 
 
 def _unit_slice(x: Array, axis: int, slot: Array, split: bool) -> Array:
@@ -211,7 +232,7 @@ def _unit_forward(
     sinks = _unit_sinks(config, operands.sinks, unit)
     changes = config.scores.changes_scores
 
-    def update(carry, q_blk, score_scale, i, j, masked):
+    def update(carry, q_blk, score_scale, drop_rows, i, j, masked):
         m, l, acc = carry
         k_blk = lax.dynamic_slice_in_dim(k, j * bk, bk, axis=2)
         v_blk = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=2)
@@ -230,12 +251,17 @@ def _unit_forward(
         p = jnp.exp(s - m_shift[..., None])
         alpha = jnp.exp(m - m_shift)
         l = alpha * l + p.sum(axis=-1)
+        if drop_rows is not None:
+            # Dropout acts on the normalised weights: the denominator above keeps every
+            # weight, the values see only the kept ones (scaled up at the end).
+            p = jnp.where(_dropout_keep(config, drop_rows, j), p, 0.0)
         pv = jnp.einsum("bhrk,bhkd->bhrd", p, v_blk, preferred_element_type=_F32)
         acc = alpha[..., None] * acc + pv
         return m_new, l, acc
 
     def one_query_block(i):
         q_blk, score_scale = _prescaled(config, lax.dynamic_slice_in_dim(q, i * rows, rows, 2))
+        drop_rows = _dropout_rows(config, unit, operands.seeds, i)
         carry = (
             jnp.full((bsz, hk, rows), -jnp.inf, _F32),
             jnp.zeros((bsz, hk, rows), _F32),
@@ -251,7 +277,7 @@ def _unit_forward(
                     0,
                     count[i],
                     lambda t, c, row=row, masked=masked: update(
-                        c, q_blk, score_scale, i, row[t], masked
+                        c, q_blk, score_scale, drop_rows, i, row[t], masked
                     ),
                     carry,
                 )
@@ -265,6 +291,8 @@ def _unit_forward(
             m = m_total
         empty = l == 0.0
         out = acc / jnp.where(empty, 1.0, l)[..., None]
+        if drop_rows is not None:
+            out = out * _F32(1.0 / (1.0 - config.dropout_rate))
         # +inf for rows without any visible key makes exp(s - lse) vanish in the backward.
         lse = jnp.where(empty, jnp.inf, m + jnp.log(jnp.where(empty, 1.0, l)))
         return out, lse
@@ -311,7 +339,7 @@ def _unit_backward(
 
     def update(carry, blk, i, j, masked):
         dq_blk, dk_acc, dv_acc, g = carry
-        q_blk, score_scale, q_t_blk, do_blk, do_t_blk, lse_blk, delta_blk = blk
+        q_blk, score_scale, q_t_blk, do_blk, do_t_blk, lse_blk, delta_blk, drop_rows = blk
         k_blk = lax.dynamic_slice_in_dim(k, j * bk, bk, axis=2)
         v_blk = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=2)
         s0 = _products(q_blk, k_blk, score_scale)
@@ -321,8 +349,16 @@ def _unit_backward(
         if masked:
             s = jnp.where(_visible(config, unit, consts, i, j), s, -jnp.inf)
         p = jnp.exp(s - lse_blk[..., None])
-        dv_blk = jnp.einsum("bhdr,bhrk->bhdk", do_t_blk, p, preferred_element_type=_F32)
         dp = jnp.einsum("bhrd,bhkd->bhrk", do_blk, v_blk, preferred_element_type=_F32)
+        p_out = p
+        if drop_rows is not None:
+            # The output saw the kept weights scaled by 1 / (1 - rate): so do dV and the
+            # weights' gradient; delta = dO . O already holds the dropout.
+            keep = _dropout_keep(config, drop_rows, j)
+            inverse = _F32(1.0 / (1.0 - config.dropout_rate))
+            p_out = jnp.where(keep, p * inverse, 0.0)
+            dp = jnp.where(keep, dp * inverse, 0.0)
+        dv_blk = jnp.einsum("bhdr,bhrk->bhdk", do_t_blk, p_out, preferred_element_type=_F32)
         ds = p * (dp - delta_blk[..., None])
         if scores.changes_scores:
             ds, d_consts = tile_score_gradients(
@@ -357,6 +393,7 @@ def _unit_backward(
             jnp.swapaxes(do_blk, 2, 3),
             lse_blk,
             delta_blk,
+            _dropout_rows(config, unit, operands.seeds, i),
         )
         if sinks is not None:
             # The sink's score gradient is p_sink * (0 - delta); summed per head.
@@ -587,6 +624,7 @@ def _block_attention_bwd(config, residuals, cotangents):
         None if operands.bias is None else grads.bias.astype(operands.bias.dtype),
         None if operands.sinks is None else grads.sinks.astype(operands.sinks.dtype),
         tuple(d_score),
+        None if operands.seeds is None else _zero_cotangent(operands.seeds),
     )
     zeros = jax.tree_util.tree_map(_zero_cotangent, (schedule, consts))
     return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), *zeros, d_operands)
