@@ -57,6 +57,24 @@ def bias_axes(shape: tuple[int, ...]) -> tuple[bool, bool, bool, bool]:
 
 
 @dataclass(frozen=True)
+class Operands:
+    """The arrays of the score pipeline: ``bias`` and ``sinks`` (or ``None``) and the
+    arrays ``score_mod`` closes over. Each backend lays them out for its kernels. Also
+    dropout's ``(B, Hq)`` uint32 seeds (``None`` without dropout), which every backend
+    reads as they are."""
+
+    bias: Array | None
+    sinks: Array | None
+    score_consts: tuple
+    seeds: Array | None = None
+
+
+jax.tree_util.register_dataclass(
+    Operands, data_fields=["bias", "sinks", "score_consts", "seeds"], meta_fields=[]
+)
+
+
+@dataclass(frozen=True)
 class TileIndex:
     """Index arrays of one tile in the ``(batch, head, row, key)`` layout of the scores,
     for ``score_mod``: each broadcasts against the ``(bs, hs, rows, bk)`` tile."""
