@@ -272,3 +272,113 @@ def test_cudnn_and_ring_refuse_dropout(ref):
     # dot_product_attention (jax.nn's signature) has no dropout keyword at all.
     with pytest.raises(TypeError):
         dot_product_attention(q, k, v, dropout_rate=0.1)  # type: ignore[call-arg]
+
+
+# ------------------------------------------------------------------ the Pallas kernels
+
+
+def _needs_pallas():
+    pytest.importorskip("jax.experimental.pallas", reason="this jax has no Pallas")
+    try:
+        from jax.experimental.pallas import triton  # noqa: F401
+    except ImportError as err:  # pragma: no cover - depends on the installed jax
+        pytest.skip(f"this jax has no Pallas Triton backend ({err})")
+
+
+def test_pallas_draws_the_block_loop_decisions(ref):
+    # The kernels (interpret mode here) and the block loop keep the same weights, with
+    # GQA, a per-batch q_offset and a window, whatever their block sizes.
+    _needs_pallas()
+    q, k, _ = ref.qkv(19, 2, 40, 56, 4, 2, 16)
+    options = {"window_size": (24, 8), "q_offset": jnp.asarray([16, 3], jnp.int32)}
+    xla = _weights(q, k, rate=0.3, implementation="xla", block_size=(8, 24), **options)
+    pallas = _weights(q, k, rate=0.3, implementation="pallas", block_size=16, **options)
+    np.testing.assert_array_equal(np.asarray(pallas) != 0, np.asarray(xla) != 0)
+    np.testing.assert_allclose(np.asarray(pallas), np.asarray(xla), rtol=1e-5, atol=1e-6)
+
+
+def test_pallas_value_gradient_is_weights_transposed_times_cotangent(ref):
+    _needs_pallas()
+    q, k, v = ref.qkv(20, 1, 32, 48, 4, 2, 16)
+    options = {"is_causal": True, "q_offset": 16, "block_size": 16, "implementation": "pallas"}
+    weights = _weights(q, k, rate=0.4, **options)
+    ct = jax.random.normal(jax.random.key(6), (1, 32, 4, 16))
+
+    def loss(v):
+        out = masked_attention_via_map(q, k, v, dropout_rate=0.4, dropout_rng=RNG, **options)
+        return jnp.sum(out * ct)
+
+    d_v = jax.grad(loss)(v)
+    expected = jnp.einsum("bqhk,bqhd->bkhd", weights, ct).reshape(1, 48, 2, 2, 16).sum(axis=3)
+    np.testing.assert_allclose(np.asarray(d_v), np.asarray(expected), rtol=1e-4, atol=1e-5)
+
+
+def test_pallas_against_dense_reference_with_every_variant(ref):
+    # Forward, lse and the dQ and dK/dV kernels' gradients (Q, K, V, bias, sinks, the
+    # slopes score_mod closes over), with backward tiles narrower than the blocks.
+    _needs_pallas()
+    rng = np.random.default_rng(21)
+    bias = jnp.asarray(rng.standard_normal((1, 4, 1, 40)), jnp.float32)
+    sinks = jnp.asarray([0.5, -1.0, 2.0, 0.0], jnp.float32)
+    slopes = jnp.asarray(2.0 ** -np.arange(1, 5), jnp.float32)
+    options = {
+        "is_causal": True,
+        "block_size": 16,
+        "implementation": "pallas",
+        "logits_soft_cap": 3.0,
+        "dropout_rate": 0.3,
+        "dropout_rng": jax.random.key(22),
+    }
+    ref.compare_variants(
+        (1, 40, 40, 4, 2, 16),
+        options,
+        bias=bias,
+        sinks=sinks,
+        extra=slopes,
+        make_mod=ref.alibi,
+        seed=23,
+        jit=True,
+    )
+
+
+def _triton_kernels_for_cuda(fn, *args):
+    """How many Triton kernels ``jit(fn)`` holds when exported for CUDA from this CPU
+    machine (skipped where this jax cannot)."""
+    try:
+        from jax import export
+    except ImportError as err:
+        pytest.skip(f"jax.export is unavailable in this jax ({err})")
+    if not hasattr(export, "DisabledSafetyCheck"):
+        pytest.skip("this jax.export cannot allow Triton custom calls")
+    triton = "__gpu$xla.gpu.triton"
+    exported = export.export(
+        jax.jit(fn),
+        platforms=["cuda"],
+        disabled_checks=[export.DisabledSafetyCheck.custom_call(triton)],
+    )(*args)
+    return exported.mlir_module().count(triton)
+
+
+def test_pallas_dropout_lowers_for_cuda_without_a_gpu(ref):
+    # The hash's uint32 multiplies, xors, shifts and compares lower to Triton in all
+    # three kernels, with the compiled defaults (backward slices, GQA).
+    _needs_pallas()
+    from jaxmodules.attention._pallas import pallas_attend
+    from jaxmodules.attention._scores import Operands
+    from jaxmodules.attention._dropout import stream_seeds
+
+    shape = (1, 256, 256, 4, 2, 64, 64)
+    q, k, v = ref.qkv(24, *shape, dtype=jnp.bfloat16)
+    block_mask = create_block_mask(None, 1, 1, 256, 256, is_causal=True, block_size=64)
+
+    def value_and_grads(q, k, v, rng):
+        def loss(q, k, v):
+            operands = Operands(None, None, (), stream_seeds(rng, 1, 4))
+            out = pallas_attend(
+                q, k, v, block_mask, 0.125, interpret=False, operands=operands, dropout_rate=0.1
+            )
+            return out.astype(jnp.float32).sum()
+
+        return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    assert _triton_kernels_for_cuda(value_and_grads, q, k, v, RNG) == 3

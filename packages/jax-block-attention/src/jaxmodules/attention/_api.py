@@ -316,7 +316,14 @@ def attention_call(
                 backend = "xla"  # implementation=None: the block loop takes everything
         if backend == "pallas":
             out, lse = pallas_attend_with_lse(
-                q, k, v, block_mask, scale_value, scores=scores, operands=operands
+                q,
+                k,
+                v,
+                block_mask,
+                scale_value,
+                scores=scores,
+                operands=operands,
+                dropout_rate=rate,
             )
         else:
             out, lse = attend(q, k, v, block_mask, scale_value, scores, operands, rate)

@@ -112,6 +112,7 @@ def pallas_attend_with_lse(
     backward_tile: int | None = None,
     num_warps: int | None = None,
     kv_splits: int | None = None,
+    dropout_rate: float = 0.0,
 ) -> tuple[jax.Array, jax.Array]:
     """Attention under ``block_mask`` with the fused Pallas kernel, and its lse.
 
@@ -138,6 +139,9 @@ def pallas_attend_with_lse(
             key lists, merged by log-sum-exp (split-K); ``None``: 1 when interpreted,
             enough to reach about ``_TARGET_PROGRAMS`` programs when compiled (decoding
             and other calls with few, long rows).
+        dropout_rate: Attention dropout's rate, with its ``(B, Hq)`` seeds in
+            ``operands.seeds`` (see ``_dropout``); the kernels regenerate each tile's
+            keep decisions in every pass.
 
     Returns:
         ``(out, lse)``: the output ``(B, Lq, Hq, dv)`` in ``q``'s dtype and the natural
@@ -200,6 +204,7 @@ def pallas_attend_with_lse(
         score_grads=(
             () if scores.score is None else traced_score_arrays(scores.score, operands.score_consts)
         ),
+        dropout_rate=float(dropout_rate) if operands.seeds is not None else 0.0,
     )
     offset = jnp.asarray(block_mask.q_offset, jnp.int32).reshape(-1)
     names = ("num_blocks", "indices", "full_{}_num_blocks", "full_{}_indices")
@@ -212,7 +217,10 @@ def pallas_attend_with_lse(
         offset,
     )
     all_consts = (*consts, *score_consts)
-    return _attend_padded(config, q, k, v, bias, operands.sinks, kv_lists, q_lists, all_consts)
+    seeds = operands.seeds if config.dropout_rate else None
+    return _attend_padded(
+        config, q, k, v, bias, operands.sinks, seeds, kv_lists, q_lists, all_consts
+    )
 
 
 @partial(jax.jit, static_argnums=(0,))
@@ -223,6 +231,7 @@ def _attend_padded(
     v: Array,
     bias: Array | None,
     sinks: Array | None,
+    seeds: Array | None,
     kv_lists: tuple,
     q_lists: tuple,
     consts: tuple,
@@ -241,7 +250,7 @@ def _attend_padded(
     if bias is not None:
         pads = ((0, 0), (0, 0), (0, q_pad if bias.shape[2] > 1 else 0))
         bias = jnp.pad(bias, (*pads, (0, k_pad if bias.shape[3] > 1 else 0)))
-    out, lse = _kernel_attention(config, qk, kk, vk, bias, kv_lists, q_lists, consts)
+    out, lse = _kernel_attention(config, qk, kk, vk, bias, seeds, kv_lists, q_lists, consts)
     out = out[:, :, :q_len, :dv].transpose(0, 2, 1, 3)
     lse = lse[:, :, :q_len]
     if sinks is not None:
@@ -262,6 +271,7 @@ def pallas_attend(
     backward_tile: int | None = None,
     num_warps: int | None = None,
     kv_splits: int | None = None,
+    dropout_rate: float = 0.0,
 ) -> jax.Array:
     """Attention under ``block_mask`` with the fused Pallas kernel (the contract of the
     block-loop backend's ``attend``): output ``(B, Lq, Hq, dv)`` in ``q``'s dtype.
@@ -280,6 +290,7 @@ def pallas_attend(
         backward_tile=backward_tile,
         num_warps=num_warps,
         kv_splits=kv_splits,
+        dropout_rate=dropout_rate,
     )
     return out
 
