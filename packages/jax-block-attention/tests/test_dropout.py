@@ -24,7 +24,9 @@ def _weights(q, k, *, rate, rng=RNG, **options):
     """The dropped and rescaled attention weights ``(B, Lq, Hq, Lk)``, read off a forward
     pass whose values are the identity: each key's value is its one-hot row."""
     batch, k_len, kv_heads, _ = k.shape
-    eye = jnp.broadcast_to(jnp.eye(k_len, dtype=q.dtype)[None, :, None, :], (batch, k_len, kv_heads, k_len))
+    eye = jnp.broadcast_to(
+        jnp.eye(k_len, dtype=q.dtype)[None, :, None, :], (batch, k_len, kv_heads, k_len)
+    )
     return masked_attention_via_map(q, k, eye, dropout_rate=rate, dropout_rng=rng, **options)
 
 
@@ -42,7 +44,9 @@ def test_uniform_weights_dropped_fraction_and_scale(rate):
     weights = np.asarray(_weights(q, k, rate=rate, block_size=32))
     keep = np.asarray(dropout_keep_mask(RNG, rate, (batch, heads, length, length)))
     kept_value = 1.0 / (length * (1.0 - rate))
-    np.testing.assert_allclose(weights, np.where(keep.transpose(0, 2, 1, 3), kept_value, 0.0), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        weights, np.where(keep.transpose(0, 2, 1, 3), kept_value, 0.0), rtol=1e-5, atol=1e-7
+    )
     dropped = 1.0 - keep.mean()
     assert abs(dropped - rate) < _binomial_bound(keep.size, rate), dropped
     # Each row keeps its expected total: the scale is 1 / (1 - rate).
@@ -363,9 +367,9 @@ def test_pallas_dropout_lowers_for_cuda_without_a_gpu(ref):
     # The hash's uint32 multiplies, xors, shifts and compares lower to Triton in all
     # three kernels, with the compiled defaults (backward slices, GQA).
     _needs_pallas()
+    from jaxmodules.attention._dropout import stream_seeds
     from jaxmodules.attention._pallas import pallas_attend
     from jaxmodules.attention._scores import Operands
-    from jaxmodules.attention._dropout import stream_seeds
 
     shape = (1, 256, 256, 4, 2, 64, 64)
     q, k, v = ref.qkv(24, *shape, dtype=jnp.bfloat16)

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 
-
 def _flax_version() -> tuple[int, ...]:
     """The installed flax's (major, minor), read without importing it (an old flax
     installed next to an old jax is skipped, not imported)."""
@@ -103,9 +102,7 @@ def test_linen_multi_head_dot_product_attention_matches_flax(case):
     else:
         mask, valid = _padding_mask()
         weights = valid[..., None].astype(jnp.float32)
-    ours = nn.MultiHeadDotProductAttention(
-        num_heads=HEADS, attention_fn=flax_dot_product_attention
-    )
+    ours = nn.MultiHeadDotProductAttention(num_heads=HEADS, attention_fn=flax_dot_product_attention)
     theirs = nn.MultiHeadDotProductAttention(num_heads=HEADS)
     params = theirs.init(jax.random.key(4), x, mask=mask)
     target = jax.random.normal(jax.random.key(5), (BATCH, LENGTH, FEATURES))
@@ -175,10 +172,16 @@ def test_nnx_dropout_applied_reproducible_and_finite():
     x = _inputs(9)
     first, again, other = make(1), make(1), make(2)
     out = first(x, is_causal=True, deterministic=False)
-    np.testing.assert_array_equal(np.asarray(out), np.asarray(again(x, is_causal=True, deterministic=False)))
-    assert not np.allclose(np.asarray(out), np.asarray(other(x, is_causal=True, deterministic=False)))
+    np.testing.assert_array_equal(
+        np.asarray(out), np.asarray(again(x, is_causal=True, deterministic=False))
+    )
+    assert not np.allclose(
+        np.asarray(out), np.asarray(other(x, is_causal=True, deterministic=False))
+    )
     # The stream advances: the next call draws other decisions.
-    assert not np.allclose(np.asarray(out), np.asarray(first(x, is_causal=True, deterministic=False)))
+    assert not np.allclose(
+        np.asarray(out), np.asarray(first(x, is_causal=True, deterministic=False))
+    )
     clean = first(x, is_causal=True, deterministic=True)
     assert not np.allclose(np.asarray(out), np.asarray(clean))
     grads = nnx.grad(lambda m: jnp.sum(m(x, is_causal=True, deterministic=False) ** 2))(first)
@@ -206,7 +209,9 @@ def test_sow_weights_and_other_settings_are_refused():
     x = _inputs(11)
     with pytest.raises(ValueError, match="never materialised"):
         ours(x, sow_weights=True)
-    linen = nn.MultiHeadDotProductAttention(num_heads=HEADS, attention_fn=flax_dot_product_attention)
+    linen = nn.MultiHeadDotProductAttention(
+        num_heads=HEADS, attention_fn=flax_dot_product_attention
+    )
     params = linen.init(jax.random.key(0), x)
     with pytest.raises(ValueError, match="never materialised"):
         linen.apply(params, x, sow_weights=True)

@@ -173,9 +173,7 @@ def flax_dot_product_attention(
     if not 0.0 <= float(dropout_rate) < 1.0:
         raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate!r}")
     dropout = (
-        check_dropout(dropout_rate, dropout_rng, shared=bool(broadcast_dropout))
-        if active
-        else None
+        check_dropout(dropout_rate, dropout_rng, shared=bool(broadcast_dropout)) if active else None
     )
     query, key, value = promote_dtype((query, key, value), dtype=dtype)
     if query.ndim < 3 or key.ndim != query.ndim or value.ndim != query.ndim:
@@ -208,7 +206,5 @@ def flax_dot_product_attention(
     )
     if values["return_lse"]:
         out, lse = out
-        return out.reshape(query.shape[:-1] + out.shape[-1:]), lse.reshape(
-            batch + lse.shape[1:]
-        )
+        return out.reshape(query.shape[:-1] + out.shape[-1:]), lse.reshape(batch + lse.shape[1:])
     return out.reshape(query.shape[:-1] + out.shape[-1:])

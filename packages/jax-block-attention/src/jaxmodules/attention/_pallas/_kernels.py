@@ -23,8 +23,8 @@ from ._tile_math import (
     softmax_finish,
     softmax_step,
     tile_gradient,
-    tile_score_gradients,
     tile_keep,
+    tile_score_gradients,
     tile_scores,
     tile_visible,
 )
@@ -118,7 +118,8 @@ def _forward_kernel(config: TileConfig, *refs: Any) -> None:
     carry = lax.fori_loop(
         *partial_range, lambda t, c: step(c, index_ref[mb, mh, i, t], True), carry
     )
-    out, lse = softmax_finish(*carry, out_scale=dropout_scale(config))
+    m, l, acc = carry
+    out, lse = softmax_finish(m, l, acc, out_scale=dropout_scale(config))
     o_ref[...] = out.astype(o_ref.dtype)
     lse_ref[...] = lse
 

@@ -303,9 +303,7 @@ def softmax_step(
     return m_new, l, acc
 
 
-def softmax_finish(
-    m: Array, l: Array, acc: Array, out_scale: float = 1.0
-) -> tuple[Array, Array]:
+def softmax_finish(m: Array, l: Array, acc: Array, out_scale: float = 1.0) -> tuple[Array, Array]:
     """Output rows (times ``out_scale``) and log-sum-exp; rows without a visible key
     give 0 and ``-inf``."""
     empty = l == 0.0
