@@ -141,19 +141,25 @@ class Dropout:
         return stream_seeds(self.rng, batch, heads, shared=self.shared)
 
 
-def check_dropout(rate: Any, rng: Any, *, shared: bool = False) -> Dropout | None:
-    """``dropout_rate`` and ``dropout_rng`` checked; ``None`` when there is no dropout
-    (a rate of 0)."""
+def check_rate(rate: Any) -> float:
+    """``dropout_rate`` checked: a float in ``[0, 1)`` known at trace time."""
+    if isinstance(rate, jax.core.Tracer):
+        raise TypeError(
+            "dropout_rate must be a Python float known when the call is traced (it fixes "
+            "the compiled program), got a traced value"
+        )
     if isinstance(rate, bool) or not isinstance(rate, (numbers.Real, np.generic)):
-        if isinstance(rate, jax.core.Tracer):
-            raise TypeError(
-                "dropout_rate must be a Python float known when the call is traced (it "
-                "fixes the compiled kernel), got a traced value"
-            )
         raise TypeError(f"dropout_rate must be a float in [0, 1), got {rate!r}")
     value = float(rate)
     if not 0.0 <= value < 1.0:
         raise ValueError(f"dropout_rate must be in [0, 1), got {value}")
+    return value
+
+
+def check_dropout(rate: Any, rng: Any, *, shared: bool = False) -> Dropout | None:
+    """``dropout_rate`` and ``dropout_rng`` checked; ``None`` when there is no dropout
+    (a rate of 0)."""
+    value = check_rate(rate)
     if value == 0.0:
         return None
     if rng is None:

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from ._api import _check_implementation, attention_call, masked_attention_via_map
-from ._dropout import check_dropout
+from ._dropout import check_dropout, check_rate
 
 
 def _promote_dtype(arrays: tuple[Any, ...], /, *, dtype: Any = None, inexact: bool = True) -> Any:
@@ -169,12 +169,9 @@ def flax_dot_product_attention(
             "return_lse=True (an option) gives each row's log-sum-exp"
         )
     _check_precision(precision)
-    active = not deterministic and float(dropout_rate) > 0.0
-    if not 0.0 <= float(dropout_rate) < 1.0:
-        raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate!r}")
-    dropout = (
-        check_dropout(dropout_rate, dropout_rng, shared=bool(broadcast_dropout)) if active else None
-    )
+    rate = check_rate(dropout_rate)
+    active = not deterministic and rate > 0.0
+    dropout = check_dropout(rate, dropout_rng, shared=bool(broadcast_dropout)) if active else None
     query, key, value = promote_dtype((query, key, value), dtype=dtype)
     if query.ndim < 3 or key.ndim != query.ndim or value.ndim != query.ndim:
         raise ValueError(
