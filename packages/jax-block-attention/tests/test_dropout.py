@@ -386,3 +386,27 @@ def test_pallas_dropout_lowers_for_cuda_without_a_gpu(ref):
         return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
 
     assert _triton_kernels_for_cuda(value_and_grads, q, k, v, RNG) == 3
+
+
+# --------------------------------------------------- the flax adapter, without flax
+
+
+def test_flax_adapter_skips_blocks_its_masks_leave_empty(ref):
+    # Values of keys in skipped blocks are never read: NaN there leaves the rows that
+    # cannot see them finite, with a dense padding mask (float, as flax builds it) and
+    # with is_causal=True (no dense mask), dropout on.
+    from jaxmodules.attention import flax_dot_product_attention
+
+    q, k, v = ref.qkv(25, 2, 64, 64, 4, 2, 8)
+    train = {"dropout_rate": 0.2, "dropout_rng": RNG, "block_size": 16}
+    padded = v.at[:, 48:].set(jnp.nan)
+    valid = (jnp.arange(64) < 48).astype(jnp.float32)
+    mask = jnp.broadcast_to(valid[None, None, None, :], (2, 1, 64, 64))
+    out = flax_dot_product_attention(q, k, padded, mask=mask, **train)
+    assert np.isfinite(np.asarray(out)).all()
+    expected = flax_dot_product_attention(q[:, :, :], k[:, :48], v[:, :48], **train)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(expected), atol=1e-5)
+    future = v.at[:, 16:].set(jnp.nan)
+    out = flax_dot_product_attention(q, k, future, is_causal=True, **train)
+    assert np.isfinite(np.asarray(out[:, :16])).all()
+    assert np.isnan(np.asarray(out[:, 16:])).any()
