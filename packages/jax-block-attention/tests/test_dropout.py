@@ -345,49 +345,6 @@ def test_pallas_against_dense_reference_with_every_variant(ref):
     )
 
 
-def _triton_kernels_for_cuda(fn, *args):
-    """How many Triton kernels ``jit(fn)`` holds when exported for CUDA from this CPU
-    machine (skipped where this jax cannot)."""
-    try:
-        from jax import export
-    except ImportError as err:
-        pytest.skip(f"jax.export is unavailable in this jax ({err})")
-    if not hasattr(export, "DisabledSafetyCheck"):
-        pytest.skip("this jax.export cannot allow Triton custom calls")
-    triton = "__gpu$xla.gpu.triton"
-    exported = export.export(
-        jax.jit(fn),
-        platforms=["cuda"],
-        disabled_checks=[export.DisabledSafetyCheck.custom_call(triton)],
-    )(*args)
-    return exported.mlir_module().count(triton)
-
-
-def test_pallas_dropout_lowers_for_cuda_without_a_gpu(ref):
-    # The hash's uint32 multiplies, xors, shifts and compares lower to Triton in all
-    # three kernels, with the compiled defaults (backward slices, GQA).
-    _needs_pallas()
-    from jaxmodules.attention._dropout import stream_seeds
-    from jaxmodules.attention._pallas import pallas_attend
-    from jaxmodules.attention._scores import Operands
-
-    shape = (1, 256, 256, 4, 2, 64, 64)
-    q, k, v = ref.qkv(24, *shape, dtype=jnp.bfloat16)
-    block_mask = create_block_mask(None, 1, 1, 256, 256, is_causal=True, block_size=64)
-
-    def value_and_grads(q, k, v, rng):
-        def loss(q, k, v):
-            operands = Operands(None, None, (), stream_seeds(rng, 1, 4))
-            out = pallas_attend(
-                q, k, v, block_mask, 0.125, interpret=False, operands=operands, dropout_rate=0.1
-            )
-            return out.astype(jnp.float32).sum()
-
-        return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
-
-    assert _triton_kernels_for_cuda(value_and_grads, q, k, v, RNG) == 3
-
-
 # --------------------------------------------------- the flax adapter, without flax
 
 

@@ -427,6 +427,29 @@ def test_score_mod_array_gradients_lower_for_cuda_without_a_gpu(ref):
     assert _triton_kernels_for_cuda(value_and_grads, q, k, v, table, slopes) == 3
 
 
+def test_pallas_dropout_lowers_for_cuda_without_a_gpu(ref):
+    # The hash's uint32 multiplies, xors, shifts and compares lower to Triton in all
+    # three kernels, with the compiled defaults (backward slices, GQA).
+    from jaxmodules.attention._dropout import stream_seeds
+    from jaxmodules.attention._scores import Operands
+
+    shape = (1, 256, 256, 4, 2, 64, 64)
+    q, k, v = ref.qkv(24, *shape, dtype=jnp.bfloat16)
+    block_mask = create_block_mask(None, 1, 1, 256, 256, is_causal=True, block_size=64)
+
+    def value_and_grads(q, k, v, rng):
+        def loss(q, k, v):
+            operands = Operands(None, None, (), stream_seeds(rng, 1, 4))
+            out = pallas_attend(
+                q, k, v, block_mask, 0.125, interpret=False, operands=operands, dropout_rate=0.1
+            )
+            return out.astype(jnp.float32).sum()
+
+        return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    assert _triton_kernels_for_cuda(value_and_grads, q, k, v, jax.random.key(7)) == 3
+
+
 # ------------------------------------------------- implementation="pallas" through the API
 
 
