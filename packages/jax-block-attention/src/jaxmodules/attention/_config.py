@@ -32,8 +32,6 @@ class BlockConfig:
     mask_batch: int  # 1 or B: batch rows the block mask keeps lists for
     mask_heads: int  # 1 or Hq: query heads the block mask keeps lists for
     scores: ScoreConfig = field(default_factory=ScoreConfig)
-    # Attention dropout's rate (0: none); its seeds travel with the operands.
-    dropout_rate: float = 0.0
 
     @property
     def n_q_blocks(self) -> int:

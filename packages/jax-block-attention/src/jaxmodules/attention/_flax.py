@@ -10,7 +10,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ._api import _check_implementation, attention_call, masked_attention_via_map
+from ._api import _check_implementation, checked_attention, masked_attention_via_map
+from ._checks import check_arguments
 from ._dropout import check_dropout, check_rate
 
 
@@ -190,18 +191,20 @@ def flax_dot_product_attention(
         mask = jnp.asarray(mask)
         mask = mask if mask.dtype == jnp.bool_ else mask != 0
     values = _options(options)
-    out = attention_call(
+    implementation = _check_implementation(values.pop("implementation"))
+    return_lse = values.pop("return_lse")
+    args = check_arguments(
         q4,
         k4,
         v4,
         bias=_flat_batch(bias, "bias", batch),
         mask=_flat_batch(mask, "mask", batch),
         is_causal=bool(is_causal),
-        backend=_check_implementation(values["implementation"]),
         dropout=dropout,
         **values,
     )
-    if values["return_lse"]:
+    out = checked_attention(args, implementation, return_lse)
+    if return_lse:
         out, lse = out
         return out.reshape(query.shape[:-1] + out.shape[-1:]), lse.reshape(batch + lse.shape[1:])
     return out.reshape(query.shape[:-1] + out.shape[-1:])
