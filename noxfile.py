@@ -54,6 +54,7 @@ DOCS_DEPS = [
     "pytest>=8",
     "optax>=0.2.3",
     "matplotlib>=3.8",
+    "flax>=0.12",  # the "Use with flax" page runs nnx and linen layers
 ]
 
 

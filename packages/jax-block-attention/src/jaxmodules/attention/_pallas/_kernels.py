@@ -17,11 +17,14 @@ from ._tile_math import (
     _matmul,
     _matmul_t,
     add_read_gradient,
+    dropout_scale,
+    kept,
     key_positions,
     query_positions,
     softmax_finish,
     softmax_step,
     tile_gradient,
+    tile_keep,
     tile_score_mod,
     tile_visible,
     walk_tiles,
@@ -54,6 +57,14 @@ def _split_refs(config: TileConfig, refs: Sequence[Any]) -> tuple:
     if config.scores.bias is not None:
         bias_ref, rest = rest[0], rest[1:]
     return lists, mask_refs, score_refs, bias_ref, rest
+
+
+def _seeds_ref(config: TileConfig, rest: Sequence[Any]) -> tuple[Any, Sequence[Any]]:
+    """Dropout's ``(B, Hq)`` seeds, the first of a pass's inputs with dropout, or
+    ``None``; and the remaining refs."""
+    if config.scores.dropout_rate == 0.0:
+        return None, rest
+    return rest[0], rest[1:]
 
 
 def _bias_tile(
@@ -110,6 +121,7 @@ def _walk_lists(
 def _forward_kernel(config: TileConfig, *refs: Any) -> None:
     lists, mask_refs, score_refs, bias_ref, rest = _split_refs(config, refs)
     offset_ref = lists[4]
+    seeds_ref, rest = _seeds_ref(config, rest)
     q_ref, k_ref, v_ref, o_ref, lse_ref = rest
     split = config.kv_splits > 1
     # The grid is (query tile[, split], query head, batch row): query tiles fastest, so
@@ -139,7 +151,8 @@ def _forward_kernel(config: TileConfig, *refs: Any) -> None:
             s = tile_scores(config.scores, s, bias, score_mod) * _F32(LOG2E)
         if masked:
             s = jnp.where(tile_visible(config, mask_refs, b, h, q_pos, k_pos), s, -jnp.inf)
-        return softmax_step(carry, s, v_blk)
+        keep = tile_keep(config, seeds_ref, b, h, q_pos, k_pos)
+        return softmax_step(carry, s, v_blk, keep)
 
     carry = (
         jnp.full((rows,), -jnp.inf, _F32),
@@ -149,7 +162,8 @@ def _forward_kernel(config: TileConfig, *refs: Any) -> None:
     carry = _walk_lists(
         config, lists, (mb, mh, i), cols, tile, carry, block=config.k_block, split=split
     )
-    out, lse = softmax_finish(*carry)
+    m, l, acc = carry
+    out, lse = softmax_finish(m, l, acc, out_scale=dropout_scale(config))
     o_ref[...] = out.astype(o_ref.dtype)
     lse_ref[...] = lse
 
@@ -165,6 +179,7 @@ def _split_share(config: TileConfig, count: Array) -> tuple[Array, Array]:
 def _dq_kernel(config: TileConfig, *refs: Any) -> None:
     lists, mask_refs, score_refs, bias_ref, rest = _split_refs(config, refs)
     offset_ref = lists[4]
+    seeds_ref, rest = _seeds_ref(config, rest)
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *extra = rest
     # After dQ: the bias gradient (tiles or row sums), then one flattened gradient per
     # differentiable score_mod array, this program's share.
@@ -204,6 +219,8 @@ def _dq_kernel(config: TileConfig, *refs: Any) -> None:
         qk = _matmul_t(q_blk, k_blk)
         dp = _matmul_t(do_blk, v_blk)
         reads: list[ArrayRead] = []
+        keep = tile_keep(config, seeds_ref, b, h, q_pos, k_pos)
+        dp = kept(config, keep, dp)
         if pure:
             _, ds = tile_gradient(qk * _F32(config.scale * LOG2E), lse, delta, dp, visible)
             d_values: list[Array] = []
@@ -253,6 +270,7 @@ def _dq_kernel(config: TileConfig, *refs: Any) -> None:
 def _dkdv_kernel(config: TileConfig, *refs: Any) -> None:
     lists, mask_refs, score_refs, bias_ref, rest = _split_refs(config, refs)
     offset_ref = lists[4]
+    seeds_ref, rest = _seeds_ref(config, rest)
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *dbias = rest
     # Column sums of the score gradient per query head of the share: the gradient of a
     # bias that varies only along keys.
@@ -288,7 +306,8 @@ def _dkdv_kernel(config: TileConfig, *refs: Any) -> None:
                 visible_t = tile_visible(config, mask_refs, b, h, q_pos, k_pos)
             # The tile transposed, (rows, cols): keys are this program's rows.
             kq = _matmul_t(k_blk, q_blk)
-            dp_t = _matmul_t(v_blk, do_blk)
+            keep_t = tile_keep(config, seeds_ref, b, h, q_pos, k_pos)
+            dp_t = kept(config, keep_t, _matmul_t(v_blk, do_blk))
             # lse arrives in base 2.
             lse_t, delta_t = lse_ref[h, q_rows][None, :], delta_ref[h, q_rows][None, :]
             if pure:
@@ -307,6 +326,7 @@ def _dkdv_kernel(config: TileConfig, *refs: Any) -> None:
                 ds_t, _ = tile_score_gradients(config.scores, s0_t, bias_t, ds_t, score_mod)
                 if visible_t is not None:
                     ds_t = jnp.where(visible_t, ds_t, 0.0)
+            p_t = kept(config, keep_t, p_t)
             carry = dict(carry)
             carry["dv"] = carry["dv"] + _matmul(p_t.astype(do_blk.dtype), do_blk)
             # The scale of s0 = scale * k.q is applied once, after the loops.
