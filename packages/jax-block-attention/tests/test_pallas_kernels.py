@@ -655,3 +655,33 @@ def test_score_pipeline_lowers_for_cuda_without_a_gpu(ref, bias_shape):
         return jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))(q, k, v, bias, sinks)
 
     assert _triton_kernels_for_cuda(value_and_grads, q, k, v, bias, sinks) == 3
+
+
+def test_dropout_on_sub_tiles_keeps_the_block_loop_weights(ref, monkeypatch):
+    # Dropout's keep decisions follow positions, so kernels whose programs own part of a
+    # block, walk it in tiles and run causal rows last-first keep the block loop's
+    # weights and gradients.
+    from jaxmodules.attention._pallas import _entry
+
+    tiles = _tiles((16, 16), (16, 32), (16, 16))
+    monkeypatch.setattr(_entry, "whole_blocks", lambda q_block, k_block: tiles)
+    q, k, v = ref.qkv(23, 2, 40, 56, 4, 2, 16)
+    ct = jax.random.normal(jax.random.key(8), (2, 40, 4, 16))
+    options = {"is_causal": True, "q_offset": 16, "block_size": 32, "dropout_rate": 0.3}
+
+    def loss(q, k, v, implementation):
+        out = masked_attention_via_map(
+            q, k, v, dropout_rng=jax.random.key(9), implementation=implementation, **options
+        )
+        return jnp.sum(out * ct), out
+
+    results = {}
+    for implementation in ("pallas", "xla"):
+        grad = jax.grad(loss, argnums=(0, 1, 2), has_aux=True)
+        results[implementation] = grad(q, k, v, implementation)
+    (grads, out), (expected_grads, expected_out) = results["pallas"], results["xla"]
+    np.testing.assert_allclose(np.asarray(out), np.asarray(expected_out), rtol=1e-5, atol=1e-5)
+    for name, actual, expected in zip("qkv", grads, expected_grads, strict=True):
+        np.testing.assert_allclose(
+            np.asarray(actual), np.asarray(expected), rtol=1e-4, atol=1e-5, err_msg=name
+        )
