@@ -24,6 +24,7 @@ from ._tile_program import (
     kernel_consts,
     mask_program_problem,
 )
+from ._triton_rules import triton_backend_problem
 
 Array = Any  # jax.Array, or a Pallas ref inside a kernel
 _F32 = jnp.float32
@@ -337,6 +338,10 @@ def pallas_call_problem(
 ) -> str | None:
     """Why a call (its block mask and score changes) cannot run on the Pallas kernel, or
     ``None`` when it can."""
+    # Outside the cache below: jax's deprecation switch may be flipped during a run.
+    backend = triton_backend_problem()
+    if backend is not None:
+        return backend
     score_consts = () if scores.score is None else tuple(operands.score_consts)
     grads = () if scores.score is None else traced_score_arrays(scores.score, score_consts)
     key = (

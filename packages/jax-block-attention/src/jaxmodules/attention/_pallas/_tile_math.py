@@ -274,13 +274,23 @@ def add_read_gradient(acc: Array, read: ArrayRead, shape: tuple[int, ...], grad:
     return lax.fori_loop(0, count, entry, acc)
 
 
+def _precision(a: Array, b: Array) -> Any:
+    """float32 operands multiply in full float32 (Triton's ``ieee`` input precision): by
+    default Triton rounds them to TF32 on a GPU (a 10-bit mantissa, errors near 1e-3),
+    which float32 callers do not expect. 16-bit operands keep the default (their own
+    products, float32 accumulation)."""
+    return lax.Precision.HIGHEST if _F32 in (a.dtype, b.dtype) else None
+
+
 def _matmul_t(a: Array, b: Array) -> Array:
     """``a @ b.T`` in float32."""
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=_F32)
+    dims = (((1,), (1,)), ((), ()))
+    return lax.dot_general(a, b, dims, precision=_precision(a, b), preferred_element_type=_F32)
 
 
 def _matmul(a: Array, b: Array) -> Array:
-    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=_F32)
+    dims = (((1,), (0,)), ((), ()))
+    return lax.dot_general(a, b, dims, precision=_precision(a, b), preferred_element_type=_F32)
 
 
 def softmax_step(

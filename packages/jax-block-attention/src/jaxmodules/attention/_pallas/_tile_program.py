@@ -13,6 +13,7 @@ import numpy as np
 from jax.extend.core import Literal
 
 from .._elementwise import ElementwiseProgram
+from ._triton_rules import triton_lowering_problem
 
 Array = Any  # jax.Array, or a Pallas ref inside a kernel
 _F32 = jnp.float32
@@ -144,6 +145,9 @@ def _eval_tile_jaxpr(
             if name in ("squeeze", "reshape", "broadcast_in_dim", "expand_dims", "copy"):
                 outs = inputs[:1]  # shape () to shape (): nothing to do on a tile
             else:
+                problem = triton_lowering_problem(eqn.primitive)
+                if problem is not None:
+                    raise _unsupported(problem)
                 result = eqn.primitive.bind(*_broadcast_all(inputs), **eqn.params)
                 outs = list(result) if eqn.primitive.multiple_results else [result]
         for var, out in zip(eqn.outvars, outs, strict=True):
