@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 import zipfile
 from pathlib import Path
@@ -57,15 +58,15 @@ DOCS_DEPS = [
 ]
 
 
-# The newest jax needs Python >= 3.12 (pip on 3.11 stops at jax 0.10). Sessions marked
-# with it run on the first such interpreter found: NOX_NEWEST_PYTHON, else python3.12 or
+# The newest jax needs Python >= 3.12 (pip on 3.11 stops at jax 0.10). Sessions for it
+# run on the first such interpreter found: NOX_NEWEST_PYTHON, else python3.12 or
 # python3.13 on PATH, else the oldest pyenv-installed Python >= 3.12 (the oldest, because
-# new jax wheels reach the newest Python last).
-NEWEST_PYTHON_MIN = (3, 12)
-NO_NEWEST_PYTHON = (
-    "no Python >= 3.12 found, which the newest jax needs. Install one with "
-    "`pyenv install 3.12` (https://github.com/pyenv/pyenv) or your OS's python3.12 "
-    "package, then rerun nox (or point NOX_NEWEST_PYTHON at its interpreter)"
+# new jax wheels reach the newest Python last). The Python 3.11 sessions find theirs the
+# same way (NOX_PY311, this interpreter, python3.11, pyenv).
+NO_PYTHON = (
+    "no Python {wanted} found, which {why} needs. Install one with `pyenv install "
+    "{version}` (https://github.com/pyenv/pyenv) or your OS's python{version} package, "
+    "then rerun nox (or point {variable} at its interpreter)"
 )
 
 
@@ -86,34 +87,65 @@ def _python_version(interpreter: str) -> tuple[int, int] | None:
     return int(parts[0]), int(parts[1])
 
 
-def _pyenv_pythons() -> list[str]:
-    """pyenv's CPython 3.X.Y interpreters new enough for the newest jax, oldest first
+def _pyenv_pythons(lowest: tuple[int, int], highest: tuple[int, int]) -> list[str]:
+    """pyenv's CPython 3.X.Y interpreters with ``lowest <= 3.X <= highest``, oldest first
     (its real binaries, not its shims, which answer only for the versions selected)."""
     root = os.environ.get("PYENV_ROOT") or str(Path.home() / ".pyenv")
     found = []
     for python in (Path(root) / "versions").glob("3.*/bin/python3"):
         match = re.fullmatch(r"3\.(\d+)\.(\d+)", python.parent.parent.name)
-        if match and (3, int(match[1])) >= NEWEST_PYTHON_MIN:
+        if match and lowest <= (3, int(match[1])) <= highest:
             found.append(((int(match[1]), int(match[2])), str(python)))
     return [python for _, python in sorted(found)]
 
 
-def _find_newest_python() -> str | None:
-    """An interpreter for the newest jax, or ``None`` when this machine has none."""
-    candidates = [os.environ.get("NOX_NEWEST_PYTHON", "")]
-    candidates += [shutil.which(name) or "" for name in ("python3.12", "python3.13")]
-    for candidate in [*candidates, *_pyenv_pythons()]:
-        if candidate and (_python_version(candidate) or (0, 0)) >= NEWEST_PYTHON_MIN:
+def _find_python(
+    variable: str, lowest: tuple[int, int], highest: tuple[int, int], *preferred: str
+) -> str | None:
+    """The first interpreter with ``lowest <= version <= highest`` among ``$variable``,
+    ``preferred`` and pyenv's; ``None`` when this machine has none."""
+    candidates = [os.environ.get(variable, ""), *preferred]
+    for candidate in [*candidates, *_pyenv_pythons(lowest, highest)]:
+        version = _python_version(candidate) if candidate else None
+        if version is not None and lowest <= version <= highest:
             return candidate
     return None
 
 
-NEWEST_PYTHON = _find_newest_python()
+NEWEST_PYTHON = _find_python(
+    "NOX_NEWEST_PYTHON",
+    (3, 12),
+    (3, 99),
+    shutil.which("python3.12") or "",
+    shutil.which("python3.13") or "",
+)
+PY311 = _find_python(
+    "NOX_PY311", (3, 11), (3, 11), sys.executable, shutil.which("python3.11") or ""
+)
 
 
 def _require_newest_python(session: nox.Session) -> None:
     if NEWEST_PYTHON is None:
-        session.error(NO_NEWEST_PYTHON)
+        session.error(
+            NO_PYTHON.format(
+                wanted=">= 3.12",
+                why="the newest jax",
+                version="3.12",
+                variable="NOX_NEWEST_PYTHON",
+            )
+        )
+
+
+def _require_py311(session: nox.Session) -> None:
+    if PY311 is None:
+        session.error(
+            NO_PYTHON.format(
+                wanted="3.11",
+                why="jax 0.10 (the newest on 3.11)",
+                version="3.11",
+                variable="NOX_PY311",
+            )
+        )
 
 
 def _pyproject(path: Path) -> dict:
@@ -235,17 +267,29 @@ def typecheck(session: nox.Session) -> None:
             )
 
 
-@nox.session(tags=["tests"])
+@nox.session(tags=["tests"], python=NEWEST_PYTHON)
 @nox.parametrize("package", PACKAGE_NAMES, ids=PACKAGE_NAMES)
 def tests(session: nox.Session, package: str) -> None:
-    """One package's tests against its built wheel and the newest jax."""
+    """One package's tests against its built wheel and the newest jax (Python 3.12+)."""
+    _require_newest_python(session)
     _run_package_tests(session, package)
 
 
-@nox.session(tags=["tests"])
+@nox.session(tags=["tests"], python=PY311)
+@nox.parametrize("package", PACKAGE_NAMES, ids=PACKAGE_NAMES)
+def tests_py311(session: nox.Session, package: str) -> None:
+    """One package's tests against its built wheel and the newest jax on Python 3.11
+    (jax 0.10): what ``pip install`` gives where Python is 3.11."""
+    _require_py311(session)
+    _run_package_tests(session, package)
+
+
+@nox.session(tags=["tests"], python=PY311)
 @nox.parametrize("package", PACKAGE_NAMES, ids=PACKAGE_NAMES)
 def tests_min_jax(session: nox.Session, package: str) -> None:
-    """One package's tests against its built wheel and the oldest jax it declares."""
+    """One package's tests against its built wheel and the oldest jax it declares
+    (Python 3.11)."""
+    _require_py311(session)
     version = _min_jax(package)
     _run_package_tests(session, package, f"jax=={version}", f"jaxlib=={version}")
 
