@@ -409,15 +409,20 @@ def gpu_compile(session: nox.Session) -> None:
     session.run("python", str(ROOT / "benchmarks" / "gpu" / "compile_report.py"), *session.posargs)
 
 
-@nox.session(default=False)
+@nox.session(default=False, python=NEWEST_PYTHON)
 def gpu_check(session: nox.Session) -> None:
-    """The attention backends on an NVIDIA GPU, in one command: the Pallas tests compiled
-    through Triton (not interpreted), then ``benchmarks/attention.py --impl pallas --dtype
-    bfloat16`` against jax.nn's XLA and cuDNN paths, written to
-    ``benchmarks/results/attention_gpu.*``. Without a GPU it says so and checks nothing
-    (``-- --strict`` makes that a failure)."""
-    session.install(*map(str, _all_wheels(session)), "jax[cuda12]", *INTEGRATION_DEPS)
-    session.run("python", str(ROOT / "benchmarks" / "gpu" / "check.py"), *session.posargs)
+    """The attention kernels on an NVIDIA GPU (``benchmarks/gpu/check.py``, every part):
+    each kernel compiled with small numerics, the Pallas and drop-in tests compiled, the
+    bfloat16 targets against cuDNN at L=16384 and the tuning sweep, written to
+    ``benchmarks/results/attention_gpu_*``. Without a GPU it says so and checks nothing
+    (``-- --strict`` makes that a failure). On a GPU machine without a package index, run
+    the script itself with the machine's Python (its docstring gives the command)."""
+    _require_newest_python(session)
+    session.install(*map(str, _all_wheels(session)), "jax[cuda13]", *INTEGRATION_DEPS)
+    args = list(session.posargs)
+    if "--parts" not in args:
+        args = ["--parts", "smoke", "tests", "benchmark", "tuning", *args]
+    session.run("python", str(ROOT / "benchmarks" / "gpu" / "check.py"), *args)
 
 
 @nox.session(default=False)
