@@ -570,15 +570,23 @@ def _kernel_dot_precisions(dtype):
     return found
 
 
-def test_float32_kernel_dots_are_full_precision():
-    # Triton rounds float32 dot operands to TF32 unless asked for full precision (its
-    # "ieee" input precision, which the lowering picks for Precision.HIGHEST); 16-bit
+@pytest.mark.parametrize("compiled", [False, True], ids=["interpreted", "compiled"])
+def test_float32_kernel_dots_keep_float32_accuracy(monkeypatch, compiled):
+    # Triton rounds float32 dot operands to TF32 unless told otherwise. Compiled, the
+    # kernels ask for three TF32 products per dot (tf32x3: float32 accuracy on tensor
+    # cores); interpreted, the host's float32 products (CPUs have no TF32x3). 16-bit
     # operands keep the default.
-    highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+    if compiled:  # the kernels as traced for a GPU; nothing is lowered or run here
+        monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     f32 = _kernel_dot_precisions(jnp.float32)
     bf16 = _kernel_dot_precisions(jnp.bfloat16)
     assert len(f32) >= 6 and len(bf16) == len(f32)  # forward, dQ and dK/dV dots
-    assert all(p == highest for p in f32), f32
+    if compiled:
+        want = jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+        assert all(p == want for p in f32), f32
+    else:
+        highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+        assert all(p == highest for p in f32), f32
     assert all(p is None for p in bf16), bf16
 
 

@@ -3,7 +3,9 @@ softmax step and the gradient step, as functions of arrays apart from refs and g
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -274,12 +276,33 @@ def add_read_gradient(acc: Array, read: ArrayRead, shape: tuple[int, ...], grad:
     return lax.fori_loop(0, count, entry, acc)
 
 
+# Whether the kernel being traced will be compiled (Triton) or interpreted (on the host);
+# set by the pallas_call around the kernel's trace.
+_COMPILED = contextvars.ContextVar("compiled_kernel", default=False)
+
+
+@contextlib.contextmanager
+def compiled_dots(compiled: bool) -> Iterator[None]:
+    """Dots traced meanwhile are for a compiled (``True``) or interpreted kernel."""
+    token = _COMPILED.set(compiled)
+    try:
+        yield
+    finally:
+        _COMPILED.reset(token)
+
+
 def _precision(a: Array, b: Array) -> Any:
-    """float32 operands multiply in full float32 (Triton's ``ieee`` input precision): by
-    default Triton rounds them to TF32 on a GPU (a 10-bit mantissa, errors near 1e-3),
-    which float32 callers do not expect. 16-bit operands keep the default (their own
-    products, float32 accumulation)."""
-    return lax.Precision.HIGHEST if _F32 in (a.dtype, b.dtype) else None
+    """float32 operands keep float32 accuracy. Triton's default rounds them to TF32 (a
+    10-bit mantissa, errors near 1e-3); compiled, three TF32 products per dot (Triton's
+    ``tf32x3``) recover float32 accuracy on the tensor cores, where full float32
+    products (``ieee``) would turn each dot into tens of thousands of scalar FMAs.
+    Interpreted, the host multiplies in float32 (CPUs have no TF32 algorithms). 16-bit
+    operands keep the default: their own products, float32 accumulation."""
+    if _F32 not in (a.dtype, b.dtype):
+        return None
+    if _COMPILED.get():
+        return lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+    return lax.Precision.HIGHEST
 
 
 def _matmul_t(a: Array, b: Array) -> Array:
