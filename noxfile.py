@@ -223,13 +223,21 @@ def _session_script(session: nox.Session, name: str, text: str) -> Path:
     return path
 
 
+# Test processes per package (pytest-xdist, in the package's test extras): the attention
+# suite is mostly XLA compiling small programs, one core per process, and it runs three
+# times (newest jax, jax 0.10, oldest jax).
+TEST_PROCESSES = {"jax-block-attention": 2}
+
+
 def _run_package_tests(session: nox.Session, package: str, *pins: str) -> None:
     wheel = _wheel(session, package)
     session.install(f"{wheel}[test]", *pins)
     check = _session_script(session, "isolation_check.py", _ISOLATION_CHECK)
     session.run("python", str(check), PACKAGES[package])
+    processes = TEST_PROCESSES.get(package, 1)
+    parallel = ["-n", str(processes)] if processes > 1 else []
     # Tests run against the installed wheel, never the source tree.
-    _pytest(session, str(ROOT / "packages" / package / "tests"), *session.posargs)
+    _pytest(session, str(ROOT / "packages" / package / "tests"), *parallel, *session.posargs)
 
 
 @nox.session(tags=["check"])

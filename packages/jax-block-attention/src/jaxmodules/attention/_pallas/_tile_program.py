@@ -10,6 +10,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.extend.core import Literal
 
 from .._elementwise import ElementwiseProgram
@@ -61,8 +62,10 @@ def _unsupported(what: str) -> PallasUnsupportedError:
 
 
 def _literal_value(atom: Any) -> Any:
+    # lax.full, not jnp.asarray: older jax (0.5) traces jnp.asarray of a constant as a
+    # device_put, which Pallas cannot lower to Triton.
     aval = atom.aval
-    return jnp.asarray(np.asarray(atom.val, dtype=aval.dtype))
+    return lax.full(aval.shape, np.asarray(atom.val, dtype=aval.dtype), aval.dtype)
 
 
 def _broadcast_all(values: Sequence[Any]) -> list[Any]:
