@@ -24,7 +24,8 @@ the moment it exists (``attention_gpu_check.md`` and ``attention_gpu_check.log``
 
 The three parts take at most 9.5 minutes, so the one command fits a 10-minute limit;
 ``--parts`` runs some of them (for instance ``--parts tuning`` in a second call).
-``--parts tests`` also runs the Pallas and drop-in test files compiled on the GPU
+``--parts tests`` also runs the Pallas, backend, dispatch, cuDNN and drop-in test files
+compiled on the GPU
 (``nox -s gpu_check`` runs every part, on a machine with a package index). Without a GPU
 the script says so and exits 0 (1 with ``--strict``);
 ``python benchmarks/gpu/check.py --part-inline smoke --tiny`` runs the smoke part on
@@ -55,6 +56,14 @@ TUNE = ROOT / "benchmarks" / "gpu" / "tune.py"
 # included) with room for the runs themselves.
 PART_LIMITS = {"smoke": 180, "benchmark": 210, "tuning": 180, "tests": 420}
 DEFAULT_PARTS = ("smoke", "benchmark", "tuning")
+# The test files whose kernels run compiled on a GPU (the "tests" part).
+GPU_TEST_FILES = (
+    "test_pallas_kernels.py",
+    "test_backends.py",
+    "test_dispatch.py",
+    "test_cudnn.py",
+    "test_drop_in.py",
+)
 
 # Largest |ours - reference| / (1 + |reference|) a smoke case may show, by dtype.
 SMOKE_TOLERANCE = {"float32": 2e-4, "bfloat16": 5e-2, "float16": 2e-2}
@@ -365,8 +374,7 @@ def _run_part(part: str, args: argparse.Namespace, results: Results) -> int:
             "-q",
             "-W",
             "ignore:The Pallas Triton backend is deprecated:DeprecationWarning",
-            str(TESTS / "test_pallas.py"),
-            str(TESTS / "test_drop_in.py"),
+            *(str(TESTS / name) for name in GPU_TEST_FILES),
         ]
     else:
         command = [sys.executable, __file__, "--part-inline", part, "--results", str(args.results)]
