@@ -1,5 +1,6 @@
 """Block-wise, linear-memory masked softmax attention in JAX."""
 
+from . import flex
 from ._api import dot_product_attention, masked_attention_via_map
 from ._block_mask import BlockMask, create_block_mask
 from ._ring import from_zigzag, ring_attention, ring_block_counts, to_zigzag, zigzag_order
@@ -8,6 +9,7 @@ __all__ = [
     "BlockMask",
     "create_block_mask",
     "dot_product_attention",
+    "flex",
     "from_zigzag",
     "masked_attention_via_map",
     "ring_attention",
