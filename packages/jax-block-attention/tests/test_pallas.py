@@ -355,7 +355,7 @@ def test_lowers_for_cuda_without_a_gpu(ref):
 def test_gpu_defaults_lower_for_cuda_without_a_gpu(ref):
     # What a GPU user gets first: 128 x 128 blocks, d=128 (8 warps), the compiled
     # default of 32-wide backward slices, GQA and a key-padding bias (column sums).
-    from jaxmodules.attention._xla import Operands
+    from jaxmodules.attention._scores import Operands
 
     shape = (1, 256, 256, 4, 1, 128, 128)
     q, k, v = ref.qkv(35, *shape, dtype=jnp.bfloat16)
@@ -396,8 +396,7 @@ def test_score_mod_array_gradients_lower_for_cuda_without_a_gpu(ref):
     # Gradients of traced arrays score_mod closes over (a bucket table read at q - k and
     # the head, slopes read at the head) lower to Triton with the compiled defaults.
     from jaxmodules.attention._elementwise import trace_score_mod
-    from jaxmodules.attention._scores import ScoreConfig
-    from jaxmodules.attention._xla import Operands
+    from jaxmodules.attention._scores import Operands, ScoreConfig
 
     shape = (1, 128, 128, 4, 2, 64, 64)
     q, k, v = ref.qkv(36, *shape, dtype=jnp.bfloat16)
@@ -512,8 +511,7 @@ def _kernel_and_reference(ref, arrays, block_mask, visible, rng, **kwargs):
     """``pallas_attend_with_lse`` (jitted; ``backward_tile`` and ``kv_splits`` from
     ``kwargs``) and the float64 reference, as ``ref.against_reference`` returns them."""
     from jaxmodules.attention._elementwise import trace_score_mod
-    from jaxmodules.attention._scores import ScoreConfig
-    from jaxmodules.attention._xla import Operands
+    from jaxmodules.attention._scores import Operands, ScoreConfig
 
     tuning = {name: kwargs.pop(name) for name in ("backward_tile", "kv_splits") if name in kwargs}
 
@@ -802,8 +800,7 @@ def test_cudnn_takes_only_masks_it_expresses_exactly(ref, monkeypatch):
 @pytest.mark.parametrize("bias_shape", [(1, 4, 48, 80), (1, 1, 1, 80)])
 def test_score_pipeline_lowers_for_cuda_without_a_gpu(ref, bias_shape):
     from jaxmodules.attention._elementwise import trace_score_mod
-    from jaxmodules.attention._scores import ScoreConfig
-    from jaxmodules.attention._xla import Operands
+    from jaxmodules.attention._scores import Operands, ScoreConfig
 
     shape = (1, 48, 80, 4, 2, 32, 32)
     q, k, v = ref.qkv(29, *shape, dtype=jnp.bfloat16)

@@ -2,7 +2,8 @@
 
 from . import flex
 from ._api import dot_product_attention, masked_attention_via_map
-from ._block_mask import BlockMask, create_block_mask
+from ._block_mask import BlockMask
+from ._plan import create_block_mask
 from ._ring import from_zigzag, ring_attention, ring_block_counts, to_zigzag, zigzag_order
 
 __all__ = [

@@ -10,19 +10,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._block_mask import BlockMask, make_block_mask, with_mask_arrays
-from ._block_sizes import default_block_sizes
-from ._cache import LRUCache
-from ._checks import check_arguments, normalize_q_offset
-from ._config import block_fields
+from ._block_mask import BlockMask
+from ._checks import check_arguments
 from ._cudnn import cudnn_attention, cudnn_problem, on_gpu
-from ._elementwise import has_tracers, trace_mask_fn, trace_score_mod
+from ._elementwise import trace_score_mod
 from ._pallas import PallasUnsupportedError, pallas_attend_with_lse, pallas_call_problem
-from ._scores import ScoreConfig, bias_axes
-from ._xla import KernelConfig, Operands, block_attention
-
-# Compiled programs, one per static configuration; bounded.
-_PROGRAMS = LRUCache[Callable[..., Any]](64)
+from ._plan import block_mask_for_call, refined_block_mask
+from ._scores import Operands, ScoreConfig, bias_axes
+from ._xla import attend
 
 
 def masked_attention_via_map(
@@ -211,7 +206,7 @@ def masked_attention_via_map(
     else:
         pallas_blocks = backend == "pallas" and args.block_size is None
         if block_mask is None:
-            block_mask = _block_mask_for_call(
+            block_mask = block_mask_for_call(
                 args,
                 mask_fn,
                 q_offset,
@@ -225,7 +220,7 @@ def masked_attention_via_map(
                 pallas_blocks=pallas_blocks,
             )
         elif args.mask is not None or args.q_lengths is not None or args.kv_lengths is not None:
-            block_mask = _refined(block_mask, args, bsz, q_heads)
+            block_mask = refined_block_mask(block_mask, args, bsz, q_heads)
         scale_value = args.scale if args.scale is not None else 1.0 / math.sqrt(d)
         program, consts = (None, ()) if score_mod is None else trace_score_mod(score_mod)
         scores = ScoreConfig(
@@ -273,12 +268,6 @@ def _check_implementation(implementation: Any) -> str | None:
     return implementation
 
 
-def _pallas_block_size(length: int) -> int:
-    """A Pallas block side for a length: a power of two in [16, 128] (not clamped to the
-    length: the kernel pads)."""
-    return min(128, 1 << (max(16, length) - 1).bit_length())
-
-
 def _empty_result(q: jax.Array, dv: int, sinks: Any) -> tuple[jax.Array, jax.Array]:
     """Zero output, and the log-sum-exp of a row with no keys (its sink, or -inf)."""
     bsz, q_len, q_heads, _ = q.shape
@@ -288,183 +277,6 @@ def _empty_result(q: jax.Array, dv: int, sinks: Any) -> tuple[jax.Array, jax.Arr
     else:
         lse = jnp.broadcast_to(sinks.astype(jnp.float32)[None, :, None], (bsz, q_heads, q_len))
     return out, lse
-
-
-def _refined(block_mask: BlockMask, args: Any, batch: int, q_heads: int) -> BlockMask:
-    """``block_mask`` AND a mask array / sequence lengths, classified again."""
-    program, consts = with_mask_arrays(
-        block_mask.program,
-        block_mask.mask_consts,
-        mask=args.mask,
-        q_lengths=args.q_lengths,
-        kv_lengths=args.kv_lengths,
-        q_offset=block_mask.q_offset,
-    )
-    return make_block_mask(
-        program,
-        consts,
-        batch=batch,
-        heads=q_heads,
-        q_len=block_mask.shape[2],
-        k_len=block_mask.shape[3],
-        block_size=block_mask.block_size,
-        is_causal=block_mask.is_causal,
-        window=block_mask.window,
-        q_offset=block_mask.q_offset,
-    )
-
-
-def _block_mask_for_call(
-    args: Any,
-    mask_fn: Any,
-    q_offset: Any,
-    is_causal: bool,
-    batch: int,
-    q_heads: int,
-    q_len: int,
-    k_len: int,
-    head_dim: int,
-    value_dim: int,
-    pallas_blocks: bool = False,
-) -> BlockMask:
-    """The block mask of a call that gave ``is_causal`` / ``window_size`` / ``mask_fn``
-    / ``q_offset`` directly; reused from a bounded cache when it closes over nothing.
-    With ``pallas_blocks`` its blocks are powers of two for the Pallas kernel."""
-    if pallas_blocks:
-        blocks = (_pallas_block_size(q_len), _pallas_block_size(k_len))
-    else:
-        blocks = args.block_size or default_block_sizes(
-            q_len=q_len,
-            k_len=k_len,
-            batch=batch,
-            q_heads=q_heads,
-            head_dim=head_dim,
-            value_dim=value_dim,
-            is_causal=is_causal,
-            window=args.window,
-        )
-    program, consts = (None, ()) if mask_fn is None else trace_mask_fn(mask_fn)
-    offset = normalize_q_offset(q_offset, batch)
-    program, consts = with_mask_arrays(
-        program,
-        consts,
-        mask=args.mask,
-        q_lengths=args.q_lengths,
-        kv_lengths=args.kv_lengths,
-        q_offset=offset,
-    )
-    return make_block_mask(
-        program,
-        consts,
-        batch=batch,
-        heads=q_heads,
-        q_len=q_len,
-        k_len=k_len,
-        block_size=blocks if pallas_blocks else (min(blocks[0], q_len), min(blocks[1], k_len)),
-        is_causal=is_causal,
-        window=args.window,
-        q_offset=offset,
-    )
-
-
-def _any_listed(count: Any) -> bool:
-    """Whether any row lists a block; ``True`` when only the device knows."""
-    if has_tracers([count]):
-        return True
-    return bool(np.asarray(count).any())
-
-
-def attend(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    block_mask: BlockMask,
-    scale: float,
-    scores: ScoreConfig | None = None,
-    operands: Operands | None = None,
-) -> tuple[jax.Array, jax.Array]:
-    """Attention of 4-D inputs under ``block_mask`` with the block-loop backend: the
-    output and the per-row log-sum-exp ``(B, Hq, Lq)``."""
-    scores = scores or ScoreConfig()
-    operands = operands or Operands(None, None, ())
-    bsz, q_len, q_heads, _ = q.shape
-    _, k_len, kv_heads, _ = k.shape
-    mask_heads = block_mask.mask_heads
-    per_head = mask_heads > 1
-    config = KernelConfig(
-        **block_fields(block_mask, q_len=q_len, k_len=k_len, scale=scale),
-        batch=bsz,
-        kv_heads=q_heads if per_head else kv_heads,
-        groups=1 if per_head else q_heads // kv_heads,
-        any_full=_any_listed(block_mask.full_kv_num_blocks),
-        any_partial=_any_listed(block_mask.kv_num_blocks),
-        scores=scores,
-    )
-    schedule = (
-        block_mask.kv_num_blocks,
-        block_mask.kv_indices,
-        block_mask.full_kv_num_blocks,
-        block_mask.full_kv_indices,
-        block_mask.q_offset,
-    )
-    program = _PROGRAMS.get(config, lambda: jax.jit(lambda *a: _attend(config, *a)))
-    return program(q, k, v, schedule, block_mask.mask_consts, operands)
-
-
-def _kernel_bias(config: KernelConfig, bias: jax.Array, q_pad: int, k_pad: int) -> jax.Array:
-    """A rank-4 bias ``(Bb, Hb, Lqb, Lkb)`` in kernel layout ``(Bb, Hb', Lqb, Gb, Lkb)``,
-    padded to whole blocks along the axes it does not broadcast over."""
-    bb, hb, lqb, lkb = bias.shape
-    heads, groups = config.kv_heads, config.groups
-    if hb > 1 and groups > 1:
-        bias = bias.reshape(bb, heads, groups, lqb, lkb).transpose(0, 1, 3, 2, 4)
-    else:
-        bias = bias[:, :, :, None, :]
-    pads = [(0, 0)] * 5
-    if lqb > 1:
-        pads[2] = (0, q_pad)
-    if lkb > 1:
-        pads[4] = (0, k_pad)
-    return jnp.pad(bias, pads)
-
-
-def _attend(
-    config: KernelConfig,
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    schedule: tuple,
-    consts: tuple,
-    operands: Operands,
-) -> tuple[jax.Array, jax.Array]:
-    """Kernel layout and padding around ``block_attention``."""
-    bsz, q_len, q_heads, d = q.shape
-    kv_heads = k.shape[2]
-    heads, groups, dv = config.kv_heads, config.groups, v.shape[-1]
-    q_pad = config.n_q_blocks * config.q_block - q_len
-    k_pad = config.n_k_blocks * config.k_block - config.k_len
-    if heads != kv_heads:
-        # The mask depends on the query head: each query head gets its own lists, so
-        # key/value heads are repeated per query head (and their gradients summed).
-        k = jnp.repeat(k, heads // kv_heads, axis=2)
-        v = jnp.repeat(v, heads // kv_heads, axis=2)
-    # (B, Lq, Hk * G, d) -> (B, Hk, Lq * G, d): the rows of one query block are
-    # contiguous and the G query heads that share a key/value head share its matmul.
-    qk = q.reshape(bsz, q_len, heads, groups, d).transpose(0, 2, 1, 3, 4)
-    qk = jnp.pad(qk, ((0, 0), (0, 0), (0, q_pad), (0, 0), (0, 0)))
-    qk = qk.reshape(bsz, heads, (q_len + q_pad) * groups, d)
-    kk = jnp.pad(k.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, k_pad), (0, 0)))
-    vk = jnp.pad(v.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, k_pad), (0, 0)))
-    bias = None if operands.bias is None else _kernel_bias(config, operands.bias, q_pad, k_pad)
-    sinks = None if operands.sinks is None else operands.sinks.reshape(heads, groups)
-    kernel_operands = Operands(bias, sinks, operands.score_consts)
-    out, lse = block_attention(config, qk, kk, vk, schedule, consts, kernel_operands)
-    out = out.reshape(bsz, heads, q_len + q_pad, groups, dv)[:, :, :q_len]
-    out = out.transpose(0, 2, 1, 3, 4).reshape(bsz, q_len, q_heads, dv)
-    lse = lse.reshape(bsz, heads, q_len + q_pad, groups)[:, :, :q_len]
-    lse = lse.transpose(0, 1, 3, 2).reshape(bsz, q_heads, q_len)
-    # Rows with nothing visible carry +inf inside the kernels; the contract says -inf.
-    return out, jnp.where(lse == jnp.inf, -jnp.inf, lse)
 
 
 def dot_product_attention(

@@ -57,6 +57,21 @@ def bias_axes(shape: tuple[int, ...]) -> tuple[bool, bool, bool, bool]:
 
 
 @dataclass(frozen=True)
+class Operands:
+    """The arrays of the score pipeline: ``bias`` and ``sinks`` (or ``None``) and the
+    arrays ``score_mod`` closes over. Each backend lays them out for its kernels."""
+
+    bias: Array | None
+    sinks: Array | None
+    score_consts: tuple
+
+
+jax.tree_util.register_dataclass(
+    Operands, data_fields=["bias", "sinks", "score_consts"], meta_fields=[]
+)
+
+
+@dataclass(frozen=True)
 class TileIndex:
     """Index arrays of one tile in the ``(batch, head, row, key)`` layout of the scores,
     for ``score_mod``: each broadcasts against the ``(bs, hs, rows, bk)`` tile."""

@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ._band import FULL, PARTIAL, band_limits, structural_classes
+from .._band import FULL, PARTIAL, band_limits, structural_classes
 
 _QUERY_BLOCK_COST = 50e-6  # seconds per query block
 _STEP_COST = 20e-6  # seconds per scheduled block pair

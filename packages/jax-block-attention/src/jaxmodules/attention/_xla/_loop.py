@@ -1,10 +1,8 @@
-"""The block-loop backend: online softmax over a block mask's lists, recomputing VJP.
+"""XLA backend, the block loop: online softmax over a block mask's lists, and its
+recomputing VJP.
 
-Layout inside this module: queries ``(B, Hk, Lq_pad * G, d)`` (rows ordered query
-position major, head within the group minor), keys ``(B, Hk, Lk_pad, d)``, values
-``(B, Hk, Lk_pad, dv)``; ``Hk`` is ``Hkv`` (a group's ``G`` query heads share each key
-block's matmul) or, when the mask depends on the head, ``Hq`` with ``G = 1``. A bias is
-``(Bb, Hb, Lq_b, G_b, Lk_b)`` with size-1 axes where it broadcasts; sinks ``(Hk, G)``.
+It receives the inputs already in the layout that ``_entry`` builds (queries
+``(B, Hk, Lq_pad * G, d)``, keys and values ``(B, Hk, Lk_pad, d | dv)``, see there).
 Scores, softmax statistics and accumulators are float32.
 
 The work is split into *units*, one per (batch row, head) slice that has its own block
@@ -24,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ._band import in_band
-from ._config import BlockConfig
-from ._scores import TileIndex, tile_score_gradients, tile_scores
+from .._band import in_band
+from .._config import BlockConfig
+from .._scores import Operands, TileIndex, tile_score_gradients, tile_scores
 
 Array = jax.Array
 _F32 = jnp.float32
@@ -51,21 +49,6 @@ class KernelConfig(BlockConfig):
     @property
     def units(self) -> int:
         return self.mask_batch * self.mask_heads
-
-
-@dataclass(frozen=True)
-class Operands:
-    """The arrays of the score pipeline: ``bias`` and ``sinks`` in kernel layout (or
-    ``None``) and the arrays ``score_mod`` closes over."""
-
-    bias: Array | None
-    sinks: Array | None
-    score_consts: tuple
-
-
-jax.tree_util.register_dataclass(
-    Operands, data_fields=["bias", "sinks", "score_consts"], meta_fields=[]
-)
 
 
 @dataclass(frozen=True)
