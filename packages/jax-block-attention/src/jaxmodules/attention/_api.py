@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._block_mask import BlockMask
-from ._checks import check_arguments
+from ._checks import check_arguments, fold_scale
 from ._cudnn import cudnn_attention, cudnn_problem, on_gpu
 from ._elementwise import trace_score_mod
 from ._pallas import PallasUnsupportedError, pallas_attend_with_lse, pallas_call_problem
@@ -29,7 +29,7 @@ def masked_attention_via_map(
     mask_fn: Callable[..., Any] | None = None,
     block_size: int | tuple[int, int] | None = None,
     window_size: int | tuple[int | None, int | None] | None = None,
-    scale: float | None = None,
+    scale: float | jax.Array | None = None,
     q_offset: Any = 0,
     block_mask: BlockMask | None = None,
     bias: Any = None,
@@ -76,7 +76,11 @@ def masked_attention_via_map(
         window_size: ``(left, right)``: key ``k`` is visible from query ``q`` only if
             ``q - left <= k <= q + right``. ``None`` on one side leaves that side
             unbounded; a single int ``w`` means ``(w, w)``.
-        scale: Factor for the scores ``Q @ K^T``; defaults to ``1 / sqrt(d)``.
+        scale: Factor for the scores ``Q @ K^T``; defaults to ``1 / sqrt(d)``. A Python
+            or NumPy number or a floating scalar array, which may be traced: a learnable
+            temperature gets the gradient ``jax.nn`` gives it. A traced scale is
+            multiplied into ``Q`` (in float32, then rounded to ``Q``'s dtype) before the
+            call, so the kernels see a scale of 1.
         q_offset: Position of query row 0 (key ``j`` sits at position ``j``): an int, or
             an int array ``(B,)`` that may be traced. ``Lk - Lq`` aligns the last query
             with the last key (decoding with a KV cache, chunked prefill).
@@ -124,7 +128,8 @@ def masked_attention_via_map(
             window sizes, a ``mask_fn`` that is not element-wise, a ``block_mask`` that
             does not fit or comes with mask arguments.
         TypeError: Non-floating inputs, non-integer sizes or offsets, a ``mask_fn`` that
-            takes neither 3 nor 4 arguments or that does not return booleans.
+            takes neither 3 nor 4 arguments or that does not return booleans, a
+            ``scale`` that is not a real number or a floating scalar array.
 
     Examples:
         >>> import jax, jax.numpy as jnp
@@ -162,7 +167,8 @@ def masked_attention_via_map(
     )
     if not isinstance(return_lse, (bool, np.bool_)):
         raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
-    q, k, v = args.q, args.k, args.v
+    q, static_scale = fold_scale(args.q, args.scale)
+    k, v = args.k, args.v
     batched = q.ndim == 4
     if not batched:
         q, k, v = q[None], k[None], v[None]
@@ -195,7 +201,7 @@ def masked_attention_via_map(
             v,
             is_causal=bool(is_causal),
             window=args.window,
-            scale=args.scale,
+            scale=static_scale,
             bias=args.bias,
             query_seq_lengths=args.q_lengths,
             key_value_seq_lengths=args.kv_lengths,
@@ -221,7 +227,7 @@ def masked_attention_via_map(
             )
         elif args.mask is not None or args.q_lengths is not None or args.kv_lengths is not None:
             block_mask = refined_block_mask(block_mask, args, bsz, q_heads)
-        scale_value = args.scale if args.scale is not None else 1.0 / math.sqrt(d)
+        scale_value = static_scale if static_scale is not None else 1.0 / math.sqrt(d)
         program, consts = (None, ()) if score_mod is None else trace_score_mod(score_mod)
         scores = ScoreConfig(
             soft_cap=args.soft_cap,
@@ -286,7 +292,7 @@ def dot_product_attention(
     bias: Any = None,
     mask: Any = None,
     *,
-    scale: float | None = None,
+    scale: float | jax.Array | None = None,
     is_causal: bool = False,
     query_seq_lengths: Any = None,
     key_value_seq_lengths: Any = None,
@@ -308,7 +314,8 @@ def dot_product_attention(
         value: ``(B, S, K, H)`` or ``(S, K, H)`` (its head size may differ).
         bias: Added to the scores, broadcastable to ``(B, N, T, S)``.
         mask: Boolean, broadcastable to ``(B, N, T, S)``; ``True`` = visible.
-        scale: Score scale; ``1 / sqrt(H)`` by default.
+        scale: Score scale; ``1 / sqrt(H)`` by default. A number or a floating scalar
+            array, traced ones included (they get their gradient).
         is_causal: Key ``s`` visible from query ``t`` only if ``s <= t``.
         query_seq_lengths: ``(B,)`` int: query rows at or past it are masked.
         key_value_seq_lengths: ``(B,)`` int: keys at or past it are masked.
@@ -326,7 +333,8 @@ def dot_product_attention(
     Raises:
         ValueError: Shapes that do not fit (see ``masked_attention_via_map``), an
             unknown ``implementation``.
-        TypeError: Non-floating inputs, a non-boolean ``mask``.
+        TypeError: Non-floating inputs, a non-boolean ``mask``, a ``scale`` that is not
+            a real number or a floating scalar array.
 
     Examples:
         >>> import jax, jax.numpy as jnp

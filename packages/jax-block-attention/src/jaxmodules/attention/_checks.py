@@ -21,7 +21,7 @@ class CheckedArguments:
     v: jax.Array
     block_size: tuple[int, int] | None
     window: tuple[int | None, int | None]
-    scale: float | None
+    scale: float | jax.Array | None  # an array only when traced (see fold_scale)
     bias: jax.Array | None = None  # rank 4, broadcastable to (B, Hq, Lq, Lk)
     mask: jax.Array | None = None  # rank 4 boolean, broadcastable to (B, Hq, Lq, Lk)
     q_lengths: jax.Array | None = None  # (B,) int32
@@ -44,18 +44,47 @@ def _as_array(x: Any, name: str) -> jax.Array:
     return x
 
 
-def _scale(scale: Any) -> float | None:
-    scale_value: Any = scale
+def normalize_scale(scale: Any) -> float | jax.Array | None:
+    """``scale`` checked: ``None``, a float, or (when traced) a float scalar array.
+
+    A concrete array (``1 / jnp.sqrt(d)``) becomes a float; a traced one stays an array
+    for ``fold_scale``: the kernels take the scale as a static float.
+    """
     if scale is None:
         return None
+    if isinstance(scale, (jax.Array, jax.core.Tracer)):
+        if scale.ndim != 0:
+            raise TypeError(f"scale must be a scalar, got an array of shape {tuple(scale.shape)}")
+        if not jnp.issubdtype(scale.dtype, jnp.floating):
+            raise TypeError(
+                f"scale must be a real number or a floating scalar array, got dtype {scale.dtype}"
+            )
+        if isinstance(scale, jax.core.Tracer):
+            return scale
+        scale = np.asarray(scale)
     if isinstance(scale, bool) or not isinstance(scale, (numbers.Real, np.ndarray, np.generic)):
-        raise TypeError(f"scale must be a Python or NumPy real number, got {scale!r}")
-    if np.ndim(scale_value) != 0:
-        raise TypeError(f"scale must be a scalar, got an array of shape {np.shape(scale_value)}")
-    value = float(scale_value)
+        raise TypeError(
+            f"scale must be a real number or a floating scalar array, got "
+            f"{type(scale).__name__}: {scale!r}"
+        )
+    number: Any = scale
+    if np.ndim(number) != 0:
+        raise TypeError(f"scale must be a scalar, got an array of shape {np.shape(number)}")
+    value = float(number)
     if not np.isfinite(value):
         raise ValueError(f"scale must be finite, got {value}")
     return value
+
+
+def fold_scale(q: jax.Array, scale: float | jax.Array | None) -> tuple[jax.Array, float | None]:
+    """``(q, scale)`` for the kernels, whose scale is a static float: a traced scale is
+    multiplied into the queries (in at least float32, then rounded to ``q``'s dtype) and
+    the kernels' scale becomes 1. Differentiating through that product gives the scale
+    its gradient, ``sum(dq_scaled * q) = sum(dS * (q @ k^T))``, with no kernel change."""
+    if scale is None or isinstance(scale, float):
+        return q, scale
+    wide = jnp.promote_types(q.dtype, jnp.float32)
+    return (q.astype(wide) * scale.astype(wide)).astype(q.dtype), 1.0
 
 
 def _check_shapes(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
@@ -193,7 +222,7 @@ def check_arguments(
         v=v,
         block_size=blocks,
         window=window,
-        scale=_scale(scale),
+        scale=normalize_scale(scale),
         bias=None if bias is None else _broadcastable(bias, "bias", target, False, q.ndim == 4),
         mask=None if mask is None else _broadcastable(mask, "mask", target, True, q.ndim == 4),
         q_lengths=_lengths(query_seq_lengths, "query_seq_lengths", batch),

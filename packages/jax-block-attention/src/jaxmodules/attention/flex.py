@@ -36,9 +36,9 @@ import numpy as np
 
 from ._api import masked_attention_via_map
 from ._block_mask import BlockMask
-from ._block_mask import create_block_mask as _create_block_mask
-from ._checks import positive_int
 from ._elementwise import trace_mask_fn, trace_score_mod
+from ._normalize import positive_int
+from ._plan import create_block_mask as _create_block_mask
 
 __all__ = [
     "AuxOutput",
