@@ -11,7 +11,6 @@ over) are compared with the float64 dense reference, under the mask PyTorch's ow
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,9 +24,12 @@ torch_flex = pytest.importorskip("torch.nn.attention.flex_attention")
 
 from jaxmodules.attention import flex  # noqa: E402
 
-# Eager PyTorch FlexAttention warns once that it materialises the scores; that is fine here.
-warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
-warnings.filterwarnings("ignore", message=".*return_lse is deprecated.*")
+# Eager PyTorch FlexAttention warns that it materialises the scores (fine at these
+# sizes), and return_lse=True is the form the ported code uses.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile"),
+    pytest.mark.filterwarnings("ignore:return_lse is deprecated"),
+]
 
 FORWARD_ATOL = 2e-5  # ours (float32, block by block) against PyTorch (float32, dense)
 GRAD_ATOL = 1e-4  # ours (float32) against the float64 reference
@@ -434,3 +436,122 @@ def test_block_classes_match_pytorch(case: Case) -> None:
     assert ((classes_o == 2) | ~differ).all(), "a block PyTorch calls full is partial here"
     if not (padded_q or padded_k):  # PyTorch counts padded blocks' area, we count blocks
         assert ours.sparsity() * 100 == pytest.approx(theirs.sparsity())
+
+
+# ------------------------------------------------------------------ API-level parity
+
+
+@pytest.mark.parametrize("case", MASKED, ids=[c.name for c in MASKED])
+def test_create_mask_matches_pytorch(case: Case) -> None:
+    mask_mod_t = case.make(torch, {n: torch.from_numpy(x) for n, x in case.params.items()})[0]
+    mask_mod = case.make(jnp, {n: jnp.asarray(x) for n, x in case.params.items()})[0]
+    theirs = torch_flex.create_mask(mask_mod_t, case.mask_B, case.mask_H, case.L, case.S, "cpu")
+    ours = flex.create_mask(mask_mod, case.mask_B, case.mask_H, case.L, case.S)
+    np.testing.assert_array_equal(np.asarray(ours), theirs.numpy())
+
+
+def test_create_mask_of_a_score_mod_matches_pytorch() -> None:
+    def masking(xp):
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return xp.where((q_idx + h) % 3 == kv_idx % 2, -float("inf"), score)
+
+        return score_mod
+
+    theirs = torch_flex.create_mask(masking(torch), 1, 2, 12, 10, "cpu")
+    ours = flex.create_mask(masking(jnp), 1, 2, 12, 10)
+    np.testing.assert_array_equal(np.asarray(ours), theirs.numpy())
+
+
+def _pair(shape_q, shape_kv, seed=0, ev=None):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal(shape_q).astype(np.float32)
+    k = rng.standard_normal(shape_kv).astype(np.float32)
+    v = rng.standard_normal((*shape_kv[:3], ev or shape_kv[3])).astype(np.float32)
+    return q, k, v
+
+
+def test_array_scale_and_return_aux_match_pytorch() -> None:
+    """``scale`` as a 0-d array (a tensor for PyTorch, a jax array here); the lse
+    through ``return_aux=AuxRequest(lse=True)``."""
+    q, k, v = _pair((1, 2, 40, 16), (1, 2, 56, 16))
+    scale = np.float32(1 / np.sqrt(7.0))
+    out_t, aux_t = torch_flex.flex_attention(
+        *(torch.from_numpy(x) for x in (q, k, v)),
+        scale=torch.tensor(scale),
+        return_aux=torch_flex.AuxRequest(lse=True),
+    )
+    out, aux = flex.flex_attention(
+        q, k, v, scale=1 / jnp.sqrt(7.0), return_aux=flex.AuxRequest(lse=True)
+    )
+    np.testing.assert_allclose(out, out_t.numpy(), atol=FORWARD_ATOL, rtol=1e-5)
+    np.testing.assert_allclose(aux.lse, aux_t.lse.numpy(), atol=FORWARD_ATOL, rtol=1e-6)
+
+
+def test_key_value_batch_of_one_matches_pytorch() -> None:
+    """PyTorch lets keys and values of batch 1 serve a block mask of the queries' batch."""
+    q, k, v = _pair((2, 2, 48, 16), (1, 2, 48, 16))
+    doc = np.stack([np.repeat([0, 1], [20, 28]), np.repeat([0, 1], [30, 18])]).astype(np.int32)
+
+    def make(xp_doc):
+        return lambda b, h, q_idx, kv_idx: xp_doc[b, q_idx] == xp_doc[b, kv_idx]
+
+    bm_t = torch_flex.create_block_mask(
+        make(torch.from_numpy(doc)), 2, None, 48, 48, device="cpu", BLOCK_SIZE=16
+    )
+    out_t = torch_flex.flex_attention(*(torch.from_numpy(x) for x in (q, k, v)), block_mask=bm_t)
+    bm = flex.create_block_mask(make(jnp.asarray(doc)), 2, None, 48, 48, BLOCK_SIZE=16)
+    out = flex.flex_attention(q, k, v, block_mask=bm)
+    np.testing.assert_allclose(out, out_t.numpy(), atol=FORWARD_ATOL, rtol=1e-5)
+
+
+def test_kernel_options_are_accepted_like_pytorch() -> None:
+    q, k, v = _pair((1, 4, 64, 16), (1, 2, 64, 16))
+    options = {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "PRESCALE_QK": False}
+    bm_t = torch_flex.create_block_mask(causal, None, None, 64, 64, device="cpu", BLOCK_SIZE=32)
+    out_t = torch_flex.flex_attention(
+        *(torch.from_numpy(x) for x in (q, k, v)),
+        block_mask=bm_t,
+        enable_gqa=True,
+        kernel_options=options,
+    )
+    bm = flex.create_block_mask(causal, None, None, 64, 64, BLOCK_SIZE=32)
+    out = flex.flex_attention(q, k, v, block_mask=bm, enable_gqa=True, kernel_options=options)
+    np.testing.assert_allclose(out, out_t.numpy(), atol=FORWARD_ATOL, rtol=1e-5)
+
+
+def test_both_refuse_different_head_counts_without_enable_gqa() -> None:
+    q, k, v = _pair((1, 4, 16, 8), (1, 2, 16, 8))
+    with pytest.raises(ValueError, match="enable_gqa"):
+        torch_flex.flex_attention(*(torch.from_numpy(x) for x in (q, k, v)))
+    with pytest.raises(ValueError, match="enable_gqa"):
+        flex.flex_attention(q, k, v)
+    q3 = q[:, :3]
+    with pytest.raises(ValueError, match="multiple"):
+        torch_flex.flex_attention(*(torch.from_numpy(x) for x in (q3, k, v)), enable_gqa=True)
+    with pytest.raises(ValueError, match="multiple"):
+        flex.flex_attention(q3, k, v, enable_gqa=True)
+
+
+def test_both_refuse_a_block_mask_for_other_lengths() -> None:
+    q, k, v = _pair((1, 2, 32, 8), (1, 2, 32, 8))
+    bm_t = torch_flex.create_block_mask(causal, None, None, 64, 64, device="cpu", BLOCK_SIZE=16)
+    with pytest.raises(ValueError):
+        torch_flex.flex_attention(*(torch.from_numpy(x) for x in (q, k, v)), block_mask=bm_t)
+    bm = flex.create_block_mask(causal, None, None, 64, 64, BLOCK_SIZE=16)
+    with pytest.raises(ValueError, match="does not fit"):
+        flex.flex_attention(q, k, v, block_mask=bm)
+
+
+def test_bfloat16_inputs_match_pytorch_to_bfloat16_precision() -> None:
+    q, k, v = (x.astype(np.float32) for x in _pair((1, 2, 64, 16), (1, 2, 64, 16), seed=3))
+    tq, tk, tv = (torch.from_numpy(x).to(torch.bfloat16) for x in (q, k, v))
+    bm_t = torch_flex.create_block_mask(causal, None, None, 64, 64, device="cpu", BLOCK_SIZE=32)
+    out_t, lse_t = torch_flex.flex_attention(tq, tk, tv, block_mask=bm_t, return_lse=True)
+    jq, jk, jv = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
+    bm = flex.create_block_mask(causal, None, None, 64, 64, BLOCK_SIZE=32)
+    out, lse = flex.flex_attention(jq, jk, jv, block_mask=bm, return_lse=True)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(
+        np.asarray(out, np.float32), out_t.float().numpy(), atol=2e-2, rtol=2e-2
+    )
+    np.testing.assert_allclose(np.asarray(lse), lse_t.float().numpy(), atol=2e-2, rtol=1e-2)

@@ -410,11 +410,14 @@ def _kernel_options(options: Any, block_mask: Any) -> tuple[Any, str | None]:
     if block_mask is not None:
         return None, implementation  # the block mask's block size is the kernel's
     # fwd_ names win over plain ones, as in PyTorch; one side given sets both.
-    q_block = options.get("fwd_BLOCK_M", options.get("BLOCK_M"))
-    k_block = options.get("fwd_BLOCK_N", options.get("BLOCK_N"))
-    if q_block is None and k_block is None:
+    sizes = {}
+    for side, names in (("q", ("fwd_BLOCK_M", "BLOCK_M")), ("k", ("fwd_BLOCK_N", "BLOCK_N"))):
+        name = next((n for n in names if options.get(n) is not None), None)
+        if name is not None:
+            sizes[side] = positive_int(options[name], f"kernel_options[{name!r}]")
+    if not sizes:
         return None, implementation
-    return (q_block or k_block, k_block or q_block), implementation
+    return (sizes.get("q", sizes.get("k")), sizes.get("k", sizes.get("q"))), implementation
 
 
 def _aux_request(return_lse: Any, return_aux: Any) -> tuple[bool, AuxRequest | None]:
