@@ -139,10 +139,12 @@ def _run_package_tests(session: nox.Session, package: str, *pins: str) -> None:
 
 @nox.session(tags=["check"])
 def lint(session: nox.Session) -> None:
-    """Ruff lint and format check over the whole repository, and version lockstep."""
+    """Ruff lint and format check over the whole repository, the source layout (file and
+    function sizes, no import cycles: tools/check_layout.py), and version lockstep."""
     session.install(RUFF)
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
+    session.run("python", str(ROOT / "tools" / "check_layout.py"))
     check_versions(session)
 
 

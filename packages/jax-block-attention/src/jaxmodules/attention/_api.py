@@ -1,23 +1,26 @@
-"""The public entry point: normalise the arguments, make the block mask, dispatch."""
+"""The public entry points, dispatch only: check the arguments, pick a backend, plan the
+block mask with that backend's block sizes, call it, add the sinks."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import _pallas as pallas
+from . import _xla as xla
 from ._block_mask import BlockMask
-from ._checks import check_arguments, fold_scale
+from ._checks import CheckedArguments, check_arguments
 from ._cudnn import cudnn_attention, cudnn_problem, on_gpu
 from ._elementwise import trace_score_mod
-from ._pallas import PallasUnsupportedError, pallas_attend_with_lse, pallas_call_problem
-from ._plan import block_mask_for_call, refined_block_mask
-from ._scores import Operands, ScoreConfig, bias_axes
-from ._xla import attend
+from ._pallas import PallasUnsupportedError
+from ._plan import plan_block_mask
+from ._scores import Operands, ScoreConfig, bias_axes, with_sinks
 
 
 def masked_attention_via_map(
@@ -43,6 +46,21 @@ def masked_attention_via_map(
     implementation: str | None = None,
 ) -> Any:
     """Softmax attention computed block by block, in memory linear in the sequence length.
+
+    This is the package's one entry point, whichever backend computes the call; its
+    name, kept from the original library, describes only the first of them. Each call
+    goes to one of three backends (see ``implementation``):
+
+    - ``"xla"``, the block loop: plain JAX (``lax.map`` over query blocks, ``fori_loop``
+      over the listed key blocks), on any device, for every keyword;
+    - ``"pallas"``: fused Pallas (Triton) kernels over the same block mask, one per
+      pass; compiled on a GPU, interpreted (slowly) elsewhere;
+    - ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")``, for the
+      masks cuDNN expresses exactly.
+
+    With ``implementation=None`` a GPU tries them in the order cuDNN, Pallas, block
+    loop; any other device uses the block loop. Results agree across backends up to
+    floating-point rounding.
 
     Queries are split into blocks of ``block_size`` positions and processed one block at a
     time; for each query block an online softmax runs over the key blocks that its
@@ -145,7 +163,7 @@ def masked_attention_via_map(
         >>> bool(jnp.allclose(out, dense, atol=1e-5))
         True
     """
-    backend = _check_implementation(implementation)
+    implementation = _check_implementation(implementation)
     args = check_arguments(
         Q,
         K,
@@ -167,122 +185,99 @@ def masked_attention_via_map(
     )
     if not isinstance(return_lse, (bool, np.bool_)):
         raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
-    q, static_scale = fold_scale(args.q, args.scale)
-    k, v = args.k, args.v
-    batched = q.ndim == 4
+    batched = args.q.ndim == 4
     if not batched:
-        q, k, v = q[None], k[None], v[None]
-    bsz, q_len, q_heads, d = q.shape
-    _, k_len, _, dv = v.shape
-    if backend in ("cudnn", None):
-        problem = cudnn_problem(
-            q,
-            k,
-            v,
-            is_causal=bool(is_causal),
-            window=args.window,
-            mask_fn=mask_fn,
-            score_mod=score_mod,
-            soft_cap=args.soft_cap,
-            sinks=args.sinks,
-            q_offset=q_offset,
-            block_mask=block_mask,
-            mask=args.mask,
-            return_lse=bool(return_lse),
-        )
-        if backend == "cudnn" and problem is not None:
-            raise ValueError(f'implementation="cudnn" cannot compute this call: {problem}')
-        # implementation=None: cuDNN where it applies, else (on a GPU) Pallas if it can.
-        backend = "cudnn" if problem is None else "pallas" if on_gpu() else "xla"
-    if backend == "cudnn":
-        out = cudnn_attention(
-            q,
-            k,
-            v,
-            is_causal=bool(is_causal),
-            window=args.window,
-            scale=static_scale,
-            bias=args.bias,
-            query_seq_lengths=args.q_lengths,
-            key_value_seq_lengths=args.kv_lengths,
-        )
+        args = replace(args, q=args.q[None], k=args.k[None], v=args.v[None])
+    name = _first_choice(implementation, args, bool(return_lse))
+    if name == "cudnn":
+        out = _cudnn_call(args)
         return out if batched else out[0]
-    if bsz == 0 or q_len == 0 or k_len == 0:
-        out, lse = _empty_result(q, dv, args.sinks)
-    else:
-        pallas_blocks = backend == "pallas" and args.block_size is None
-        if block_mask is None:
-            block_mask = block_mask_for_call(
-                args,
-                mask_fn,
-                q_offset,
-                bool(is_causal),
-                bsz,
-                q_heads,
-                q_len,
-                k_len,
-                d,
-                dv,
-                pallas_blocks=pallas_blocks,
-            )
-        elif args.mask is not None or args.q_lengths is not None or args.kv_lengths is not None:
-            block_mask = refined_block_mask(block_mask, args, bsz, q_heads)
-        scale_value = static_scale if static_scale is not None else 1.0 / math.sqrt(d)
-        program, consts = (None, ()) if score_mod is None else trace_score_mod(score_mod)
-        scores = ScoreConfig(
-            soft_cap=args.soft_cap,
-            score=program,
-            bias=None if args.bias is None else bias_axes(args.bias.shape),
-            sinks=args.sinks is not None,
-        )
-        operands = Operands(args.bias, args.sinks, consts)
-        if backend == "pallas":
-            problem = pallas_call_problem(block_mask, scores, operands)
-            if problem is not None and implementation == "pallas":
-                raise PallasUnsupportedError(
-                    f'implementation="pallas" cannot compute this call: {problem}; '
-                    'implementation="xla" can'
-                )
-            if problem is not None:
-                backend = "xla"  # implementation=None: the block loop takes everything
-        if backend == "pallas":
-            out, lse = pallas_attend_with_lse(
-                q, k, v, block_mask, scale_value, scores=scores, operands=operands
-            )
-        else:
-            out, lse = attend(q, k, v, block_mask, scale_value, scores, operands)
+    out, lse = _block_backend_call(name, implementation, args)
+    if args.sinks is not None:
+        out, lse = with_sinks(out, lse, args.sinks)
     if not batched:
         out, lse = out[0], lse[0]
     return (out, lse) if return_lse else out
 
 
-_IMPLEMENTATIONS = (None, "xla", "pallas", "cudnn")
+# The block-mask backends by implementation name. Each is a package with the same entry
+# shape: block_sizes(**shape) -> (query block, key block), call_problem(block_mask,
+# scores, operands) -> why it cannot compute a call or None, and attend(q, k, v,
+# block_mask, scale, scores, operands) -> (out, lse) on 4-D inputs, lse -inf on rows
+# without a visible key. A new backend is one more package and one more entry here.
+_BACKENDS = {"xla": xla, "pallas": pallas}
+_IMPLEMENTATIONS = (None, *_BACKENDS, "cudnn")
 
 
 def _check_implementation(implementation: Any) -> str | None:
-    """``implementation`` checked: one of ``None``, ``"xla"``, ``"pallas"``, ``"cudnn"``."""
+    """``implementation`` checked: ``None`` or the name of a backend."""
+    names = ", ".join(repr(n) for n in _IMPLEMENTATIONS[1:])
     if not (implementation is None or isinstance(implementation, str)):
         raise TypeError(
-            "implementation must be None or one of 'xla', 'pallas', 'cudnn', got "
+            f"implementation must be None or one of {names}, got "
             f"{type(implementation).__name__}: {implementation!r}"
         )
     if implementation not in _IMPLEMENTATIONS:
-        raise ValueError(
-            f"implementation must be None or one of 'xla', 'pallas', 'cudnn', got "
-            f"{implementation!r}"
-        )
+        raise ValueError(f"implementation must be None or one of {names}, got {implementation!r}")
     return implementation
 
 
-def _empty_result(q: jax.Array, dv: int, sinks: Any) -> tuple[jax.Array, jax.Array]:
-    """Zero output, and the log-sum-exp of a row with no keys (its sink, or -inf)."""
-    bsz, q_len, q_heads, _ = q.shape
-    out = jnp.zeros((bsz, q_len, q_heads, dv), q.dtype)
-    if sinks is None:
-        lse = jnp.full((bsz, q_heads, q_len), -jnp.inf, jnp.float32)
-    else:
-        lse = jnp.broadcast_to(sinks.astype(jnp.float32)[None, :, None], (bsz, q_heads, q_len))
-    return out, lse
+def _first_choice(implementation: str | None, args: CheckedArguments, return_lse: bool) -> str:
+    """The backend a call goes to before its block mask is known: the one asked for, or
+    for ``None`` on a GPU cuDNN where it computes the call exactly, else Pallas (which
+    may still hand it to the block loop), and the block loop elsewhere."""
+    if implementation not in ("cudnn", None):
+        return implementation
+    problem = cudnn_problem(args, return_lse=return_lse)
+    if implementation == "cudnn" and problem is not None:
+        raise ValueError(f'implementation="cudnn" cannot compute this call: {problem}')
+    return "cudnn" if problem is None else "pallas" if on_gpu() else "xla"
+
+
+def _cudnn_call(args: CheckedArguments) -> jax.Array:
+    return cudnn_attention(
+        args.q,
+        args.k,
+        args.v,
+        is_causal=args.is_causal,
+        window=args.window,
+        scale=args.scale,
+        bias=args.bias,
+        query_seq_lengths=args.q_lengths,
+        key_value_seq_lengths=args.kv_lengths,
+    )
+
+
+def _block_backend_call(
+    name: str, implementation: str | None, args: CheckedArguments
+) -> tuple[jax.Array, jax.Array]:
+    """Plan the block mask with backend ``name``'s block sizes, check that the backend
+    can compute the call (for ``implementation=None`` the block loop takes what another
+    backend cannot), and call it: output and lse (``-inf`` on empty rows, no sinks)."""
+    q, k, v = args.q, args.k, args.v
+    bsz, q_len, _, d = q.shape
+    k_len, dv = k.shape[1], v.shape[-1]
+    if bsz == 0 or q_len == 0 or k_len == 0:
+        out = jnp.zeros((*q.shape[:3], dv), q.dtype)
+        return out, jnp.full((bsz, q.shape[2], q_len), -jnp.inf, jnp.float32)
+    block_mask = plan_block_mask(args, _BACKENDS[name].block_sizes, head_dim=d, value_dim=dv)
+    program, consts = (None, ()) if args.score_mod is None else trace_score_mod(args.score_mod)
+    scores = ScoreConfig(
+        soft_cap=args.soft_cap,
+        score=program,
+        bias=None if args.bias is None else bias_axes(args.bias.shape),
+    )
+    operands = Operands(args.bias, consts)
+    problem = _BACKENDS[name].call_problem(block_mask, scores, operands)
+    if problem is not None and implementation is not None:
+        error = PallasUnsupportedError if name == "pallas" else ValueError
+        raise error(
+            f'implementation="{name}" cannot compute this call: {problem}; implementation="xla" can'
+        )
+    if problem is not None:
+        name = "xla"
+    scale = args.scale if args.scale is not None else 1.0 / math.sqrt(d)
+    return _BACKENDS[name].attend(q, k, v, block_mask, scale, scores, operands)
 
 
 def dot_product_attention(

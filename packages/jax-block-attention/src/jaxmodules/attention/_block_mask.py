@@ -414,18 +414,15 @@ def _picture(classes: np.ndarray, size: int = 24) -> list[str]:
 def make_block_mask(
     program: ElementwiseProgram | None,
     consts: tuple,
-    *,
-    batch: int,
-    heads: int,
-    q_len: int,
-    k_len: int,
+    shape: tuple[int, int, int, int],
     block_size: tuple[int, int],
     is_causal: bool,
     window: tuple[int | None, int | None],
     q_offset: Any,
 ) -> BlockMask:
-    """A block mask from checked arguments: built now when everything is known, on the
-    device inside the surrounding trace otherwise."""
+    """A block mask of ``shape = (B, H, Lq, Lk)`` from checked arguments: built now when
+    everything is known, on the device inside the surrounding trace otherwise."""
+    batch, heads, q_len, k_len = shape
     offset = (
         jnp.asarray(q_offset, jnp.int32).reshape(-1)
         if has_tracers([q_offset])

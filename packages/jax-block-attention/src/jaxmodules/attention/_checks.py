@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import jax
@@ -16,12 +16,19 @@ from ._normalize import normalize_block_size, normalize_q_offset, normalize_wind
 
 @dataclass(frozen=True)
 class CheckedArguments:
+    """The arguments of ``masked_attention_via_map``, checked and normalised."""
+
     q: jax.Array
     k: jax.Array
     v: jax.Array
+    is_causal: bool
     block_size: tuple[int, int] | None
     window: tuple[int | None, int | None]
-    scale: float | jax.Array | None  # an array only when traced (see fold_scale)
+    scale: float | None  # a traced scale is already folded into q (fold_scale)
+    q_offset: Any  # int32 (1,) or (B,): NumPy when known now, traced otherwise
+    mask_fn: Any = None
+    score_mod: Any = None
+    block_mask: BlockMask | None = None
     bias: jax.Array | None = None  # rank 4, broadcastable to (B, Hq, Lq, Lk)
     mask: jax.Array | None = None  # rank 4 boolean, broadcastable to (B, Hq, Lq, Lk)
     q_lengths: jax.Array | None = None  # (B,) int32
@@ -140,16 +147,23 @@ def _broadcastable(
     return jnp.reshape(x, (1,) * (4 - len(shape)) + shape)
 
 
+def _vector(x: Any, name: str, size: int, axis: str, integer: bool) -> jax.Array:
+    """``x`` checked as an int (``integer``) or floating array of shape ``(size,)``,
+    ``axis`` naming that size (``"B"``, ``"Hq"``)."""
+    kind, dtype_kind = ("an int", "an integer") if integer else ("a floating", "a floating")
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{name} must be {kind} array of shape ({axis},), got {type(x).__name__}")
+    if not jnp.issubdtype(x.dtype, jnp.integer if integer else jnp.floating):
+        raise TypeError(f"{name} must have {dtype_kind} dtype, got {x.dtype}")
+    if tuple(x.shape) != (size,):
+        raise ValueError(f"{name} must have shape ({axis},) = ({size},), got {tuple(x.shape)}")
+    return x
+
+
 def _lengths(x: Any, name: str, batch: int) -> jax.Array | None:
     if x is None:
         return None
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        raise TypeError(f"{name} must be an int array of shape (B,), got {type(x).__name__}")
-    if not jnp.issubdtype(x.dtype, jnp.integer):
-        raise TypeError(f"{name} must have an integer dtype, got {x.dtype}")
-    if tuple(x.shape) != (batch,):
-        raise ValueError(f"{name} must have shape (B,) = ({batch},), got {tuple(x.shape)}")
-    return jnp.asarray(x, jnp.int32)
+    return jnp.asarray(_vector(x, name, batch, "B", integer=True), jnp.int32)
 
 
 def _soft_cap(value: Any) -> float | None:
@@ -164,15 +178,7 @@ def _soft_cap(value: Any) -> float | None:
 
 
 def _sinks(x: Any, q_heads: int) -> jax.Array | None:
-    if x is None:
-        return None
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        raise TypeError(f"sinks must be a floating array of shape (Hq,), got {type(x).__name__}")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"sinks must have a floating dtype, got {x.dtype}")
-    if tuple(x.shape) != (q_heads,):
-        raise ValueError(f"sinks must have shape (Hq,) = ({q_heads},), got {tuple(x.shape)}")
-    return x
+    return None if x is None else _vector(x, "sinks", q_heads, "Hq", integer=False)
 
 
 def check_arguments(
@@ -203,10 +209,11 @@ def check_arguments(
         raise TypeError(f"mask_fn must be callable or None, got {type(mask_fn).__name__}")
     if score_mod is not None and not callable(score_mod):
         raise TypeError(f"score_mod must be callable or None, got {type(score_mod).__name__}")
+    checked_scale = normalize_scale(scale)
     blocks = normalize_block_size(block_size)
     window = normalize_window(window_size)
     batch = q.shape[0] if q.ndim == 4 else 1
-    normalize_q_offset(q_offset, batch)
+    offset = normalize_q_offset(q_offset, batch)
     target = (batch, q.shape[-2], q.shape[-3], k.shape[-3])
     if block_mask is not None:
         offset_given = not (isinstance(q_offset, numbers.Integral) and q_offset == 0)
@@ -216,13 +223,18 @@ def check_arguments(
             "query_seq_lengths and key_value_seq_lengths need batched (4-D) inputs, "
             f"got Q of shape {tuple(q.shape)}"
         )
-    return CheckedArguments(
+    args = CheckedArguments(
         q=q,
         k=k,
         v=v,
+        is_causal=bool(is_causal),
         block_size=blocks,
         window=window,
-        scale=normalize_scale(scale),
+        scale=None,
+        q_offset=offset,
+        mask_fn=mask_fn,
+        score_mod=score_mod,
+        block_mask=block_mask,
         bias=None if bias is None else _broadcastable(bias, "bias", target, False, q.ndim == 4),
         mask=None if mask is None else _broadcastable(mask, "mask", target, True, q.ndim == 4),
         q_lengths=_lengths(query_seq_lengths, "query_seq_lengths", batch),
@@ -230,6 +242,9 @@ def check_arguments(
         soft_cap=_soft_cap(logits_soft_cap),
         sinks=_sinks(sinks, q.shape[-2]),
     )
+    # Last, once everything is checked: a traced scale becomes part of q.
+    folded_q, static_scale = fold_scale(q, checked_scale)
+    return replace(args, q=folded_q, scale=static_scale)
 
 
 def _check_block_mask(

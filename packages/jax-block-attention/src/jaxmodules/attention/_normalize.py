@@ -12,58 +12,61 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def positive_int(value: Any, name: str) -> int:
+def _int_at_least(value: Any, name: str, least: int, kind: str) -> int:
+    """``value`` as an int ``>= least``; the errors call it ``kind``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be a positive int, got {value!r}")
+        raise TypeError(f"{name} must be {kind}, got {value!r}")
     value = operator.index(value)
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value}")
+    if value < least:
+        raise ValueError(f"{name} must be {kind}, got {value}")
     return value
 
 
+def positive_int(value: Any, name: str) -> int:
+    return _int_at_least(value, name, 1, "a positive int")
+
+
+def _pair(value: Any, name: str, kinds: str, sides: tuple[str, str], side: Any) -> tuple:
+    """An int or a pair (``kinds`` says which, for the error), each checked by
+    ``side(value, name)`` under the names ``sides``; ``(x, x)`` for a single ``x``."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{name} must be {kinds}, got {value!r}")
+        return side(value[0], sides[0]), side(value[1], sides[1])
+    single = side(value, name)
+    return single, single
+
+
 def normalize_block_size(block_size: Any) -> tuple[int, int] | None:
+    """``None``, or ``(query_block, key_block)`` from an int or a pair."""
     if block_size is None:
         return None
-    if isinstance(block_size, (tuple, list)):
-        if len(block_size) != 2:
-            raise ValueError(
-                f"block_size must be an int or a pair (query_block, key_block), got {block_size!r}"
-            )
-        return (
-            positive_int(block_size[0], "block_size[0]"),
-            positive_int(block_size[1], "block_size[1]"),
-        )
-    size = positive_int(block_size, "block_size")
-    return size, size
+    return _pair(
+        block_size,
+        "block_size",
+        "an int or a pair (query_block, key_block)",
+        ("block_size[0]", "block_size[1]"),
+        positive_int,
+    )
 
 
 def _window_side(value: Any, name: str) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be a non-negative int or None, got {value!r}")
-    value = operator.index(value)
-    if value < 0:
-        raise ValueError(f"{name} must be a non-negative int or None, got {value}")
-    return value
+    return _int_at_least(value, name, 0, "a non-negative int or None")
 
 
 def normalize_window(window_size: Any) -> tuple[int | None, int | None]:
+    """``(left, right)`` from ``None``, an int or a pair (``None`` sides unbounded)."""
     if window_size is None:
         return None, None
-    if isinstance(window_size, (tuple, list)):
-        if len(window_size) != 2:
-            raise ValueError(
-                f"window_size must be a pair (left, right) or an int, got {window_size!r}"
-            )
-        return (
-            _window_side(window_size[0], "window_size[0] (left)"),
-            _window_side(window_size[1], "window_size[1] (right)"),
-        )
-    side = _window_side(window_size, "window_size")
-    if side is None:
-        return None, None
-    return side, side
+    return _pair(
+        window_size,
+        "window_size",
+        "a pair (left, right) or an int",
+        ("window_size[0] (left)", "window_size[1] (right)"),
+        _window_side,
+    )
 
 
 def normalize_q_offset(q_offset: Any, batch: int) -> Any:

@@ -1,18 +1,24 @@
-"""Planning: the block mask of a call, from its mask arguments or a given block mask, and
-``create_block_mask`` for a block mask built ahead of the calls."""
+"""Planning: ``create_block_mask`` (a block mask built ahead of the calls, with the XLA
+backend's default block sizes) and ``plan_block_mask`` (the block mask of one call, with
+the chosen backend's)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
 from ._block_mask import BlockMask, make_block_mask
+from ._checks import CheckedArguments
 from ._elementwise import ElementwiseProgram, has_tracers, trace_mask_fn
 from ._normalize import normalize_block_size, normalize_q_offset, normalize_window, positive_int
-from ._pallas import pallas_block_size
-from ._xla import default_block_sizes
+from ._xla import block_sizes as xla_block_sizes
+
+# A backend's default block sizes: keywords q_len, k_len, batch, q_heads, head_dim,
+# value_dim, is_causal, window; returns (query block, key block).
+BlockSizes = Callable[..., tuple[int, int]]
 
 
 def create_block_mask(
@@ -86,29 +92,10 @@ def create_block_mask(
     window = normalize_window(window_size)
     offset = normalize_q_offset(q_offset, batch)
     program, consts = (None, ()) if mask_fn is None else trace_mask_fn(mask_fn)
-    blocks = normalize_block_size(block_size) or default_block_sizes(
-        q_len=q_len,
-        k_len=k_len,
-        batch=batch,
-        q_heads=heads,
-        head_dim=64,
-        value_dim=64,
-        is_causal=bool(is_causal),
-        window=window,
-    )
-    blocks = (min(blocks[0], q_len), min(blocks[1], k_len))
-    return make_block_mask(
-        program,
-        consts,
-        batch=batch,
-        heads=heads,
-        q_len=q_len,
-        k_len=k_len,
-        block_size=blocks,
-        is_causal=bool(is_causal),
-        window=window,
-        q_offset=offset,
-    )
+    shape = (batch, heads, q_len, k_len)
+    given = normalize_block_size(block_size)
+    blocks = _choose_blocks(given, xla_block_sizes, shape, (64, 64), bool(is_causal), window)
+    return make_block_mask(program, consts, shape, blocks, bool(is_causal), window, offset)
 
 
 def with_mask_arrays(
@@ -162,61 +149,29 @@ def with_mask_arrays(
     return trace_mask_fn(combined)
 
 
-def refined_block_mask(block_mask: BlockMask, args: Any, batch: int, q_heads: int) -> BlockMask:
-    """``block_mask`` AND a mask array / sequence lengths, classified again."""
-    program, consts = with_mask_arrays(
-        block_mask.program,
-        block_mask.mask_consts,
-        mask=args.mask,
-        q_lengths=args.q_lengths,
-        kv_lengths=args.kv_lengths,
-        q_offset=block_mask.q_offset,
-    )
-    return make_block_mask(
-        program,
-        consts,
-        batch=batch,
-        heads=q_heads,
-        q_len=block_mask.shape[2],
-        k_len=block_mask.shape[3],
-        block_size=block_mask.block_size,
-        is_causal=block_mask.is_causal,
-        window=block_mask.window,
-        q_offset=block_mask.q_offset,
-    )
-
-
-def block_mask_for_call(
-    args: Any,
-    mask_fn: Any,
-    q_offset: Any,
-    is_causal: bool,
-    batch: int,
-    q_heads: int,
-    q_len: int,
-    k_len: int,
-    head_dim: int,
-    value_dim: int,
-    pallas_blocks: bool = False,
+def plan_block_mask(
+    args: CheckedArguments, block_sizes: BlockSizes, *, head_dim: int, value_dim: int
 ) -> BlockMask:
-    """The block mask of a call that gave ``is_causal`` / ``window_size`` / ``mask_fn``
-    / ``q_offset`` directly; reused from a bounded cache when it closes over nothing.
-    With ``pallas_blocks`` its blocks are powers of two for the Pallas kernel."""
-    if pallas_blocks:
-        blocks = (pallas_block_size(q_len), pallas_block_size(k_len))
+    """The block mask of a call with 4-D inputs: the one it gave, combined with a mask
+    array and sequence lengths when it gave those too, or one built from its mask
+    arguments (``is_causal``, ``window_size``, ``mask_fn``, ``q_offset``, ``mask``,
+    lengths) with ``args.block_size`` or else the chosen backend's ``block_sizes``.
+    Built masks that close over nothing are reused from a bounded cache."""
+    batch, q_len, q_heads, _ = args.q.shape
+    shape = (batch, q_heads, q_len, args.k.shape[1])
+    extra = args.mask is not None or args.q_lengths is not None or args.kv_lengths is not None
+    given = args.block_mask
+    if given is not None and not extra:
+        return given
+    if given is not None:
+        program, consts = given.program, given.mask_consts
+        blocks, is_causal, window = given.block_size, given.is_causal, given.window
+        offset = given.q_offset
     else:
-        blocks = args.block_size or default_block_sizes(
-            q_len=q_len,
-            k_len=k_len,
-            batch=batch,
-            q_heads=q_heads,
-            head_dim=head_dim,
-            value_dim=value_dim,
-            is_causal=is_causal,
-            window=args.window,
-        )
-    program, consts = (None, ()) if mask_fn is None else trace_mask_fn(mask_fn)
-    offset = normalize_q_offset(q_offset, batch)
+        program, consts = (None, ()) if args.mask_fn is None else trace_mask_fn(args.mask_fn)
+        is_causal, window, offset = args.is_causal, args.window, args.q_offset
+        dims = (head_dim, value_dim)
+        blocks = _choose_blocks(args.block_size, block_sizes, shape, dims, is_causal, window)
     program, consts = with_mask_arrays(
         program,
         consts,
@@ -225,15 +180,29 @@ def block_mask_for_call(
         kv_lengths=args.kv_lengths,
         q_offset=offset,
     )
-    return make_block_mask(
-        program,
-        consts,
-        batch=batch,
-        heads=q_heads,
+    return make_block_mask(program, consts, shape, blocks, is_causal, window, offset)
+
+
+def _choose_blocks(
+    given: tuple[int, int] | None,
+    block_sizes: BlockSizes,
+    shape: tuple[int, int, int, int],
+    dims: tuple[int, int],
+    is_causal: bool,
+    window: tuple[int | None, int | None],
+) -> tuple[int, int]:
+    """The given block sizes clamped to the lengths, or the backend's choice for a
+    ``shape = (B, H, Lq, Lk)`` with head dimensions ``dims = (d, dv)``."""
+    batch, heads, q_len, k_len = shape
+    if given is not None:
+        return min(given[0], q_len), min(given[1], k_len)
+    return block_sizes(
         q_len=q_len,
         k_len=k_len,
-        block_size=blocks if pallas_blocks else (min(blocks[0], q_len), min(blocks[1], k_len)),
+        batch=batch,
+        q_heads=heads,
+        head_dim=dims[0],
+        value_dim=dims[1],
         is_causal=is_causal,
-        window=args.window,
-        q_offset=offset,
+        window=window,
     )

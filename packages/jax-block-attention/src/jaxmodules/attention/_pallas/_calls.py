@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from .._scores import merge_by_lse
+from .._scores import backward_statistics, merge_by_lse, zero_cotangent
 from ._kernels import _dkdv_kernel, _dq_kernel, _forward_kernel
 from ._tile_math import TileConfig, _array_grad_width
 from ._tile_program import PallasUnsupportedError
@@ -164,9 +164,8 @@ def _backward(
     lk, dv = v.shape[2], v.shape[-1]
     bq, bk, g = config.q_block, config.k_block, config.groups
     # d lse / d s = p, so an lse cotangent only shifts each row's delta.
+    lse, d_lse = backward_statistics(lse, d_lse)
     delta = jnp.einsum("bhqd,bhqd->bhq", d_out.astype(_F32), out.astype(_F32)) - d_lse
-    # +inf on rows without a visible key makes exp(s - lse) vanish there.
-    lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)
 
     def row_spec(width: int | None) -> Any:
         if width is None:
@@ -272,12 +271,6 @@ def _bias_cotangent(config: TileConfig, bias: Array, tiles_or_rows: list, column
     return grad.astype(bias.dtype)
 
 
-def _zero_cotangent(x: Any) -> Any:
-    if jnp.issubdtype(jnp.result_type(x), jnp.inexact):
-        return jnp.zeros_like(x)
-    return np.zeros(jnp.shape(x), dtype=jax.dtypes.float0)
-
-
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _kernel_attention(
     config: TileConfig,
@@ -304,7 +297,7 @@ def _kernel_attention_bwd(config, residuals, cotangents):
     dq, dk, dv, d_bias, d_arrays = _backward(
         config, q, k, v, bias, out, lse, d_out, d_lse, kv_lists, q_lists, consts
     )
-    zeros = jax.tree_util.tree_map(_zero_cotangent, (kv_lists, q_lists))
+    zeros = jax.tree_util.tree_map(zero_cotangent, (kv_lists, q_lists))
     return (dq, dk, dv, d_bias, *zeros, _array_cotangents(config, consts, d_arrays))
 
 
@@ -312,7 +305,7 @@ def _array_cotangents(config: TileConfig, consts: tuple, d_arrays: list[Array]) 
     """Cotangents of the kernel's closed-over arrays (``mask_fn``'s, then
     ``score_mod``'s): the summed gradients for the differentiable score_mod arrays, cut
     from their padding to the kernel layout; zeros for the rest."""
-    cotangents = [_zero_cotangent(c) for c in consts]
+    cotangents = [zero_cotangent(c) for c in consts]
     first = len(config.const_dtypes)
     for n, grad in zip(config.score_grads, d_arrays, strict=True):
         const = consts[first + n]

@@ -3,7 +3,6 @@ padding around the kernels, and why a call cannot run on them."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import replace
 from functools import partial
 from typing import Any
@@ -12,18 +11,12 @@ import jax
 import jax.numpy as jnp
 
 from .._block_mask import BlockMask
-from .._cache import LRUCache
 from .._config import block_fields
-from .._scores import Operands, ScoreConfig, bias_axes, with_sinks
+from .._scores import Operands, ScoreConfig, bias_axes
 from ._calls import _kernel_attention
-from ._tile_math import TileConfig, _array_grad_width, _is_tile, _tile_width, walked_entries
-from ._tile_program import (
-    ArrayRead,
-    PallasUnsupportedError,
-    _tile_problem,
-    kernel_consts,
-    mask_program_problem,
-)
+from ._eligibility import call_problem, traced_score_arrays
+from ._tile_math import TileConfig, _is_tile, _tile_width
+from ._tile_program import _MIN_TILE, PallasUnsupportedError, kernel_consts
 
 Array = Any  # jax.Array, or a Pallas ref inside a kernel
 _F32 = jnp.float32
@@ -32,11 +25,6 @@ _F32 = jnp.float32
 # as in Triton's fused-attention backward and jax's own Pallas GPU attention. Not yet
 # tuned on this kernel.
 _COMPILED_BACKWARD_TILE = 32
-# Gradients of traced arrays that score_mod closes over: each dQ program keeps the whole
-# flattened gradient (at most this many entries) and walks an index that varies across a
-# tile entry by entry (at most this many).
-_MAX_ARRAY_GRADIENT = 1024
-_MAX_READ_ENTRIES = 256
 # Split-K when compiled: split the key lists of a forward with fewer programs than this
 # (about two per SM of a 132-SM H100/H200) into at most as many shares as bring it
 # there, each of at least _MIN_SPLIT_BLOCKS key blocks. Not yet tuned on a GPU.
@@ -47,10 +35,16 @@ _MIN_SPLIT_BLOCKS = 4
 # ------------------------------------------------------------------------ entry points
 
 
-def pallas_block_size(length: int) -> int:
-    """A Pallas block side for a length: a power of two in [16, 128] (not clamped to the
-    length: the kernel pads)."""
-    return min(128, 1 << (max(16, length) - 1).bit_length())
+def _block_side(length: int) -> int:
+    return min(128, 1 << (max(_MIN_TILE, length) - 1).bit_length())
+
+
+def block_sizes(*, q_len: int, k_len: int, **_: Any) -> tuple[int, int]:
+    """The kernel's default ``(query block, key block)``: for each length a power of two
+    in ``[16, 128]``, not clamped to the length (the kernel pads). The other keywords
+    of the backends' ``block_sizes`` (batch, heads, head dimensions, band) do not
+    change it."""
+    return _block_side(q_len), _block_side(k_len)
 
 
 def _check_block_mask(block_mask: BlockMask, q: Any, k: Any, v: Any) -> None:
@@ -99,21 +93,23 @@ def _default_interpret(interpret: bool | None) -> bool:
     return bool(interpret)
 
 
-def pallas_attend_with_lse(
+def attend(
     q: Any,
     k: Any,
     v: Any,
     block_mask: BlockMask,
     scale: float,
-    *,
-    interpret: bool | None = None,
     scores: ScoreConfig | None = None,
     operands: Operands | None = None,
+    *,
+    interpret: bool | None = None,
     backward_tile: int | None = None,
     num_warps: int | None = None,
     kv_splits: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Attention under ``block_mask`` with the fused Pallas kernel, and its lse.
+    """Attention under ``block_mask`` with the fused Pallas kernels, and its lse: the
+    backend's entry point, called as the XLA backend's ``attend`` is (4-D inputs, the
+    block mask, the scale, the score changes and their arrays), plus its own tuning.
 
     Args:
         q: Queries ``(B, Lq, Hq, d)``.
@@ -124,11 +120,9 @@ def pallas_attend_with_lse(
         interpret: Run the kernels in Pallas interpret mode; ``None``: when the default
             backend is not a GPU.
         scores: The score changes (soft-cap, ``score_mod`` program, which axes the bias
-            varies along, whether sinks are given), as built by
-            ``masked_attention_via_map``.
+            varies along), as built by ``masked_attention_via_map``.
         operands: Their arrays: a rank-4 ``bias`` broadcastable to ``(B, Hq, Lq, Lk)``
-            (gets a gradient), ``sinks`` ``(Hq,)`` (gets a gradient) and the arrays
-            ``score_mod`` closes over.
+            (gets a gradient) and the arrays ``score_mod`` closes over.
         backward_tile: The inner side of the backward kernels' tiles (keys per slice in
             dQ, queries per slice in dK/dV), a power of two ``>= 16``; ``None``:
             ``_COMPILED_BACKWARD_TILE`` when compiled, whole blocks when interpreted.
@@ -141,9 +135,8 @@ def pallas_attend_with_lse(
 
     Returns:
         ``(out, lse)``: the output ``(B, Lq, Hq, dv)`` in ``q``'s dtype and the natural
-        log of each row's softmax denominator (sink included), ``(B, Hq, Lq)`` float32,
-        ``-inf`` for rows without a visible key and no sink (whose output is 0). Both
-        are differentiable.
+        log of each row's softmax denominator, ``(B, Hq, Lq)`` float32, ``-inf`` for
+        rows without a visible key (whose output is 0). Both are differentiable.
 
     Raises:
         ValueError: Shapes that do not fit each other or the block mask, block sizes
@@ -153,8 +146,8 @@ def pallas_attend_with_lse(
     """
     _check_block_mask(block_mask, q, k, v)
     scores = scores or ScoreConfig()
-    operands = operands or Operands(None, None, ())
-    problem = pallas_call_problem(block_mask, scores, operands)
+    operands = operands or Operands(None, ())
+    problem = call_problem(block_mask, scores, operands)
     if problem is not None:
         raise PallasUnsupportedError(problem)
     _, q_len, q_heads, _ = q.shape
@@ -195,7 +188,7 @@ def pallas_attend_with_lse(
         num_warps=num_warps or (4 if _tile_width(q.shape[-1]) <= 64 else 8),
         backward_tile=backward_tile,
         kv_splits=kv_splits,
-        scores=replace(scores, sinks=False),
+        scores=scores,
         score_dtypes=tuple(score_dtypes),
         score_grads=(
             () if scores.score is None else traced_score_arrays(scores.score, operands.score_consts)
@@ -212,23 +205,17 @@ def pallas_attend_with_lse(
         offset,
     )
     all_consts = (*consts, *score_consts)
-    return _attend_padded(config, q, k, v, bias, operands.sinks, kv_lists, q_lists, all_consts)
+    return _attend_padded(config, (q, k, v), bias, (kv_lists, q_lists), all_consts)
 
 
 @partial(jax.jit, static_argnums=(0,))
 def _attend_padded(
-    config: TileConfig,
-    q: Array,
-    k: Array,
-    v: Array,
-    bias: Array | None,
-    sinks: Array | None,
-    kv_lists: tuple,
-    q_lists: tuple,
-    consts: tuple,
+    config: TileConfig, qkv: tuple, bias: Array | None, lists: tuple, consts: tuple
 ) -> tuple[Array, Array]:
-    """Kernel layout and padding around the kernels, sinks after them: one compiled
-    program per configuration and shapes, reused by eager calls."""
+    """Kernel layout and padding around the kernels (``lists``: the block mask's lists,
+    query-major then key-major): one compiled program per configuration and shapes,
+    reused by eager calls."""
+    q, k, v = qkv
     q_len, d, dv = q.shape[1], q.shape[-1], v.shape[-1]
     q_pad = config.n_q_blocks * config.q_block - q_len
     k_pad = config.n_k_blocks * config.k_block - config.k_len
@@ -241,127 +228,7 @@ def _attend_padded(
     if bias is not None:
         pads = ((0, 0), (0, 0), (0, q_pad if bias.shape[2] > 1 else 0))
         bias = jnp.pad(bias, (*pads, (0, k_pad if bias.shape[3] > 1 else 0)))
-    out, lse = _kernel_attention(config, qk, kk, vk, bias, kv_lists, q_lists, consts)
+    out, lse = _kernel_attention(config, qk, kk, vk, bias, *lists, consts)
     out = out[:, :, :q_len, :dv].transpose(0, 2, 1, 3)
     lse = lse[:, :, :q_len]
-    if sinks is not None:
-        out, lse = with_sinks(out, lse, sinks)
     return out, lse
-
-
-def pallas_attend(
-    q: Any,
-    k: Any,
-    v: Any,
-    block_mask: BlockMask,
-    scale: float,
-    *,
-    interpret: bool | None = None,
-    scores: ScoreConfig | None = None,
-    operands: Operands | None = None,
-    backward_tile: int | None = None,
-    num_warps: int | None = None,
-    kv_splits: int | None = None,
-) -> jax.Array:
-    """Attention under ``block_mask`` with the fused Pallas kernel (the contract of the
-    block-loop backend's ``attend``): output ``(B, Lq, Hq, dv)`` in ``q``'s dtype.
-
-    See ``pallas_attend_with_lse`` for the arguments and errors.
-    """
-    out, _ = pallas_attend_with_lse(
-        q,
-        k,
-        v,
-        block_mask,
-        scale,
-        interpret=interpret,
-        scores=scores,
-        operands=operands,
-        backward_tile=backward_tile,
-        num_warps=num_warps,
-        kv_splits=kv_splits,
-    )
-    return out
-
-
-def pallas_problem(block_mask: BlockMask) -> str | None:
-    """Why ``block_mask`` cannot run on the Pallas kernel, or ``None`` when it can (for
-    a dispatcher that falls back to the block loop)."""
-    bq, bk = block_mask.block_size
-    if not (_is_tile(bq) and _is_tile(bk)):
-        return f"block_size={block_mask.block_size} is not a pair of powers of two >= 16"
-    return mask_program_problem(block_mask.program, block_mask.mask_consts)
-
-
-def traced_score_arrays(program: Any, consts: Sequence[Any]) -> tuple[int, ...]:
-    """Positions of the ``score_mod`` arrays that may need gradients: traced, floating."""
-    return tuple(i for i in program.differentiable if isinstance(consts[i], jax.core.Tracer))
-
-
-def score_program_problem(program: Any, consts: Sequence[Any]) -> str | None:
-    """Why the kernel cannot run a ``score_mod`` program, or ``None`` when it can."""
-    grads = traced_score_arrays(program, consts)
-    for n in grads:
-        shape = tuple(jnp.shape(consts[n]))
-        if _array_grad_width(shape) > _MAX_ARRAY_GRADIENT:
-            return (
-                f"score_mod closes over a traced array of shape {shape}; the Pallas kernel "
-                f"keeps the gradient of such arrays per program, up to {_MAX_ARRAY_GRADIENT} "
-                'entries: use implementation="xla", or a bias'
-            )
-    reads: list[ArrayRead] = []
-    problem = _tile_problem(program, consts, with_score=True, reads=reads, recorded=grads)
-    if problem is not None:
-        return problem
-    walked = [walked_entries(read, jnp.shape(consts[read.const])) for read in reads]
-    if walked and max(walked) > _MAX_READ_ENTRIES:
-        return (
-            "score_mod reads a traced array at indices that vary within a tile over "
-            f"{max(walked)} entries; the Pallas kernel sums their gradient entry by entry, "
-            f'up to {_MAX_READ_ENTRIES}: use implementation="xla"'
-        )
-    return None
-
-
-# Answers of pallas_call_problem, by everything they depend on (no arrays): the dispatcher
-# and the kernel entry ask the same question, and eager calls ask it again each time.
-_PROBLEMS = LRUCache[str | None](64)
-
-
-def _avals(consts: Sequence[Any]) -> tuple:
-    return tuple((tuple(jnp.shape(c)), str(jnp.result_type(c))) for c in consts)
-
-
-def pallas_call_problem(
-    block_mask: BlockMask, scores: ScoreConfig, operands: Operands
-) -> str | None:
-    """Why a call (its block mask and score changes) cannot run on the Pallas kernel, or
-    ``None`` when it can."""
-    score_consts = () if scores.score is None else tuple(operands.score_consts)
-    grads = () if scores.score is None else traced_score_arrays(scores.score, score_consts)
-    key = (
-        block_mask.block_size,
-        block_mask.program,
-        _avals(block_mask.mask_consts),
-        scores.score,
-        _avals(score_consts),
-        grads,
-    )
-
-    def answer() -> str | None:
-        problem = pallas_problem(block_mask)
-        if problem is None and scores.score is not None:
-            problem = score_program_problem(scores.score, score_consts)
-        return problem
-
-    return _PROBLEMS.get(key, answer)
-
-
-__all__ = [
-    "PallasUnsupportedError",
-    "TileConfig",
-    "pallas_attend",
-    "pallas_attend_with_lse",
-    "pallas_call_problem",
-    "pallas_problem",
-]

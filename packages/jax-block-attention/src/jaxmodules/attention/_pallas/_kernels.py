@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from .._scores import tile_score_gradients, tile_scores
 from ._tile_math import (
     TileConfig,
     _matmul,
@@ -21,11 +22,10 @@ from ._tile_math import (
     softmax_finish,
     softmax_step,
     tile_gradient,
-    tile_score_gradients,
-    tile_scores,
+    tile_score_mod,
     tile_visible,
 )
-from ._tile_program import ArrayRead, _read, recording_reader
+from ._tile_program import ArrayRead
 
 Array = Any  # jax.Array, or a Pallas ref inside a kernel
 _F32 = jnp.float32
@@ -87,7 +87,8 @@ def _forward_kernel(config: TileConfig, *refs: Any) -> None:
         bias = None
         if bias_ref is not None:
             bias = _bias_tile(config, bias_ref, None, (i * bq, bq), (j * bk, bk))
-        s = tile_scores(config, s0, bias, score_refs, b, h, q_pos, k_pos)
+        score_mod = tile_score_mod(config, score_refs, b, h, q_pos, k_pos)
+        s = tile_scores(config.scores, s0, bias, score_mod)
         if masked:
             s = jnp.where(tile_visible(config, mask_refs, b, h, q_pos, k_pos), s, -jnp.inf)
         return softmax_step(carry, s, v_blk)
@@ -160,14 +161,13 @@ def _dq_kernel(config: TileConfig, *refs: Any) -> None:
         if bias_ref is not None:
             bias = _bias_tile(config, bias_ref, None, (i * bq, bq), (start, sk))
         reads: list[ArrayRead] = []
-        reader = recording_reader(config.score_grads, reads) if config.score_grads else _read
-        s = tile_scores(config, s0, bias, score_refs, b, h, q_pos, k_pos, reader)
+        score_mod = tile_score_mod(config, score_refs, b, h, q_pos, k_pos, reads)
+        s = tile_scores(config.scores, s0, bias, score_mod)
         _, ds = tile_gradient(s, lse, delta, _matmul_t(do_blk, v_blk), visible)
         if reads and visible is not None:
             ds = jnp.where(visible, ds, 0.0)  # the reads' gradients sum over the tile
-        ds, d_values = tile_score_gradients(
-            config, s0, bias, score_refs, b, h, q_pos, k_pos, ds, reads
-        )
+        values = [read.value for read in reads]
+        ds, d_values = tile_score_gradients(config.scores, s0, bias, ds, score_mod, values)
         carry = dict(carry)
         arrays = list(carry["arrays"])
         for read, d_value in zip(reads, d_values, strict=True):
@@ -243,12 +243,11 @@ def _dkdv_kernel(config: TileConfig, *refs: Any) -> None:
             if bias_ref is not None:
                 head = h if bias_heads else 0
                 bias_t = _bias_tile(config, bias_ref, head, (start, sq), (j * bk, bk)).T
-            s_t = tile_scores(config, s0_t, bias_t, score_refs, b, h, q_pos, k_pos)
+            score_mod = tile_score_mod(config, score_refs, b, h, q_pos, k_pos)
+            s_t = tile_scores(config.scores, s0_t, bias_t, score_mod)
             lse_t, delta_t = lse_ref[h, rows][None, :], delta_ref[h, rows][None, :]
             p_t, ds_t = tile_gradient(s_t, lse_t, delta_t, _matmul_t(v_blk, do_blk), visible_t)
-            ds_t, _ = tile_score_gradients(
-                config, s0_t, bias_t, score_refs, b, h, q_pos, k_pos, ds_t
-            )
+            ds_t, _ = tile_score_gradients(config.scores, s0_t, bias_t, ds_t, score_mod)
             if visible_t is not None and config.scores.changes_scores:
                 ds_t = jnp.where(visible_t, ds_t, 0.0)
             carry = dict(carry)

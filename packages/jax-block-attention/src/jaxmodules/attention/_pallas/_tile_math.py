@@ -7,22 +7,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
 from .._band import in_band
 from .._config import BlockConfig
-from .._scores import capped_scores
-from ._tile_program import (
-    _MIN_TILE,
-    ArrayRead,
-    Reader,
-    _read,
-    evaluate_on_tile,
-    replaying_reader,
-)
+from .._scores import ScoreMod
+from ._tile_program import _MIN_TILE, ArrayRead, evaluate_on_tile, reader_for
 
 Array = Any  # jax.Array, or a Pallas ref inside a kernel
 _F32 = jnp.float32
@@ -138,87 +130,36 @@ def tile_visible(
     return visible
 
 
-def _score_mod_on_tile(
+def tile_score_mod(
     config: TileConfig,
     score_refs: Sequence[Any],
-    s2: Array,
     b: Array,
     h: Array,
     q_pos: Array,
     k_pos: Array,
-    reader: Reader = _read,
-) -> Array:
+    reads: list[ArrayRead] | None = None,
+) -> ScoreMod | None:
+    """``score_mod`` on a tile's index vectors, its arrays read from kernel refs, as the
+    shared score pipeline takes it: ``f(s2)``, or ``f(s2, values)`` with ``values``
+    replacing the loads of its differentiable arrays (``config.score_grads``). The
+    first ``f(s2)`` appends those loads to ``reads`` when given; ``None`` without a
+    ``score_mod``."""
     program = config.scores.score
+    if program is None:
+        return None
     k_safe = jnp.minimum(k_pos, config.k_len - 1)
     index = [jnp.asarray(x, jnp.int32) for x in (b, h, q_pos, k_safe)]
-    out = evaluate_on_tile(program, score_refs, config.score_dtypes, s2, *index, reader=reader)
-    return jnp.broadcast_to(out, s2.shape).astype(_F32)
+    pending = [reads]  # only the first plain evaluation records its loads
 
+    def score_mod(s2: Array, values: Sequence[Array] | None = None) -> Array:
+        reader = reader_for(config.score_grads, pending[0] if values is None else None, values)
+        if values is None:
+            pending[0] = None
+        dtypes = config.score_dtypes
+        out = evaluate_on_tile(program, score_refs, dtypes, s2, *index, reader=reader)
+        return jnp.broadcast_to(out, s2.shape).astype(_F32)
 
-def tile_scores(
-    config: TileConfig,
-    s0: Array,
-    bias: Array | None,
-    score_refs: Sequence[Any],
-    b: Array,
-    h: Array,
-    q_pos: Array,
-    k_pos: Array,
-    reader: Reader = _read,
-) -> Array:
-    """The final float32 scores of a tile (``s0 = scale * q.k``): plus the bias tile,
-    soft-capped, through ``score_mod`` on the tile's index vectors (the pipeline of
-    ``_scores``, with ``score_mod``'s closed-over arrays read from kernel refs through
-    ``reader``)."""
-    s1 = s0 if bias is None else s0 + bias.astype(_F32)
-    s2 = capped_scores(config.scores.soft_cap, s1)
-    if config.scores.score is None:
-        return s2
-    return _score_mod_on_tile(config, score_refs, s2, b, h, q_pos, k_pos, reader)
-
-
-def tile_score_gradients(
-    config: TileConfig,
-    s0: Array,
-    bias: Array | None,
-    score_refs: Sequence[Any],
-    b: Array,
-    h: Array,
-    q_pos: Array,
-    k_pos: Array,
-    d_scores: Array,
-    reads: Sequence[ArrayRead] = (),
-) -> tuple[Array, list[Array]]:
-    """The gradient of a tile's final scores mapped back to ``s1 = s0 + bias`` (the
-    gradient of the products and of the bias), and the gradients of the values
-    ``score_mod`` read from its differentiable arrays (``reads``, recorded when the
-    tile's scores were computed). ``score_mod`` is element-wise: without reads its
-    derivative in the score is one forward-mode pass on the tile, with reads one reverse
-    pass that takes their values as inputs."""
-    cap = config.scores.soft_cap
-    if cap is None and config.scores.score is None:
-        return d_scores, []
-    s1 = s0 if bias is None else s0 + bias.astype(_F32)
-    s2 = capped_scores(cap, s1)
-    d_values: list[Array] = []
-    if reads:
-
-        def scores_of(s: Array, values: list[Array]) -> Array:
-            reader = replaying_reader(config.score_grads, values)
-            return _score_mod_on_tile(config, score_refs, s, b, h, q_pos, k_pos, reader)
-
-        _, pullback = jax.vjp(scores_of, s2, [read.value for read in reads])
-        d_scores, d_values = pullback(d_scores)
-    elif config.scores.score is not None:
-        _, slope = jax.jvp(
-            lambda s: _score_mod_on_tile(config, score_refs, s, b, h, q_pos, k_pos),
-            (s2,),
-            (jnp.ones_like(s2),),
-        )
-        d_scores = d_scores * slope
-    if cap is not None:
-        d_scores = d_scores * (1.0 - jnp.square(s2 / _F32(cap)))
-    return d_scores, d_values
+    return score_mod
 
 
 def _sum_all(x: Array) -> Array:

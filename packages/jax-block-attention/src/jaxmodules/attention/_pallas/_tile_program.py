@@ -24,7 +24,7 @@ class PallasUnsupportedError(ValueError):
     """A call the Pallas kernel cannot compute (the block-loop backend can)."""
 
 
-# ------------------------------------------------------------- mask_fn programs in tiles
+# ------------------------------------------------- mask_fn / score_mod programs in tiles
 
 
 @dataclass
@@ -51,11 +51,19 @@ Reader = Callable[[_View], Any]
 
 
 def _unsupported(what: str) -> PallasUnsupportedError:
-    return PallasUnsupportedError(
-        "the Pallas kernel cannot evaluate this mask_fn on a tile: " + what + ". Inside "
-        "the kernel, a mask_fn may use element-wise jnp operations on its indices and read "
+    """What in a program the evaluator cannot lower; ``_tile_problem`` words the refusal
+    for the function it came from."""
+    return PallasUnsupportedError(what)
+
+
+def _refusal(name: str, what: str) -> str:
+    """Why the kernel refuses the user's ``name`` (``mask_fn`` or ``score_mod``)."""
+    inputs = "score and indices" if name == "score_mod" else "indices"
+    return (
+        f"the Pallas kernel cannot evaluate this {name} on a tile: {what}. Inside the "
+        f"kernel, a {name} may use element-wise jnp operations on its {inputs} and read "
         "closed-over arrays only by scalar indexing (ids[b, q], lengths[b]); use "
-        'implementation="xla" for other mask functions'
+        f'implementation="xla" for other {name} functions'
     )
 
 
@@ -206,10 +214,16 @@ def evaluate_on_tile(
     *inputs: Any,
     reader: Reader = _read,
 ) -> Any:
-    """A traced element-wise program (``mask_fn(b, h, q, k)``) on broadcastable input
-    arrays, reading its closed-over arrays from ``const_refs`` (Pallas refs in a kernel,
-    or arrays: both are indexed alike) laid out by ``kernel_consts``, through
-    ``reader``. The result has the inputs' broadcast shape."""
+    """A traced element-wise program on broadcastable input arrays: a ``mask_fn`` on
+    ``(b, h, q, k)`` or a ``score_mod`` on ``(score, b, h, q, k)``. Its closed-over
+    arrays are read from ``const_refs`` (Pallas refs in a kernel, or arrays: both are
+    indexed alike) laid out by ``kernel_consts``, through ``reader``. The result has the
+    inputs' broadcast shape.
+
+    Raises:
+        PallasUnsupportedError: The program does something the evaluator cannot lower
+            (the message says what; ``_tile_problem`` asks this first, by a trial trace).
+    """
     views = _const_views(program, const_refs, const_dtypes)
     (out,) = _eval_tile_jaxpr(program.jaxpr, views, list(inputs), reader)
     return jnp.broadcast_to(out, np.broadcast_shapes(*(jnp.shape(x) for x in inputs)))
@@ -247,6 +261,19 @@ def replaying_reader(arrays: Sequence[int], values: Sequence[Any]) -> Reader:
         return next(pending) if view.const in arrays else _read(view)
 
     return reader
+
+
+def reader_for(
+    arrays: Sequence[int], reads: list[ArrayRead] | None, values: Sequence[Any] | None
+) -> Reader:
+    """The reader of one evaluation: ``values`` replayed for the loads of the closed-over
+    ``arrays`` when given, else those loads recorded into ``reads`` when given, else
+    plain loads."""
+    if values is not None:
+        return replaying_reader(arrays, values)
+    if reads is not None and arrays:
+        return recording_reader(arrays, reads)
+    return _read
 
 
 def kernel_consts(consts: Sequence[Any]) -> tuple[list[Any], list[Any]]:
@@ -288,12 +315,12 @@ def _tile_problem(
     try:
         jax.eval_shape(trial, shapes)
     except PallasUnsupportedError as err:
-        problem = str(err)
+        what = str(err)
     except (TypeError, ValueError, NotImplementedError) as err:
-        problem = str(_unsupported(f"evaluating it on index vectors failed ({err})"))
+        what = f"evaluating it on index vectors failed ({err})"
     else:
         return None
-    return problem.replace("mask_fn", "score_mod") if with_score else problem
+    return _refusal("score_mod" if with_score else "mask_fn", what)
 
 
 def mask_program_problem(program: ElementwiseProgram | None, consts: Sequence[Any]) -> str | None:

@@ -6,7 +6,7 @@ position major, head within the group minor), keys ``(B, Hk, Lk_pad, d)``, value
 ``(B, Hk, Lk_pad, dv)``; ``Hk`` is ``Hkv`` (a group's ``G`` query heads share each key
 block's matmul) or, when the mask depends on the head, ``Hq`` with ``G = 1`` (key/value
 heads repeated per query head). A bias is ``(Bb, Hb, Lq_b, G_b, Lk_b)`` with size-1 axes
-where it broadcasts; sinks ``(Hk, G)``.
+where it broadcasts.
 """
 
 from __future__ import annotations
@@ -36,6 +36,12 @@ def _any_listed(count: Any) -> bool:
     return bool(np.asarray(count).any())
 
 
+def call_problem(block_mask: BlockMask, scores: ScoreConfig, operands: Operands) -> str | None:
+    """Why the block loop cannot compute a call: never (``None``); every backend answers
+    this question before the dispatcher calls its ``attend``."""
+    return None
+
+
 def attend(
     q: jax.Array,
     k: jax.Array,
@@ -48,7 +54,7 @@ def attend(
     """Attention of 4-D inputs under ``block_mask`` with the block-loop backend: the
     output and the per-row log-sum-exp ``(B, Hq, Lq)``."""
     scores = scores or ScoreConfig()
-    operands = operands or Operands(None, None, ())
+    operands = operands or Operands(None, ())
     bsz, q_len, q_heads, _ = q.shape
     _, k_len, kv_heads, _ = k.shape
     mask_heads = block_mask.mask_heads
@@ -118,12 +124,10 @@ def _attend(
     kk = jnp.pad(k.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, k_pad), (0, 0)))
     vk = jnp.pad(v.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, k_pad), (0, 0)))
     bias = None if operands.bias is None else _kernel_bias(config, operands.bias, q_pad, k_pad)
-    sinks = None if operands.sinks is None else operands.sinks.reshape(heads, groups)
-    kernel_operands = Operands(bias, sinks, operands.score_consts)
+    kernel_operands = Operands(bias, operands.score_consts)
     out, lse = block_attention(config, qk, kk, vk, schedule, consts, kernel_operands)
     out = out.reshape(bsz, heads, q_len + q_pad, groups, dv)[:, :, :q_len]
     out = out.transpose(0, 2, 1, 3, 4).reshape(bsz, q_len, q_heads, dv)
     lse = lse.reshape(bsz, heads, q_len + q_pad, groups)[:, :, :q_len]
     lse = lse.transpose(0, 1, 3, 2).reshape(bsz, q_heads, q_len)
-    # Rows with nothing visible carry +inf inside the kernels; the contract says -inf.
-    return out, jnp.where(lse == jnp.inf, -jnp.inf, lse)
+    return out, lse
