@@ -23,7 +23,7 @@ def _bhle(ref, batch=2, q_len=48, k_len=64, q_heads=4, kv_heads=2, d=16, seed=0)
 def _reference(ref, q, k, v, visible, **kw):
     """``dense_variants`` in float64 in the (B, H, L, E) layout: ``(out, lse)``."""
     with ref.float64():
-        out, lse = ref.variants(q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2), visible, **kw)
+        out, lse = ref.dense(q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2), visible, **kw)
     return np.asarray(out).swapaxes(1, 2), np.asarray(lse)
 
 

@@ -111,7 +111,7 @@ def test_traced_scale_gradient_matches_float64(ref, implementation):
         return jnp.sum(out * w)
 
     def theirs(a):
-        out, _ = ref.variants(
+        out, _ = ref.dense(
             a["q"], a["k"], a["v"], mask, scale=a["scale"], score_mod=ref.alibi(a["slopes"])
         )
         return jnp.sum(out * w)
@@ -139,7 +139,7 @@ def test_bfloat16_traced_scale_within_the_bfloat16_tolerance(ref):
     static = run(scale)
     traced = jax.jit(run)(jnp.float32(scale))
     with ref.float64():
-        out64, lse64 = ref.variants(q, k, v, mask, scale=scale)
+        out64, lse64 = ref.dense(q, k, v, mask, scale=scale)
     errors = {}
     for name, (out, lse) in (("static", static), ("traced", traced)):
         assert out.dtype == jnp.bfloat16
@@ -152,7 +152,7 @@ def test_bfloat16_traced_scale_within_the_bfloat16_tolerance(ref):
     d_scale = jax.grad(lambda s: jnp.sum(run(s)[0].astype(jnp.float32) * w))(jnp.float32(scale))
 
     def dense_loss(s):
-        return jnp.sum(ref.variants(q, k, v, mask, scale=s)[0] * w)
+        return jnp.sum(ref.dense(q, k, v, mask, scale=s)[0] * w)
 
     with ref.float64():
         d_scale64 = jax.grad(dense_loss)(jnp.float64(scale))
