@@ -50,6 +50,7 @@ DOCS_DEPS = [
     "pytest>=8",
     "optax>=0.2.3",
     "matplotlib>=3.8",
+    "flax>=0.12",  # the "Use with flax" page runs nnx and linen layers
 ]
 
 
@@ -327,7 +328,8 @@ def gpu_check(session: nox.Session) -> None:
 @nox.session(default=False)
 def bench(session: nox.Session) -> None:
     """Benchmarks against jax's own implementations; tables go to benchmarks/results/."""
-    session.install(*map(str, _all_wheels(session)), "matplotlib>=3.8", "numpy")
+    # optax: logstate.py times the demo's training step (examples/tiny_lm.py).
+    session.install(*map(str, _all_wheels(session)), "matplotlib>=3.8", "numpy", "optax>=0.2.3")
     scripts = sorted((ROOT / "benchmarks").glob("*.py"))
     wanted = set(session.posargs)
     for script in scripts:

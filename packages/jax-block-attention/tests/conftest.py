@@ -177,11 +177,14 @@ def dense_attention(
     score_mod=None,
     sinks=None,
     q_offset=0,
+    dropout=None,
 ):
     """Dense attention with every score change, written from the definitions in jnp:
     the reference every test compares with; call it inside ``float64()``. Returns
     ``(out, lse)``: rows with nothing visible give zeros and ``lse = -inf`` (or the
-    sink). Differentiable with ``jax.grad``."""
+    sink). Differentiable with ``jax.grad``. ``dropout = (rate, keep)``: the normalised
+    weights where ``keep (B, Hq, Lq, Lk)`` is false are dropped and the others divided
+    by ``1 - rate``; ``lse`` is unchanged."""
     jnp = jax.numpy
     q, k, v = (jnp.asarray(x, jnp.float64) for x in (Q, K, V))
     batch, q_len, q_heads, d = q.shape
@@ -210,13 +213,27 @@ def dense_attention(
     if sinks is not None:
         total = total + jnp.exp(jnp.asarray(sinks, jnp.float64)[None, :, None] - m)
     safe = jnp.where(total == 0, 1.0, total)
-    out = jnp.einsum("bhqk,bkhd->bqhd", p / safe[..., None], v)
+    weights = p / safe[..., None]
+    if dropout is not None:
+        rate, keep = dropout
+        weights = jnp.where(np.asarray(keep), weights / (1.0 - rate), 0.0)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
     lse = jnp.where(total == 0, -jnp.inf, m + jnp.log(safe))
     return out, lse
 
 
 def against_reference(
-    attend, arrays, visible, rng, *, scale=None, soft_cap=None, make_mod=None, q_offset=0, jit=False
+    attend,
+    arrays,
+    visible,
+    rng,
+    *,
+    scale=None,
+    soft_cap=None,
+    make_mod=None,
+    q_offset=0,
+    jit=False,
+    dropout=None,
 ):
     """``attend(arrays, score_mod) -> (out, lse)`` and ``dense_attention`` in float64, on
     ``arrays`` (``q``, ``k``, ``v`` and, when present, ``bias``, ``sinks`` and whatever
@@ -252,6 +269,7 @@ def against_reference(
             sinks=a.get("sinks"),
             score_mod=score_mod(a),
             q_offset=q_offset,
+            dropout=dropout,
         )
         return loss(out, lse), (out, lse)
 
@@ -283,8 +301,9 @@ def compare_variants(
     the given ``bias``, ``sinks`` and ``extra`` (the array ``make_mod(extra)``'s
     ``score_mod`` closes over). ``shape`` is ``(B, Lq, Lk, Hq, Hkv, d)``;
     ``visible_extra`` narrows the reference's mask (for ``mask`` / lengths keywords).
-    Returns our output."""
-    from jaxmodules.attention import masked_attention_via_map
+    With ``dropout_rate`` in ``options`` the reference drops the weights where
+    ``dropout_keep_mask`` says. Returns our output."""
+    from jaxmodules.attention import dropout_keep_mask, masked_attention_via_map
 
     batch, q_len, k_len, q_heads, kv_heads, d = shape
     q, k, v = random_qkv(seed, batch, q_len, k_len, q_heads, kv_heads, d)
@@ -295,6 +314,13 @@ def compare_variants(
     for name, x in (("bias", bias), ("sinks", sinks), ("extra", extra)):
         if x is not None:
             diff[name] = x
+    dropout = None
+    if options.get("dropout_rate", 0.0) > 0.0:
+        rate = options["dropout_rate"]
+        keep_shape = (batch, q_heads, q_len, k_len)
+        offset = options.get("q_offset", 0)
+        keep = dropout_keep_mask(options["dropout_rng"], rate, keep_shape, q_offset=offset)
+        dropout = (rate, np.asarray(keep))
 
     def attend(arrays, score_mod):
         kw = dict(options, bias=arrays.get("bias"), sinks=arrays.get("sinks"))
@@ -312,6 +338,7 @@ def compare_variants(
         make_mod=None if make_mod is None else lambda arrays: make_mod(arrays.get("extra")),
         q_offset=options.get("q_offset", 0),
         jit=jit,
+        dropout=dropout,
     )
     np.testing.assert_allclose(out, out64, atol=atol, rtol=1e-4, err_msg="out")
     np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(lse64))

@@ -317,6 +317,27 @@ def test_gpu_defaults_lower_for_cuda_without_a_gpu(ref):
     assert _triton_kernels_for_cuda(value_and_grads, q, k, v, bias) == 3
 
 
+def test_dropout_lowers_for_cuda_without_a_gpu(ref):
+    # The dropout hash's uint32 multiplies, xors, shifts and compares lower to Triton in
+    # all three kernels, with the compiled defaults (backward slices, GQA).
+    from jaxmodules.attention._dropout import stream_seeds
+
+    shape = (1, 256, 256, 4, 2, 64, 64)
+    q, k, v = ref.qkv(24, *shape, dtype=jnp.bfloat16)
+    block_mask = ref.block_mask_for(shape, 64, {"is_causal": True})
+    scores = ScoreConfig(dropout_rate=0.1)
+
+    def value_and_grads(q, k, v, rng):
+        def loss(q, k, v):
+            operands = Operands(None, (), stream_seeds(rng, 1, 4))
+            out, _ = pallas.attend(q, k, v, block_mask, 0.125, scores, operands, interpret=False)
+            return out.astype(jnp.float32).sum()
+
+        return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    assert _triton_kernels_for_cuda(value_and_grads, q, k, v, jax.random.key(7)) == 3
+
+
 def test_decode_split_lowers_for_cuda_without_a_gpu(ref):
     # Decoding: 4 query heads of 16 rows against 2048 keys are 4 programs, so compiled
     # the forward splits each row's 16 key blocks into 4 shares (a 4-D grid).

@@ -3,6 +3,8 @@
 from . import flex
 from ._api import dot_product_attention, masked_attention_via_map
 from ._block_mask import BlockMask
+from ._dropout import dropout_keep_mask
+from ._flax import flax_dot_product_attention
 from ._plan import create_block_mask
 from ._ring import from_zigzag, ring_attention, ring_block_counts, to_zigzag, zigzag_order
 
@@ -10,6 +12,8 @@ __all__ = [
     "BlockMask",
     "create_block_mask",
     "dot_product_attention",
+    "dropout_keep_mask",
+    "flax_dot_product_attention",
     "flex",
     "from_zigzag",
     "masked_attention_via_map",

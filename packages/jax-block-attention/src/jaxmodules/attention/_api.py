@@ -17,6 +17,7 @@ from . import _xla as xla
 from ._block_mask import BlockMask
 from ._checks import CheckedArguments, check_arguments
 from ._cudnn import cudnn_attention, cudnn_problem, on_gpu
+from ._dropout import check_dropout
 from ._elementwise import trace_score_mod
 from ._pallas import PallasUnsupportedError
 from ._plan import plan_block_mask
@@ -44,6 +45,8 @@ def masked_attention_via_map(
     sinks: Any = None,
     return_lse: bool = False,
     implementation: str | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: Any = None,
 ) -> Any:
     """Softmax attention computed block by block, in memory linear in the sequence length.
 
@@ -122,6 +125,8 @@ def masked_attention_via_map(
             row's softmax denominator as a key with value 0 (gpt-oss). Gets a gradient.
         return_lse: Also return the log-sum-exp of each row's scores, ``(B, Hq, Lq)``
             float32 (``-inf`` for a row with no visible key and no sink), differentiable.
+            With dropout it is still the log-sum-exp of all visible scores: dropout acts
+            on the normalised weights, after the softmax statistics.
         implementation: The backend. ``"xla"``: the block loop in plain JAX, any device,
             every keyword. ``"pallas"``: one fused Pallas kernel per pass over the same
             block mask (a GPU kernel; on other devices it runs in Pallas interpret mode,
@@ -131,8 +136,21 @@ def masked_attention_via_map(
             masks cuDNN expresses exactly (causal, causal with a left window, sequence
             lengths, ``bias``; float16/bfloat16; head dimension a multiple of 8, at most
             128; no ``mask_fn``, ``score_mod``, soft-cap, sinks, ``q_offset``, ``mask``,
-            ``block_mask`` or ``return_lse``). ``None``: on a GPU cuDNN where it applies,
-            else Pallas where it applies, else the block loop; ``"xla"`` elsewhere.
+            ``block_mask``, ``return_lse`` or dropout). ``None``: on a GPU cuDNN where it
+            applies, else Pallas where it applies, else the block loop; ``"xla"``
+            elsewhere.
+        dropout_rate: Attention dropout: each weight (after the softmax) is dropped with
+            this probability and kept weights are divided by ``1 - rate`` (inverted
+            dropout, as in flax and PyTorch). A Python float in ``[0, 1)``; 0 (the
+            default) is no dropout. The decision for query row ``i`` and key ``j`` of
+            batch row ``b``, query head ``h`` is a hash of ``(dropout_rng, b, h, i +
+            q_offset, j)``: the same in every backend and for every block size,
+            regenerated in the backward pass rather than stored, so memory stays linear.
+            [`dropout_keep_mask`][jaxmodules.attention.dropout_keep_mask] materialises
+            it.
+        dropout_rng: The PRNG key of the dropout (``jax.random.key`` or
+            ``jax.random.PRNGKey``); needed when ``dropout_rate > 0``. The same key gives
+            the same decisions; split a fresh one per step.
 
     Returns:
         The attention output ``(B, Lq, Hq, dv)`` (or ``(Lq, Hq, dv)``) in ``Q``'s dtype;
@@ -144,10 +162,12 @@ def masked_attention_via_map(
             cannot compute (the message says why), wrong ranks or mismatched shapes, no
             heads, ``Hq`` not a multiple of ``Hkv``, non-positive block or negative
             window sizes, a ``mask_fn`` that is not element-wise, a ``block_mask`` that
-            does not fit or comes with mask arguments.
+            does not fit or comes with mask arguments, a ``dropout_rate`` outside
+            ``[0, 1)`` or a positive one without ``dropout_rng``.
         TypeError: Non-floating inputs, non-integer sizes or offsets, a ``mask_fn`` that
             takes neither 3 nor 4 arguments or that does not return booleans, a
-            ``scale`` that is not a real number or a floating scalar array.
+            ``scale`` that is not a real number or a floating scalar array, a
+            ``dropout_rng`` that is not a PRNG key.
 
     Examples:
         >>> import jax, jax.numpy as jnp
@@ -164,6 +184,7 @@ def masked_attention_via_map(
         True
     """
     implementation = _check_implementation(implementation)
+    dropout = check_dropout(dropout_rate, dropout_rng)
     args = check_arguments(
         Q,
         K,
@@ -182,7 +203,14 @@ def masked_attention_via_map(
         logits_soft_cap=logits_soft_cap,
         score_mod=score_mod,
         sinks=sinks,
+        dropout=dropout,
     )
+    return checked_attention(args, implementation, return_lse)
+
+
+def checked_attention(args: CheckedArguments, implementation: str | None, return_lse: Any) -> Any:
+    """``masked_attention_via_map`` once its arguments are checked (also the flax
+    adapter's way in, which builds its own dropout request)."""
     if not isinstance(return_lse, (bool, np.bool_)):
         raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
     batched = args.q.ndim == 4
@@ -266,8 +294,10 @@ def _block_backend_call(
         soft_cap=args.soft_cap,
         score=program,
         bias=None if args.bias is None else bias_axes(args.bias.shape),
+        dropout_rate=0.0 if args.dropout is None else args.dropout.rate,
     )
-    operands = Operands(args.bias, consts)
+    seeds = None if args.dropout is None else args.dropout.seeds(bsz, q.shape[2])
+    operands = Operands(args.bias, consts, seeds)
     problem = _BACKENDS[name].call_problem(block_mask, scores, operands)
     if problem is not None and implementation is not None:
         error = PallasUnsupportedError if name == "pallas" else ValueError

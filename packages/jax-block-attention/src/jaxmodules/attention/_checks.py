@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._block_mask import BlockMask
+from ._dropout import Dropout
 from ._normalize import normalize_block_size, normalize_q_offset, normalize_window
 
 
@@ -35,6 +36,7 @@ class CheckedArguments:
     kv_lengths: jax.Array | None = None  # (B,) int32
     soft_cap: float | None = None
     sinks: jax.Array | None = None  # (Hq,)
+    dropout: Dropout | None = None  # checked by _dropout.check_dropout
 
 
 def _as_array(x: Any, name: str) -> jax.Array:
@@ -200,7 +202,10 @@ def check_arguments(
     logits_soft_cap: Any = None,
     score_mod: Any = None,
     sinks: Any = None,
+    dropout: Dropout | None = None,
 ) -> CheckedArguments:
+    """The arguments checked and normalised; ``dropout`` comes checked
+    (``_dropout.check_dropout``)."""
     q, k, v = _as_array(Q, "Q"), _as_array(K, "K"), _as_array(V, "V")
     _check_shapes(q, k, v)
     if not isinstance(is_causal, (bool, np.bool_)):
@@ -241,6 +246,7 @@ def check_arguments(
         kv_lengths=_lengths(key_value_seq_lengths, "key_value_seq_lengths", batch),
         soft_cap=_soft_cap(logits_soft_cap),
         sinks=_sinks(sinks, q.shape[-2]),
+        dropout=dropout,
     )
     # Last, once everything is checked: a traced scale becomes part of q.
     folded_q, static_scale = fold_scale(q, checked_scale)

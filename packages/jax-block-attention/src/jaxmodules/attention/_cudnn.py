@@ -55,6 +55,10 @@ def cudnn_window(
 
 def cudnn_problem(args: CheckedArguments, *, return_lse: bool) -> str | None:
     """Why ``jax.nn``'s cuDNN path cannot compute this call exactly, or ``None``."""
+    if args.dropout is not None:
+        # jax.nn.dot_product_attention takes no dropout, and cuDNN's own would draw other
+        # decisions than the hash every other backend shares.
+        return "jax.nn's cuDNN attention has no dropout (dropout_rate)"
     given = [
         name
         for name, value in (

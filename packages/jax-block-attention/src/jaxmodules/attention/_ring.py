@@ -405,6 +405,12 @@ def ring_attention(
     """
     if unsupported:
         name = sorted(unsupported)[0]
+        if name in ("dropout_rate", "dropout_rng"):
+            raise ValueError(
+                "ring_attention does not take dropout (dropout_rate, dropout_rng): its steps "
+                "see chunks at relative offsets, so their keep decisions would not be those "
+                "of the whole call; use masked_attention_via_map for attention dropout"
+            )
         if name in _UNSUPPORTED:
             raise ValueError(
                 f"ring_attention does not take {name}=: a ring step sees only one chunk of "

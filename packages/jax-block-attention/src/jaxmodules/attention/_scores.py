@@ -50,11 +50,15 @@ class ScoreConfig:
         score: The traced ``score_mod`` or ``None``.
         bias: ``None`` without a bias; else which of (batch, head, query, key) it varies
             along.
+        dropout_rate: Attention dropout on the normalised weights (0: none), its seeds
+            in ``Operands.seeds``; it leaves the scores and the softmax statistics as
+            they are (see ``_dropout``).
     """
 
     soft_cap: float | None = None
     score: ElementwiseProgram | None = None
     bias: tuple[bool, bool, bool, bool] | None = None
+    dropout_rate: float = 0.0
 
     @property
     def changes_scores(self) -> bool:
@@ -64,13 +68,18 @@ class ScoreConfig:
 @dataclass(frozen=True)
 class Operands:
     """The arrays of the score pipeline: ``bias`` (or ``None``) and the arrays
-    ``score_mod`` closes over. Each backend lays them out for its kernels."""
+    ``score_mod`` closes over. Each backend lays them out for its kernels. Also
+    dropout's ``(B, Hq)`` uint32 seeds (``None`` without dropout), which every backend
+    reads as they are."""
 
     bias: Array | None
     score_consts: tuple
+    seeds: Array | None = None
 
 
-jax.tree_util.register_dataclass(Operands, data_fields=["bias", "score_consts"], meta_fields=[])
+jax.tree_util.register_dataclass(
+    Operands, data_fields=["bias", "score_consts", "seeds"], meta_fields=[]
+)
 
 
 def bias_axes(shape: tuple[int, ...]) -> tuple[bool, bool, bool, bool]:

@@ -86,12 +86,18 @@ def _bias_specs(config: TileConfig, bias: Any) -> tuple[Any, Any]:
     return query_major, key_major
 
 
+def _seeds_input(seeds: Array | None) -> list[tuple[Any, Any]]:
+    """Dropout's ``(B, Hq)`` seeds as a whole input of every program, or nothing."""
+    return [] if seeds is None else [(seeds, _whole(seeds))]
+
+
 def _forward(
     config: TileConfig,
     q: Array,
     k: Array,
     v: Array,
     bias: Array | None,
+    seeds: Array | None,
     kv_lists: tuple,
     consts: tuple,
 ) -> tuple[Array, Array]:
@@ -134,7 +140,7 @@ def _forward(
         grid,
         kv_lists,
         consts,
-        [*bias_input, (q, q_spec), (k, k_spec), (v, v_spec)],
+        [*bias_input, *_seeds_input(seeds), (q, q_spec), (k, k_spec), (v, v_spec)],
         outputs,
         "block_attention_forward",
     )
@@ -150,6 +156,7 @@ def _backward(
     k: Array,
     v: Array,
     bias: Array | None,
+    seeds: Array | None,
     out: Array,
     lse: Array,
     d_out: Array,
@@ -199,6 +206,7 @@ def _backward(
         consts,
         [
             *([] if bias_specs is None else [(bias, bias_specs[0])]),
+            *_seeds_input(seeds),
             (q, row_spec(d)),
             (k, kv_whole),
             (v, v_whole),
@@ -239,6 +247,7 @@ def _backward(
         consts,
         [
             *([] if bias_specs is None else [(bias, bias_specs[1])]),
+            *_seeds_input(seeds),
             (q, per_batch(d)),
             (k, key_spec(d)),
             (v, key_spec(dv)),
@@ -278,27 +287,32 @@ def _kernel_attention(
     k: Array,
     v: Array,
     bias: Array | None,
+    seeds: Array | None,
     kv_lists: tuple,
     q_lists: tuple,
     consts: tuple,
 ) -> tuple[Array, Array]:
-    """Attention over padded kernel-layout inputs: output (``q``'s dtype) and lse."""
-    return _forward(config, q, k, v, bias, kv_lists, consts)
+    """Attention over padded kernel-layout inputs: output (``q``'s dtype) and lse.
+    ``seeds``: dropout's ``(B, Hq)`` seeds when ``config.scores.dropout_rate`` is set."""
+    return _forward(config, q, k, v, bias, seeds, kv_lists, consts)
 
 
-def _kernel_attention_fwd(config, q, k, v, bias, kv_lists, q_lists, consts):
-    out, lse = _forward(config, q, k, v, bias, kv_lists, consts)
-    return (out, lse), (q, k, v, bias, out, lse, kv_lists, q_lists, consts)
+def _kernel_attention_fwd(config, q, k, v, bias, seeds, kv_lists, q_lists, consts):
+    out, lse = _forward(config, q, k, v, bias, seeds, kv_lists, consts)
+    return (out, lse), (q, k, v, bias, seeds, out, lse, kv_lists, q_lists, consts)
 
 
 def _kernel_attention_bwd(config, residuals, cotangents):
-    q, k, v, bias, out, lse, kv_lists, q_lists, consts = residuals
+    q, k, v, bias, seeds, out, lse, kv_lists, q_lists, consts = residuals
     d_out, d_lse = cotangents
     dq, dk, dv, d_bias, d_arrays = _backward(
-        config, q, k, v, bias, out, lse, d_out, d_lse, kv_lists, q_lists, consts
+        config, q, k, v, bias, seeds, out, lse, d_out, d_lse, kv_lists, q_lists, consts
     )
-    zeros = jax.tree_util.tree_map(zero_cotangent, (kv_lists, q_lists))
-    return (dq, dk, dv, d_bias, *zeros, _array_cotangents(config, consts, d_arrays))
+    d_seeds, d_kv_lists, d_q_lists = jax.tree_util.tree_map(
+        zero_cotangent, (seeds, kv_lists, q_lists)
+    )
+    d_consts = _array_cotangents(config, consts, d_arrays)
+    return (dq, dk, dv, d_bias, d_seeds, d_kv_lists, d_q_lists, d_consts)
 
 
 def _array_cotangents(config: TileConfig, consts: tuple, d_arrays: list[Array]) -> tuple:

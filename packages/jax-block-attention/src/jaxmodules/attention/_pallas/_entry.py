@@ -120,9 +120,11 @@ def attend(
         interpret: Run the kernels in Pallas interpret mode; ``None``: when the default
             backend is not a GPU.
         scores: The score changes (soft-cap, ``score_mod`` program, which axes the bias
-            varies along), as built by ``masked_attention_via_map``.
+            varies along) and the dropout rate, as built by ``masked_attention_via_map``.
         operands: Their arrays: a rank-4 ``bias`` broadcastable to ``(B, Hq, Lq, Lk)``
-            (gets a gradient) and the arrays ``score_mod`` closes over.
+            (gets a gradient), the arrays ``score_mod`` closes over and, with dropout,
+            the ``(B, Hq)`` seeds from which every pass regenerates its tiles' keep
+            decisions (``_dropout``).
         backward_tile: The inner side of the backward kernels' tiles (keys per slice in
             dQ, queries per slice in dK/dV), a power of two ``>= 16``; ``None``:
             ``_COMPILED_BACKWARD_TILE`` when compiled, whole blocks when interpreted.
@@ -205,16 +207,24 @@ def attend(
         offset,
     )
     all_consts = (*consts, *score_consts)
-    return _attend_padded(config, (q, k, v), bias, (kv_lists, q_lists), all_consts)
+    seeds = operands.seeds if scores.dropout_rate else None
+    if scores.dropout_rate and seeds is None:
+        raise ValueError("dropout needs its (B, Hq) seeds in operands.seeds")
+    return _attend_padded(config, (q, k, v), bias, (kv_lists, q_lists), all_consts, seeds)
 
 
 @partial(jax.jit, static_argnums=(0,))
 def _attend_padded(
-    config: TileConfig, qkv: tuple, bias: Array | None, lists: tuple, consts: tuple
+    config: TileConfig,
+    qkv: tuple,
+    bias: Array | None,
+    lists: tuple,
+    consts: tuple,
+    seeds: Array | None,
 ) -> tuple[Array, Array]:
     """Kernel layout and padding around the kernels (``lists``: the block mask's lists,
-    query-major then key-major): one compiled program per configuration and shapes,
-    reused by eager calls."""
+    query-major then key-major; ``seeds``: dropout's): one compiled program per
+    configuration and shapes, reused by eager calls."""
     q, k, v = qkv
     q_len, d, dv = q.shape[1], q.shape[-1], v.shape[-1]
     q_pad = config.n_q_blocks * config.q_block - q_len
@@ -228,7 +238,7 @@ def _attend_padded(
     if bias is not None:
         pads = ((0, 0), (0, 0), (0, q_pad if bias.shape[2] > 1 else 0))
         bias = jnp.pad(bias, (*pads, (0, k_pad if bias.shape[3] > 1 else 0)))
-    out, lse = _kernel_attention(config, qk, kk, vk, bias, *lists, consts)
+    out, lse = _kernel_attention(config, qk, kk, vk, bias, seeds, *lists, consts)
     out = out[:, :, :q_len, :dv].transpose(0, 2, 1, 3)
     lse = lse[:, :, :q_len]
     return out, lse

@@ -16,12 +16,15 @@ from ._tile_math import (
     _matmul,
     _matmul_t,
     add_read_gradient,
+    dropout_scale,
+    kept,
     key_positions,
     over_slices,
     query_positions,
     softmax_finish,
     softmax_step,
     tile_gradient,
+    tile_keep,
     tile_score_mod,
     tile_visible,
 )
@@ -55,6 +58,14 @@ def _split_refs(config: TileConfig, refs: Sequence[Any]) -> tuple:
     return lists, mask_refs, score_refs, bias_ref, rest
 
 
+def _seeds_ref(config: TileConfig, rest: Sequence[Any]) -> tuple[Any, Sequence[Any]]:
+    """Dropout's ``(B, Hq)`` seeds, the first of a pass's inputs with dropout, or
+    ``None``; and the remaining refs."""
+    if config.scores.dropout_rate == 0.0:
+        return None, rest
+    return rest[0], rest[1:]
+
+
 def _bias_tile(
     config: TileConfig, bias_ref: Any, head: Any, rows: tuple[Any, int], cols: tuple[Any, int]
 ) -> Array:
@@ -72,6 +83,7 @@ def _bias_tile(
 def _forward_kernel(config: TileConfig, *refs: Any) -> None:
     lists, mask_refs, score_refs, bias_ref, rest = _split_refs(config, refs)
     count_ref, index_ref, full_count_ref, full_index_ref, offset_ref = lists
+    seeds_ref, rest = _seeds_ref(config, rest)
     q_ref, k_ref, v_ref, o_ref, lse_ref = rest
     b, h, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     mb, mh = _mask_index(config, b, h)
@@ -91,7 +103,8 @@ def _forward_kernel(config: TileConfig, *refs: Any) -> None:
         s = tile_scores(config.scores, s0, bias, score_mod)
         if masked:
             s = jnp.where(tile_visible(config, mask_refs, b, h, q_pos, k_pos), s, -jnp.inf)
-        return softmax_step(carry, s, v_blk)
+        keep = tile_keep(config, seeds_ref, b, h, q_pos, k_pos)
+        return softmax_step(carry, s, v_blk, keep)
 
     carry = (
         jnp.full((config.q_block,), -jnp.inf, _F32),
@@ -106,7 +119,8 @@ def _forward_kernel(config: TileConfig, *refs: Any) -> None:
     carry = lax.fori_loop(
         *partial_range, lambda t, c: step(c, index_ref[mb, mh, i, t], True), carry
     )
-    out, lse = softmax_finish(*carry)
+    m, l, acc = carry
+    out, lse = softmax_finish(m, l, acc, out_scale=dropout_scale(config))
     o_ref[...] = out.astype(o_ref.dtype)
     lse_ref[...] = lse
 
@@ -124,6 +138,7 @@ def _split_share(config: TileConfig, count: Array) -> tuple[Array, Array]:
 def _dq_kernel(config: TileConfig, *refs: Any) -> None:
     lists, mask_refs, score_refs, bias_ref, rest = _split_refs(config, refs)
     count_ref, index_ref, full_count_ref, full_index_ref, offset_ref = lists
+    seeds_ref, rest = _seeds_ref(config, rest)
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *extra = rest
     # After dQ: the bias gradient (tiles or row sums), then one flattened gradient per
     # differentiable score_mod array, this program's share.
@@ -163,7 +178,9 @@ def _dq_kernel(config: TileConfig, *refs: Any) -> None:
         reads: list[ArrayRead] = []
         score_mod = tile_score_mod(config, score_refs, b, h, q_pos, k_pos, reads)
         s = tile_scores(config.scores, s0, bias, score_mod)
-        _, ds = tile_gradient(s, lse, delta, _matmul_t(do_blk, v_blk), visible)
+        keep = tile_keep(config, seeds_ref, b, h, q_pos, k_pos)
+        dp = kept(config, keep, _matmul_t(do_blk, v_blk))
+        _, ds = tile_gradient(s, lse, delta, dp, visible)
         if reads and visible is not None:
             ds = jnp.where(visible, ds, 0.0)  # the reads' gradients sum over the tile
         values = [read.value for read in reads]
@@ -210,6 +227,7 @@ def _dq_kernel(config: TileConfig, *refs: Any) -> None:
 def _dkdv_kernel(config: TileConfig, *refs: Any) -> None:
     lists, mask_refs, score_refs, bias_ref, rest = _split_refs(config, refs)
     count_ref, index_ref, full_count_ref, full_index_ref, offset_ref = lists
+    seeds_ref, rest = _seeds_ref(config, rest)
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *dbias = rest
     # Column sums of the score gradient per query head of the group: the gradient of a
     # bias that varies only along keys.
@@ -246,7 +264,10 @@ def _dkdv_kernel(config: TileConfig, *refs: Any) -> None:
             score_mod = tile_score_mod(config, score_refs, b, h, q_pos, k_pos)
             s_t = tile_scores(config.scores, s0_t, bias_t, score_mod)
             lse_t, delta_t = lse_ref[h, rows][None, :], delta_ref[h, rows][None, :]
-            p_t, ds_t = tile_gradient(s_t, lse_t, delta_t, _matmul_t(v_blk, do_blk), visible_t)
+            keep_t = tile_keep(config, seeds_ref, b, h, q_pos, k_pos)
+            dp_t = kept(config, keep_t, _matmul_t(v_blk, do_blk))
+            p_t, ds_t = tile_gradient(s_t, lse_t, delta_t, dp_t, visible_t)
+            p_t = kept(config, keep_t, p_t)
             ds_t, _ = tile_score_gradients(config.scores, s0_t, bias_t, ds_t, score_mod)
             if visible_t is not None and config.scores.changes_scores:
                 ds_t = jnp.where(visible_t, ds_t, 0.0)

@@ -13,6 +13,7 @@ from jax import lax
 
 from .._band import in_band
 from .._config import BlockConfig
+from .._dropout import keep_tile, threshold
 from .._scores import ScoreMod
 from ._tile_program import _MIN_TILE, ArrayRead, evaluate_on_tile, reader_for
 
@@ -225,9 +226,11 @@ def _matmul(a: Array, b: Array) -> Array:
 
 
 def softmax_step(
-    carry: tuple[Array, Array, Array], s: Array, v_blk: Array
+    carry: tuple[Array, Array, Array], s: Array, v_blk: Array, keep: Array | None = None
 ) -> tuple[Array, Array, Array]:
-    """One online-softmax update with scores ``s (bq, bk)`` (``-inf`` = masked)."""
+    """One online-softmax update with scores ``s (bq, bk)`` (``-inf`` = masked). With
+    dropout's ``keep``, the denominator still counts every weight (dropout acts on the
+    normalised weights) and the values see only the kept ones."""
     m, l, acc = carry
     m_new = jnp.maximum(m, s.max(axis=1))
     # A row that has seen no visible key keeps m = -inf; shift by 0 so exp() gives 0.
@@ -235,17 +238,45 @@ def softmax_step(
     p = jnp.exp(s - m_shift[:, None])
     alpha = jnp.exp(m - m_shift)
     l = alpha * l + p.sum(axis=1)
+    if keep is not None:
+        p = jnp.where(keep, p, 0.0)
     acc = alpha[:, None] * acc + _matmul(p.astype(v_blk.dtype), v_blk)
     return m_new, l, acc
 
 
-def softmax_finish(m: Array, l: Array, acc: Array) -> tuple[Array, Array]:
-    """Output rows and log-sum-exp; rows without a visible key give 0 and ``-inf``."""
+def softmax_finish(m: Array, l: Array, acc: Array, out_scale: float = 1.0) -> tuple[Array, Array]:
+    """Output rows (times ``out_scale``) and log-sum-exp; rows without a visible key
+    give 0 and ``-inf``."""
     empty = l == 0.0
     safe = jnp.where(empty, 1.0, l)
     out = acc / safe[:, None]
+    if out_scale != 1.0:
+        out = out * _F32(out_scale)
     lse = jnp.where(empty, -jnp.inf, m + jnp.log(safe))
     return out, lse
+
+
+def tile_keep(
+    config: TileConfig, seeds_ref: Any, b: Array, h: Array, q_pos: Array, k_pos: Array
+) -> Array | None:
+    """Dropout's keep decisions on a tile, in either orientation (broadcastable query
+    and key positions), from the seed of ``(b, h)``; ``None`` without dropout."""
+    if seeds_ref is None:
+        return None
+    return keep_tile(seeds_ref[b, h], q_pos, k_pos, threshold(config.scores.dropout_rate))
+
+
+def dropout_scale(config: TileConfig) -> float:
+    """The factor on kept weights, ``1 / (1 - rate)`` (1 without dropout)."""
+    return 1.0 / (1.0 - config.scores.dropout_rate)
+
+
+def kept(config: TileConfig, keep: Array | None, x: Array) -> Array:
+    """``x`` on a tile where dropout keeps the weights, scaled by ``1 / (1 - rate)``, and
+    0 where it drops them (``x`` itself without dropout)."""
+    if keep is None:
+        return x
+    return jnp.where(keep, x * _F32(dropout_scale(config)), 0.0)
 
 
 def tile_gradient(

@@ -124,7 +124,7 @@ def _attend(
     kk = jnp.pad(k.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, k_pad), (0, 0)))
     vk = jnp.pad(v.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, k_pad), (0, 0)))
     bias = None if operands.bias is None else _kernel_bias(config, operands.bias, q_pad, k_pad)
-    kernel_operands = Operands(bias, operands.score_consts)
+    kernel_operands = Operands(bias, operands.score_consts, operands.seeds)
     out, lse = block_attention(config, qk, kk, vk, schedule, consts, kernel_operands)
     out = out.reshape(bsz, heads, q_len + q_pad, groups, dv)[:, :, :q_len]
     out = out.transpose(0, 2, 1, 3, 4).reshape(bsz, q_len, q_heads, dv)

@@ -23,6 +23,7 @@ from jax import lax
 
 from .._band import in_band
 from .._config import BlockConfig
+from .._dropout import keep_from_rows, row_hashes, threshold
 from .._scores import (
     Operands,
     ScoreMod,
@@ -130,6 +131,24 @@ def _tile_score_mod(
     return score_mod
 
 
+def _dropout_rows(config: KernelConfig, unit: _Unit, seeds: Array | None, i: Array) -> Any:
+    """Dropout's row hashes of query block ``i``, ``(bs, hs, rows, 1)``, or ``None``."""
+    if seeds is None or not config.scores.dropout_rate:
+        return None
+    bq, g = config.q_block, config.groups
+    rows = jnp.arange(bq * g, dtype=jnp.int32)
+    q_pos = jnp.minimum(i * bq + rows // g, config.q_len - 1) + unit.offset
+    heads = unit.head_index.reshape(-1, g)[:, rows % g]  # (hs, rows): query heads
+    row_seeds = seeds[unit.batch_index[:, None, None], heads[None]]
+    return row_hashes(row_seeds, q_pos[None, None, :])[..., None]
+
+
+def _dropout_keep(config: KernelConfig, rows: Array, j: Array) -> Array:
+    """Which weights of the tile against key block ``j`` dropout keeps."""
+    k_pos = j * config.k_block + jnp.arange(config.k_block, dtype=jnp.int32)
+    return keep_from_rows(rows, k_pos, threshold(config.scores.dropout_rate))
+
+
 def _unit_slice(x: Array, axis: int, slot: Array, split: bool) -> Array:
     return lax.dynamic_slice_in_dim(x, slot, 1, axis) if split and x.shape[axis] > 1 else x
 
@@ -207,7 +226,7 @@ def _unit_forward(
     bias = _unit_bias(config, operands.bias, unit)
     changes = config.scores.changes_scores
 
-    def update(carry, q_blk, score_scale, i, j, masked):
+    def update(carry, q_blk, score_scale, drop_rows, i, j, masked):
         m, l, acc = carry
         k_blk = lax.dynamic_slice_in_dim(k, j * bk, bk, axis=2)
         v_blk = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=2)
@@ -224,12 +243,17 @@ def _unit_forward(
         p = jnp.exp(s - m_shift[..., None])
         alpha = jnp.exp(m - m_shift)
         l = alpha * l + p.sum(axis=-1)
+        if drop_rows is not None:
+            # Dropout acts on the normalised weights: the denominator above keeps every
+            # weight, the values see only the kept ones (scaled up at the end).
+            p = jnp.where(_dropout_keep(config, drop_rows, j), p, 0.0)
         pv = jnp.einsum("bhrk,bhkd->bhrd", p, v_blk, preferred_element_type=_F32)
         acc = alpha[..., None] * acc + pv
         return m_new, l, acc
 
     def one_query_block(i):
         q_blk, score_scale = _prescaled(config, lax.dynamic_slice_in_dim(q, i * rows, rows, 2))
+        drop_rows = _dropout_rows(config, unit, operands.seeds, i)
         carry = (
             jnp.full((bsz, hk, rows), -jnp.inf, _F32),
             jnp.zeros((bsz, hk, rows), _F32),
@@ -245,13 +269,15 @@ def _unit_forward(
                     0,
                     count[i],
                     lambda t, c, row=row, masked=masked: update(
-                        c, q_blk, score_scale, i, row[t], masked
+                        c, q_blk, score_scale, drop_rows, i, row[t], masked
                     ),
                     carry,
                 )
         m, l, acc = carry
         empty = l == 0.0
         out = acc / jnp.where(empty, 1.0, l)[..., None]
+        if drop_rows is not None:
+            out = out * _F32(1.0 / (1.0 - config.scores.dropout_rate))
         lse = jnp.where(empty, -jnp.inf, m + jnp.log(jnp.where(empty, 1.0, l)))
         return out, lse
 
@@ -298,7 +324,7 @@ def _unit_backward(
 
     def update(carry, blk, i, j, masked):
         dq_blk, dk_acc, dv_acc, g = carry
-        q_blk, score_scale, q_t_blk, do_blk, do_t_blk, lse_blk, delta_blk = blk
+        q_blk, score_scale, q_t_blk, do_blk, do_t_blk, lse_blk, delta_blk, drop_rows = blk
         k_blk = lax.dynamic_slice_in_dim(k, j * bk, bk, axis=2)
         v_blk = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=2)
         s0 = _products(q_blk, k_blk, score_scale)
@@ -308,8 +334,16 @@ def _unit_backward(
         if masked:
             s = jnp.where(_visible(config, unit, consts, i, j), s, -jnp.inf)
         p = jnp.exp(s - lse_blk[..., None])
-        dv_blk = jnp.einsum("bhdr,bhrk->bhdk", do_t_blk, p, preferred_element_type=_F32)
         dp = jnp.einsum("bhrd,bhkd->bhrk", do_blk, v_blk, preferred_element_type=_F32)
+        p_out = p
+        if drop_rows is not None:
+            # The output saw the kept weights scaled by 1 / (1 - rate): so do dV and the
+            # weights' gradient; delta = dO . O already holds the dropout.
+            keep = _dropout_keep(config, drop_rows, j)
+            inverse = _F32(1.0 / (1.0 - config.scores.dropout_rate))
+            p_out = jnp.where(keep, p * inverse, 0.0)
+            dp = jnp.where(keep, dp * inverse, 0.0)
+        dv_blk = jnp.einsum("bhdr,bhrk->bhdk", do_t_blk, p_out, preferred_element_type=_F32)
         ds = p * (dp - delta_blk[..., None])
         if scores.changes_scores:
             ds, d_consts = tile_score_gradients(scores, s0, bias_blk, ds, score_mod, floats)
@@ -342,6 +376,7 @@ def _unit_backward(
             jnp.swapaxes(do_blk, 2, 3),
             lse_blk,
             delta_blk,
+            _dropout_rows(config, unit, operands.seeds, i),
         )
         carry = (jnp.zeros((bsz, hk, rows, d), _F32), dk_acc, dv_acc, g)
         for count, index, masked, needed in (
@@ -552,6 +587,7 @@ def _block_attention_bwd(config, residuals, cotangents):
     d_operands = Operands(
         None if operands.bias is None else grads.bias.astype(operands.bias.dtype),
         tuple(d_score),
+        None if operands.seeds is None else zero_cotangent(operands.seeds),
     )
     zeros = jax.tree_util.tree_map(zero_cotangent, (schedule, consts))
     return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), *zeros, d_operands)
