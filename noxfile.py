@@ -2,7 +2,8 @@
 
 A bare ``nox`` runs what CI needs: lint, type checks, each package's tests against its
 built wheel (newest and oldest supported jax), the integration suite, the docs build and
-the packaging checks. ``demo``, ``bench`` and ``gpu_check`` run only when asked for by name.
+the packaging checks. ``demo``, ``bench``, ``flex_torch`` and ``gpu_check`` run only when
+asked for by name.
 """
 
 from __future__ import annotations
@@ -335,6 +336,27 @@ def attention_optimized(session: nox.Session) -> None:
         *(str(tests / name) for name in OPTIMIZED_ATTENTION_TESTS),
         *session.posargs,
         env={"XLA_FLAGS": "", "PYTHONPATH": str(plugin.parent)},
+    )
+
+
+# PyTorch for the FlexAttention comparison: any CPU build does (it runs eagerly on the CPU).
+TORCH = "torch==2.13.0"
+
+
+@nox.session(python="3.11", venv_backend="venv", default=False)
+def flex_torch(session: nox.Session) -> None:
+    """``jaxmodules.attention.flex`` against PyTorch's FlexAttention: tests/flex_torch/.
+
+    Installed with pip (the ``venv`` backend, not uv) on Python 3.11 so that pip's own
+    configuration decides where ``torch`` comes from: point it at a CPU-only wheel
+    (``PIP_FIND_LINKS`` or ``PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu``),
+    or the default index serves the multi-GB CUDA build.
+    """
+    session.install(f"{_wheel(session, 'jax-block-attention')}[test]", TORCH)
+    _pytest(
+        session,
+        str(ROOT / "packages" / "jax-block-attention" / "tests" / "flex_torch"),
+        *session.posargs,
     )
 
 

@@ -25,6 +25,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from ._api import _check_implementation, masked_attention_via_map
+from ._checks import fold_scale, normalize_scale
 from ._elementwise import _arity, has_tracers, trace_score_mod
 from ._scores import merge_by_lse, with_sinks
 
@@ -300,7 +301,7 @@ def ring_attention(
     window_size: int | tuple[int | None, int | None] | None = None,
     mask_fn: Callable[..., Any] | None = None,
     q_offset: int = 0,
-    scale: float | None = None,
+    scale: float | jax.Array | None = None,
     block_size: int | tuple[int, int] | None = None,
     logits_soft_cap: float | None = None,
     score_mod: Callable[..., Any] | None = None,
@@ -358,7 +359,7 @@ def ring_attention(
             head and global positions. Arrays it closes over are replicated on every device;
             per-token data (document ids) belongs in ``segment_ids``, which is sharded.
         q_offset: Position of query row 0, a Python int (arrays are not supported here).
-        scale: As in ``masked_attention_via_map``.
+        scale: As in ``masked_attention_via_map`` (a traced scalar too).
         block_size: Block size of each per-step call (positions per block within a
             half-chunk of ``L / (2 n)`` positions).
         logits_soft_cap: As in ``masked_attention_via_map``.
@@ -430,6 +431,9 @@ def ring_attention(
     for name, x in (("Q", Q), ("K", K), ("V", V)):
         if x.ndim != 4:
             raise ValueError(f"ring_attention needs 4-D {name} (B, L, H, d), got {x.shape}")
+    # The steps take the scale as a static float: a traced one is folded into Q here,
+    # outside the ring's VJP, so autodiff gives it its gradient.
+    Q, scale = fold_scale(Q, normalize_scale(scale))
     if block_mask is not None:
         is_causal, window_size, mask_fn, q_offset = _from_block_mask(
             block_mask, Q, K, is_causal, window_size, mask_fn, q_offset
