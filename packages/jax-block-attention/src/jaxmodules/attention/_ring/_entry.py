@@ -134,7 +134,10 @@ def _local(spec: RingSpec, q: Array, k: Array, v: Array, seg: Any, sink: Any, *a
         out, lse = with_sinks(out, lse, sink)
     out = out.astype(q.dtype)
     if exchange:
-        out, lse = unbalance(out, 1, spec.seq_axis, spec.n), unbalance(lse, 2, spec.seq_axis, spec.n)
+        out, lse = (
+            unbalance(out, 1, spec.seq_axis, spec.n),
+            unbalance(lse, 2, spec.seq_axis, spec.n),
+        )
     return out, lse
 
 

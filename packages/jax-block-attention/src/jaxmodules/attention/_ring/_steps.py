@@ -210,7 +210,9 @@ def _merge(acc: Partial | None, part: Partial) -> Partial:
 
 def _empty_pair(q_half: Array, v_half: Array) -> Partial:
     b, c, h = q_half.shape[:3]
-    return jnp.zeros((b, c, h, v_half.shape[-1]), jnp.float32), jnp.full((b, h, c), -jnp.inf, jnp.float32)
+    return jnp.zeros((b, c, h, v_half.shape[-1]), jnp.float32), jnp.full(
+        (b, h, c), -jnp.inf, jnp.float32
+    )
 
 
 def _forward_step(
@@ -294,9 +296,7 @@ def _pair_grads(
     floats = [arrays[i] for i in spec.differentiable]
 
     def pair(a: Array, b: Array, c: Array, fs: Sequence[Array]) -> Partial:
-        return _pair_call(
-            spec, here, qi, kc, a, b, c, seg_k, _with_floats(spec, arrays, fs)
-        )
+        return _pair_call(spec, here, qi, kc, a, b, c, seg_k, _with_floats(spec, arrays, fs))
 
     (o_p, l_p), pullback = jax.vjp(pair, q_half, k_half, v_half, floats)
     finite = jnp.isfinite(l_p) & jnp.isfinite(merged.lse)
@@ -333,7 +333,10 @@ def _backward_step(
     for qi in range(2):
         rows = slice(qi * cq, (qi + 1) * cq)
         m = _Merged(
-            merged.out[:, rows], merged.lse[:, :, rows], merged.d_out[:, rows], merged.d_lse[:, :, rows]
+            merged.out[:, rows],
+            merged.lse[:, :, rows],
+            merged.d_out[:, rows],
+            merged.d_lse[:, :, rows],
         )
         dq_i = jnp.zeros((q.shape[0], cq, *q.shape[2:]), jnp.float32)
         for ki, kc in enumerate(chunk_pair(source, spec.n, spec.order)):
@@ -375,9 +378,7 @@ def _ring_bwd(spec: RingSpec, res: Any, cts: Any) -> Any:
     d_out, d_lse = cts
     merged = _Merged(out, lse, d_out.astype(jnp.float32), d_lse.astype(jnp.float32))
     here = _here(spec, q, seg)
-    dq, dk, dv, d_floats = _backward_step(
-        spec, here, q, merged, (k, v, seg), here.device, arrays
-    )
+    dq, dk, dv, d_floats = _backward_step(spec, here, q, merged, (k, v, seg), here.device, arrays)
 
     def body(carry: Any, step: Any) -> Any:
         dq, kv, dk, dv, d_floats = carry
