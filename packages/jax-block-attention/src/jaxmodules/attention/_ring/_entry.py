@@ -307,8 +307,8 @@ def ring_attention(
         implementation=implementation,
     )
     seq_spec = P(batch_axis, seq_axis, head_axis, None)
-    in_specs = (seq_spec, seq_spec, seq_spec, P(batch_axis, seq_axis), P(head_axis))
-    in_specs += (P(),) * len(mod_inputs)
+    in_specs: tuple[P, ...] = (seq_spec, seq_spec, seq_spec, P(batch_axis, seq_axis))
+    in_specs += (P(head_axis),) + (P(),) * len(mod_inputs)
     sink_arg = None if sinks is None else jnp.asarray(sinks)
     args = _reshard_explicit(mesh, (Q, K, V, segment_ids, sink_arg, *mod_inputs), in_specs)
     out_specs = (seq_spec, P(batch_axis, head_axis, seq_axis))
