@@ -7,11 +7,14 @@ device holds two of them. Three orders exist:
   of a sequence sharded along a mesh axis.
 - ``"zigzag"``: device ``d`` holds chunks ``d`` and ``2 n - 1 - d``, so each device owns
   as many early (cheap under a causal mask) as late (expensive) query rows.
-- ``"balanced"``: the zigzag pair, the even chunk first. It is what
-  ``balance`` makes of the contiguous order
-  inside a ``shard_map`` with two collective permutes, one per half of each device's
-  block, each moving ``L / (2 n)`` positions: every device's even chunk has a distinct
-  zigzag home, and so has its odd one.
+- ``"balanced"``: the zigzag pair, the even chunk first. It is what ``balance`` makes
+  of the contiguous order inside a ``shard_map`` with two collective permutes, one per
+  half of each device's block, each moving ``L / (2 n)`` positions: every device's even
+  chunk has a distinct zigzag home, and so has its odd one, so each half moves in one
+  permutation of the devices and lands in a fixed slot, with no select afterwards.
+
+Natural-order inputs (the default of ``ring_attention``) are exchanged into
+``"balanced"`` only when the mask makes the work uneven along the sequence.
 """
 
 from __future__ import annotations

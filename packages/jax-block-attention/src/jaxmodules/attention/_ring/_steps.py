@@ -230,7 +230,7 @@ def _forward_step(
     k_chunks = chunk_pair(source, spec.n, spec.order)
     new = []
     for qi in range(2):
-        acc = accs[qi]
+        acc: Any = accs[qi]  # None before the first step; a Partial after any merge
         for ki, kc in enumerate(k_chunks):
             q_half, k_half, v_half = (
                 _half(q, qi, spec.q_chunk),
@@ -245,7 +245,6 @@ def _forward_step(
             else:
                 part = lax.cond(pred, call, partial(_empty_pair, q_half, v_half))
             acc = _merge(acc, part)
-        assert acc is not None
         new.append(acc)
     return new[0], new[1]
 
