@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from .._band import EMPTY, band_limits, structural_classes
+from .._band import band_limits, ranges_meet
 from .._checks import normalize_window
 
 Array = jax.Array
@@ -182,16 +182,12 @@ def unbalance(x: Array, axis: int, seq_axis: str, n: int) -> Array:
 
 
 def pair_visible(
-    xp: Any, offset: Any, q_len: int, k_len: int, band: tuple[int | None, int | None]
+    q_first: Any, q_len: int, k_first: Any, k_len: int, band: tuple[int | None, int | None]
 ) -> Any:
-    """Whether any key of a ``k_len`` chunk can be visible from any query of a ``q_len``
-    chunk that starts ``offset`` positions after it, under the band ``(lo, hi)``:
-    ``True`` when the band is unbounded, else a NumPy or traced boolean."""
-    lo, hi = band
-    if lo is None and hi is None:
-        return True
-    classes = structural_classes(xp, q_len, k_len, q_len, k_len, lo, hi, offset)
-    return classes[0, 0, 0] != EMPTY
+    """Whether any key of the ``k_len`` positions from ``k_first`` can be visible from
+    any query of the ``q_len`` positions from ``q_first`` under the band ``(lo, hi)``:
+    ``True`` when the band is unbounded, else a Python or traced boolean."""
+    return ranges_meet(q_first, q_first + q_len - 1, k_first, k_first + k_len - 1, *band)
 
 
 def ring_block_counts(
@@ -246,6 +242,6 @@ def ring_block_counts(
             source = (device - step) % n
             for qc in chunk_pair(device, n, order):
                 for kc in chunk_pair(source, n, order):
-                    count += bool(pair_visible(np, (qc - kc) * chunk, chunk, chunk, band))
+                    count += bool(pair_visible(qc * chunk, chunk, kc * chunk, chunk, band))
         counts.append(count)
     return counts

@@ -195,8 +195,8 @@ def _pair_call(
 
 
 def _visible(spec: RingSpec, here: _Here, qi: int, kc: Any) -> Any:
-    offset = _offset(spec, here, qi, kc)
-    return pair_visible(jnp, offset, spec.q_chunk, spec.k_chunk, spec.band)
+    q_first = here.q_chunks[qi] * spec.q_chunk + spec.q_offset
+    return pair_visible(q_first, spec.q_chunk, kc * spec.k_chunk, spec.k_chunk, spec.band)
 
 
 def _merge(acc: Partial | None, part: Partial) -> Partial:
