@@ -174,7 +174,9 @@ def main() -> None:
         "",
         "## Time per step",
         "",
-        f"Median of {args.repeats} alternating runs after warm-up.",
+        f"Median of {args.repeats} alternating runs after warm-up; host load average "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at the start (a shared host "
+        "makes this ratio noisy).",
         "",
         "| L | natural ms | zigzag ms | natural / zigzag |",
         "|---|---|---|---|",
