@@ -49,6 +49,7 @@ DOCS_DEPS = [
     "pytest>=8",
     "optax>=0.2.3",
     "matplotlib>=3.8",
+    "flax>=0.12",  # the "Use with flax" page runs nnx and linen layers
 ]
 
 
@@ -138,10 +139,12 @@ def _run_package_tests(session: nox.Session, package: str, *pins: str) -> None:
 
 @nox.session(tags=["check"])
 def lint(session: nox.Session) -> None:
-    """Ruff lint and format check over the whole repository, and version lockstep."""
+    """Ruff lint and format check over the whole repository, the source layout (file and
+    function sizes, no import cycles: tools/check_layout.py), and version lockstep."""
     session.install(RUFF)
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
+    session.run("python", str(ROOT / "tools" / "check_layout.py"))
     check_versions(session)
 
 
@@ -303,7 +306,8 @@ def gpu_check(session: nox.Session) -> None:
 @nox.session(default=False)
 def bench(session: nox.Session) -> None:
     """Benchmarks against jax's own implementations; tables go to benchmarks/results/."""
-    session.install(*map(str, _all_wheels(session)), "matplotlib>=3.8", "numpy")
+    # optax: logstate.py times the demo's training step (examples/tiny_lm.py).
+    session.install(*map(str, _all_wheels(session)), "matplotlib>=3.8", "numpy", "optax>=0.2.3")
     scripts = sorted((ROOT / "benchmarks").glob("*.py"))
     wanted = set(session.posargs)
     for script in scripts:

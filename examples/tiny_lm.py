@@ -9,15 +9,18 @@ Where the three jaxmodules packages come in:
   ``ring_attention`` with the sequence split over a mesh axis: context parallelism);
 * ``fancy_vmap`` writes the per-example, per-head and per-token parts as functions of
   one example (one head, one token) and vectorizes them by pattern;
-* ``Log`` marks the values to report (loss, gradient norm, learning rate and two
-  attention statistics per layer). They travel inside the training state through
-  ``jit``, ``grad`` (as auxiliary output) and ``lax.scan``, and come out by name.
+* ``emit`` reports two attention statistics per layer from inside the layer, under a
+  ``scope`` per layer; ``collect`` around the loss gathers them as named ``Log``s, which
+  come out of ``grad`` as auxiliary output. The step's own values (loss, gradient norm,
+  learning rate) are ``Log``s it puts in the training state itself. All of them travel
+  in the state through ``jit`` and ``lax.scan`` and come out by name.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -26,7 +29,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxmodules.attention import masked_attention_via_map, ring_attention
-from jaxmodules.logstate import Log
+from jaxmodules.logstate import Log, collect, emit, scope
 from jaxmodules.vectorize import fancy_vmap
 
 Params = dict[str, Any]
@@ -70,9 +73,9 @@ class Config:
 class TrainState(NamedTuple):
     """Everything one training step reads and writes.
 
-    The ``Log`` fields are named by their path: ``loss``, ``grad_norm``,
-    ``learning_rate``, ``model.layers.<i>.attn.out_norm`` and
-    ``model.layers.<i>.attn.entropy``.
+    The ``Log`` fields ``loss``, ``grad_norm`` and ``learning_rate`` are named by their
+    path; ``model`` holds what the model emitted, by the names ``collect`` gave them:
+    ``model.layers.<i>.attn.out_norm`` and ``model.layers.<i>.attn.entropy``.
     """
 
     params: Params
@@ -175,10 +178,10 @@ def _self_attention(
     block = min(config.block_size, q.shape[1])
     q0, k0, out0 = jax.lax.stop_gradient((q[:, :block], k[:, :block], out))
     first_block = causal_attention_weights(q0, k0)
-    stats: dict[str, Any] = {
-        "out_norm": Log(jnp.mean(jnp.linalg.norm(out0, axis=-1))),
-        "entropy": Log(jnp.mean(_entropy(first_block))),
-    }
+    # Reported from here, where they are computed; outside collect these do nothing.
+    emit("out_norm", jnp.mean(jnp.linalg.norm(out0, axis=-1)))
+    emit("entropy", jnp.mean(_entropy(first_block)))
+    stats: dict[str, Any] = {}
     if capture_weights:
         stats["weights"] = causal_attention_weights(q, k)
     return out, stats
@@ -187,19 +190,21 @@ def _self_attention(
 def forward(
     params: Params, tokens: jax.Array, config: Config, *, capture_weights: bool = False
 ) -> tuple[jax.Array, dict[str, Any]]:
-    """Next-token logits for ``tokens`` (B, L) with L <= seq_len, and per-layer statistics.
+    """Next-token logits for ``tokens`` (B, L) with L <= seq_len, and per-layer extras.
 
-    The statistics are ``{"layers": [{"attn": {"out_norm": Log, "entropy": Log}}, ...]}``;
-    with ``capture_weights`` each layer's dict also holds the dense (B, H, L, L) attention
-    weights (for plotting; do not use it for long sequences).
+    Each layer emits ``layers.<i>.attn.out_norm`` and ``layers.<i>.attn.entropy`` (for a
+    surrounding ``collect``). The extras are ``{"layers": [{"attn": {...}}, ...]}``, empty
+    unless ``capture_weights``: then each layer's dict holds the dense (B, H, L, L)
+    attention weights (for plotting; do not use it for long sequences).
     """
     length = tokens.shape[1]
     x = params["embed"][tokens] + params["pos"][:length]
     layer_stats = []
-    for layer in params["layers"]:
-        attn_out, stats = _self_attention(
-            layer, _rms_norm(x, layer["attn_norm"]), config, capture_weights
-        )
+    for i, layer in enumerate(params["layers"]):
+        with scope(f"layers.{i}.attn"):
+            attn_out, stats = _self_attention(
+                layer, _rms_norm(x, layer["attn_norm"]), config, capture_weights
+            )
         x = x + attn_out
         hidden = jax.nn.gelu(_rms_norm(x, layer["mlp_norm"]) @ layer["w_in"] + layer["b_in"])
         x = x + hidden @ layer["w_out"] + layer["b_out"]
@@ -218,8 +223,10 @@ token_nll = fancy_vmap(_token_nll, "b t :, b t -> b t")
 
 
 def loss_fn(params: Params, batch: jax.Array, config: Config) -> tuple[jax.Array, dict[str, Any]]:
-    """Mean next-token loss on ``batch`` (B, seq_len + 1) of token ids, and the model's logs."""
-    logits, stats = forward(params, batch[:, :-1], config)
+    """Mean next-token loss on ``batch`` (B, seq_len + 1) of token ids, and the model's
+    extras; the model's emits are named ``model.layers.<i>.attn.<statistic>``."""
+    with scope("model"):
+        logits, stats = forward(params, batch[:, :-1], config)
     return jnp.mean(token_nll(logits, batch[:, 1:])), stats
 
 
@@ -253,16 +260,17 @@ def _zero_logs(config: Config) -> dict[str, Any]:
     """Log fields with the shapes and dtypes a step writes, so the state's structure never
     changes (no retracing of the jitted step, a valid ``lax.scan`` carry)."""
     zero = jnp.zeros((), jnp.float32)
+    # What collect returns for the model: its emits, in the order the layers make them.
+    names = [
+        f"model.layers.{i}.attn.{stat}"
+        for i in range(config.n_layers)
+        for stat in ("out_norm", "entropy")
+    ]
     return {
         "loss": Log(zero),
         "grad_norm": Log(zero),
         "learning_rate": Log(zero),
-        "model": {
-            "layers": [
-                {"attn": {"out_norm": Log(zero), "entropy": Log(zero)}}
-                for _ in range(config.n_layers)
-            ]
-        },
+        "model": OrderedDict((name, Log(zero, name=name)) for name in names),
     }
 
 
@@ -281,10 +289,14 @@ def make_train_step(config: Config) -> Callable[[TrainState, jax.Array], TrainSt
     optimizer = make_optimizer(config)
     schedule = make_schedule(config)
 
+    def loss_and_logs(params: Params, batch: jax.Array) -> tuple[jax.Array, Any]:
+        (loss, _), logs = collect(loss_fn)(params, batch, config)
+        return loss, logs
+
     def train_step(state: TrainState, batch: jax.Array) -> TrainState:
-        # The model's Logs come back through grad as auxiliary output.
-        (loss, model_logs), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, batch, config
+        # What the model emitted comes back through grad as auxiliary output.
+        (loss, model_logs), grads = jax.value_and_grad(loss_and_logs, has_aux=True)(
+            state.params, batch
         )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         return TrainState(

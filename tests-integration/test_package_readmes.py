@@ -108,3 +108,11 @@ def test_logstate_readme(monkeypatch, tmp_path):
     ]
     assert logged == [(dict.fromkeys(names, 0.0), 100)]
     np.testing.assert_allclose(namespace["state"].w, [1.0, -1.0, 2.0], atol=0.05)
+    # The emit/collect block: one value per layer of the scan, as the comment says.
+    logs = namespace["logs"]
+    assert list(logs) == ["layers.act_rms"] and logs["layers.act_rms"].name == "layers.act_rms"
+    h, expected = np.ones((8, 3)), []
+    for scale in (0.5, 1.0, 2.0, 4.0):
+        h = np.tanh(h * scale)
+        expected.append(np.sqrt(np.mean(h**2)))
+    np.testing.assert_allclose(logs["layers.act_rms"].data, expected, rtol=1e-5)

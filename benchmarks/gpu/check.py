@@ -7,7 +7,8 @@ gpu_check`` builds one)::
     python benchmarks/gpu/check.py            # tests, then the benchmark
     python benchmarks/gpu/check.py --quick    # shorter benchmark
 
-1. The Pallas tests (``tests/test_pallas.py``) and the drop-in tests. On a GPU the
+1. The Pallas tests (``tests/test_pallas_kernels.py``, ``test_backends.py``,
+   ``test_dispatch.py``, ``test_cudnn.py``) and the drop-in tests. On a GPU the
    kernels run compiled through Triton, not in interpret mode (``interpret=None`` means
    "interpret only off a GPU"); the script stops if the default backend is not a GPU.
 2. ``benchmarks/attention.py --impl pallas --dtype bfloat16`` at B=2, H=16, d=128
@@ -86,7 +87,15 @@ def main(argv: list[str] | None = None) -> int:
                 "--rootdir",
                 str(ROOT),
                 "-q",
-                str(TESTS / "test_pallas.py"),
+                *(
+                    str(TESTS / name)
+                    for name in (
+                        "test_pallas_kernels.py",
+                        "test_backends.py",
+                        "test_dispatch.py",
+                        "test_cudnn.py",
+                    )
+                ),
                 str(TESTS / "test_drop_in.py"),
             ],
             timeout=240,

@@ -14,7 +14,8 @@ dense FLOPs; backward counted as 2.5 forwards, as FlashAttention does). Then dec
     python benchmarks/gpu/tune.py --length 4096      # shorter
     python benchmarks/gpu/tune.py --smoke            # tiny, interpret mode: checks the script
 
-The winning configuration is what ``_pallas`` should default to on that GPU.
+The winning configuration is what the Pallas backend (``_pallas/_entry.py``) should
+default to on that GPU.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxmodules.attention import _pallas as pallas
 from jaxmodules.attention import create_block_mask
-from jaxmodules.attention._pallas import pallas_attend
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
@@ -114,7 +115,7 @@ def _pallas(
     scale = args.dim**-0.5
 
     def attend(q, k, v):
-        return pallas_attend(
+        out, _ = pallas.attend(
             q,
             k,
             v,
@@ -125,6 +126,7 @@ def _pallas(
             num_warps=warps,
             kv_splits=kv_splits,
         )
+        return out
 
     return attend
 

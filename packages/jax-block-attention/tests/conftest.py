@@ -1,10 +1,13 @@
-"""A dense float64 NumPy reference for softmax attention and its gradients."""
+"""The test suite's one float64 reference: dense softmax attention with every score
+change (``dense_attention``, in jnp, differentiated by ``jax.grad``), the dense masks it
+takes, written from the definitions, and the comparisons built on them."""
 
 from __future__ import annotations
 
 import inspect
 import os
 from collections.abc import Callable
+from functools import partial
 from types import SimpleNamespace
 from typing import Any
 
@@ -59,49 +62,48 @@ def dense_mask(
     return visible
 
 
-def _expand_kv(x: np.ndarray, q_heads: int) -> np.ndarray:
-    return np.repeat(x, q_heads // x.shape[2], axis=2)
+@partial(jax.jit, static_argnames="scale")
+def _plain(q, k, v, mask, scale):
+    """``dense_attention`` without score changes, compiled once per shape."""
+    return dense_attention(q, k, v, mask, scale=scale)
 
 
-def _probabilities(q, k, mask, scale):
-    s = np.einsum("bqhd,bkhd->bhqk", q, k) * scale
-    s = np.where(mask, s, -np.inf)
-    m = s.max(axis=-1, keepdims=True, initial=-np.inf)
-    m = np.where(np.isfinite(m), m, 0.0)
-    p = np.exp(s - m)
-    total = p.sum(axis=-1, keepdims=True)
-    return p / np.where(total == 0, 1.0, total)
+@partial(jax.jit, static_argnames="scale")
+def _plain_gradients(q, k, v, mask, d_out, scale):
+    """The gradients of ``sum(out * d_out)`` through ``_plain``."""
+    _, pullback = jax.vjp(lambda *a: dense_attention(*a, mask, scale=scale)[0], q, k, v)
+    return pullback(d_out)
+
+
+def _reference(Q, K, V, mask, d_out=None, scale=None):
+    with float64():
+        q, k, v = _as_float64(Q, K, V)
+        mask = jax.numpy.asarray(mask)
+        if d_out is not None:
+            (do,) = _as_float64(d_out)
+            return tuple(np.asarray(g) for g in _plain_gradients(q, k, v, mask, do, scale))
+        return tuple(np.asarray(x) for x in _plain(q, k, v, mask, scale))
+
+
+def _as_float64(*arrays):
+    return [jax.numpy.asarray(np.asarray(x, np.float64)) for x in arrays]
 
 
 def reference_attention(Q, K, V, mask: np.ndarray, scale: float | None = None) -> np.ndarray:
-    """Float64 softmax attention; rows without a visible key give 0."""
-    q, k, v = (np.asarray(x, np.float64) for x in (Q, K, V))
-    scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
-    k, v = _expand_kv(k, q.shape[2]), _expand_kv(v, q.shape[2])
-    p = _probabilities(q, k, mask, scale)
-    return np.einsum("bhqk,bkhd->bqhd", p, v)
+    """The float64 output of ``dense_attention``, as NumPy; rows without a visible key
+    give 0."""
+    return _reference(Q, K, V, mask, scale=scale)[0]
+
+
+def reference_lse(Q, K, V, mask: np.ndarray, scale: float | None = None) -> np.ndarray:
+    """The float64 log-sum-exp of ``dense_attention``, as NumPy (``-inf`` on empty rows)."""
+    return _reference(Q, K, V, mask, scale=scale)[1]
 
 
 def reference_gradients(Q, K, V, mask, d_out, scale: float | None = None):
-    """Float64 gradients of ``sum(reference_attention(...) * d_out)``."""
-    q, k, v, do = (np.asarray(x, np.float64) for x in (Q, K, V, d_out))
-    scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
-    groups = q.shape[2] // k.shape[2]
-    ke, ve = _expand_kv(k, q.shape[2]), _expand_kv(v, q.shape[2])
-    p = _probabilities(q, ke, mask, scale)
-    o = np.einsum("bhqk,bkhd->bqhd", p, ve)
-    dv = np.einsum("bhqk,bqhd->bkhd", p, do)
-    dp = np.einsum("bqhd,bkhd->bhqk", do, ve)
-    delta = np.einsum("bqhd,bqhd->bhq", do, o)[..., None]
-    ds = p * (dp - delta) * scale
-    dq = np.einsum("bhqk,bkhd->bqhd", ds, ke)
-    dk = np.einsum("bhqk,bqhd->bkhd", ds, q)
-
-    def fold(x):  # sum the query heads of each key/value group
-        b, length, _, dim = x.shape
-        return x.reshape(b, length, k.shape[2], groups, dim).sum(axis=3)
-
-    return dq, fold(dk), fold(dv)
+    """Float64 gradients of ``sum(reference_attention(...) * d_out)`` with respect to
+    ``Q``, ``K`` and ``V``, as NumPy."""
+    return _reference(Q, K, V, mask, d_out, scale)
 
 
 def random_qkv(seed, batch, q_len, k_len, q_heads, kv_heads, d, dv=None, dtype=np.float32):
@@ -128,6 +130,32 @@ def mask_for(shape, options):
     )
 
 
+def block_mask_for(shape, block, options):
+    """``create_block_mask`` for a test case: ``shape`` starts (batch, Lq, Lk, Hq),
+    ``options`` holds the mask keywords of ``masked_attention_via_map``."""
+    from jaxmodules.attention import create_block_mask
+
+    batch, q_len, k_len, q_heads = shape[:4]
+    return create_block_mask(
+        options.get("mask_fn"),
+        batch,
+        q_heads,
+        q_len,
+        k_len,
+        is_causal=options.get("is_causal", False),
+        window_size=options.get("window_size"),
+        q_offset=options.get("q_offset", 0),
+        block_size=block,
+    )
+
+
+def relative_error(actual, expected) -> float:
+    """Largest absolute difference over the largest magnitude (at least 1)."""
+    expected = np.asarray(expected, np.float64)
+    difference = np.abs(np.asarray(actual, np.float64) - expected).max(initial=0.0)
+    return float(difference / max(1.0, np.abs(expected).max(initial=0.0)))
+
+
 def float64():
     """A context in which JAX computes in float64 (the API moved between jax versions)."""
     if hasattr(jax, "enable_x64"):
@@ -137,7 +165,7 @@ def float64():
     return enable_x64()
 
 
-def dense_variants(
+def dense_attention(
     Q,
     K,
     V,
@@ -149,10 +177,14 @@ def dense_variants(
     score_mod=None,
     sinks=None,
     q_offset=0,
+    dropout=None,
 ):
-    """Dense attention with every score change, written from the definitions in jnp;
-    call it inside ``float64()``. Returns ``(out, lse)``: rows with nothing visible give
-    zeros and ``lse = -inf`` (or the sink). Differentiable with ``jax.grad``."""
+    """Dense attention with every score change, written from the definitions in jnp:
+    the reference every test compares with; call it inside ``float64()``. Returns
+    ``(out, lse)``: rows with nothing visible give zeros and ``lse = -inf`` (or the
+    sink). Differentiable with ``jax.grad``. ``dropout = (rate, keep)``: the normalised
+    weights where ``keep (B, Hq, Lq, Lk)`` is false are dropped and the others divided
+    by ``1 - rate``; ``lse`` is unchanged."""
     jnp = jax.numpy
     q, k, v = (jnp.asarray(x, jnp.float64) for x in (Q, K, V))
     batch, q_len, q_heads, d = q.shape
@@ -172,7 +204,7 @@ def dense_variants(
         k_pos = np.arange(k.shape[1]).reshape(1, 1, 1, -1)
         s = jnp.broadcast_to(score_mod(s, b_idx, h_idx, q_pos, k_pos), s.shape)
     s = jnp.where(mask, s, -jnp.inf)
-    m = s.max(axis=-1)
+    m = s.max(axis=-1, initial=-jnp.inf)
     if sinks is not None:
         m = jnp.maximum(m, jnp.asarray(sinks, jnp.float64)[None, :, None])
     m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
@@ -181,15 +213,29 @@ def dense_variants(
     if sinks is not None:
         total = total + jnp.exp(jnp.asarray(sinks, jnp.float64)[None, :, None] - m)
     safe = jnp.where(total == 0, 1.0, total)
-    out = jnp.einsum("bhqk,bkhd->bqhd", p / safe[..., None], v)
+    weights = p / safe[..., None]
+    if dropout is not None:
+        rate, keep = dropout
+        weights = jnp.where(np.asarray(keep), weights / (1.0 - rate), 0.0)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
     lse = jnp.where(total == 0, -jnp.inf, m + jnp.log(safe))
     return out, lse
 
 
 def against_reference(
-    attend, arrays, visible, rng, *, scale=None, soft_cap=None, make_mod=None, q_offset=0, jit=False
+    attend,
+    arrays,
+    visible,
+    rng,
+    *,
+    scale=None,
+    soft_cap=None,
+    make_mod=None,
+    q_offset=0,
+    jit=False,
+    dropout=None,
 ):
-    """``attend(arrays, score_mod) -> (out, lse)`` and ``dense_variants`` in float64, on
+    """``attend(arrays, score_mod) -> (out, lse)`` and ``dense_attention`` in float64, on
     ``arrays`` (``q``, ``k``, ``v`` and, when present, ``bias``, ``sinks`` and whatever
     ``make_mod(arrays)``'s ``score_mod`` closes over), with the reference mask
     ``visible``. A loss weighs both outputs with weights drawn from ``rng``. Returns
@@ -212,7 +258,7 @@ def against_reference(
         return loss(out, lse), (out, lse)
 
     def theirs(a):
-        out, lse = dense_variants(
+        out, lse = dense_attention(
             a["q"],
             a["k"],
             a["v"],
@@ -223,6 +269,7 @@ def against_reference(
             sinks=a.get("sinks"),
             score_mod=score_mod(a),
             q_offset=q_offset,
+            dropout=dropout,
         )
         return loss(out, lse), (out, lse)
 
@@ -249,13 +296,14 @@ def compare_variants(
     atol=3e-5,
     jit=False,
 ):
-    """``masked_attention_via_map(**options)`` against ``dense_variants`` in float64:
+    """``masked_attention_via_map(**options)`` against ``dense_attention`` in float64:
     outputs, lse and the gradients of a loss through both with respect to Q, K, V and
     the given ``bias``, ``sinks`` and ``extra`` (the array ``make_mod(extra)``'s
     ``score_mod`` closes over). ``shape`` is ``(B, Lq, Lk, Hq, Hkv, d)``;
     ``visible_extra`` narrows the reference's mask (for ``mask`` / lengths keywords).
-    Returns our output."""
-    from jaxmodules.attention import masked_attention_via_map
+    With ``dropout_rate`` in ``options`` the reference drops the weights where
+    ``dropout_keep_mask`` says. Returns our output."""
+    from jaxmodules.attention import dropout_keep_mask, masked_attention_via_map
 
     batch, q_len, k_len, q_heads, kv_heads, d = shape
     q, k, v = random_qkv(seed, batch, q_len, k_len, q_heads, kv_heads, d)
@@ -266,6 +314,13 @@ def compare_variants(
     for name, x in (("bias", bias), ("sinks", sinks), ("extra", extra)):
         if x is not None:
             diff[name] = x
+    dropout = None
+    if options.get("dropout_rate", 0.0) > 0.0:
+        rate = options["dropout_rate"]
+        keep_shape = (batch, q_heads, q_len, k_len)
+        offset = options.get("q_offset", 0)
+        keep = dropout_keep_mask(options["dropout_rng"], rate, keep_shape, q_offset=offset)
+        dropout = (rate, np.asarray(keep))
 
     def attend(arrays, score_mod):
         kw = dict(options, bias=arrays.get("bias"), sinks=arrays.get("sinks"))
@@ -283,6 +338,7 @@ def compare_variants(
         make_mod=None if make_mod is None else lambda arrays: make_mod(arrays.get("extra")),
         q_offset=options.get("q_offset", 0),
         jit=jit,
+        dropout=dropout,
     )
     np.testing.assert_allclose(out, out64, atol=atol, rtol=1e-4, err_msg="out")
     np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(lse64))
@@ -335,11 +391,14 @@ def ref() -> SimpleNamespace:
     return SimpleNamespace(
         mask=dense_mask,
         mask_for=mask_for,
+        block_mask_for=block_mask_for,
+        relative_error=relative_error,
         attention=reference_attention,
+        lse=reference_lse,
         gradients=reference_gradients,
         qkv=random_qkv,
         float64=float64,
-        variants=dense_variants,
+        dense=dense_attention,
         compare_variants=compare_variants,
         against_reference=against_reference,
         alibi=alibi,

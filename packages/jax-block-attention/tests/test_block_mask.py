@@ -10,11 +10,11 @@ import pytest
 
 from jaxmodules.attention import (
     BlockMask,
-    _api,
     _block_mask,
     create_block_mask,
     masked_attention_via_map,
 )
+from jaxmodules.attention._xla import _entry as xla_entry
 
 
 def _segments(seed, batch, length, documents):
@@ -216,16 +216,19 @@ def test_same_mask_fn_object_sees_new_closed_over_values(ref):
 
 def test_caches_are_bounded_and_hold_no_closed_over_arrays(ref, monkeypatch):
     # Small bounds, so that a few distinct calls overflow them.
-    monkeypatch.setattr(_api._PROGRAMS, "size", 3)
+    monkeypatch.setattr(xla_entry._PROGRAMS, "size", 3)
     monkeypatch.setattr(_block_mask._BUILT, "size", 2)
     q, k, v = ref.qkv(18, 1, 16, 16, 1, 1, 4)
     for width in range(6):
         masked_attention_via_map(q, k, v, window_size=(width, 0), block_size=4)
-        assert len(_api._PROGRAMS) <= 3 and len(_block_mask._BUILT) <= 2
+        assert len(xla_entry._PROGRAMS) <= 3 and len(_block_mask._BUILT) <= 2
+    # A mask that closes over an array is built for the call and not kept: the cache
+    # holds the same entries before and after, none of them with closed-over arrays.
+    before = list(_block_mask._BUILT._entries)
     big = jnp.arange(1 << 16) % 3
     masked_attention_via_map(q, k, v, mask_fn=lambda b, h, q, k: big[q] == big[k], block_size=4)
-    for entry in list(_block_mask._BUILT._entries.values()):
-        assert all(c is not big for c in entry.mask_consts)
+    assert list(_block_mask._BUILT._entries) == before
+    assert all(not entry.mask_consts for entry in _block_mask._BUILT._entries.values())
 
 
 def test_repr_shows_sizes_sparsity_and_picture():

@@ -181,7 +181,7 @@ def test_bfloat16_with_every_change(ref):
     )
     assert out.dtype == jnp.bfloat16 and lse.dtype == jnp.float32
     with ref.float64():
-        out64, lse64 = ref.variants(
+        out64, lse64 = ref.dense(
             q,
             k,
             v,
@@ -205,7 +205,7 @@ def test_three_dimensional_inputs(ref):
     )
     assert out.shape == (20, 2, 8) and lse.shape == (2, 20)
     with ref.float64():
-        out64, lse64 = ref.variants(
+        out64, lse64 = ref.dense(
             q, k, v, ref.mask(1, 2, 20, 20, is_causal=True), bias=bias[None], sinks=sinks
         )
     np.testing.assert_allclose(out, np.asarray(out64)[0], atol=2e-6, rtol=2e-5)

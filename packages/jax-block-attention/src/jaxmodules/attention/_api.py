@@ -1,28 +1,27 @@
-"""The public entry point: normalise the arguments, make the block mask, dispatch."""
+"""The public entry points, dispatch only: check the arguments, pick a backend, plan the
+block mask with that backend's block sizes, call it, add the sinks."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._block_mask import BlockMask, make_block_mask, with_mask_arrays
-from ._block_sizes import default_block_sizes
-from ._cache import LRUCache
-from ._checks import check_arguments, normalize_q_offset
-from ._config import block_fields
+from . import _pallas as pallas
+from . import _xla as xla
+from ._block_mask import BlockMask
+from ._checks import CheckedArguments, check_arguments
 from ._cudnn import cudnn_attention, cudnn_problem, on_gpu
-from ._elementwise import has_tracers, trace_mask_fn, trace_score_mod
-from ._pallas import PallasUnsupportedError, pallas_attend_with_lse, pallas_call_problem
-from ._scores import ScoreConfig, bias_axes
-from ._xla import KernelConfig, Operands, block_attention
-
-# Compiled programs, one per static configuration; bounded.
-_PROGRAMS = LRUCache[Callable[..., Any]](64)
+from ._dropout import check_dropout
+from ._elementwise import trace_score_mod
+from ._pallas import PallasUnsupportedError
+from ._plan import plan_block_mask
+from ._scores import Operands, ScoreConfig, bias_axes, with_sinks
 
 
 def masked_attention_via_map(
@@ -46,8 +45,25 @@ def masked_attention_via_map(
     sinks: Any = None,
     return_lse: bool = False,
     implementation: str | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: Any = None,
 ) -> Any:
     """Softmax attention computed block by block, in memory linear in the sequence length.
+
+    This is the package's one entry point, whichever backend computes the call; its
+    name, kept from the original library, describes only the first of them. Each call
+    goes to one of three backends (see ``implementation``):
+
+    - ``"xla"``, the block loop: plain JAX (``lax.map`` over query blocks, ``fori_loop``
+      over the listed key blocks), on any device, for every keyword;
+    - ``"pallas"``: fused Pallas (Triton) kernels over the same block mask, one per
+      pass; compiled on a GPU, interpreted (slowly) elsewhere;
+    - ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")``, for the
+      masks cuDNN expresses exactly.
+
+    With ``implementation=None`` a GPU tries them in the order cuDNN, Pallas, block
+    loop; any other device uses the block loop. Results agree across backends up to
+    floating-point rounding.
 
     Queries are split into blocks of ``block_size`` positions and processed one block at a
     time; for each query block an online softmax runs over the key blocks that its
@@ -105,6 +121,8 @@ def masked_attention_via_map(
             row's softmax denominator as a key with value 0 (gpt-oss). Gets a gradient.
         return_lse: Also return the log-sum-exp of each row's scores, ``(B, Hq, Lq)``
             float32 (``-inf`` for a row with no visible key and no sink), differentiable.
+            With dropout it is still the log-sum-exp of all visible scores: dropout acts
+            on the normalised weights, after the softmax statistics.
         implementation: The backend. ``"xla"``: the block loop in plain JAX, any device,
             every keyword. ``"pallas"``: one fused Pallas kernel per pass over the same
             block mask (a GPU kernel; on other devices it runs in Pallas interpret mode,
@@ -114,8 +132,21 @@ def masked_attention_via_map(
             masks cuDNN expresses exactly (causal, causal with a left window, sequence
             lengths, ``bias``; float16/bfloat16; head dimension a multiple of 8, at most
             128; no ``mask_fn``, ``score_mod``, soft-cap, sinks, ``q_offset``, ``mask``,
-            ``block_mask`` or ``return_lse``). ``None``: on a GPU cuDNN where it applies,
-            else Pallas where it applies, else the block loop; ``"xla"`` elsewhere.
+            ``block_mask``, ``return_lse`` or dropout). ``None``: on a GPU cuDNN where it
+            applies, else Pallas where it applies, else the block loop; ``"xla"``
+            elsewhere.
+        dropout_rate: Attention dropout: each weight (after the softmax) is dropped with
+            this probability and kept weights are divided by ``1 - rate`` (inverted
+            dropout, as in flax and PyTorch). A Python float in ``[0, 1)``; 0 (the
+            default) is no dropout. The decision for query row ``i`` and key ``j`` of
+            batch row ``b``, query head ``h`` is a hash of ``(dropout_rng, b, h, i +
+            q_offset, j)``: the same in every backend and for every block size,
+            regenerated in the backward pass rather than stored, so memory stays linear.
+            [`dropout_keep_mask`][jaxmodules.attention.dropout_keep_mask] materialises
+            it.
+        dropout_rng: The PRNG key of the dropout (``jax.random.key`` or
+            ``jax.random.PRNGKey``); needed when ``dropout_rate > 0``. The same key gives
+            the same decisions; split a fresh one per step.
 
     Returns:
         The attention output ``(B, Lq, Hq, dv)`` (or ``(Lq, Hq, dv)``) in ``Q``'s dtype;
@@ -127,9 +158,11 @@ def masked_attention_via_map(
             cannot compute (the message says why), wrong ranks or mismatched shapes, no
             heads, ``Hq`` not a multiple of ``Hkv``, non-positive block or negative
             window sizes, a ``mask_fn`` that is not element-wise, a ``block_mask`` that
-            does not fit or comes with mask arguments.
+            does not fit or comes with mask arguments, a ``dropout_rate`` outside
+            ``[0, 1)`` or a positive one without ``dropout_rng``.
         TypeError: Non-floating inputs, non-integer sizes or offsets, a ``mask_fn`` that
-            takes neither 3 nor 4 arguments or that does not return booleans.
+            takes neither 3 nor 4 arguments or that does not return booleans, a
+            ``dropout_rng`` that is not a PRNG key.
 
     Examples:
         >>> import jax, jax.numpy as jnp
@@ -145,7 +178,8 @@ def masked_attention_via_map(
         >>> bool(jnp.allclose(out, dense, atol=1e-5))
         True
     """
-    backend = _check_implementation(implementation)
+    implementation = _check_implementation(implementation)
+    dropout = check_dropout(dropout_rate, dropout_rng)
     args = check_arguments(
         Q,
         K,
@@ -164,307 +198,111 @@ def masked_attention_via_map(
         logits_soft_cap=logits_soft_cap,
         score_mod=score_mod,
         sinks=sinks,
+        dropout=dropout,
     )
+    return checked_attention(args, implementation, return_lse)
+
+
+def checked_attention(args: CheckedArguments, implementation: str | None, return_lse: Any) -> Any:
+    """``masked_attention_via_map`` once its arguments are checked (also the flax
+    adapter's way in, which builds its own dropout request)."""
     if not isinstance(return_lse, (bool, np.bool_)):
         raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
-    q, k, v = args.q, args.k, args.v
-    batched = q.ndim == 4
+    batched = args.q.ndim == 4
     if not batched:
-        q, k, v = q[None], k[None], v[None]
-    bsz, q_len, q_heads, d = q.shape
-    _, k_len, _, dv = v.shape
-    if backend in ("cudnn", None):
-        problem = cudnn_problem(
-            q,
-            k,
-            v,
-            is_causal=bool(is_causal),
-            window=args.window,
-            mask_fn=mask_fn,
-            score_mod=score_mod,
-            soft_cap=args.soft_cap,
-            sinks=args.sinks,
-            q_offset=q_offset,
-            block_mask=block_mask,
-            mask=args.mask,
-            return_lse=bool(return_lse),
-        )
-        if backend == "cudnn" and problem is not None:
-            raise ValueError(f'implementation="cudnn" cannot compute this call: {problem}')
-        # implementation=None: cuDNN where it applies, else (on a GPU) Pallas if it can.
-        backend = "cudnn" if problem is None else "pallas" if on_gpu() else "xla"
-    if backend == "cudnn":
-        out = cudnn_attention(
-            q,
-            k,
-            v,
-            is_causal=bool(is_causal),
-            window=args.window,
-            scale=args.scale,
-            bias=args.bias,
-            query_seq_lengths=args.q_lengths,
-            key_value_seq_lengths=args.kv_lengths,
-        )
+        args = replace(args, q=args.q[None], k=args.k[None], v=args.v[None])
+    name = _first_choice(implementation, args, bool(return_lse))
+    if name == "cudnn":
+        out = _cudnn_call(args)
         return out if batched else out[0]
-    if bsz == 0 or q_len == 0 or k_len == 0:
-        out, lse = _empty_result(q, dv, args.sinks)
-    else:
-        pallas_blocks = backend == "pallas" and args.block_size is None
-        if block_mask is None:
-            block_mask = _block_mask_for_call(
-                args,
-                mask_fn,
-                q_offset,
-                bool(is_causal),
-                bsz,
-                q_heads,
-                q_len,
-                k_len,
-                d,
-                dv,
-                pallas_blocks=pallas_blocks,
-            )
-        elif args.mask is not None or args.q_lengths is not None or args.kv_lengths is not None:
-            block_mask = _refined(block_mask, args, bsz, q_heads)
-        scale_value = args.scale if args.scale is not None else 1.0 / math.sqrt(d)
-        program, consts = (None, ()) if score_mod is None else trace_score_mod(score_mod)
-        scores = ScoreConfig(
-            soft_cap=args.soft_cap,
-            score=program,
-            bias=None if args.bias is None else bias_axes(args.bias.shape),
-            sinks=args.sinks is not None,
-        )
-        operands = Operands(args.bias, args.sinks, consts)
-        if backend == "pallas":
-            problem = pallas_call_problem(block_mask, scores, operands)
-            if problem is not None and implementation == "pallas":
-                raise PallasUnsupportedError(
-                    f'implementation="pallas" cannot compute this call: {problem}; '
-                    'implementation="xla" can'
-                )
-            if problem is not None:
-                backend = "xla"  # implementation=None: the block loop takes everything
-        if backend == "pallas":
-            out, lse = pallas_attend_with_lse(
-                q, k, v, block_mask, scale_value, scores=scores, operands=operands
-            )
-        else:
-            out, lse = attend(q, k, v, block_mask, scale_value, scores, operands)
+    out, lse = _block_backend_call(name, implementation, args)
+    if args.sinks is not None:
+        out, lse = with_sinks(out, lse, args.sinks)
     if not batched:
         out, lse = out[0], lse[0]
     return (out, lse) if return_lse else out
 
 
-_IMPLEMENTATIONS = (None, "xla", "pallas", "cudnn")
+# The block-mask backends by implementation name. Each is a package with the same entry
+# shape: block_sizes(**shape) -> (query block, key block), call_problem(block_mask,
+# scores, operands) -> why it cannot compute a call or None, and attend(q, k, v,
+# block_mask, scale, scores, operands) -> (out, lse) on 4-D inputs, lse -inf on rows
+# without a visible key. A new backend is one more package and one more entry here.
+_BACKENDS = {"xla": xla, "pallas": pallas}
+_IMPLEMENTATIONS = (None, *_BACKENDS, "cudnn")
 
 
 def _check_implementation(implementation: Any) -> str | None:
-    """``implementation`` checked: one of ``None``, ``"xla"``, ``"pallas"``, ``"cudnn"``."""
+    """``implementation`` checked: ``None`` or the name of a backend."""
+    names = ", ".join(repr(n) for n in _IMPLEMENTATIONS[1:])
     if not (implementation is None or isinstance(implementation, str)):
         raise TypeError(
-            "implementation must be None or one of 'xla', 'pallas', 'cudnn', got "
+            f"implementation must be None or one of {names}, got "
             f"{type(implementation).__name__}: {implementation!r}"
         )
     if implementation not in _IMPLEMENTATIONS:
-        raise ValueError(
-            f"implementation must be None or one of 'xla', 'pallas', 'cudnn', got "
-            f"{implementation!r}"
-        )
+        raise ValueError(f"implementation must be None or one of {names}, got {implementation!r}")
     return implementation
 
 
-def _pallas_block_size(length: int) -> int:
-    """A Pallas block side for a length: a power of two in [16, 128] (not clamped to the
-    length: the kernel pads)."""
-    return min(128, 1 << (max(16, length) - 1).bit_length())
+def _first_choice(implementation: str | None, args: CheckedArguments, return_lse: bool) -> str:
+    """The backend a call goes to before its block mask is known: the one asked for, or
+    for ``None`` on a GPU cuDNN where it computes the call exactly, else Pallas (which
+    may still hand it to the block loop), and the block loop elsewhere."""
+    if implementation not in ("cudnn", None):
+        return implementation
+    problem = cudnn_problem(args, return_lse=return_lse)
+    if implementation == "cudnn" and problem is not None:
+        raise ValueError(f'implementation="cudnn" cannot compute this call: {problem}')
+    return "cudnn" if problem is None else "pallas" if on_gpu() else "xla"
 
 
-def _empty_result(q: jax.Array, dv: int, sinks: Any) -> tuple[jax.Array, jax.Array]:
-    """Zero output, and the log-sum-exp of a row with no keys (its sink, or -inf)."""
-    bsz, q_len, q_heads, _ = q.shape
-    out = jnp.zeros((bsz, q_len, q_heads, dv), q.dtype)
-    if sinks is None:
-        lse = jnp.full((bsz, q_heads, q_len), -jnp.inf, jnp.float32)
-    else:
-        lse = jnp.broadcast_to(sinks.astype(jnp.float32)[None, :, None], (bsz, q_heads, q_len))
-    return out, lse
-
-
-def _refined(block_mask: BlockMask, args: Any, batch: int, q_heads: int) -> BlockMask:
-    """``block_mask`` AND a mask array / sequence lengths, classified again."""
-    program, consts = with_mask_arrays(
-        block_mask.program,
-        block_mask.mask_consts,
-        mask=args.mask,
-        q_lengths=args.q_lengths,
-        kv_lengths=args.kv_lengths,
-        q_offset=block_mask.q_offset,
-    )
-    return make_block_mask(
-        program,
-        consts,
-        batch=batch,
-        heads=q_heads,
-        q_len=block_mask.shape[2],
-        k_len=block_mask.shape[3],
-        block_size=block_mask.block_size,
-        is_causal=block_mask.is_causal,
-        window=block_mask.window,
-        q_offset=block_mask.q_offset,
-    )
-
-
-def _block_mask_for_call(
-    args: Any,
-    mask_fn: Any,
-    q_offset: Any,
-    is_causal: bool,
-    batch: int,
-    q_heads: int,
-    q_len: int,
-    k_len: int,
-    head_dim: int,
-    value_dim: int,
-    pallas_blocks: bool = False,
-) -> BlockMask:
-    """The block mask of a call that gave ``is_causal`` / ``window_size`` / ``mask_fn``
-    / ``q_offset`` directly; reused from a bounded cache when it closes over nothing.
-    With ``pallas_blocks`` its blocks are powers of two for the Pallas kernel."""
-    if pallas_blocks:
-        blocks = (_pallas_block_size(q_len), _pallas_block_size(k_len))
-    else:
-        blocks = args.block_size or default_block_sizes(
-            q_len=q_len,
-            k_len=k_len,
-            batch=batch,
-            q_heads=q_heads,
-            head_dim=head_dim,
-            value_dim=value_dim,
-            is_causal=is_causal,
-            window=args.window,
-        )
-    program, consts = (None, ()) if mask_fn is None else trace_mask_fn(mask_fn)
-    offset = normalize_q_offset(q_offset, batch)
-    program, consts = with_mask_arrays(
-        program,
-        consts,
-        mask=args.mask,
-        q_lengths=args.q_lengths,
-        kv_lengths=args.kv_lengths,
-        q_offset=offset,
-    )
-    return make_block_mask(
-        program,
-        consts,
-        batch=batch,
-        heads=q_heads,
-        q_len=q_len,
-        k_len=k_len,
-        block_size=blocks if pallas_blocks else (min(blocks[0], q_len), min(blocks[1], k_len)),
-        is_causal=is_causal,
+def _cudnn_call(args: CheckedArguments) -> jax.Array:
+    return cudnn_attention(
+        args.q,
+        args.k,
+        args.v,
+        is_causal=args.is_causal,
         window=args.window,
-        q_offset=offset,
+        scale=args.scale,
+        bias=args.bias,
+        query_seq_lengths=args.q_lengths,
+        key_value_seq_lengths=args.kv_lengths,
     )
 
 
-def _any_listed(count: Any) -> bool:
-    """Whether any row lists a block; ``True`` when only the device knows."""
-    if has_tracers([count]):
-        return True
-    return bool(np.asarray(count).any())
-
-
-def attend(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    block_mask: BlockMask,
-    scale: float,
-    scores: ScoreConfig | None = None,
-    operands: Operands | None = None,
+def _block_backend_call(
+    name: str, implementation: str | None, args: CheckedArguments
 ) -> tuple[jax.Array, jax.Array]:
-    """Attention of 4-D inputs under ``block_mask`` with the block-loop backend: the
-    output and the per-row log-sum-exp ``(B, Hq, Lq)``."""
-    scores = scores or ScoreConfig()
-    operands = operands or Operands(None, None, ())
-    bsz, q_len, q_heads, _ = q.shape
-    _, k_len, kv_heads, _ = k.shape
-    mask_heads = block_mask.mask_heads
-    per_head = mask_heads > 1
-    config = KernelConfig(
-        **block_fields(block_mask, q_len=q_len, k_len=k_len, scale=scale),
-        batch=bsz,
-        kv_heads=q_heads if per_head else kv_heads,
-        groups=1 if per_head else q_heads // kv_heads,
-        any_full=_any_listed(block_mask.full_kv_num_blocks),
-        any_partial=_any_listed(block_mask.kv_num_blocks),
-        scores=scores,
+    """Plan the block mask with backend ``name``'s block sizes, check that the backend
+    can compute the call (for ``implementation=None`` the block loop takes what another
+    backend cannot), and call it: output and lse (``-inf`` on empty rows, no sinks)."""
+    q, k, v = args.q, args.k, args.v
+    bsz, q_len, _, d = q.shape
+    k_len, dv = k.shape[1], v.shape[-1]
+    if bsz == 0 or q_len == 0 or k_len == 0:
+        out = jnp.zeros((*q.shape[:3], dv), q.dtype)
+        return out, jnp.full((bsz, q.shape[2], q_len), -jnp.inf, jnp.float32)
+    block_mask = plan_block_mask(args, _BACKENDS[name].block_sizes, head_dim=d, value_dim=dv)
+    program, consts = (None, ()) if args.score_mod is None else trace_score_mod(args.score_mod)
+    scores = ScoreConfig(
+        soft_cap=args.soft_cap,
+        score=program,
+        bias=None if args.bias is None else bias_axes(args.bias.shape),
+        dropout_rate=0.0 if args.dropout is None else args.dropout.rate,
     )
-    schedule = (
-        block_mask.kv_num_blocks,
-        block_mask.kv_indices,
-        block_mask.full_kv_num_blocks,
-        block_mask.full_kv_indices,
-        block_mask.q_offset,
-    )
-    program = _PROGRAMS.get(config, lambda: jax.jit(lambda *a: _attend(config, *a)))
-    return program(q, k, v, schedule, block_mask.mask_consts, operands)
-
-
-def _kernel_bias(config: KernelConfig, bias: jax.Array, q_pad: int, k_pad: int) -> jax.Array:
-    """A rank-4 bias ``(Bb, Hb, Lqb, Lkb)`` in kernel layout ``(Bb, Hb', Lqb, Gb, Lkb)``,
-    padded to whole blocks along the axes it does not broadcast over."""
-    bb, hb, lqb, lkb = bias.shape
-    heads, groups = config.kv_heads, config.groups
-    if hb > 1 and groups > 1:
-        bias = bias.reshape(bb, heads, groups, lqb, lkb).transpose(0, 1, 3, 2, 4)
-    else:
-        bias = bias[:, :, :, None, :]
-    pads = [(0, 0)] * 5
-    if lqb > 1:
-        pads[2] = (0, q_pad)
-    if lkb > 1:
-        pads[4] = (0, k_pad)
-    return jnp.pad(bias, pads)
-
-
-def _attend(
-    config: KernelConfig,
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    schedule: tuple,
-    consts: tuple,
-    operands: Operands,
-) -> tuple[jax.Array, jax.Array]:
-    """Kernel layout and padding around ``block_attention``."""
-    bsz, q_len, q_heads, d = q.shape
-    kv_heads = k.shape[2]
-    heads, groups, dv = config.kv_heads, config.groups, v.shape[-1]
-    q_pad = config.n_q_blocks * config.q_block - q_len
-    k_pad = config.n_k_blocks * config.k_block - config.k_len
-    if heads != kv_heads:
-        # The mask depends on the query head: each query head gets its own lists, so
-        # key/value heads are repeated per query head (and their gradients summed).
-        k = jnp.repeat(k, heads // kv_heads, axis=2)
-        v = jnp.repeat(v, heads // kv_heads, axis=2)
-    # (B, Lq, Hk * G, d) -> (B, Hk, Lq * G, d): the rows of one query block are
-    # contiguous and the G query heads that share a key/value head share its matmul.
-    qk = q.reshape(bsz, q_len, heads, groups, d).transpose(0, 2, 1, 3, 4)
-    qk = jnp.pad(qk, ((0, 0), (0, 0), (0, q_pad), (0, 0), (0, 0)))
-    qk = qk.reshape(bsz, heads, (q_len + q_pad) * groups, d)
-    kk = jnp.pad(k.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, k_pad), (0, 0)))
-    vk = jnp.pad(v.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, k_pad), (0, 0)))
-    bias = None if operands.bias is None else _kernel_bias(config, operands.bias, q_pad, k_pad)
-    sinks = None if operands.sinks is None else operands.sinks.reshape(heads, groups)
-    kernel_operands = Operands(bias, sinks, operands.score_consts)
-    out, lse = block_attention(config, qk, kk, vk, schedule, consts, kernel_operands)
-    out = out.reshape(bsz, heads, q_len + q_pad, groups, dv)[:, :, :q_len]
-    out = out.transpose(0, 2, 1, 3, 4).reshape(bsz, q_len, q_heads, dv)
-    lse = lse.reshape(bsz, heads, q_len + q_pad, groups)[:, :, :q_len]
-    lse = lse.transpose(0, 1, 3, 2).reshape(bsz, q_heads, q_len)
-    # Rows with nothing visible carry +inf inside the kernels; the contract says -inf.
-    return out, jnp.where(lse == jnp.inf, -jnp.inf, lse)
+    seeds = None if args.dropout is None else args.dropout.seeds(bsz, q.shape[2])
+    operands = Operands(args.bias, consts, seeds)
+    problem = _BACKENDS[name].call_problem(block_mask, scores, operands)
+    if problem is not None and implementation is not None:
+        error = PallasUnsupportedError if name == "pallas" else ValueError
+        raise error(
+            f'implementation="{name}" cannot compute this call: {problem}; implementation="xla" can'
+        )
+    if problem is not None:
+        name = "xla"
+    scale = args.scale if args.scale is not None else 1.0 / math.sqrt(d)
+    return _BACKENDS[name].attend(q, k, v, block_mask, scale, scores, operands)
 
 
 def dot_product_attention(

@@ -28,15 +28,8 @@ import numpy as np
 from jax import lax
 
 from ._band import EMPTY, FULL, PARTIAL, band_limits, in_band, structural_classes
-from ._block_sizes import default_block_sizes
 from ._cache import LRUCache
-from ._checks import (
-    normalize_block_size,
-    normalize_q_offset,
-    normalize_window,
-    positive_int,
-)
-from ._elementwise import MaskProgram, has_tracers, trace_mask_fn
+from ._elementwise import ElementwiseProgram, has_tracers
 
 Array = Any  # jax.Array or np.ndarray
 
@@ -64,7 +57,7 @@ class _BuildSpec:
     k_block: int
     lo: int | None
     hi: int | None
-    program: MaskProgram | None
+    program: ElementwiseProgram | None
     static_offset: tuple[int, ...] | None  # the offsets when known at trace time
 
     @property
@@ -270,7 +263,7 @@ class BlockMask:
         block_size: tuple[int, int],
         is_causal: bool,
         window: tuple[int | None, int | None],
-        program: MaskProgram | None,
+        program: ElementwiseProgram | None,
     ) -> None:
         for name in _LEAVES:
             setattr(self, name, arrays[name])
@@ -419,20 +412,17 @@ def _picture(classes: np.ndarray, size: int = 24) -> list[str]:
 
 
 def make_block_mask(
-    program: MaskProgram | None,
+    program: ElementwiseProgram | None,
     consts: tuple,
-    *,
-    batch: int,
-    heads: int,
-    q_len: int,
-    k_len: int,
+    shape: tuple[int, int, int, int],
     block_size: tuple[int, int],
     is_causal: bool,
     window: tuple[int | None, int | None],
     q_offset: Any,
 ) -> BlockMask:
-    """A block mask from checked arguments: built now when everything is known, on the
-    device inside the surrounding trace otherwise."""
+    """A block mask of ``shape = (B, H, Lq, Lk)`` from checked arguments: built now when
+    everything is known, on the device inside the surrounding trace otherwise."""
+    batch, heads, q_len, k_len = shape
     offset = (
         jnp.asarray(q_offset, jnp.int32).reshape(-1)
         if has_tracers([q_offset])
@@ -492,150 +482,3 @@ def make_block_mask(
     if cacheable and sum(a.nbytes for a in host.values()) <= _BUILT_MAX_BYTES:
         _BUILT.put((spec, options["shape"]), block_mask)
     return block_mask
-
-
-def create_block_mask(
-    mask_fn: Any,
-    B: int,
-    H: int,
-    q_len: int,
-    k_len: int,
-    *,
-    is_causal: bool = False,
-    window_size: int | tuple[int | None, int | None] | None = None,
-    q_offset: Any = 0,
-    block_size: int | tuple[int, int] | None = None,
-) -> BlockMask:
-    """Classify every (query block, key block) pair once, for reuse across calls.
-
-    The JAX counterpart of PyTorch FlexAttention's ``create_block_mask``: the result
-    says, per batch row, head and query block, which key blocks hold a visible pair
-    (all others are skipped) and which of those are fully visible (computed without
-    evaluating any mask). Built on the device: the causal, window and offset part in
-    O(blocks) arithmetic, ``mask_fn`` in chunks of bounded memory over the block pairs
-    that part leaves. Inside ``jax.jit`` it may close over traced arrays.
-
-    Args:
-        mask_fn: ``mask_fn(b, h, q, k) -> bool`` (or ``mask_fn(h, q, k)``), ``True`` =
-            visible, written element-wise with ``jnp`` operations (it is traced on
-            scalar int32 indices and vectorized with ``jax.vmap``); ``q`` is a query
-            position (row index plus ``q_offset``), ``k`` a key position. ``None``: only
-            ``is_causal`` / ``window_size``.
-        B: Batch size, or 1 when the mask does not depend on ``b``.
-        H: Number of query heads, or 1 when the mask does not depend on ``h``.
-        q_len: Query length ``Lq``.
-        k_len: Key length ``Lk``.
-        is_causal: Key ``k`` visible from query position ``q`` only if ``k <= q``.
-        window_size: ``(left, right)``: visible only if ``q - left <= k <= q + right``;
-            ``None`` on a side is unbounded; an int ``w`` means ``(w, w)``.
-        q_offset: Position of query row 0: an int, or an int array ``(B,)`` (may be
-            traced). ``k_len - q_len`` aligns the last query with the last key.
-        block_size: Positions per block, an int or ``(query_block, key_block)``;
-            defaults to the size the attention would pick for these lengths.
-
-    Returns:
-        A [`BlockMask`][jaxmodules.attention.BlockMask].
-
-    Raises:
-        ValueError: Non-positive sizes, a ``q_offset`` of the wrong length.
-        TypeError: Non-integer sizes or offsets, a ``mask_fn`` that is not element-wise
-            boolean ``jnp`` code.
-
-    Examples:
-        >>> import jax, jax.numpy as jnp
-        >>> from jaxmodules.attention import create_block_mask, masked_attention_via_map
-        >>> ids = jnp.repeat(jnp.arange(4), 64)[None]  # four documents of 64 tokens
-        >>> def same_document(b, h, q, k):
-        ...     return ids[b, q] == ids[b, k]
-        >>> bm = create_block_mask(same_document, 1, 1, 256, 256, is_causal=True, block_size=32)
-        >>> round(bm.sparsity(), 3)
-        0.812
-        >>> q = k = v = jax.random.normal(jax.random.PRNGKey(0), (1, 256, 2, 16))
-        >>> out = masked_attention_via_map(q, k, v, block_mask=bm)
-        >>> dense = jax.nn.dot_product_attention(q, k, v, mask=bm.to_dense())
-        >>> bool(jnp.allclose(out, dense, atol=1e-5))
-        True
-    """
-    batch = positive_int(B, "B")
-    heads = positive_int(H, "H")
-    q_len = positive_int(q_len, "q_len")
-    k_len = positive_int(k_len, "k_len")
-    if not isinstance(is_causal, (bool, np.bool_)):
-        raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
-    window = normalize_window(window_size)
-    offset = normalize_q_offset(q_offset, batch)
-    program, consts = (None, ()) if mask_fn is None else trace_mask_fn(mask_fn)
-    blocks = normalize_block_size(block_size) or default_block_sizes(
-        q_len=q_len,
-        k_len=k_len,
-        batch=batch,
-        q_heads=heads,
-        head_dim=64,
-        value_dim=64,
-        is_causal=bool(is_causal),
-        window=window,
-    )
-    blocks = (min(blocks[0], q_len), min(blocks[1], k_len))
-    return make_block_mask(
-        program,
-        consts,
-        batch=batch,
-        heads=heads,
-        q_len=q_len,
-        k_len=k_len,
-        block_size=blocks,
-        is_causal=bool(is_causal),
-        window=window,
-        q_offset=offset,
-    )
-
-
-def with_mask_arrays(
-    program: MaskProgram | None,
-    consts: tuple,
-    *,
-    mask: Any,
-    q_lengths: Any,
-    kv_lengths: Any,
-    q_offset: Any,
-) -> tuple[MaskProgram | None, tuple]:
-    """The mask program extended by a boolean ``mask`` array ``(B|1, H|1, Lq|1, Lk|1)``
-    (indexed by query row, not position) and sequence lengths ``(B,)``, so that one
-    program drives both the block classification and the element-wise mask."""
-    if mask is None and q_lengths is None and kv_lengths is None:
-        return program, consts
-    offsets = q_offset if has_tracers([q_offset]) else np.asarray(q_offset)
-    static_offset = None if has_tracers([q_offset]) or offsets.size > 1 else int(offsets[0])
-    offset_array = jnp.asarray(offsets, jnp.int32)
-    inner = program
-
-    def combined(b: Any, h: Any, q: Any, k: Any) -> Any:
-        visible = jnp.bool_(True)
-        if inner is not None:
-            visible = inner.evaluate(consts, b, h, q, k)
-        if static_offset is not None:
-            row = q - static_offset
-        else:
-            row = q - offset_array[b if offset_array.shape[0] > 1 else 0]
-        if mask is not None:
-            sizes = mask.shape
-            visible = (
-                visible
-                & mask[
-                    b if sizes[0] > 1 else 0,
-                    h if sizes[1] > 1 else 0,
-                    row if sizes[2] > 1 else 0,
-                    k if sizes[3] > 1 else 0,
-                ]
-            )
-        if kv_lengths is not None:
-            visible = visible & (k < kv_lengths[b])
-        if q_lengths is not None:
-            visible = visible & (row < q_lengths[b])
-        return visible
-
-    parts = [inner.name] if inner is not None else []
-    parts += ["mask"] if mask is not None else []
-    parts += ["lengths"] if q_lengths is not None or kv_lengths is not None else []
-    combined.__name__ = " & ".join(parts)
-    return trace_mask_fn(combined)

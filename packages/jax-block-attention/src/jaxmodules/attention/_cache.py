@@ -38,6 +38,3 @@ class LRUCache(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._entries)
-
-    def clear(self) -> None:
-        self._entries.clear()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numbers
-import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,21 +10,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._block_mask import BlockMask
+from ._dropout import Dropout
+from ._normalize import normalize_block_size, normalize_q_offset, normalize_window
+
 
 @dataclass(frozen=True)
 class CheckedArguments:
+    """The arguments of ``masked_attention_via_map``, checked and normalised."""
+
     q: jax.Array
     k: jax.Array
     v: jax.Array
+    is_causal: bool
     block_size: tuple[int, int] | None
     window: tuple[int | None, int | None]
     scale: float | None
+    q_offset: Any  # int32 (1,) or (B,): NumPy when known now, traced otherwise
+    mask_fn: Any = None
+    score_mod: Any = None
+    block_mask: BlockMask | None = None
     bias: jax.Array | None = None  # rank 4, broadcastable to (B, Hq, Lq, Lk)
     mask: jax.Array | None = None  # rank 4 boolean, broadcastable to (B, Hq, Lq, Lk)
     q_lengths: jax.Array | None = None  # (B,) int32
     kv_lengths: jax.Array | None = None  # (B,) int32
     soft_cap: float | None = None
     sinks: jax.Array | None = None  # (Hq,)
+    dropout: Dropout | None = None  # checked by _dropout.check_dropout
 
 
 def _as_array(x: Any, name: str) -> jax.Array:
@@ -40,60 +51,6 @@ def _as_array(x: Any, name: str) -> jax.Array:
             f"got {x.dtype} with shape {tuple(x.shape)}"
         )
     return x
-
-
-def positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be a positive int, got {value!r}")
-    value = operator.index(value)
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value}")
-    return value
-
-
-def normalize_block_size(block_size: Any) -> tuple[int, int] | None:
-    if block_size is None:
-        return None
-    if isinstance(block_size, (tuple, list)):
-        if len(block_size) != 2:
-            raise ValueError(
-                f"block_size must be an int or a pair (query_block, key_block), got {block_size!r}"
-            )
-        return (
-            positive_int(block_size[0], "block_size[0]"),
-            positive_int(block_size[1], "block_size[1]"),
-        )
-    size = positive_int(block_size, "block_size")
-    return size, size
-
-
-def _window_side(value: Any, name: str) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be a non-negative int or None, got {value!r}")
-    value = operator.index(value)
-    if value < 0:
-        raise ValueError(f"{name} must be a non-negative int or None, got {value}")
-    return value
-
-
-def normalize_window(window_size: Any) -> tuple[int | None, int | None]:
-    if window_size is None:
-        return None, None
-    if isinstance(window_size, (tuple, list)):
-        if len(window_size) != 2:
-            raise ValueError(
-                f"window_size must be a pair (left, right) or an int, got {window_size!r}"
-            )
-        return (
-            _window_side(window_size[0], "window_size[0] (left)"),
-            _window_side(window_size[1], "window_size[1] (right)"),
-        )
-    side = _window_side(window_size, "window_size")
-    if side is None:
-        return None, None
-    return side, side
 
 
 def _scale(scale: Any) -> float | None:
@@ -143,33 +100,6 @@ def _check_shapes(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
         )
 
 
-def normalize_q_offset(q_offset: Any, batch: int) -> Any:
-    """``q_offset`` as an int32 array of shape ``(1,)`` or ``(batch,)`` (NumPy when known
-    now, traced otherwise)."""
-    if isinstance(q_offset, bool):
-        raise TypeError(f"q_offset must be an int or an int array of shape (B,), got {q_offset!r}")
-    if isinstance(q_offset, numbers.Integral):
-        return np.array([int(q_offset)], np.int32)
-    if not hasattr(q_offset, "dtype"):
-        raise TypeError(
-            f"q_offset must be an int or an int array of shape (B,), got "
-            f"{type(q_offset).__name__}: {q_offset!r}"
-        )
-    if not jnp.issubdtype(q_offset.dtype, jnp.integer):
-        raise TypeError(
-            f"q_offset must have an integer dtype, got {q_offset.dtype} with shape "
-            f"{tuple(q_offset.shape)}"
-        )
-    if q_offset.ndim > 1 or (q_offset.ndim == 1 and q_offset.shape[0] not in (1, batch)):
-        raise ValueError(
-            f"q_offset must be an int or have shape (B,) = ({batch},), got shape "
-            f"{tuple(q_offset.shape)}"
-        )
-    if isinstance(q_offset, jax.core.Tracer):
-        return jnp.asarray(q_offset, jnp.int32).reshape(-1)
-    return np.asarray(q_offset, np.int32).reshape(-1)
-
-
 def _broadcastable(
     x: Any, name: str, target: tuple[int, ...], boolean: bool, batched: bool
 ) -> jax.Array:
@@ -190,16 +120,23 @@ def _broadcastable(
     return jnp.reshape(x, (1,) * (4 - len(shape)) + shape)
 
 
+def _vector(x: Any, name: str, size: int, axis: str, integer: bool) -> jax.Array:
+    """``x`` checked as an int (``integer``) or floating array of shape ``(size,)``,
+    ``axis`` naming that size (``"B"``, ``"Hq"``)."""
+    kind, dtype_kind = ("an int", "an integer") if integer else ("a floating", "a floating")
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{name} must be {kind} array of shape ({axis},), got {type(x).__name__}")
+    if not jnp.issubdtype(x.dtype, jnp.integer if integer else jnp.floating):
+        raise TypeError(f"{name} must have {dtype_kind} dtype, got {x.dtype}")
+    if tuple(x.shape) != (size,):
+        raise ValueError(f"{name} must have shape ({axis},) = ({size},), got {tuple(x.shape)}")
+    return x
+
+
 def _lengths(x: Any, name: str, batch: int) -> jax.Array | None:
     if x is None:
         return None
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        raise TypeError(f"{name} must be an int array of shape (B,), got {type(x).__name__}")
-    if not jnp.issubdtype(x.dtype, jnp.integer):
-        raise TypeError(f"{name} must have an integer dtype, got {x.dtype}")
-    if tuple(x.shape) != (batch,):
-        raise ValueError(f"{name} must have shape (B,) = ({batch},), got {tuple(x.shape)}")
-    return jnp.asarray(x, jnp.int32)
+    return jnp.asarray(_vector(x, name, batch, "B", integer=True), jnp.int32)
 
 
 def _soft_cap(value: Any) -> float | None:
@@ -214,15 +151,7 @@ def _soft_cap(value: Any) -> float | None:
 
 
 def _sinks(x: Any, q_heads: int) -> jax.Array | None:
-    if x is None:
-        return None
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        raise TypeError(f"sinks must be a floating array of shape (Hq,), got {type(x).__name__}")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"sinks must have a floating dtype, got {x.dtype}")
-    if tuple(x.shape) != (q_heads,):
-        raise ValueError(f"sinks must have shape (Hq,) = ({q_heads},), got {tuple(x.shape)}")
-    return x
+    return None if x is None else _vector(x, "sinks", q_heads, "Hq", integer=False)
 
 
 def check_arguments(
@@ -244,7 +173,10 @@ def check_arguments(
     logits_soft_cap: Any = None,
     score_mod: Any = None,
     sinks: Any = None,
+    dropout: Dropout | None = None,
 ) -> CheckedArguments:
+    """The arguments checked and normalised; ``dropout`` comes checked
+    (``_dropout.check_dropout``)."""
     q, k, v = _as_array(Q, "Q"), _as_array(K, "K"), _as_array(V, "V")
     _check_shapes(q, k, v)
     if not isinstance(is_causal, (bool, np.bool_)):
@@ -256,7 +188,7 @@ def check_arguments(
     blocks = normalize_block_size(block_size)
     window = normalize_window(window_size)
     batch = q.shape[0] if q.ndim == 4 else 1
-    normalize_q_offset(q_offset, batch)
+    offset = normalize_q_offset(q_offset, batch)
     target = (batch, q.shape[-2], q.shape[-3], k.shape[-3])
     if block_mask is not None:
         offset_given = not (isinstance(q_offset, numbers.Integral) and q_offset == 0)
@@ -270,15 +202,21 @@ def check_arguments(
         q=q,
         k=k,
         v=v,
+        is_causal=bool(is_causal),
         block_size=blocks,
         window=window,
         scale=_scale(scale),
+        q_offset=offset,
+        mask_fn=mask_fn,
+        score_mod=score_mod,
+        block_mask=block_mask,
         bias=None if bias is None else _broadcastable(bias, "bias", target, False, q.ndim == 4),
         mask=None if mask is None else _broadcastable(mask, "mask", target, True, q.ndim == 4),
         q_lengths=_lengths(query_seq_lengths, "query_seq_lengths", batch),
         kv_lengths=_lengths(key_value_seq_lengths, "key_value_seq_lengths", batch),
         soft_cap=_soft_cap(logits_soft_cap),
         sinks=_sinks(sinks, q.shape[-2]),
+        dropout=dropout,
     )
 
 
@@ -292,8 +230,6 @@ def _check_block_mask(
     blocks: tuple[int, int] | None,
     offset_given: bool,
 ) -> None:
-    from ._block_mask import BlockMask  # the block mask module imports this one
-
     if not isinstance(block_mask, BlockMask):
         raise TypeError(
             f"block_mask must be a BlockMask from create_block_mask, got "

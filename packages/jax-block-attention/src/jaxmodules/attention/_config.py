@@ -13,7 +13,7 @@ from typing import Any
 
 from ._band import band_limits
 from ._block_mask import BlockMask
-from ._elementwise import MaskProgram
+from ._elementwise import ElementwiseProgram
 from ._scores import ScoreConfig
 
 
@@ -28,7 +28,7 @@ class BlockConfig:
     scale: float
     lo: int | None  # the band: lo <= k - q <= hi (None: unbounded)
     hi: int | None
-    program: MaskProgram | None
+    program: ElementwiseProgram | None
     mask_batch: int  # 1 or B: batch rows the block mask keeps lists for
     mask_heads: int  # 1 or Hq: query heads the block mask keeps lists for
     scores: ScoreConfig = field(default_factory=ScoreConfig)

@@ -7,12 +7,14 @@ when its mask is exactly one of those; ``cudnn_problem`` says why not otherwise.
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from ._checks import CheckedArguments
+from ._elementwise import has_tracers
 
 _CUDNN_DTYPES = (jnp.float16, jnp.bfloat16)
 _MAX_HEAD_DIM = 128
@@ -24,28 +26,21 @@ def on_gpu() -> bool:
 
 
 def _zero_offset(q_offset: Any) -> bool:
-    if isinstance(q_offset, numbers.Integral) and not isinstance(q_offset, bool):
-        return int(q_offset) == 0
-    if isinstance(q_offset, jax.core.Tracer):
-        return False
-    try:
-        return not np.asarray(q_offset).any()
-    except TypeError:
-        return False
+    """Whether a normalised ``q_offset`` (NumPy when known now) is known to be 0."""
+    return not has_tracers([q_offset]) and not np.asarray(q_offset).any()
 
 
 def cudnn_window(
     is_causal: bool, window: tuple[int | None, int | None]
 ) -> tuple[bool, tuple[int, int] | None] | str:
-    """``(is_causal, local_window_size)`` for ``jax.nn``, or why cuDNN cannot take the band.
+    """``(is_causal, local_window_size)`` for ``jax.nn``, or why cuDNN cannot take the band
+    (``window`` as normalised: ``None`` or non-negative sides).
 
-    cuDNN takes a left window only together with the causal mask. A non-causal ``(L, 0)``
-    window is the same band as causal with ``(L, 0)``, so it is passed that way: jax's
-    own non-causal ``(L, 0)`` path lets future keys through (jax PR #39576).
+        cuDNN takes a left window only together with the causal mask. A non-causal ``(L, 0)``
+        window is the same band as causal with ``(L, 0)``, so it is passed that way: jax's
+        own non-causal ``(L, 0)`` path lets future keys through (jax PR #39576).
     """
     left, right = window
-    if right is not None and right < 0:
-        return f"window_size={window} ends before the query (right < 0)"
     if not is_causal and right == 0:
         is_causal = True
     elif not is_causal and (left is not None or right is not None):
@@ -58,51 +53,41 @@ def cudnn_window(
     return is_causal, (int(left), 0)
 
 
-def cudnn_problem(
-    q: Any,
-    k: Any,
-    v: Any,
-    *,
-    is_causal: bool,
-    window: tuple[int | None, int | None],
-    mask_fn: Any,
-    score_mod: Any,
-    soft_cap: Any,
-    sinks: Any,
-    q_offset: Any,
-    block_mask: Any,
-    mask: Any,
-    return_lse: bool,
-) -> str | None:
+def cudnn_problem(args: CheckedArguments, *, return_lse: bool) -> str | None:
     """Why ``jax.nn``'s cuDNN path cannot compute this call exactly, or ``None``."""
+    if args.dropout is not None:
+        # jax.nn.dot_product_attention takes no dropout, and cuDNN's own would draw other
+        # decisions than the hash every other backend shares.
+        return "jax.nn's cuDNN attention has no dropout (dropout_rate)"
     given = [
         name
         for name, value in (
-            ("mask_fn", mask_fn),
-            ("score_mod", score_mod),
-            ("logits_soft_cap", soft_cap),
-            ("sinks", sinks),
-            ("block_mask", block_mask),
+            ("mask_fn", args.mask_fn),
+            ("score_mod", args.score_mod),
+            ("logits_soft_cap", args.soft_cap),
+            ("sinks", args.sinks),
+            ("block_mask", args.block_mask),
         )
         if value is not None
     ]
     if given:
         return f"cuDNN has no equivalent of {', '.join(given)}"
-    if mask is not None:
+    if args.mask is not None:
         return (
             "a boolean mask array can leave query rows with no visible key, which give 0 "
             "here and are not defined by cuDNN; use sequence lengths or is_causal"
         )
-    if not _zero_offset(q_offset):
+    if not _zero_offset(args.q_offset):
         return "cuDNN aligns the causal mask top-left only (q_offset must be 0)"
     if return_lse:
         return (
             "jax.nn returns cuDNN's log-sum-exp rounded to the input dtype, not float32 "
             "(return_lse)"
         )
-    band = cudnn_window(is_causal, window)
+    band = cudnn_window(args.is_causal, args.window)
     if isinstance(band, str):
         return band
+    q, k, v = args.q, args.k, args.v
     dtype = jnp.result_type(q)
     if dtype not in _CUDNN_DTYPES or any(jnp.result_type(x) != dtype for x in (k, v)):
         return f"cuDNN needs float16 or bfloat16 inputs of one dtype, got {dtype}"

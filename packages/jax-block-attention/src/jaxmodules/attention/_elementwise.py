@@ -216,6 +216,3 @@ def trace_score_mod(score_mod: Any) -> tuple[ElementwiseProgram, tuple[Array, ..
 
 def has_tracers(values: Sequence[Any]) -> bool:
     return any(isinstance(v, jax.core.Tracer) for v in values)
-
-
-MaskProgram = ElementwiseProgram

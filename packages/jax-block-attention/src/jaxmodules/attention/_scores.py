@@ -1,4 +1,5 @@
-"""The per-tile score pipeline every backend shares: scale, bias, soft-cap, ``score_mod``.
+"""What every backend shares around its kernels: the per-tile score pipeline, the arrays
+it reads, and the softmax statistics conventions.
 
 For each visible (query, key) pair, in the order the contract fixes::
 
@@ -7,25 +8,37 @@ For each visible (query, key) pair, in the order the contract fixes::
     s2 = cap * tanh(s1 / cap)                    when logits_soft_cap is set
     s3 = score_mod(s2, b, h, q, k)               when score_mod is given
 
-The backward pass recomputes ``s1`` and ``s2`` from the tile and maps the gradient of
-``s3`` back to the gradient of ``s1`` (which is also the gradient of ``bias``) and to the
-floating arrays ``score_mod`` closes over. Attention sinks enter only the softmax
-denominator and live with the online softmax of each backend.
+Each backend evaluates ``score_mod`` on a tile its own way (the XLA block loop on index
+arrays, the Pallas kernels on index vectors reading kernel refs) and hands it to
+``tile_scores`` / ``tile_score_gradients`` as a function of the tile's ``s2``. The
+backward pass recomputes ``s1`` and ``s2`` from the tile and maps the gradient of ``s3``
+back to the gradient of ``s1`` (which is also the gradient of ``bias``) and to the
+values ``score_mod`` read from its floating arrays.
+
+The log-sum-exp of a row with no visible key is ``-inf`` wherever it leaves a backend;
+the backward passes use ``+inf`` instead (``backward_statistics``), so that ``exp(s - lse)``
+vanishes on those rows. Attention sinks change only each row's softmax denominator:
+they are applied once, after any backend, from the lse (``with_sinks``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ._elementwise import ElementwiseProgram
 
 Array = jax.Array
 _F32 = jnp.float32
+
+# score_mod on one tile, as a function of the tile's s2 and, for gradients, of the
+# values it reads from its differentiable arrays (``None``: read them as they are).
+ScoreMod = Callable[..., Any]
 
 
 @dataclass(frozen=True)
@@ -37,34 +50,42 @@ class ScoreConfig:
         score: The traced ``score_mod`` or ``None``.
         bias: ``None`` without a bias; else which of (batch, head, query, key) it varies
             along.
-        sinks: Whether per-head sink logits join every softmax denominator.
+        dropout_rate: Attention dropout on the normalised weights (0: none), its seeds
+            in ``Operands.seeds``; it leaves the scores and the softmax statistics as
+            they are (see ``_dropout``).
     """
 
     soft_cap: float | None = None
     score: ElementwiseProgram | None = None
     bias: tuple[bool, bool, bool, bool] | None = None
-    sinks: bool = False
+    dropout_rate: float = 0.0
 
     @property
     def changes_scores(self) -> bool:
         return self.soft_cap is not None or self.score is not None or self.bias is not None
 
 
+@dataclass(frozen=True)
+class Operands:
+    """The arrays of the score pipeline: ``bias`` (or ``None``) and the arrays
+    ``score_mod`` closes over. Each backend lays them out for its kernels. Also
+    dropout's ``(B, Hq)`` uint32 seeds (``None`` without dropout), which every backend
+    reads as they are."""
+
+    bias: Array | None
+    score_consts: tuple
+    seeds: Array | None = None
+
+
+jax.tree_util.register_dataclass(
+    Operands, data_fields=["bias", "score_consts", "seeds"], meta_fields=[]
+)
+
+
 def bias_axes(shape: tuple[int, ...]) -> tuple[bool, bool, bool, bool]:
     """Which of (batch, head, query, key) a rank-4 bias of ``shape`` varies along."""
     b, h, q, k = (n > 1 for n in shape)
     return b, h, q, k
-
-
-@dataclass(frozen=True)
-class TileIndex:
-    """Index arrays of one tile in the ``(batch, head, row, key)`` layout of the scores,
-    for ``score_mod``: each broadcasts against the ``(bs, hs, rows, bk)`` tile."""
-
-    b: Array
-    h: Array
-    q: Array
-    k: Array
 
 
 def capped_scores(soft_cap: float | None, s1: Array) -> Array:
@@ -75,72 +96,59 @@ def capped_scores(soft_cap: float | None, s1: Array) -> Array:
     return cap * jnp.tanh(s1 / cap)
 
 
-def _modified(
-    config: ScoreConfig, s2: Array, consts: Sequence[Array], index: TileIndex | None
-) -> Array:
-    if config.score is None:
-        return s2
-    assert index is not None
-    out = config.score.evaluate(consts, s2, index.b, index.h, index.q, index.k)
-    return jnp.broadcast_to(out, s2.shape).astype(_F32)
-
-
 def tile_scores(
-    config: ScoreConfig,
-    s0: Array,
-    bias: Array | None,
-    consts: Sequence[Array],
-    index: TileIndex | None,
+    scores: ScoreConfig, s0: Array, bias: Array | None, score_mod: ScoreMod | None
 ) -> Array:
-    """The final float32 scores of a tile from its scaled products ``s0``."""
+    """The final float32 scores of a tile from its scaled products ``s0``: plus the bias
+    tile, soft-capped, then ``score_mod(s2)`` (the backend's evaluation on this tile)."""
     s1 = s0 if bias is None else s0 + bias.astype(_F32)
-    return _modified(config, capped_scores(config.soft_cap, s1), consts, index)
+    s2 = capped_scores(scores.soft_cap, s1)
+    return s2 if score_mod is None else score_mod(s2)
 
 
 def tile_score_gradients(
-    config: ScoreConfig,
+    scores: ScoreConfig,
     s0: Array,
     bias: Array | None,
-    consts: Sequence[Array],
-    index: TileIndex | None,
     d_scores: Array,
-) -> tuple[Array, tuple[Array, ...]]:
-    """Gradient of the tile's final scores mapped back: to ``s1 = s0 + bias`` (so to the
-    products and to ``bias``) and to the floating arrays ``score_mod`` closes over (in
-    the order of ``config.score.differentiable``)."""
+    score_mod: ScoreMod | None,
+    values: Sequence[Array] = (),
+) -> tuple[Array, list[Array]]:
+    """The gradient ``d_scores`` of a tile's final scores mapped back to ``s1 = s0 +
+    bias`` (the gradient of the products and of the bias), and the gradients of
+    ``values``, what ``score_mod`` read from its differentiable arrays (it is called as
+    ``score_mod(s2, values)``). ``score_mod`` is element-wise in the score: without
+    ``values`` its derivative is one forward-mode pass on the tile, with them one
+    reverse pass that takes them as inputs."""
+    if scores.soft_cap is None and score_mod is None:
+        return d_scores, []
     s1 = s0 if bias is None else s0 + bias.astype(_F32)
-    s2 = capped_scores(config.soft_cap, s1)
-    d_consts: tuple[Array, ...] = ()
-    d_s2 = d_scores
-    if config.score is not None:
-        assert index is not None
-        positions = config.score.differentiable
-        floats = [consts[i] for i in positions]
-
-        def modify(s: Array, floats: list[Array]) -> Array:
-            full = list(consts)
-            for i, value in zip(positions, floats, strict=True):
-                full[i] = value
-            return _modified(config, s, full, index)
-
-        _, pullback = jax.vjp(modify, s2, floats)
-        d_s2, d_floats = pullback(d_scores)
-        d_consts = tuple(d_floats)
-    if config.soft_cap is None:
-        return d_s2, d_consts
-    cap = _F32(config.soft_cap)
-    return d_s2 * (1.0 - jnp.square(s2 / cap)), d_consts
+    s2 = capped_scores(scores.soft_cap, s1)
+    d_values: list[Array] = []
+    if score_mod is not None and values:
+        _, pullback = jax.vjp(score_mod, s2, list(values))
+        d_scores, d_values = pullback(d_scores)
+    elif score_mod is not None:
+        _, slope = jax.jvp(score_mod, (s2,), (jnp.ones_like(s2),))
+        d_scores = d_scores * slope
+    if scores.soft_cap is not None:
+        d_scores = d_scores * (1.0 - jnp.square(s2 / _F32(scores.soft_cap)))
+    return d_scores, list(d_values)
 
 
-def sink_logits(sinks: Array | None, shape: tuple[int, ...]) -> Array | None:
-    """Per-row sink logits broadcast to ``shape`` (the tile's row statistics)."""
-    if sinks is None:
-        return None
-    return jnp.broadcast_to(sinks.astype(_F32), shape)
+def backward_statistics(lse: Array, d_lse: Array) -> tuple[Array, Array]:
+    """The lse and its float32 cotangent as the backward passes use them: on rows without
+    a visible key (lse ``-inf``) the lse becomes ``+inf``, so that ``exp(s - lse)`` is 0
+    there rather than NaN, and the cotangent 0 (such rows have no gradient)."""
+    empty = lse == -jnp.inf
+    return jnp.where(empty, jnp.inf, lse), jnp.where(empty, 0.0, d_lse).astype(_F32)
 
 
-def zeros_like_floats(consts: Sequence[Any], positions: Sequence[int]) -> tuple[Array, ...]:
-    return tuple(jnp.zeros(jnp.shape(consts[i]), _F32) for i in positions)
+def zero_cotangent(x: Any) -> Any:
+    """A zero cotangent for ``x``: zeros for floating arrays, ``float0`` for the rest."""
+    if jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+        return jnp.zeros_like(x)
+    return np.zeros(jnp.shape(x), dtype=jax.dtypes.float0)
 
 
 def merge_by_lse(outs: Array, lses: Array) -> tuple[Array, Array]:

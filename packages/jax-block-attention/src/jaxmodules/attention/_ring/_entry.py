@@ -12,8 +12,9 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from .._api import _check_implementation
-from .._checks import _check_block_mask, normalize_window
+from .._checks import _check_block_mask
 from .._elementwise import _arity, has_tracers, trace_score_mod
+from .._normalize import normalize_window
 from .._scores import with_sinks
 from ._layout import LAYOUTS, balance, ring_order, unbalance
 from ._steps import RingSpec, ring
@@ -81,6 +82,12 @@ def _check_call(
     """The checks that need no array."""
     if unsupported:
         name = sorted(unsupported)[0]
+        if name in ("dropout_rate", "dropout_rng"):
+            raise ValueError(
+                "ring_attention does not take dropout (dropout_rate, dropout_rng): its steps "
+                "see chunks at relative offsets, so their keep decisions would not be those "
+                "of the whole call; use masked_attention_via_map for attention dropout"
+            )
         if name in _UNSUPPORTED:
             raise ValueError(
                 f"ring_attention does not take {name}=: a ring step sees only one chunk of "

@@ -27,7 +27,7 @@ import numpy as np
 from jax import lax
 
 from .._band import band_limits, ranges_meet
-from .._checks import normalize_window
+from .._normalize import normalize_window
 
 Array = jax.Array
 

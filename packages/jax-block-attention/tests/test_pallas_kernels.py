@@ -1,4 +1,7 @@
-"""The fused Pallas backend, run in interpret mode on CPU, against the float64 reference.
+"""The Pallas kernels through the backend's entry point (``_pallas.attend``), in
+interpret mode on CPU, against the float64 reference: the tuning only this backend has
+(backward slices, split-K), its tile-program evaluator and refusals, and what it lowers
+to for CUDA.
 
 Shapes stay small: in interpret mode every grid step is an XLA loop iteration.
 """
@@ -19,15 +22,11 @@ try:
 except ImportError as err:  # pragma: no cover - depends on the installed jax
     pytest.skip(f"this jax has no Pallas Triton backend ({err})", allow_module_level=True)
 
-from jaxmodules.attention import create_block_mask, dot_product_attention, masked_attention_via_map
-from jaxmodules.attention._pallas import (
-    PallasUnsupportedError,
-    evaluate_on_tile,
-    kernel_consts,
-    pallas_attend,
-    pallas_attend_with_lse,
-    pallas_problem,
-)
+from jaxmodules.attention import _pallas as pallas
+from jaxmodules.attention import create_block_mask, masked_attention_via_map
+from jaxmodules.attention._elementwise import trace_score_mod
+from jaxmodules.attention._pallas import PallasUnsupportedError, evaluate_on_tile, kernel_consts
+from jaxmodules.attention._scores import Operands, ScoreConfig, with_sinks
 
 # Segment ids of two batch rows: documents of 9 and of 6 tokens.
 IDS = jnp.asarray(np.stack([np.arange(48) // 9, np.arange(48) // 6]), jnp.int32)
@@ -48,30 +47,9 @@ def within_length(b, h, q, k):
     return k < LENGTHS[b]
 
 
-# (B, Lq, Lk, Hq, Hkv, d, dv), block_size, create_block_mask keywords
+# The kernel's own tuning (backward slices, split-K); the calls every backend takes are in
+# test_backends.py. (B, Lq, Lk, Hq, Hkv, d, dv), block_size, mask and tuning keywords.
 CASES = {
-    "causal_gqa": ((1, 64, 64, 4, 2, 16, 16), 16, {"is_causal": True}),
-    "window_odd_lengths_head_dims": (
-        (1, 45, 53, 2, 1, 24, 8),
-        (16, 32),
-        {"window_size": (10, 5)},
-    ),
-    "q_offset_per_batch": (
-        (2, 20, 50, 2, 2, 16, 16),
-        16,
-        {"is_causal": True, "q_offset": np.array([30, 3])},
-    ),
-    "segment_ids_causal": (
-        (2, 48, 48, 2, 1, 16, 16),
-        16,
-        {"mask_fn": same_segment, "is_causal": True},
-    ),
-    "head_mask_gqa": ((1, 40, 40, 4, 2, 16, 16), 16, {"mask_fn": head_window, "is_causal": True}),
-    "empty_rows": (
-        (2, 32, 48, 2, 1, 16, 16),
-        16,
-        {"mask_fn": within_length, "is_causal": True, "q_offset": -5},
-    ),
     # Blocks of 32 that both backward kernels walk in slices of 16.
     "causal_gqa_backward_slices": (
         (1, 64, 64, 4, 2, 16, 16),
@@ -98,39 +76,13 @@ CASES = {
 }
 
 
-def _block_mask(shape, block, options):
-    batch, q_len, k_len, q_heads = shape[:4]
-    mask_fn = options.get("mask_fn")
-    return create_block_mask(
-        mask_fn,
-        batch,
-        q_heads,
-        q_len,
-        k_len,
-        is_causal=options.get("is_causal", False),
-        window_size=options.get("window_size"),
-        q_offset=options.get("q_offset", 0),
-        block_size=block,
-    )
-
-
-def _reference_lse(q, k, mask, scale):
-    q, k = (np.asarray(x, np.float64) for x in (q, k))
-    k = np.repeat(k, q.shape[2] // k.shape[2], axis=2)
-    s = np.where(mask, np.einsum("bqhd,bkhd->bhqk", q, k) * scale, -np.inf)
-    m = s.max(axis=-1, initial=-np.inf)
-    m_safe = np.where(np.isfinite(m), m, 0.0)
-    with np.errstate(divide="ignore"):
-        return np.log(np.exp(s - m_safe[..., None]).sum(axis=-1)) + m_safe
-
-
 @partial(jax.jit, static_argnums=(5, 6))
 def _run(q, k, v, block_mask, d_out, backward_tile=None, kv_splits=None):
     """Output, lse and the gradients of ``sum(out * d_out)``, in one program."""
     scale = 1.0 / math.sqrt(q.shape[-1])
 
     def attend(q, k, v):
-        return pallas_attend_with_lse(
+        return pallas.attend(
             q, k, v, block_mask, scale, backward_tile=backward_tile, kv_splits=kv_splits
         )
 
@@ -138,18 +90,11 @@ def _run(q, k, v, block_mask, d_out, backward_tile=None, kv_splits=None):
     return out, lse, vjp((d_out, jnp.zeros_like(lse)))
 
 
-def _relative_error(actual, expected):
-    expected = np.asarray(expected, np.float64)
-    return np.abs(np.asarray(actual, np.float64) - expected).max() / max(
-        1.0, np.abs(expected).max()
-    )
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_forward_lse_and_gradients_match_reference(ref, case):
     shape, block, options = CASES[case]
     q, k, v = ref.qkv(1, *shape)
-    block_mask = _block_mask(shape, block, options)
+    block_mask = ref.block_mask_for(shape, block, options)
     mask = ref.mask_for(shape, options)
     np.testing.assert_array_equal(np.asarray(block_mask.to_dense()), mask)
     d_out = ref.qkv(2, *shape)[0][..., : shape[-1]]
@@ -158,7 +103,7 @@ def test_forward_lse_and_gradients_match_reference(ref, case):
 
     scale = 1.0 / math.sqrt(shape[5])
     np.testing.assert_allclose(out, ref.attention(q, k, v, mask), atol=2e-5, rtol=1e-4)
-    expected_lse = _reference_lse(q, k, mask, scale)
+    expected_lse = ref.lse(q, k, v, mask, scale)
     assert lse.dtype == jnp.float32 and lse.shape == expected_lse.shape
     np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(expected_lse))
     finite = np.isfinite(expected_lse)
@@ -166,7 +111,7 @@ def test_forward_lse_and_gradients_match_reference(ref, case):
     for name, actual, expected in zip(
         ("dq", "dk", "dv"), grads, ref.gradients(q, k, v, mask, d_out), strict=True
     ):
-        assert _relative_error(actual, expected) < 5e-5, name
+        assert ref.relative_error(actual, expected) < 5e-5, name
     if case == "empty_rows":
         empty = ~mask.any(axis=-1)  # (B, H, Lq)
         assert empty[1].all() and empty[0, :, :5].all() and not empty[0, :, 5:].any()
@@ -187,7 +132,7 @@ def test_block_mask_built_inside_jit_from_traced_segment_ids(ref):
             return ids[b, q] == ids[b, k]
 
         block_mask = create_block_mask(same, 2, 2, 48, 48, is_causal=True, block_size=16)
-        out, vjp = jax.vjp(lambda *a: pallas_attend(*a, block_mask, 0.25), q, k, v)
+        out, vjp = jax.vjp(lambda *a: pallas.attend(*a, block_mask, 0.25)[0], q, k, v)
         return out, vjp(d_out)
 
     out, grads = run(IDS, q, k, v, d_out)
@@ -195,28 +140,28 @@ def test_block_mask_built_inside_jit_from_traced_segment_ids(ref):
     np.testing.assert_allclose(out, ref.attention(q, k, v, mask, 0.25), atol=2e-5, rtol=1e-4)
     expected = ref.gradients(q, k, v, mask, d_out, 0.25)
     for actual, e in zip(grads, expected, strict=True):
-        assert _relative_error(actual, e) < 5e-5
+        assert ref.relative_error(actual, e) < 5e-5
 
 
 def test_bfloat16_against_rounded_inputs(ref):
     shape = (1, 48, 48, 2, 1, 32, 32)
     q, k, v = ref.qkv(3, *shape, dtype=jnp.bfloat16)
-    block_mask = _block_mask(shape, 16, {"is_causal": True, "window_size": (20, None)})
+    block_mask = ref.block_mask_for(shape, 16, {"is_causal": True, "window_size": (20, None)})
     mask = ref.mask_for(shape, {"is_causal": True, "window_size": (20, None)})
     d_out = ref.qkv(4, *shape, dtype=jnp.bfloat16)[0]
     out, lse, grads = _run(q, k, v, block_mask, d_out)
     assert out.dtype == jnp.bfloat16 and lse.dtype == jnp.float32
     assert [g.dtype for g in grads] == [jnp.bfloat16] * 3
     f32 = [np.asarray(x, np.float32) for x in (q, k, v, d_out)]
-    assert _relative_error(out, ref.attention(*f32[:3], mask)) < 2e-2
+    assert ref.relative_error(out, ref.attention(*f32[:3], mask)) < 2e-2
     for actual, expected in zip(grads, ref.gradients(*f32[:3], mask, f32[3]), strict=True):
-        assert _relative_error(actual, expected) < 4e-2
+        assert ref.relative_error(actual, expected) < 4e-2
 
 
 def test_lse_is_differentiable(ref):
     shape = (1, 32, 32, 2, 1, 16, 16)
     q, k, v = ref.qkv(5, *shape)
-    block_mask = _block_mask(shape, 16, {"is_causal": True})
+    block_mask = ref.block_mask_for(shape, 16, {"is_causal": True})
     mask = jnp.asarray(ref.mask_for(shape, {"is_causal": True}))
     weights = jax.random.normal(jax.random.PRNGKey(0), (1, 2, 32))
     scale = 0.25
@@ -235,18 +180,18 @@ def test_lse_is_differentiable(ref):
         out = jnp.einsum("bhqk,bkhd->bqhd", jnp.exp(s - lse[..., None]), v_)
         return out, lse
 
-    actual = loss(lambda q, k, v: pallas_attend_with_lse(q, k, v, block_mask, scale))
+    actual = loss(lambda q, k, v: pallas.attend(q, k, v, block_mask, scale))
     for a, e in zip(actual, loss(dense), strict=True):
-        assert _relative_error(a, e) < 1e-4
+        assert ref.relative_error(a, e) < 1e-4
 
 
 def test_pallas_call_in_forward_and_gradient(ref):
     shape = (1, 32, 32, 2, 1, 16, 16)
     q, k, v = ref.qkv(6, *shape)
-    block_mask = _block_mask(shape, 16, {"mask_fn": same_segment, "is_causal": True})
-    forward = jax.make_jaxpr(lambda q: pallas_attend(q, k, v, block_mask, 0.25))(q)
+    block_mask = ref.block_mask_for(shape, 16, {"mask_fn": same_segment, "is_causal": True})
+    forward = jax.make_jaxpr(lambda q: pallas.attend(q, k, v, block_mask, 0.25)[0])(q)
     gradient = jax.make_jaxpr(
-        jax.grad(lambda q, k, v: pallas_attend(q, k, v, block_mask, 0.25).sum(), (0, 1, 2))
+        jax.grad(lambda q, k, v: pallas.attend(q, k, v, block_mask, 0.25)[0].sum(), (0, 1, 2))
     )(q, k, v)
     assert str(forward).count("pallas_call") == 1
     # forward (recomputed for the residuals), dQ and dK/dV kernels
@@ -275,9 +220,9 @@ def test_block_sizes_must_be_triton_tiles(ref):
     shape = (1, 48, 48, 1, 1, 16, 16)
     q, k, v = ref.qkv(7, *shape)
     block_mask = create_block_mask(None, 1, 1, 48, 48, is_causal=True, block_size=24)
-    assert "(24, 24)" in pallas_problem(block_mask)
+    assert "(24, 24)" in pallas.block_mask_problem(block_mask)
     with pytest.raises(ValueError, match=r"block_size=\(24, 24\).*powers of two"):
-        pallas_attend(q, k, v, block_mask, 0.25)
+        pallas.attend(q, k, v, block_mask, 0.25)
 
 
 def test_mask_fn_the_kernel_cannot_evaluate_is_refused(ref):
@@ -288,26 +233,26 @@ def test_mask_fn_the_kernel_cannot_evaluate_is_refused(ref):
         return k < LENGTHS.sum()  # a whole closed-over array, not one element
 
     block_mask = create_block_mask(below_total, 1, 1, 32, 32, block_size=16)
-    assert "used whole" in pallas_problem(block_mask)
+    assert "used whole" in pallas.block_mask_problem(block_mask)
     with pytest.raises(PallasUnsupportedError, match='implementation="xla"'):
-        pallas_attend(q, k, v, block_mask, 0.25)
+        pallas.attend(q, k, v, block_mask, 0.25)
     assert issubclass(PallasUnsupportedError, ValueError)
 
     def branching(b, h, q, k):
         return jax.lax.cond(q > 3, lambda: k < q, lambda: k > q)
 
     branched = create_block_mask(branching, 1, 1, 32, 32, block_size=16)
-    assert "control flow ('cond')" in pallas_problem(branched)
+    assert "control flow ('cond')" in pallas.block_mask_problem(branched)
 
 
 def test_shapes_that_do_not_fit_the_block_mask(ref):
     q, k, v = ref.qkv(9, 1, 32, 32, 2, 1, 16)
     block_mask = create_block_mask(None, 1, 1, 32, 48, block_size=16)
     with pytest.raises(ValueError, match="k_len=48"):
-        pallas_attend(q, k, v, block_mask, 0.25)
+        pallas.attend(q, k, v, block_mask, 0.25)
     q3 = ref.qkv(9, 1, 32, 32, 3, 2, 16)[0]
     with pytest.raises(ValueError, match="multiple"):
-        pallas_attend(
+        pallas.attend(
             q3, k[:, :, :1].repeat(2, axis=2), v[:, :, :1].repeat(2, axis=2), block_mask, 1.0
         )
 
@@ -339,11 +284,11 @@ def test_lowers_for_cuda_without_a_gpu(ref):
     def mask_fn(b, h, q, k):
         return head_window(h, q, k) & (documents[q] == documents[k]) & keep[k]
 
-    block_mask = _block_mask(shape, (32, 16), {"mask_fn": mask_fn, "is_causal": True})
+    block_mask = ref.block_mask_for(shape, (32, 16), {"mask_fn": mask_fn, "is_causal": True})
 
     def value_and_grads(q, k, v, block_mask):
         def loss(q, k, v):
-            out = pallas_attend(q, k, v, block_mask, 0.2, interpret=False)
+            out, _ = pallas.attend(q, k, v, block_mask, 0.2, interpret=False)
             return out.astype(jnp.float32).sum()
 
         return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
@@ -355,17 +300,16 @@ def test_lowers_for_cuda_without_a_gpu(ref):
 def test_gpu_defaults_lower_for_cuda_without_a_gpu(ref):
     # What a GPU user gets first: 128 x 128 blocks, d=128 (8 warps), the compiled
     # default of 32-wide backward slices, GQA and a key-padding bias (column sums).
-    from jaxmodules.attention._xla import Operands
 
     shape = (1, 256, 256, 4, 1, 128, 128)
     q, k, v = ref.qkv(35, *shape, dtype=jnp.bfloat16)
-    block_mask = _block_mask(shape, 128, {"is_causal": True})
+    block_mask = ref.block_mask_for(shape, 128, {"is_causal": True})
     bias = jnp.zeros((1, 1, 1, 256), jnp.bfloat16)
 
     def value_and_grads(q, k, v, bias):
         def loss(q, k, v, bias):
-            operands = Operands(bias, None, ())
-            out = pallas_attend(q, k, v, block_mask, 0.1, interpret=False, operands=operands)
+            operands = Operands(bias, ())
+            out, _ = pallas.attend(q, k, v, block_mask, 0.1, interpret=False, operands=operands)
             return out.astype(jnp.float32).sum()
 
         return jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(q, k, v, bias)
@@ -373,16 +317,37 @@ def test_gpu_defaults_lower_for_cuda_without_a_gpu(ref):
     assert _triton_kernels_for_cuda(value_and_grads, q, k, v, bias) == 3
 
 
+def test_dropout_lowers_for_cuda_without_a_gpu(ref):
+    # The dropout hash's uint32 multiplies, xors, shifts and compares lower to Triton in
+    # all three kernels, with the compiled defaults (backward slices, GQA).
+    from jaxmodules.attention._dropout import stream_seeds
+
+    shape = (1, 256, 256, 4, 2, 64, 64)
+    q, k, v = ref.qkv(24, *shape, dtype=jnp.bfloat16)
+    block_mask = ref.block_mask_for(shape, 64, {"is_causal": True})
+    scores = ScoreConfig(dropout_rate=0.1)
+
+    def value_and_grads(q, k, v, rng):
+        def loss(q, k, v):
+            operands = Operands(None, (), stream_seeds(rng, 1, 4))
+            out, _ = pallas.attend(q, k, v, block_mask, 0.125, scores, operands, interpret=False)
+            return out.astype(jnp.float32).sum()
+
+        return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    assert _triton_kernels_for_cuda(value_and_grads, q, k, v, jax.random.key(7)) == 3
+
+
 def test_decode_split_lowers_for_cuda_without_a_gpu(ref):
     # Decoding: 4 query heads of 16 rows against 2048 keys are 4 programs, so compiled
     # the forward splits each row's 16 key blocks into 4 shares (a 4-D grid).
     shape = (1, 16, 2048, 4, 1, 128, 128)
     q, k, v = ref.qkv(37, *shape, dtype=jnp.bfloat16)
-    block_mask = _block_mask(shape, (16, 128), {"is_causal": True, "q_offset": 2032})
+    block_mask = ref.block_mask_for(shape, (16, 128), {"is_causal": True, "q_offset": 2032})
 
     def value_and_grads(q, k, v):
         def loss(q, k, v):
-            out = pallas_attend(q, k, v, block_mask, 0.1, interpret=False)
+            out, _ = pallas.attend(q, k, v, block_mask, 0.1, interpret=False)
             return out.astype(jnp.float32).sum()
 
         return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
@@ -395,13 +360,11 @@ def test_decode_split_lowers_for_cuda_without_a_gpu(ref):
 def test_score_mod_array_gradients_lower_for_cuda_without_a_gpu(ref):
     # Gradients of traced arrays score_mod closes over (a bucket table read at q - k and
     # the head, slopes read at the head) lower to Triton with the compiled defaults.
-    from jaxmodules.attention._elementwise import trace_score_mod
-    from jaxmodules.attention._scores import ScoreConfig
-    from jaxmodules.attention._xla import Operands
+    from jaxmodules.attention._scores import Operands
 
     shape = (1, 128, 128, 4, 2, 64, 64)
     q, k, v = ref.qkv(36, *shape, dtype=jnp.bfloat16)
-    block_mask = _block_mask(shape, 64, {"is_causal": True})
+    block_mask = ref.block_mask_for(shape, 64, {"is_causal": True})
     table = jnp.zeros((8, 4), jnp.float32)
     slopes = jnp.ones((4,), jnp.float32)
 
@@ -411,7 +374,7 @@ def test_score_mod_array_gradients_lower_for_cuda_without_a_gpu(ref):
                 return ref.bucket_table(table)(score, b, h, qp, kp) - slopes[h] * jnp.abs(qp - kp)
 
             program, consts = trace_score_mod(mod)
-            out = pallas_attend(
+            out, _ = pallas.attend(
                 q,
                 k,
                 v,
@@ -419,59 +382,13 @@ def test_score_mod_array_gradients_lower_for_cuda_without_a_gpu(ref):
                 0.125,
                 interpret=False,
                 scores=ScoreConfig(score=program),
-                operands=Operands(None, None, consts),
+                operands=Operands(None, consts),
             )
             return out.astype(jnp.float32).sum()
 
         return jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))(q, k, v, table, slopes)
 
     assert _triton_kernels_for_cuda(value_and_grads, q, k, v, table, slopes) == 3
-
-
-# ------------------------------------------------- implementation="pallas" through the API
-
-
-def _compare_api(ref, shape, options, **arrays):
-    """``implementation="pallas"`` against the float64 reference (``ref.compare_variants``),
-    jitted: outputs, lse and every gradient."""
-    return ref.compare_variants(shape, {**options, "implementation": "pallas"}, jit=True, **arrays)
-
-
-def test_api_bias_soft_cap_sinks_gqa_odd_lengths(ref):
-    # Full bias, soft-cap and sinks together, default (Pallas) block sizes.
-    shape = (2, 37, 45, 4, 2, 16)
-    rng = np.random.default_rng(20)
-    bias = jnp.asarray(rng.standard_normal((2, 4, 37, 45)), jnp.float32)
-    sinks = jnp.asarray([0.5, -1.0, 2.0, 0.0], jnp.float32)
-    options = {"is_causal": True, "logits_soft_cap": 2.0}
-    _compare_api(ref, shape, options, bias=bias, sinks=sinks, seed=21)
-
-
-def test_api_broadcast_bias_alibi_score_mod_q_offset(ref):
-    shape = (2, 20, 50, 4, 1, 16)
-    bias = jnp.asarray(np.random.default_rng(22).standard_normal((1, 4, 1, 50)), jnp.float32)
-    slopes = jnp.asarray(2.0 ** -np.arange(1, 5), jnp.float32)  # concrete: no gradient
-    options = {
-        "window_size": (12, 3),
-        "q_offset": np.array([30, 3]),
-        "mask_fn": same_segment,
-        "block_size": 16,
-    }
-    _compare_api(ref, shape, options, bias=bias, make_mod=lambda _: ref.alibi(slopes), seed=23)
-
-
-@pytest.mark.parametrize(
-    "bias_shape",
-    [(2, 1, 37, 1), (1, 1, 1, 1), (2, 1, 1, 45), (1, 4, 37, 45), (2, 4, 1, 45), (1, 4, 37, 1)],
-    ids=["rows", "scalar", "key_padding", "tiles_over_batch", "keys_per_head", "queries"],
-)
-def test_api_bias_gradient_for_every_broadcast(ref, bias_shape):
-    # Each way a bias can broadcast takes its own route for the gradient (tiles, row
-    # sums or column sums); all must sum back to the bias's shape.
-    rng = np.random.default_rng(sum(bias_shape))
-    bias = jnp.asarray(rng.standard_normal(bias_shape), jnp.float32)
-    options = {"is_causal": True, "mask_fn": same_segment, "block_size": 16}
-    _compare_api(ref, (2, 37, 45, 4, 2, 16), options, bias=bias, seed=len(bias_shape))
 
 
 def _array_sizes_outside_kernels(jaxpr):
@@ -509,27 +426,25 @@ def test_gradient_of_a_vector_bias_stays_linear(ref, bias_shape):
 
 
 def _kernel_and_reference(ref, arrays, block_mask, visible, rng, **kwargs):
-    """``pallas_attend_with_lse`` (jitted; ``backward_tile`` and ``kv_splits`` from
+    """``_pallas.attend`` (jitted; ``backward_tile`` and ``kv_splits`` from
     ``kwargs``) and the float64 reference, as ``ref.against_reference`` returns them."""
-    from jaxmodules.attention._elementwise import trace_score_mod
-    from jaxmodules.attention._scores import ScoreConfig
-    from jaxmodules.attention._xla import Operands
-
     tuning = {name: kwargs.pop(name) for name in ("backward_tile", "kv_splits") if name in kwargs}
 
     def attend(a, score_mod):
         program, consts = (None, ()) if score_mod is None else trace_score_mod(score_mod)
-        scores = ScoreConfig(soft_cap=kwargs.get("soft_cap"), score=program, sinks="sinks" in a)
-        return pallas_attend_with_lse(
+        scores = ScoreConfig(soft_cap=kwargs.get("soft_cap"), score=program)
+        out, lse = pallas.attend(
             a["q"],
             a["k"],
             a["v"],
             block_mask,
             kwargs["scale"],
             scores=scores,
-            operands=Operands(a.get("bias"), a.get("sinks"), consts),
+            operands=Operands(a.get("bias"), consts),
             **tuning,
         )
+        # Sinks join each row's denominator after any backend, as the dispatcher adds them.
+        return (out, lse) if "sinks" not in a else with_sinks(out, lse, a["sinks"])
 
     return ref.against_reference(attend, arrays, visible, rng, jit=True, **kwargs)
 
@@ -554,7 +469,7 @@ def test_score_pipeline_in_backward_slices(ref, bias_shape):
     (value, _, _, grads), (value64, _, _, grads64) = _kernel_and_reference(
         ref,
         arrays,
-        _block_mask(shape, 32, options),
+        ref.block_mask_for(shape, 32, options),
         ref.mask_for(shape, options),
         rng,
         scale=0.25,
@@ -565,7 +480,7 @@ def test_score_pipeline_in_backward_slices(ref, bias_shape):
     )
     np.testing.assert_allclose(value, value64, rtol=1e-5)
     for name, got in grads.items():
-        assert _relative_error(got, grads64[name]) < 1e-4, f"d{name}"
+        assert ref.relative_error(got, grads64[name]) < 1e-4, f"d{name}"
 
 
 def _random_call(rng):
@@ -618,7 +533,7 @@ def test_random_combinations_match_reference(ref, seed):
     (_, out, lse, grads), (_, out64, lse64, grads64) = _kernel_and_reference(
         ref,
         arrays,
-        _block_mask(shape, call["block"], options),
+        ref.block_mask_for(shape, call["block"], options),
         ref.mask_for(shape, options),
         rng,
         scale=1.0 / math.sqrt(d),
@@ -633,84 +548,7 @@ def test_random_combinations_match_reference(ref, seed):
     finite = np.isfinite(lse64)
     np.testing.assert_allclose(np.asarray(lse)[finite], lse64[finite], atol=3e-5)
     for name, got in grads.items():
-        assert _relative_error(got, grads64[name]) < 1e-4, f"d{name}: {call}"
-
-
-@pytest.mark.parametrize(
-    "name", ["alibi_slopes", "bucket_table", "relative_table", "temperature", "two_reads"]
-)
-def test_api_gradients_of_traced_score_mod_arrays(ref, name):
-    # Learnable arrays score_mod closes over: read at the head only (one sum per tile),
-    # at an index that varies across the tile (walked entry by entry), 0-d, and two
-    # reads of one array; with GQA, a mask and backward slices of the blocks.
-    rng = np.random.default_rng(40)
-    slopes = jnp.asarray(2.0 ** -np.arange(1, 5), jnp.float32)
-    cases = {
-        "alibi_slopes": (slopes, ref.alibi),
-        "bucket_table": (jnp.asarray(rng.standard_normal((8, 4)), jnp.float32), ref.bucket_table),
-        "relative_table": (jnp.asarray(rng.standard_normal(21), jnp.float32), ref.relative_table),
-        "temperature": (
-            jnp.asarray(0.7, jnp.float32),
-            lambda t: lambda score, b, h, q, k: score * t,
-        ),
-        "two_reads": (
-            jnp.stack([slopes, jnp.asarray(rng.standard_normal(4), jnp.float32)]),
-            lambda a: (
-                lambda score, b, h, q, k: score - a[0, h] * jnp.abs(q - k) + a[1, h] * (k % 2)
-            ),
-        ),
-    }
-    extra, make_mod = cases[name]
-    options = {"is_causal": True, "mask_fn": same_segment, "block_size": 16}
-    _compare_api(ref, (2, 37, 45, 4, 2, 16), options, extra=extra, make_mod=make_mod, seed=41)
-
-
-def test_api_sinks_on_empty_rows(ref):
-    sinks = jnp.asarray([0.5, -1.0], jnp.float32)
-    options = {"mask_fn": lambda b, h, q, k: k >= q + 5, "block_size": 16}
-    out = _compare_api(ref, (1, 20, 24, 2, 2, 16), options, sinks=sinks, seed=24)
-    assert not np.asarray(out[0, 19:]).any()
-
-
-def test_api_pallas_call_in_forward_and_gradient(ref):
-    q, k, v = ref.qkv(25, 1, 32, 32, 2, 1, 16)
-    bias = jnp.zeros((1, 2, 32, 32))
-
-    def attend(q, k, v, bias):
-        return masked_attention_via_map(
-            q, k, v, bias=bias, logits_soft_cap=5.0, is_causal=True, implementation="pallas"
-        )
-
-    forward = str(jax.make_jaxpr(attend)(q, k, v, bias))
-    gradient = str(
-        jax.make_jaxpr(jax.grad(lambda *a: attend(*a).sum(), (0, 1, 2, 3)))(q, k, v, bias)
-    )
-    assert forward.count("pallas_call") == 1
-    assert gradient.count("pallas_call") == 3
-    assert "pallas_call" not in str(jax.make_jaxpr(lambda q: masked_attention_via_map(q, k, v))(q))
-
-
-def test_api_refuses_what_pallas_cannot_take_and_none_falls_back(ref):
-    q, k, v = ref.qkv(26, 1, 32, 32, 2, 2, 16)
-    with pytest.raises(PallasUnsupportedError, match=r'implementation="pallas".*\(24, 24\)'):
-        masked_attention_via_map(q, k, v, block_size=24, implementation="pallas")
-
-    @jax.jit
-    def traced_table(table):
-        return masked_attention_via_map(
-            q, k, v, score_mod=ref.relative_table(table), implementation="pallas"
-        )
-
-    # A traced table read at q - k: its gradient would be kept whole per program.
-    with pytest.raises(PallasUnsupportedError, match=r"traced array of shape \(2049,\)"):
-        traced_table(jnp.ones(2049))
-    with pytest.raises(ValueError, match="implementation must be None or one of"):
-        masked_attention_via_map(q, k, v, implementation="triton")
-    # Under None, a CPU runs the block loop, whatever the call.
-    out = jax.jit(lambda t: masked_attention_via_map(q, k, v, score_mod=ref.relative_table(t)))(
-        jnp.ones(2049)
-    )
-    assert out.shape == q.shape
+        assert ref.relative_error(got, grads64[name]) < 1e-4, f"d{name}: {call}"
 
 
 def test_vmap_over_the_kernel(ref):
@@ -743,79 +581,21 @@ def test_vmap_over_the_kernel(ref):
             np.testing.assert_allclose(got[n], want, atol=2e-5, rtol=1e-4)
 
 
-def test_dot_product_attention_implementations(ref):
-    q, k, v = ref.qkv(27, 2, 40, 40, 4, 2, 16)
-    expected = jax.nn.dot_product_attention(q, k, v, is_causal=True)
-    for implementation in (None, "xla", "pallas"):
-        out = dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
-        np.testing.assert_allclose(out, expected, atol=2e-5, rtol=1e-4)
-    with pytest.raises(ValueError, match=r'implementation="cudnn" cannot.*bfloat16'):
-        dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-    if jax.default_backend() != "gpu":
-        half = [x.astype(jnp.bfloat16) for x in (q, k, v)]
-        with pytest.raises(ValueError, match=r'implementation="cudnn" cannot.*needs a GPU'):
-            dot_product_attention(*half, is_causal=True, implementation="cudnn")
-
-
-def test_cudnn_takes_only_masks_it_expresses_exactly(ref, monkeypatch):
-    from jaxmodules.attention import _cudnn
-
-    q, k, v = ref.qkv(28, 1, 32, 32, 2, 2, 16, dtype=jnp.bfloat16)
-    base = dict(
-        is_causal=True,
-        window=(None, None),
-        mask_fn=None,
-        score_mod=None,
-        soft_cap=None,
-        sinks=None,
-        q_offset=0,
-        block_mask=None,
-        mask=None,
-        return_lse=False,
-    )
-    on_cpu = _cudnn.cudnn_problem(q, k, v, **base)
-    assert on_cpu is None or "needs a GPU" in on_cpu  # None only on a GPU machine
-    monkeypatch.setattr(_cudnn, "on_gpu", lambda: True)
-    assert _cudnn.cudnn_problem(q, k, v, **base) is None
-    refused = {
-        "mask_fn": (dict(mask_fn=same_segment), "mask_fn"),
-        "soft_cap": (dict(soft_cap=2.0), "logits_soft_cap"),
-        "sinks": (dict(sinks=jnp.zeros(2)), "sinks"),
-        "q_offset": (dict(q_offset=3), "q_offset"),
-        "lse": (dict(return_lse=True), "return_lse"),
-        "mask": (dict(mask=jnp.ones((1, 1, 32, 32), bool)), "mask array"),
-        "right window": (dict(is_causal=False, window=(8, 4)), "only a left window"),
-    }
-    for name, (change, message) in refused.items():
-        assert message in _cudnn.cudnn_problem(q, k, v, **{**base, **change}), name
-    assert "float16 or bfloat16" in _cudnn.cudnn_problem(
-        *(x.astype(jnp.float32) for x in (q, k, v)), **base
-    )
-    assert "head dimensions" in _cudnn.cudnn_problem(q, k, v[..., :8], **base)
-    # Non-causal (L, 0) is the causal band with a left window: passed as such (jax's own
-    # non-causal (L, 0) lets future keys through, jax PR #39576).
-    assert _cudnn.cudnn_window(False, (8, 0)) == (True, (8, 0))
-    assert _cudnn.cudnn_window(True, (8, None)) == (True, (8, 0))
-    assert _cudnn.cudnn_window(False, (None, 0)) == (True, None)
-
-
 @pytest.mark.parametrize("bias_shape", [(1, 4, 48, 80), (1, 1, 1, 80)])
 def test_score_pipeline_lowers_for_cuda_without_a_gpu(ref, bias_shape):
-    from jaxmodules.attention._elementwise import trace_score_mod
-    from jaxmodules.attention._scores import ScoreConfig
-    from jaxmodules.attention._xla import Operands
+    from jaxmodules.attention._scores import Operands
 
     shape = (1, 48, 80, 4, 2, 32, 32)
     q, k, v = ref.qkv(29, *shape, dtype=jnp.bfloat16)
-    block_mask = _block_mask(shape, (32, 16), {"mask_fn": same_segment, "is_causal": True})
+    block_mask = ref.block_mask_for(shape, (32, 16), {"mask_fn": same_segment, "is_causal": True})
     program, consts = trace_score_mod(ref.alibi(jnp.asarray(2.0 ** -np.arange(1, 5), jnp.float32)))
     bias = jnp.asarray(np.random.default_rng(30).standard_normal(bias_shape), jnp.bfloat16)
     sinks = jnp.zeros((4,), jnp.float32)
-    scores = ScoreConfig(soft_cap=20.0, score=program, sinks=True)
+    scores = ScoreConfig(soft_cap=20.0, score=program)
 
     def value_and_grads(q, k, v, bias, sinks):
         def loss(q, k, v, bias, sinks):
-            out = pallas_attend(
+            out, lse = pallas.attend(
                 q,
                 k,
                 v,
@@ -823,9 +603,10 @@ def test_score_pipeline_lowers_for_cuda_without_a_gpu(ref, bias_shape):
                 0.2,
                 interpret=False,
                 scores=scores,
-                operands=Operands(bias, sinks, consts),
+                operands=Operands(bias, consts),
                 backward_tile=16,
             )
+            out, _ = with_sinks(out, lse, sinks)
             return out.astype(jnp.float32).sum()
 
         return jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))(q, k, v, bias, sinks)

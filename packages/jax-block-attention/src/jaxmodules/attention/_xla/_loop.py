@@ -1,10 +1,8 @@
-"""The block-loop backend: online softmax over a block mask's lists, recomputing VJP.
+"""XLA backend, the block loop: online softmax over a block mask's lists, and its
+recomputing VJP.
 
-Layout inside this module: queries ``(B, Hk, Lq_pad * G, d)`` (rows ordered query
-position major, head within the group minor), keys ``(B, Hk, Lk_pad, d)``, values
-``(B, Hk, Lk_pad, dv)``; ``Hk`` is ``Hkv`` (a group's ``G`` query heads share each key
-block's matmul) or, when the mask depends on the head, ``Hq`` with ``G = 1``. A bias is
-``(Bb, Hb, Lq_b, G_b, Lk_b)`` with size-1 axes where it broadcasts; sinks ``(Hk, G)``.
+It receives the inputs already in the layout that ``_entry`` builds (queries
+``(B, Hk, Lq_pad * G, d)``, keys and values ``(B, Hk, Lk_pad, d | dv)``, see there).
 Scores, softmax statistics and accumulators are float32.
 
 The work is split into *units*, one per (batch row, head) slice that has its own block
@@ -15,18 +13,25 @@ blocks (no mask evaluated) and over its partial ones (element-wise mask).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
-from ._band import in_band
-from ._config import BlockConfig
-from ._scores import TileIndex, tile_score_gradients, tile_scores
+from .._band import in_band
+from .._config import BlockConfig
+from .._dropout import keep_from_rows, row_hashes, threshold
+from .._scores import (
+    Operands,
+    ScoreMod,
+    backward_statistics,
+    tile_score_gradients,
+    tile_scores,
+    zero_cotangent,
+)
 
 Array = jax.Array
 _F32 = jnp.float32
@@ -51,21 +56,6 @@ class KernelConfig(BlockConfig):
     @property
     def units(self) -> int:
         return self.mask_batch * self.mask_heads
-
-
-@dataclass(frozen=True)
-class Operands:
-    """The arrays of the score pipeline: ``bias`` and ``sinks`` in kernel layout (or
-    ``None``) and the arrays ``score_mod`` closes over."""
-
-    bias: Array | None
-    sinks: Array | None
-    score_consts: tuple
-
-
-jax.tree_util.register_dataclass(
-    Operands, data_fields=["bias", "sinks", "score_consts"], meta_fields=[]
-)
 
 
 @dataclass(frozen=True)
@@ -111,18 +101,52 @@ def _visible(config: KernelConfig, unit: _Unit, consts: tuple, i: Array, j: Arra
     return visible.reshape(b1, h1, bq * g, bk)
 
 
-def _tile_index(config: KernelConfig, unit: _Unit, i: Array, j: Array) -> TileIndex:
-    """``score_mod``'s indices for the tile, in the row layout of the scores."""
+def _tile_score_mod(
+    config: KernelConfig, unit: _Unit, score_consts: tuple, i: Array, j: Array
+) -> ScoreMod | None:
+    """``score_mod`` on tile ``(i, j)``, at the indices of the scores' row layout:
+    ``f(s2)``, or ``f(s2, values)`` with ``values`` in place of its floating arrays."""
+    program = config.scores.score
+    if program is None:
+        return None
     bq, bk, g = config.q_block, config.k_block, config.groups
     rows = jnp.arange(bq * g, dtype=jnp.int32)
     q_pos = jnp.minimum(i * bq + rows // g, config.q_len - 1) + unit.offset
     heads = unit.head_index.reshape(-1, g)[:, rows % g]  # (hs, rows)
-    return TileIndex(
-        b=unit.batch_index.reshape(-1, 1, 1, 1),
-        h=heads[None, :, :, None],
-        q=q_pos.reshape(1, 1, -1, 1),
-        k=(j * bk + jnp.arange(bk, dtype=jnp.int32)).reshape(1, 1, 1, -1),
+    index = (
+        unit.batch_index.reshape(-1, 1, 1, 1),
+        heads[None, :, :, None],
+        q_pos.reshape(1, 1, -1, 1),
+        (j * bk + jnp.arange(bk, dtype=jnp.int32)).reshape(1, 1, 1, -1),
     )
+
+    def score_mod(s2: Array, values: list[Array] | None = None) -> Array:
+        consts = list(score_consts)
+        if values is not None:
+            for n, value in zip(program.differentiable, values, strict=True):
+                consts[n] = value
+        out = program.evaluate(consts, s2, *index)
+        return jnp.broadcast_to(out, s2.shape).astype(_F32)
+
+    return score_mod
+
+
+def _dropout_rows(config: KernelConfig, unit: _Unit, seeds: Array | None, i: Array) -> Any:
+    """Dropout's row hashes of query block ``i``, ``(bs, hs, rows, 1)``, or ``None``."""
+    if seeds is None or not config.scores.dropout_rate:
+        return None
+    bq, g = config.q_block, config.groups
+    rows = jnp.arange(bq * g, dtype=jnp.int32)
+    q_pos = jnp.minimum(i * bq + rows // g, config.q_len - 1) + unit.offset
+    heads = unit.head_index.reshape(-1, g)[:, rows % g]  # (hs, rows): query heads
+    row_seeds = seeds[unit.batch_index[:, None, None], heads[None]]
+    return row_hashes(row_seeds, q_pos[None, None, :])[..., None]
+
+
+def _dropout_keep(config: KernelConfig, rows: Array, j: Array) -> Array:
+    """Which weights of the tile against key block ``j`` dropout keeps."""
+    k_pos = j * config.k_block + jnp.arange(config.k_block, dtype=jnp.int32)
+    return keep_from_rows(rows, k_pos, threshold(config.scores.dropout_rate))
 
 
 def _unit_slice(x: Array, axis: int, slot: Array, split: bool) -> Array:
@@ -182,14 +206,6 @@ def _products(q_blk: Array, k_blk: Array, scale: float) -> Array:
     return s if scale == 1.0 else s * _F32(scale)
 
 
-def _unit_sinks(config: KernelConfig, sinks: Array | None, unit: _Unit) -> Array | None:
-    """Sink logits per row of a query block, ``(1, hs, rows)``, or ``None``."""
-    if sinks is None:
-        return None
-    sinks = _unit_slice(sinks, 0, unit.head_slot, config.mask_heads > 1)  # (hs, G)
-    return jnp.tile(sinks, (1, config.q_block))[None].astype(_F32)
-
-
 # --------------------------------------------------------------------------- forward
 
 
@@ -203,24 +219,21 @@ def _unit_forward(
     v: Array,
 ) -> tuple[Array, Array]:
     """One unit: output ``(bs, hs, rows, dv)`` (float32) and the per-row log-sum-exp
-    (``+inf`` for a row with no visible key and no sink)."""
+    (``-inf`` for a row with no visible key)."""
     rows, bk = config.rows_per_block, config.k_block
     bsz, hk = q.shape[0], q.shape[1]
     dv = v.shape[-1]
     bias = _unit_bias(config, operands.bias, unit)
-    sinks = _unit_sinks(config, operands.sinks, unit)
     changes = config.scores.changes_scores
 
-    def update(carry, q_blk, score_scale, i, j, masked):
+    def update(carry, q_blk, score_scale, drop_rows, i, j, masked):
         m, l, acc = carry
         k_blk = lax.dynamic_slice_in_dim(k, j * bk, bk, axis=2)
         v_blk = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=2)
         s = _products(q_blk, k_blk, score_scale)
         if changes:
-            index = _tile_index(config, unit, i, j) if config.scores.score else None
-            s = tile_scores(
-                config.scores, s, _bias_tile(config, bias, i, j), operands.score_consts, index
-            )
+            score_mod = _tile_score_mod(config, unit, operands.score_consts, i, j)
+            s = tile_scores(config.scores, s, _bias_tile(config, bias, i, j), score_mod)
         if masked:
             s = jnp.where(_visible(config, unit, consts, i, j), s, -jnp.inf)
         m_new = jnp.maximum(m, s.max(axis=-1))
@@ -230,12 +243,17 @@ def _unit_forward(
         p = jnp.exp(s - m_shift[..., None])
         alpha = jnp.exp(m - m_shift)
         l = alpha * l + p.sum(axis=-1)
+        if drop_rows is not None:
+            # Dropout acts on the normalised weights: the denominator above keeps every
+            # weight, the values see only the kept ones (scaled up at the end).
+            p = jnp.where(_dropout_keep(config, drop_rows, j), p, 0.0)
         pv = jnp.einsum("bhrk,bhkd->bhrd", p, v_blk, preferred_element_type=_F32)
         acc = alpha[..., None] * acc + pv
         return m_new, l, acc
 
     def one_query_block(i):
         q_blk, score_scale = _prescaled(config, lax.dynamic_slice_in_dim(q, i * rows, rows, 2))
+        drop_rows = _dropout_rows(config, unit, operands.seeds, i)
         carry = (
             jnp.full((bsz, hk, rows), -jnp.inf, _F32),
             jnp.zeros((bsz, hk, rows), _F32),
@@ -251,22 +269,16 @@ def _unit_forward(
                     0,
                     count[i],
                     lambda t, c, row=row, masked=masked: update(
-                        c, q_blk, score_scale, i, row[t], masked
+                        c, q_blk, score_scale, drop_rows, i, row[t], masked
                     ),
                     carry,
                 )
         m, l, acc = carry
-        if sinks is not None:
-            # The sink is one more key with value 0: it joins the denominator only.
-            m_total = jnp.maximum(m, sinks)
-            alpha = jnp.exp(m - m_total)
-            l = alpha * l + jnp.exp(sinks - m_total)
-            acc = alpha[..., None] * acc
-            m = m_total
         empty = l == 0.0
         out = acc / jnp.where(empty, 1.0, l)[..., None]
-        # +inf for rows without any visible key makes exp(s - lse) vanish in the backward.
-        lse = jnp.where(empty, jnp.inf, m + jnp.log(jnp.where(empty, 1.0, l)))
+        if drop_rows is not None:
+            out = out * _F32(1.0 / (1.0 - config.scores.dropout_rate))
+        lse = jnp.where(empty, -jnp.inf, m + jnp.log(jnp.where(empty, 1.0, l)))
         return out, lse
 
     out, lse = lax.map(one_query_block, jnp.arange(config.n_q_blocks, dtype=jnp.int32))
@@ -301,8 +313,9 @@ def _unit_backward(
     d, dv = q.shape[-1], v.shape[-1]
     scale = _F32(config.scale)
     bias = _unit_bias(config, operands.bias, unit)
-    sinks = _unit_sinks(config, operands.sinks, unit)
     scores = config.scores
+    positions = scores.score.differentiable if scores.score else ()
+    floats = [operands.score_consts[n] for n in positions]
     # A cotangent on lse adds p * d_lse to each score's gradient: fold it into delta.
     delta = jnp.einsum("bhrd,bhrd->bhr", d_out.astype(_F32), out.astype(_F32)) - d_lse
     # XLA:CPU multiplies (d, rows) x (rows, keys) about twice as fast as it contracts the
@@ -311,26 +324,32 @@ def _unit_backward(
 
     def update(carry, blk, i, j, masked):
         dq_blk, dk_acc, dv_acc, g = carry
-        q_blk, score_scale, q_t_blk, do_blk, do_t_blk, lse_blk, delta_blk = blk
+        q_blk, score_scale, q_t_blk, do_blk, do_t_blk, lse_blk, delta_blk, drop_rows = blk
         k_blk = lax.dynamic_slice_in_dim(k, j * bk, bk, axis=2)
         v_blk = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=2)
         s0 = _products(q_blk, k_blk, score_scale)
         bias_blk = _bias_tile(config, bias, i, j)
-        index = _tile_index(config, unit, i, j) if scores.score else None
-        s = tile_scores(scores, s0, bias_blk, operands.score_consts, index)
+        score_mod = _tile_score_mod(config, unit, operands.score_consts, i, j)
+        s = tile_scores(scores, s0, bias_blk, score_mod)
         if masked:
             s = jnp.where(_visible(config, unit, consts, i, j), s, -jnp.inf)
         p = jnp.exp(s - lse_blk[..., None])
-        dv_blk = jnp.einsum("bhdr,bhrk->bhdk", do_t_blk, p, preferred_element_type=_F32)
         dp = jnp.einsum("bhrd,bhkd->bhrk", do_blk, v_blk, preferred_element_type=_F32)
+        p_out = p
+        if drop_rows is not None:
+            # The output saw the kept weights scaled by 1 / (1 - rate): so do dV and the
+            # weights' gradient; delta = dO . O already holds the dropout.
+            keep = _dropout_keep(config, drop_rows, j)
+            inverse = _F32(1.0 / (1.0 - config.scores.dropout_rate))
+            p_out = jnp.where(keep, p * inverse, 0.0)
+            dp = jnp.where(keep, dp * inverse, 0.0)
+        dv_blk = jnp.einsum("bhdr,bhrk->bhdk", do_t_blk, p_out, preferred_element_type=_F32)
         ds = p * (dp - delta_blk[..., None])
         if scores.changes_scores:
-            ds, d_consts = tile_score_gradients(
-                scores, s0, bias_blk, operands.score_consts, index, ds
-            )
+            ds, d_consts = tile_score_gradients(scores, s0, bias_blk, ds, score_mod, floats)
             d_bias = g.bias if g.bias is None else _add_bias_gradient(config, g.bias, ds, i, j)
             d_score = tuple(a + b for a, b in zip(g.score_consts, d_consts, strict=True))
-            g = Operands(d_bias, g.sinks, d_score)
+            g = Operands(d_bias, d_score)
         ds = ds * scale
         dq_blk = dq_blk + jnp.einsum("bhrk,bhkd->bhrd", ds, k_blk, preferred_element_type=_F32)
         dk_blk = jnp.einsum("bhdr,bhrk->bhdk", q_t_blk, ds, preferred_element_type=_F32)
@@ -357,12 +376,8 @@ def _unit_backward(
             jnp.swapaxes(do_blk, 2, 3),
             lse_blk,
             delta_blk,
+            _dropout_rows(config, unit, operands.seeds, i),
         )
-        if sinks is not None:
-            # The sink's score gradient is p_sink * (0 - delta); summed per head.
-            p_sink = jnp.exp(sinks - lse_blk)
-            d_sink = -(p_sink * delta_blk).sum(axis=0).reshape(hk, config.q_block, -1)
-            g = replace(g, sinks=g.sinks + d_sink.sum(axis=1))
         carry = (jnp.zeros((bsz, hk, rows, d), _F32), dk_acc, dv_acc, g)
         for count, index, masked, needed in (
             (unit.full_count, unit.full_index, False, config.any_full),
@@ -470,16 +485,12 @@ def _zero_grads(config: KernelConfig, operands: Operands) -> Operands:
     positions = config.scores.score.differentiable if config.scores.score else ()
     return Operands(
         None if operands.bias is None else jnp.zeros(operands.bias.shape, _F32),
-        None if operands.sinks is None else jnp.zeros(operands.sinks.shape, _F32),
         tuple(jnp.zeros(jnp.shape(operands.score_consts[i]), _F32) for i in positions),
     )
 
 
 def _unit_grad_slice(config: KernelConfig, grads: Operands, unit: _Unit) -> Operands:
-    sinks = grads.sinks
-    if sinks is not None:
-        sinks = _unit_slice(sinks, 0, unit.head_slot, config.mask_heads > 1)
-    return Operands(_unit_bias(config, grads.bias, unit), sinks, grads.score_consts)
+    return Operands(_unit_bias(config, grads.bias, unit), grads.score_consts)
 
 
 def _unit_grad_merge(
@@ -502,10 +513,7 @@ def _unit_grad_merge(
                 (1, unit.head_slot, config.mask_heads > 1),
             ),
         )
-    sinks = grads.sinks
-    if sinks is not None and part.sinks is not None:
-        sinks = put(sinks, part.sinks, ((0, unit.head_slot, config.mask_heads > 1),))
-    return Operands(bias, sinks, part.score_consts)
+    return Operands(bias, part.score_consts)
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -554,7 +562,7 @@ def block_attention(
     operands: Operands,
 ) -> tuple[Array, Array]:
     """Attention over the padded, kernel-layout inputs: the output in ``q``'s dtype and
-    the per-row log-sum-exp (float32, ``+inf`` for rows with nothing visible)."""
+    the per-row log-sum-exp (float32, ``-inf`` for rows with nothing visible)."""
     out, lse = _forward(config, schedule, consts, operands, q, k, v)
     return out.astype(q.dtype), lse
 
@@ -565,30 +573,23 @@ def _block_attention_fwd(config, q, k, v, schedule, consts, operands):
     return (out, lse), (q, k, v, schedule, consts, operands, out, lse)
 
 
-def _zero_cotangent(x: Any) -> Any:
-    if jnp.issubdtype(jnp.result_type(x), jnp.inexact):
-        return jnp.zeros_like(x)
-    return np.zeros(jnp.shape(x), dtype=jax.dtypes.float0)
-
-
 def _block_attention_bwd(config, residuals, cotangents):
     q, k, v, schedule, consts, operands, out, lse = residuals
     d_out, d_lse = cotangents
-    # Rows with nothing visible have lse = +inf and no gradient at all.
-    d_lse = jnp.where(jnp.isfinite(lse), d_lse, 0.0).astype(_F32)
+    lse, d_lse = backward_statistics(lse, d_lse)
     (dq, dk, dv), grads = _backward(
         config, schedule, consts, operands, q, k, v, out, lse, d_out, d_lse
     )
     positions = config.scores.score.differentiable if config.scores.score else ()
-    d_score = [_zero_cotangent(c) for c in operands.score_consts]
+    d_score = [zero_cotangent(c) for c in operands.score_consts]
     for i, g in zip(positions, grads.score_consts, strict=True):
         d_score[i] = g.astype(jnp.result_type(operands.score_consts[i]))
     d_operands = Operands(
         None if operands.bias is None else grads.bias.astype(operands.bias.dtype),
-        None if operands.sinks is None else grads.sinks.astype(operands.sinks.dtype),
         tuple(d_score),
+        None if operands.seeds is None else zero_cotangent(operands.seeds),
     )
-    zeros = jax.tree_util.tree_map(_zero_cotangent, (schedule, consts))
+    zeros = jax.tree_util.tree_map(zero_cotangent, (schedule, consts))
     return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), *zeros, d_operands)
 
 

@@ -1,8 +1,8 @@
-"""Default block sizes, per backend.
+"""XLA backend, its default block sizes (also those of ``create_block_mask``).
 
 On XLA:CPU the block loop picks the cheapest schedule under a cost model measured there
-(below). On GPU and TPU the block loop uses fixed tiles that fill a matrix unit; a fused
-kernel chooses its own.
+(below). On GPU and TPU it uses fixed tiles that fill a matrix unit. (The Pallas
+backend's sizes are in ``_pallas._entry``.)
 
 The XLA:CPU cost model, measured (float32, d = 64): the matmuls of a block run on one core at any
 block size, while the element-wise work on a score block (scale, mask, exponential,
@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from ._band import FULL, PARTIAL, band_limits, structural_classes
+from .._band import FULL, PARTIAL, band_limits, structural_classes
 
 _QUERY_BLOCK_COST = 50e-6  # seconds per query block
 _STEP_COST = 20e-6  # seconds per scheduled block pair
@@ -88,10 +88,10 @@ def xla_cpu_block_sizes(
 _ACCELERATOR_BLOCKS = (128, 128)
 
 
-def default_block_sizes(*, backend: str | None = None, **shape: Any) -> tuple[int, int]:
-    """Block sizes for the block loop on ``backend`` (the default backend if ``None``);
-    ``shape`` holds the keywords of ``xla_cpu_block_sizes``, which picks them on a CPU.
-    GPUs and TPUs get ``(128, 128)``."""
-    if (backend or jax.default_backend()) != "cpu":
-        return _ACCELERATOR_BLOCKS
-    return xla_cpu_block_sizes(**shape)
+def block_sizes(*, q_len: int, k_len: int, **shape: Any) -> tuple[int, int]:
+    """The block loop's default ``(query block, key block)`` on the default device,
+    clamped to the lengths: on a CPU the choice of ``xla_cpu_block_sizes`` (``shape``
+    holds its other keywords), else ``(128, 128)``."""
+    if jax.default_backend() != "cpu":
+        return min(_ACCELERATOR_BLOCKS[0], q_len), min(_ACCELERATOR_BLOCKS[1], k_len)
+    return xla_cpu_block_sizes(q_len=q_len, k_len=k_len, **shape)

@@ -1,0 +1,68 @@
+"""``masked_attention_via_map`` and ``dot_product_attention`` choosing a backend: which
+one runs (the pallas_calls it leaves in the program), what ``implementation`` refuses and
+why, and where ``None`` falls back to the block loop."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+pytest.importorskip("jax.experimental.pallas", reason="this jax has no Pallas")
+try:
+    from jax.experimental.pallas import triton as _pl_triton  # noqa: F401
+except ImportError as err:  # pragma: no cover - depends on the installed jax
+    pytest.skip(f"this jax has no Pallas Triton backend ({err})", allow_module_level=True)
+
+from jaxmodules.attention import dot_product_attention, masked_attention_via_map
+from jaxmodules.attention._pallas import PallasUnsupportedError
+
+
+def test_pallas_call_in_forward_and_gradient(ref):
+    q, k, v = ref.qkv(25, 1, 32, 32, 2, 1, 16)
+    bias = jnp.zeros((1, 2, 32, 32))
+
+    def attend(q, k, v, bias):
+        return masked_attention_via_map(
+            q, k, v, bias=bias, logits_soft_cap=5.0, is_causal=True, implementation="pallas"
+        )
+
+    forward = str(jax.make_jaxpr(attend)(q, k, v, bias))
+    gradient = str(
+        jax.make_jaxpr(jax.grad(lambda *a: attend(*a).sum(), (0, 1, 2, 3)))(q, k, v, bias)
+    )
+    assert forward.count("pallas_call") == 1
+    assert gradient.count("pallas_call") == 3
+    assert "pallas_call" not in str(jax.make_jaxpr(lambda q: masked_attention_via_map(q, k, v))(q))
+
+
+def test_refuses_what_pallas_cannot_take_and_none_falls_back(ref):
+    q, k, v = ref.qkv(26, 1, 32, 32, 2, 2, 16)
+    with pytest.raises(PallasUnsupportedError, match=r'implementation="pallas".*\(24, 24\)'):
+        masked_attention_via_map(q, k, v, block_size=24, implementation="pallas")
+
+    @jax.jit
+    def traced_table(table):
+        return masked_attention_via_map(
+            q, k, v, score_mod=ref.relative_table(table), implementation="pallas"
+        )
+
+    # A traced table read at q - k: its gradient would be kept whole per program.
+    with pytest.raises(PallasUnsupportedError, match=r"traced array of shape \(2049,\)"):
+        traced_table(jnp.ones(2049))
+    with pytest.raises(ValueError, match="implementation must be None or one of"):
+        masked_attention_via_map(q, k, v, implementation="triton")
+    # Under None, a CPU runs the block loop, whatever the call.
+    out = jax.jit(lambda t: masked_attention_via_map(q, k, v, score_mod=ref.relative_table(t)))(
+        jnp.ones(2049)
+    )
+    assert out.shape == q.shape
+
+
+def test_dot_product_attention_implementations(ref):
+    q, k, v = ref.qkv(27, 2, 40, 40, 4, 2, 16)
+    expected = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    for implementation in (None, "xla", "pallas"):
+        out = dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+        np.testing.assert_allclose(out, expected, atol=2e-5, rtol=1e-4)
