@@ -2,7 +2,8 @@
 
 A bare ``nox`` runs what CI needs: lint, type checks, each package's tests against its
 built wheel (newest and oldest supported jax), the integration suite, the docs build and
-the packaging checks. ``demo``, ``bench`` and ``gpu_check`` run only when asked for by name.
+the packaging checks. ``demo``, ``bench``, ``flex_torch`` and ``gpu_check`` run only when
+asked for by name.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 import zipfile
 from pathlib import Path
@@ -58,15 +60,15 @@ DOCS_DEPS = [
 ]
 
 
-# The newest jax needs Python >= 3.12 (pip on 3.11 stops at jax 0.10). Sessions marked
-# with it run on the first such interpreter found: NOX_NEWEST_PYTHON, else python3.12 or
+# The newest jax needs Python >= 3.12 (pip on 3.11 stops at jax 0.10). Sessions for it
+# run on the first such interpreter found: NOX_NEWEST_PYTHON, else python3.12 or
 # python3.13 on PATH, else the oldest pyenv-installed Python >= 3.12 (the oldest, because
-# new jax wheels reach the newest Python last).
-NEWEST_PYTHON_MIN = (3, 12)
-NO_NEWEST_PYTHON = (
-    "no Python >= 3.12 found, which the newest jax needs. Install one with "
-    "`pyenv install 3.12` (https://github.com/pyenv/pyenv) or your OS's python3.12 "
-    "package, then rerun nox (or point NOX_NEWEST_PYTHON at its interpreter)"
+# new jax wheels reach the newest Python last). The Python 3.11 sessions find theirs the
+# same way (NOX_PY311, this interpreter, python3.11, pyenv).
+NO_PYTHON = (
+    "no Python {wanted} found, which {why} needs. Install one with `pyenv install "
+    "{version}` (https://github.com/pyenv/pyenv) or your OS's python{version} package, "
+    "then rerun nox (or point {variable} at its interpreter)"
 )
 
 
@@ -87,34 +89,65 @@ def _python_version(interpreter: str) -> tuple[int, int] | None:
     return int(parts[0]), int(parts[1])
 
 
-def _pyenv_pythons() -> list[str]:
-    """pyenv's CPython 3.X.Y interpreters new enough for the newest jax, oldest first
+def _pyenv_pythons(lowest: tuple[int, int], highest: tuple[int, int]) -> list[str]:
+    """pyenv's CPython 3.X.Y interpreters with ``lowest <= 3.X <= highest``, oldest first
     (its real binaries, not its shims, which answer only for the versions selected)."""
     root = os.environ.get("PYENV_ROOT") or str(Path.home() / ".pyenv")
     found = []
     for python in (Path(root) / "versions").glob("3.*/bin/python3"):
         match = re.fullmatch(r"3\.(\d+)\.(\d+)", python.parent.parent.name)
-        if match and (3, int(match[1])) >= NEWEST_PYTHON_MIN:
+        if match and lowest <= (3, int(match[1])) <= highest:
             found.append(((int(match[1]), int(match[2])), str(python)))
     return [python for _, python in sorted(found)]
 
 
-def _find_newest_python() -> str | None:
-    """An interpreter for the newest jax, or ``None`` when this machine has none."""
-    candidates = [os.environ.get("NOX_NEWEST_PYTHON", "")]
-    candidates += [shutil.which(name) or "" for name in ("python3.12", "python3.13")]
-    for candidate in [*candidates, *_pyenv_pythons()]:
-        if candidate and (_python_version(candidate) or (0, 0)) >= NEWEST_PYTHON_MIN:
+def _find_python(
+    variable: str, lowest: tuple[int, int], highest: tuple[int, int], *preferred: str
+) -> str | None:
+    """The first interpreter with ``lowest <= version <= highest`` among ``$variable``,
+    ``preferred`` and pyenv's; ``None`` when this machine has none."""
+    candidates = [os.environ.get(variable, ""), *preferred]
+    for candidate in [*candidates, *_pyenv_pythons(lowest, highest)]:
+        version = _python_version(candidate) if candidate else None
+        if version is not None and lowest <= version <= highest:
             return candidate
     return None
 
 
-NEWEST_PYTHON = _find_newest_python()
+NEWEST_PYTHON = _find_python(
+    "NOX_NEWEST_PYTHON",
+    (3, 12),
+    (3, 99),
+    shutil.which("python3.12") or "",
+    shutil.which("python3.13") or "",
+)
+PY311 = _find_python(
+    "NOX_PY311", (3, 11), (3, 11), sys.executable, shutil.which("python3.11") or ""
+)
 
 
 def _require_newest_python(session: nox.Session) -> None:
     if NEWEST_PYTHON is None:
-        session.error(NO_NEWEST_PYTHON)
+        session.error(
+            NO_PYTHON.format(
+                wanted=">= 3.12",
+                why="the newest jax",
+                version="3.12",
+                variable="NOX_NEWEST_PYTHON",
+            )
+        )
+
+
+def _require_py311(session: nox.Session) -> None:
+    if PY311 is None:
+        session.error(
+            NO_PYTHON.format(
+                wanted="3.11",
+                why="jax 0.10 (the newest on 3.11)",
+                version="3.11",
+                variable="NOX_PY311",
+            )
+        )
 
 
 def _pyproject(path: Path) -> dict:
@@ -192,13 +225,21 @@ def _session_script(session: nox.Session, name: str, text: str) -> Path:
     return path
 
 
+# Test processes per package (pytest-xdist, in the package's test extras): the attention
+# suite is mostly XLA compiling small programs, one core per process, and it runs three
+# times (newest jax, jax 0.10, oldest jax).
+TEST_PROCESSES = {"jax-block-attention": 2}
+
+
 def _run_package_tests(session: nox.Session, package: str, *pins: str) -> None:
     wheel = _wheel(session, package)
     session.install(f"{wheel}[test]", *pins)
     check = _session_script(session, "isolation_check.py", _ISOLATION_CHECK)
     session.run("python", str(check), PACKAGES[package])
+    processes = TEST_PROCESSES.get(package, 1)
+    parallel = ["-n", str(processes)] if processes > 1 else []
     # Tests run against the installed wheel, never the source tree.
-    _pytest(session, str(ROOT / "packages" / package / "tests"), *session.posargs)
+    _pytest(session, str(ROOT / "packages" / package / "tests"), *parallel, *session.posargs)
 
 
 @nox.session(tags=["check"])
@@ -238,17 +279,29 @@ def typecheck(session: nox.Session) -> None:
             )
 
 
-@nox.session(tags=["tests"])
+@nox.session(tags=["tests"], python=NEWEST_PYTHON)
 @nox.parametrize("package", PACKAGE_NAMES, ids=PACKAGE_NAMES)
 def tests(session: nox.Session, package: str) -> None:
-    """One package's tests against its built wheel and the newest jax."""
+    """One package's tests against its built wheel and the newest jax (Python 3.12+)."""
+    _require_newest_python(session)
     _run_package_tests(session, package)
 
 
-@nox.session(tags=["tests"])
+@nox.session(tags=["tests"], python=PY311)
+@nox.parametrize("package", PACKAGE_NAMES, ids=PACKAGE_NAMES)
+def tests_py311(session: nox.Session, package: str) -> None:
+    """One package's tests against its built wheel and the newest jax on Python 3.11
+    (jax 0.10): what ``pip install`` gives where Python is 3.11."""
+    _require_py311(session)
+    _run_package_tests(session, package)
+
+
+@nox.session(tags=["tests"], python=PY311)
 @nox.parametrize("package", PACKAGE_NAMES, ids=PACKAGE_NAMES)
 def tests_min_jax(session: nox.Session, package: str) -> None:
-    """One package's tests against its built wheel and the oldest jax it declares."""
+    """One package's tests against its built wheel and the oldest jax it declares
+    (Python 3.11)."""
+    _require_py311(session)
     version = _min_jax(package)
     _run_package_tests(session, package, f"jax=={version}", f"jaxlib=={version}")
 
@@ -283,6 +336,27 @@ def attention_optimized(session: nox.Session) -> None:
         *(str(tests / name) for name in OPTIMIZED_ATTENTION_TESTS),
         *session.posargs,
         env={"XLA_FLAGS": "", "PYTHONPATH": str(plugin.parent)},
+    )
+
+
+# PyTorch for the FlexAttention comparison: any CPU build does (it runs eagerly on the CPU).
+TORCH = "torch==2.13.0"
+
+
+@nox.session(python="3.11", venv_backend="venv", default=False)
+def flex_torch(session: nox.Session) -> None:
+    """``jaxmodules.attention.flex`` against PyTorch's FlexAttention: tests/flex_torch/.
+
+    Installed with pip (the ``venv`` backend, not uv) on Python 3.11 so that pip's own
+    configuration decides where ``torch`` comes from: point it at a CPU-only wheel
+    (``PIP_FIND_LINKS`` or ``PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu``),
+    or the default index serves the multi-GB CUDA build.
+    """
+    session.install(f"{_wheel(session, 'jax-block-attention')}[test]", TORCH)
+    _pytest(
+        session,
+        str(ROOT / "packages" / "jax-block-attention" / "tests" / "flex_torch"),
+        *session.posargs,
     )
 
 
@@ -368,15 +442,20 @@ def gpu_compile(session: nox.Session) -> None:
     session.run("python", str(ROOT / "benchmarks" / "gpu" / "compile_report.py"), *session.posargs)
 
 
-@nox.session(default=False)
+@nox.session(default=False, python=NEWEST_PYTHON)
 def gpu_check(session: nox.Session) -> None:
-    """The attention backends on an NVIDIA GPU, in one command: the Pallas tests compiled
-    through Triton (not interpreted), then ``benchmarks/attention.py --impl pallas --dtype
-    bfloat16`` against jax.nn's XLA and cuDNN paths, written to
-    ``benchmarks/results/attention_gpu.*``. Without a GPU it says so and checks nothing
-    (``-- --strict`` makes that a failure)."""
-    session.install(*map(str, _all_wheels(session)), "jax[cuda12]", *INTEGRATION_DEPS)
-    session.run("python", str(ROOT / "benchmarks" / "gpu" / "check.py"), *session.posargs)
+    """The attention kernels on an NVIDIA GPU (``benchmarks/gpu/check.py``, every part):
+    each kernel compiled with small numerics, the Pallas and drop-in tests compiled, the
+    bfloat16 targets against cuDNN at L=16384 and the tuning sweep, written to
+    ``benchmarks/results/attention_gpu_*``. Without a GPU it says so and checks nothing
+    (``-- --strict`` makes that a failure). On a GPU machine without a package index, run
+    the script itself with the machine's Python (its docstring gives the command)."""
+    _require_newest_python(session)
+    session.install(*map(str, _all_wheels(session)), "jax[cuda13]", *INTEGRATION_DEPS)
+    args = list(session.posargs)
+    if "--parts" not in args:
+        args = ["--parts", "smoke", "tests", "benchmark", "tuning", *args]
+    session.run("python", str(ROOT / "benchmarks" / "gpu" / "check.py"), *args)
 
 
 @nox.session(default=False)

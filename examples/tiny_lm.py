@@ -52,9 +52,10 @@ class Config:
     # reference the integration tests compare against.
     attention: str = "block"
     # Context parallelism: with a mesh (a jax.sharding.Mesh, hashable) the block-wise
-    # attention runs as ring_attention with the sequence split over ``seq_axis`` (natural,
-    # "contiguous" order) and, if given, the batch over ``batch_axis``. None: one device's
-    # masked_attention_via_map (jit may still split the batch over devices).
+    # attention runs as ring_attention with the sequence split over ``seq_axis`` (natural
+    # order; the call balances the causal work itself) and, if given, the batch over
+    # ``batch_axis``. None: one device's masked_attention_via_map (jit may still split
+    # the batch over devices).
     mesh: Any = None
     seq_axis: str = "seq"
     batch_axis: str | None = None
@@ -155,7 +156,6 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, config: Config) -> jax.Arr
             mesh=config.mesh,
             seq_axis=config.seq_axis,
             batch_axis=config.batch_axis,
-            layout="contiguous",
             is_causal=True,
             block_size=config.block_size,
         )

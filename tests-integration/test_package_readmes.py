@@ -61,6 +61,8 @@ def test_block_attention_readme():
     np.testing.assert_allclose(namespace["local"], local, atol=2e-5, rtol=2e-5)
     grads = namespace["grads"]
     assert grads.shape == Q.shape and np.isfinite(np.asarray(grads)).all()
+    # The FlexAttention port: causal attention in PyTorch's (B, H, L, E) layout.
+    np.testing.assert_allclose(namespace["flex_out"], dense.swapaxes(1, 2), atol=2e-5, rtol=2e-5)
 
 
 WRITERS: list[RecordingWriter] = []

@@ -52,6 +52,7 @@ import contextlib
 import dataclasses
 import datetime
 import fnmatch
+import io
 import json
 import multiprocessing
 import os
@@ -386,33 +387,40 @@ def compile_ttir(
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kernel.ttir"
         path.write_text(ttir)
+        # Triton runs ptxas -v itself (to build the cubin, with its own flags) and prints
+        # that log when asked: one ptxas run per kernel, the slow step for large ones.
+        os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+        log = io.StringIO()
         try:
-            compiled = triton.compile(
-                str(path),
-                target=GPUTarget("cuda", cc, 32),
-                options={"num_warps": num_warps, "num_stages": num_stages},
-            )
+            with contextlib.redirect_stdout(log):
+                compiled = triton.compile(
+                    str(path),
+                    target=GPUTarget("cuda", cc, 32),
+                    options={"num_warps": num_warps, "num_stages": num_stages},
+                )
         except Exception as err:  # any compiler failure is a finding, reported per kernel
             first = str(err).strip().splitlines()[0] if str(err).strip() else ""
             return {"error": f"{type(err).__name__}: {first}"[:300]}
         ptx = compiled.asm["ptx"]
-        ptx_path = Path(tmp) / "kernel.ptx"
-        ptx_path.write_text(ptx)
-        gpu_name = "sm_90a" if cc == 90 else f"sm_{cc}"
-        ptxas = subprocess.run(
-            [_ptxas(), "-v", f"--gpu-name={gpu_name}", str(ptx_path), "-o", os.devnull],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        info = log.getvalue()
+        if "Used" not in info:  # a Triton that does not print the log: run ptxas here
+            ptx_path = Path(tmp) / "kernel.ptx"
+            ptx_path.write_text(ptx)
+            gpu_name = "sm_90a" if cc == 90 else f"sm_{cc}"
+            ptxas = subprocess.run(
+                [_ptxas(), "-v", f"--gpu-name={gpu_name}", str(ptx_path), "-o", os.devnull],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if ptxas.returncode != 0:
+                return {"error": "ptxas: " + ptxas.stderr.strip()[-300:]}
+            info = ptxas.stderr
         if keep:
             out = Path(keep)
             out.mkdir(parents=True, exist_ok=True)
             (out / f"{tag}.ttir").write_text(ttir)
             (out / f"{tag}.sm{cc}.ptx").write_text(ptx)
-        if ptxas.returncode != 0:
-            return {"error": "ptxas: " + ptxas.stderr.strip()[-300:]}
-        info = ptxas.stderr
     registers = re.search(r"Used (\d+) registers", info)
     stores = re.search(r"(\d+) bytes spill stores", info)
     loads = re.search(r"(\d+) bytes spill loads", info)

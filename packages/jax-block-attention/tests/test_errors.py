@@ -49,7 +49,7 @@ def test_bad_arrays(q, k, v, error, pattern):
         ({"window_size": (1, 2, 3)}, ValueError, r"window_size must be a pair"),
         ({"window_size": -4}, ValueError, r"window_size must be a non-negative int"),
         ({"window_size": "wide"}, TypeError, r"window_size must be a non-negative int"),
-        ({"scale": "big"}, TypeError, r"scale must be a Python or NumPy real number"),
+        ({"scale": "big"}, TypeError, r"scale must be a real number or a floating scalar array"),
         ({"scale": float("nan")}, ValueError, r"scale must be finite"),
         ({"scale": np.ones(2)}, TypeError, r"scale must be a scalar"),
         ({"is_causal": "yes"}, TypeError, r"is_causal must be a bool"),

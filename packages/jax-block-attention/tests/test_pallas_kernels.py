@@ -434,6 +434,139 @@ def test_score_mod_array_gradients_lower_for_cuda_without_a_gpu(ref):
     assert _triton_kernels_for_cuda(value_and_grads, q, k, v, table, slopes) == 3
 
 
+# ----------------------------------------- what the compiled kernels need, checked on CPU
+
+
+def _primitive_without_triton_rule():
+    """A jnp function on scores whose primitive this jax's Pallas Triton lowering lacks
+    (read from its rule table, as the eligibility check does), and that primitive."""
+    from jax._src.pallas.triton import lowering
+
+    rules = lowering.triton_lowering_rules
+    for fn, primitive in (
+        (jax.scipy.special.erf, jax.lax.erf_p),
+        (jnp.round, jax.lax.round_p),
+        (jax.scipy.special.gammaln, jax.lax.lgamma_p),
+    ):
+        if primitive not in rules:
+            return fn, primitive.name
+    pytest.skip("this jax lowers every candidate primitive to Triton")
+
+
+def test_user_program_primitives_need_a_triton_rule(ref, monkeypatch):
+    # A score_mod or mask_fn whose primitive Triton cannot lower would pass in interpret
+    # mode and fail to compile on a GPU: "pallas" refuses it, naming the primitive, and
+    # the default implementation falls back to the block loop (here with the dispatcher
+    # believing it runs on a GPU, where it would otherwise pick the kernel).
+    fn, name = _primitive_without_triton_rule()
+    q, k, v = ref.qkv(40, 1, 32, 32, 2, 2, 16)
+
+    def score_mod(score, b, h, qi, ki):
+        return score + fn(score * 0.5)
+
+    def mask_fn(b, h, qi, ki):
+        return fn(qi.astype(jnp.float32) * 0.25) >= fn(ki.astype(jnp.float32) * 0.25)
+
+    for options in ({"score_mod": score_mod}, {"mask_fn": mask_fn, "is_causal": True}):
+        with pytest.raises(ValueError, match=rf'implementation="pallas".*{name!r}.*Triton'):
+            masked_attention_via_map(q, k, v, implementation="pallas", **options)
+
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("the Pallas kernel was called for a program it cannot lower")
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(pallas, "attend", no_kernel)
+    for options in ({"score_mod": score_mod}, {"mask_fn": mask_fn, "is_causal": True}):
+        got = masked_attention_via_map(q, k, v, **options)
+        want = masked_attention_via_map(q, k, v, implementation="xla", **options)
+        np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-6)
+    # The fallback computes the right thing, not only the same thing.
+    got = masked_attention_via_map(q, k, v, score_mod=score_mod, block_size=16)
+    with ref.float64():
+        q64, k64, v64 = (jnp.asarray(x, jnp.float64) for x in (q, k, v))
+        want, _ = ref.dense(q64, k64, v64, np.ones((32, 32), bool), score_mod=score_mod)
+    np.testing.assert_allclose(got, np.asarray(want), atol=3e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("how", ["removed", "deprecation made an error"])
+def test_without_pallas_triton_the_default_runs_the_block_loop(ref, monkeypatch, how):
+    # A jax that has removed Pallas Triton, or turned its deprecation into an error:
+    # "pallas" says so, and the default implementation on a GPU (cuDNN cannot take
+    # float32) runs the block loop instead of failing in the Triton lowering.
+    from jaxmodules.attention._pallas import _triton_rules
+
+    if how == "removed":
+        monkeypatch.setattr(_triton_rules, "_lowering_rules", lambda: None)
+    else:
+        from jax._src import deprecations
+
+        accelerated = deprecations.is_accelerated
+        monkeypatch.setattr(
+            deprecations,
+            "is_accelerated",
+            lambda name: name == "jax-pallas-triton" or accelerated(name),
+        )
+    q, k, v = ref.qkv(41, 1, 48, 48, 2, 1, 16)
+    with pytest.raises(ValueError, match=r'implementation="pallas".*Pallas Triton'):
+        masked_attention_via_map(q, k, v, is_causal=True, implementation="pallas")
+
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("the Pallas kernel was called without Pallas Triton")
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(pallas, "attend", no_kernel)
+    out = masked_attention_via_map(q, k, v, is_causal=True, block_size=16)
+    mask = ref.mask_for((1, 48, 48, 2, 1, 16), {"is_causal": True})
+    np.testing.assert_allclose(out, ref.attention(q, k, v, mask), atol=2e-5, rtol=1e-4)
+
+
+def _kernel_dot_precisions(dtype):
+    """The precision of every dot_general inside the Pallas kernels of a forward and
+    backward in ``dtype`` (read from the kernels' jaxprs)."""
+    q = k = v = jnp.zeros((1, 32, 2, 16), dtype)
+
+    def loss(q, k, v):
+        out = masked_attention_via_map(q, k, v, is_causal=True, implementation="pallas")
+        return out.astype(jnp.float32).sum()
+
+    closed = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+    found = []
+
+    def walk(jaxpr, in_kernel):
+        for eqn in jaxpr.eqns:
+            inside = in_kernel or eqn.primitive.name == "pallas_call"
+            if inside and eqn.primitive.name == "dot_general":
+                found.append(eqn.params["precision"])
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, (tuple, list)) else (param,):
+                    body = getattr(sub, "jaxpr", sub)
+                    if hasattr(body, "eqns"):
+                        walk(body, inside)
+
+    walk(closed.jaxpr, False)
+    return found
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["interpreted", "compiled"])
+def test_float32_kernel_dots_keep_float32_accuracy(monkeypatch, compiled):
+    # Triton rounds float32 dot operands to TF32 unless told otherwise. Compiled, the
+    # kernels ask for three TF32 products per dot (tf32x3: float32 accuracy on tensor
+    # cores); interpreted, the host's float32 products (CPUs have no TF32x3). 16-bit
+    # operands keep the default.
+    if compiled:  # the kernels as traced for a GPU; nothing is lowered or run here
+        monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    f32 = _kernel_dot_precisions(jnp.float32)
+    bf16 = _kernel_dot_precisions(jnp.bfloat16)
+    assert len(f32) >= 6 and len(bf16) == len(f32)  # forward, dQ and dK/dV dots
+    if compiled:
+        want = jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+        assert all(p == want for p in f32), f32
+    else:
+        highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+        assert all(p == highest for p in f32), f32
+    assert all(p is None for p in bf16), bf16
+
+
 def _array_sizes_outside_kernels(jaxpr):
     """Element counts of every value a jaxpr and its sub-jaxprs make, not looking
     inside ``pallas_call`` kernels (whose refs are views of their operands)."""
@@ -621,7 +754,7 @@ def test_vmap_over_the_kernel(ref):
         # The block loop on this slice (float32, but an independent backend).
         expected = jax.grad(loss, argnums=(0, 1, 2))(q[n], k[n], v[n], ids[n], "xla")
         for got, want in zip(grads, expected, strict=True):
-            np.testing.assert_allclose(got[n], want, atol=2e-5, rtol=1e-4)
+            np.testing.assert_allclose(got[n], want, atol=ref.float32_atol("xla"), rtol=1e-4)
 
 
 @pytest.mark.parametrize("bias_shape", [(1, 4, 48, 80), (1, 1, 1, 80)])

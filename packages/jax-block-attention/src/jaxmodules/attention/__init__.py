@@ -1,5 +1,6 @@
 """Block-wise, linear-memory masked softmax attention in JAX."""
 
+from . import flex
 from ._api import dot_product_attention, masked_attention_via_map
 from ._block_mask import BlockMask
 from ._dropout import dropout_keep_mask
@@ -13,6 +14,7 @@ __all__ = [
     "dot_product_attention",
     "dropout_keep_mask",
     "flax_dot_product_attention",
+    "flex",
     "from_zigzag",
     "masked_attention_via_map",
     "ring_attention",

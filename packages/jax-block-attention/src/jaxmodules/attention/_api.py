@@ -33,7 +33,7 @@ def masked_attention_via_map(
     mask_fn: Callable[..., Any] | None = None,
     block_size: int | tuple[int, int] | None = None,
     window_size: int | tuple[int | None, int | None] | None = None,
-    scale: float | None = None,
+    scale: float | jax.Array | None = None,
     q_offset: Any = 0,
     block_mask: BlockMask | None = None,
     bias: Any = None,
@@ -97,7 +97,11 @@ def masked_attention_via_map(
         window_size: ``(left, right)``: key ``k`` is visible from query ``q`` only if
             ``q - left <= k <= q + right``. ``None`` on one side leaves that side
             unbounded; a single int ``w`` means ``(w, w)``.
-        scale: Factor for the scores ``Q @ K^T``; defaults to ``1 / sqrt(d)``.
+        scale: Factor for the scores ``Q @ K^T``; defaults to ``1 / sqrt(d)``. A Python
+            or NumPy number or a floating scalar array, which may be traced: a learnable
+            temperature gets the gradient ``jax.nn`` gives it. A traced scale is
+            multiplied into ``Q`` (in float32, then rounded to ``Q``'s dtype) before the
+            call, so the kernels see a scale of 1.
         q_offset: Position of query row 0 (key ``j`` sits at position ``j``): an int, or
             an int array ``(B,)`` that may be traced. ``Lk - Lq`` aligns the last query
             with the last key (decoding with a KV cache, chunked prefill).
@@ -162,6 +166,7 @@ def masked_attention_via_map(
             ``[0, 1)`` or a positive one without ``dropout_rng``.
         TypeError: Non-floating inputs, non-integer sizes or offsets, a ``mask_fn`` that
             takes neither 3 nor 4 arguments or that does not return booleans, a
+            ``scale`` that is not a real number or a floating scalar array, a
             ``dropout_rng`` that is not a PRNG key.
 
     Examples:
@@ -312,7 +317,7 @@ def dot_product_attention(
     bias: Any = None,
     mask: Any = None,
     *,
-    scale: float | None = None,
+    scale: float | jax.Array | None = None,
     is_causal: bool = False,
     query_seq_lengths: Any = None,
     key_value_seq_lengths: Any = None,
@@ -334,7 +339,8 @@ def dot_product_attention(
         value: ``(B, S, K, H)`` or ``(S, K, H)`` (its head size may differ).
         bias: Added to the scores, broadcastable to ``(B, N, T, S)``.
         mask: Boolean, broadcastable to ``(B, N, T, S)``; ``True`` = visible.
-        scale: Score scale; ``1 / sqrt(H)`` by default.
+        scale: Score scale; ``1 / sqrt(H)`` by default. A number or a floating scalar
+            array, traced ones included (they get their gradient).
         is_causal: Key ``s`` visible from query ``t`` only if ``s <= t``.
         query_seq_lengths: ``(B,)`` int: query rows at or past it are masked.
         key_value_seq_lengths: ``(B,)`` int: keys at or past it are masked.
@@ -352,7 +358,8 @@ def dot_product_attention(
     Raises:
         ValueError: Shapes that do not fit (see ``masked_attention_via_map``), an
             unknown ``implementation``.
-        TypeError: Non-floating inputs, a non-boolean ``mask``.
+        TypeError: Non-floating inputs, a non-boolean ``mask``, a ``scale`` that is not
+            a real number or a floating scalar array.
 
     Examples:
         >>> import jax, jax.numpy as jnp

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import jax
@@ -25,7 +25,7 @@ class CheckedArguments:
     is_causal: bool
     block_size: tuple[int, int] | None
     window: tuple[int | None, int | None]
-    scale: float | None
+    scale: float | None  # a traced scale is already folded into q (fold_scale)
     q_offset: Any  # int32 (1,) or (B,): NumPy when known now, traced otherwise
     mask_fn: Any = None
     score_mod: Any = None
@@ -53,18 +53,47 @@ def _as_array(x: Any, name: str) -> jax.Array:
     return x
 
 
-def _scale(scale: Any) -> float | None:
-    scale_value: Any = scale
+def normalize_scale(scale: Any) -> float | jax.Array | None:
+    """``scale`` checked: ``None``, a float, or (when traced) a float scalar array.
+
+    A concrete array (``1 / jnp.sqrt(d)``) becomes a float; a traced one stays an array
+    for ``fold_scale``: the kernels take the scale as a static float.
+    """
     if scale is None:
         return None
+    if isinstance(scale, (jax.Array, jax.core.Tracer)):
+        if scale.ndim != 0:
+            raise TypeError(f"scale must be a scalar, got an array of shape {tuple(scale.shape)}")
+        if not jnp.issubdtype(scale.dtype, jnp.floating):
+            raise TypeError(
+                f"scale must be a real number or a floating scalar array, got dtype {scale.dtype}"
+            )
+        if isinstance(scale, jax.core.Tracer):
+            return scale
+        scale = np.asarray(scale)
     if isinstance(scale, bool) or not isinstance(scale, (numbers.Real, np.ndarray, np.generic)):
-        raise TypeError(f"scale must be a Python or NumPy real number, got {scale!r}")
-    if np.ndim(scale_value) != 0:
-        raise TypeError(f"scale must be a scalar, got an array of shape {np.shape(scale_value)}")
-    value = float(scale_value)
+        raise TypeError(
+            f"scale must be a real number or a floating scalar array, got "
+            f"{type(scale).__name__}: {scale!r}"
+        )
+    number: Any = scale
+    if np.ndim(number) != 0:
+        raise TypeError(f"scale must be a scalar, got an array of shape {np.shape(number)}")
+    value = float(number)
     if not np.isfinite(value):
         raise ValueError(f"scale must be finite, got {value}")
     return value
+
+
+def fold_scale(q: jax.Array, scale: float | jax.Array | None) -> tuple[jax.Array, float | None]:
+    """``(q, scale)`` for the kernels, whose scale is a static float: a traced scale is
+    multiplied into the queries (in at least float32, then rounded to ``q``'s dtype) and
+    the kernels' scale becomes 1. Differentiating through that product gives the scale
+    its gradient, ``sum(dq_scaled * q) = sum(dS * (q @ k^T))``, with no kernel change."""
+    if scale is None or isinstance(scale, float):
+        return q, scale
+    wide = jnp.promote_types(q.dtype, jnp.float32)
+    return (q.astype(wide) * scale.astype(wide)).astype(q.dtype), 1.0
 
 
 def _check_shapes(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
@@ -185,6 +214,7 @@ def check_arguments(
         raise TypeError(f"mask_fn must be callable or None, got {type(mask_fn).__name__}")
     if score_mod is not None and not callable(score_mod):
         raise TypeError(f"score_mod must be callable or None, got {type(score_mod).__name__}")
+    checked_scale = normalize_scale(scale)
     blocks = normalize_block_size(block_size)
     window = normalize_window(window_size)
     batch = q.shape[0] if q.ndim == 4 else 1
@@ -198,14 +228,14 @@ def check_arguments(
             "query_seq_lengths and key_value_seq_lengths need batched (4-D) inputs, "
             f"got Q of shape {tuple(q.shape)}"
         )
-    return CheckedArguments(
+    args = CheckedArguments(
         q=q,
         k=k,
         v=v,
         is_causal=bool(is_causal),
         block_size=blocks,
         window=window,
-        scale=_scale(scale),
+        scale=None,
         q_offset=offset,
         mask_fn=mask_fn,
         score_mod=score_mod,
@@ -218,6 +248,9 @@ def check_arguments(
         sinks=_sinks(sinks, q.shape[-2]),
         dropout=dropout,
     )
+    # Last, once everything is checked: a traced scale becomes part of q.
+    folded_q, static_scale = fold_scale(q, checked_scale)
+    return replace(args, q=folded_q, scale=static_scale)
 
 
 def _check_block_mask(

@@ -13,7 +13,7 @@ from jax.experimental import pallas as pl
 
 from .._scores import backward_statistics, merge_by_lse, zero_cotangent
 from ._kernels import _dkdv_kernel, _dq_kernel, _forward_kernel
-from ._tile_math import LOG2E, TileConfig, _array_grad_width
+from ._tile_math import LOG2E, TileConfig, _array_grad_width, compiled_dots
 from ._tile_program import PallasUnsupportedError
 from ._tuning import KernelTiles
 
@@ -58,7 +58,7 @@ def _call(
     """One ``pallas_call``: the block-mask lists and closed-over arrays go whole to every
     program, ahead of the blocked ``inputs``; ``outputs`` pairs shapes with specs."""
     in_specs = [_whole(x) for x in (*lists, *consts)] + [spec for _, spec in inputs]
-    return pl.pallas_call(
+    call = pl.pallas_call(
         partial(kernel, config),
         grid=grid,
         in_specs=in_specs,
@@ -67,7 +67,9 @@ def _call(
         interpret=config.interpret,
         compiler_params=_triton_params(tiles.warps, tiles.stages),
         name=name,
-    )(*lists, *consts, *(x for x, _ in inputs))
+    )
+    with compiled_dots(not config.interpret):  # the kernel is traced here
+        return call(*lists, *consts, *(x for x, _ in inputs))
 
 
 def _bias_specs(config: TileConfig, bias: Any) -> tuple[Any, Any]:

@@ -15,6 +15,7 @@ from .._cache import LRUCache
 from .._scores import Operands, ScoreConfig
 from ._tile_math import _array_grad_width, _is_tile, walked_entries
 from ._tile_program import ArrayRead, _tile_problem, mask_program_problem
+from ._triton_rules import triton_backend_problem
 
 # Gradients of traced arrays that score_mod closes over: each dQ program keeps the whole
 # flattened gradient (at most this many entries) and walks an index that varies across a
@@ -74,6 +75,10 @@ def _avals(consts: Sequence[Any]) -> tuple:
 def call_problem(block_mask: BlockMask, scores: ScoreConfig, operands: Operands) -> str | None:
     """Why a call (its block mask and score changes) cannot run on the Pallas kernel, or
     ``None`` when it can."""
+    # Outside the cache below: jax's deprecation switch may be flipped during a run.
+    backend = triton_backend_problem()
+    if backend is not None:
+        return backend
     score_consts = () if scores.score is None else tuple(operands.score_consts)
     grads = () if scores.score is None else traced_score_arrays(scores.score, score_consts)
     key = (

@@ -3,7 +3,9 @@ softmax step and the gradient step, as functions of arrays apart from refs and g
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -277,13 +279,44 @@ def add_read_gradient(acc: Array, read: ArrayRead, shape: tuple[int, ...], grad:
     return lax.fori_loop(0, count, entry, acc)
 
 
+# Whether the kernel being traced will be compiled (Triton) or interpreted (on the host);
+# set by the pallas_call around the kernel's trace.
+_COMPILED = contextvars.ContextVar("compiled_kernel", default=False)
+
+
+@contextlib.contextmanager
+def compiled_dots(compiled: bool) -> Iterator[None]:
+    """Dots traced meanwhile are for a compiled (``True``) or interpreted kernel."""
+    token = _COMPILED.set(compiled)
+    try:
+        yield
+    finally:
+        _COMPILED.reset(token)
+
+
+def _precision(a: Array, b: Array) -> Any:
+    """float32 operands keep float32 accuracy. Triton's default rounds them to TF32 (a
+    10-bit mantissa, errors near 1e-3); compiled, three TF32 products per dot (Triton's
+    ``tf32x3``) recover float32 accuracy on the tensor cores, where full float32
+    products (``ieee``) would turn each dot into tens of thousands of scalar FMAs.
+    Interpreted, the host multiplies in float32 (CPUs have no TF32 algorithms). 16-bit
+    operands keep the default: their own products, float32 accumulation."""
+    if _F32 not in (a.dtype, b.dtype):
+        return None
+    if _COMPILED.get():
+        return lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+    return lax.Precision.HIGHEST
+
+
 def _matmul_t(a: Array, b: Array) -> Array:
     """``a @ b.T`` in float32."""
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=_F32)
+    dims = (((1,), (1,)), ((), ()))
+    return lax.dot_general(a, b, dims, precision=_precision(a, b), preferred_element_type=_F32)
 
 
 def _matmul(a: Array, b: Array) -> Array:
-    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=_F32)
+    dims = (((1,), (0,)), ((), ()))
+    return lax.dot_general(a, b, dims, precision=_precision(a, b), preferred_element_type=_F32)
 
 
 # Scores inside the kernels are in base 2 (``log2(e)`` times the score), so that the

@@ -10,9 +10,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.extend.core import Literal
 
 from .._elementwise import ElementwiseProgram
+from ._triton_rules import triton_lowering_problem
 
 Array = Any  # jax.Array, or a Pallas ref inside a kernel
 _F32 = jnp.float32
@@ -68,8 +70,10 @@ def _refusal(name: str, what: str) -> str:
 
 
 def _literal_value(atom: Any) -> Any:
+    # lax.full, not jnp.asarray: older jax (0.5) traces jnp.asarray of a constant as a
+    # device_put, which Pallas cannot lower to Triton.
     aval = atom.aval
-    return jnp.asarray(np.asarray(atom.val, dtype=aval.dtype))
+    return lax.full(aval.shape, np.asarray(atom.val, dtype=aval.dtype), aval.dtype)
 
 
 def _broadcast_all(values: Sequence[Any]) -> list[Any]:
@@ -152,6 +156,9 @@ def _eval_tile_jaxpr(
             if name in ("squeeze", "reshape", "broadcast_in_dim", "expand_dims", "copy"):
                 outs = inputs[:1]  # shape () to shape (): nothing to do on a tile
             else:
+                problem = triton_lowering_problem(eqn.primitive)
+                if problem is not None:
+                    raise _unsupported(problem)
                 result = eqn.primitive.bind(*_broadcast_all(inputs), **eqn.params)
                 outs = list(result) if eqn.primitive.multiple_results else [result]
         for var, out in zip(eqn.outvars, outs, strict=True):
