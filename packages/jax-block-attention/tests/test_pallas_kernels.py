@@ -488,6 +488,38 @@ def test_user_program_primitives_need_a_triton_rule(ref, monkeypatch):
     np.testing.assert_allclose(got, np.asarray(want), atol=3e-5, rtol=1e-4)
 
 
+def test_compiled_float32_above_head_dim_128_goes_to_the_block_loop(ref, monkeypatch):
+    # The compile report finds no float32 tile at d=256 whose dK/dV kernel stays within
+    # sm_90's registers: compiled (on a GPU) "pallas" refuses such calls and the default
+    # sends them to the block loop; interpreted, and for 16-bit inputs, the kernel runs.
+    q, k, v = ref.qkv(41, 1, 32, 32, 2, 2, 160)  # d=160 pads to 256
+    kernel = masked_attention_via_map(q, k, v, is_causal=True, implementation="pallas")
+    want = masked_attention_via_map(q, k, v, is_causal=True, implementation="xla")
+    np.testing.assert_allclose(kernel, want, atol=2e-5, rtol=1e-4)
+
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].dtype)
+        return real_attend(*args, **kwargs)
+
+    real_attend = pallas.attend
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(pallas, "attend", counted)
+    with pytest.raises(ValueError, match=r"float32 inputs with head dimension 256 > 128"):
+        masked_attention_via_map(q, k, v, is_causal=True, implementation="pallas")
+    got = masked_attention_via_map(q, k, v, is_causal=True)
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-6)
+    assert calls == []
+    # 16-bit inputs at the same head dimension, and float32 at d=128, keep the kernel
+    # (the call is traced only: the monkeypatched backend has no GPU to run it on).
+    half = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+    jax.make_jaxpr(lambda *a: masked_attention_via_map(*a, is_causal=True))(*half)
+    small = [x[..., :128] for x in (q, k, v)]
+    jax.make_jaxpr(lambda *a: masked_attention_via_map(*a, is_causal=True))(*small)
+    assert calls == [jnp.bfloat16, jnp.float32]
+
+
 @pytest.mark.parametrize("how", ["removed", "deprecation made an error"])
 def test_without_pallas_triton_the_default_runs_the_block_loop(ref, monkeypatch, how):
     # A jax that has removed Pallas Triton, or turned its deprecation into an error:

@@ -155,7 +155,14 @@ def attend(
     _check_block_mask(block_mask, q, k, v)
     scores = scores or ScoreConfig()
     operands = operands or Operands(None, ())
-    problem = call_problem(block_mask, scores, operands)
+    problem = call_problem(
+        block_mask,
+        scores,
+        operands,
+        head_dim=max(q.shape[-1], v.shape[-1]),
+        dtype=q.dtype,
+        interpret=interpret,
+    )
     if problem is not None:
         raise PallasUnsupportedError(problem)
     _, q_len, q_heads, _ = q.shape

@@ -82,6 +82,24 @@ _row(False, 256, (16, 32, 8, 2), (16, 16, 8, 2), (16, 16, 8, 2))
 _row(False, 512, (32, 16, 8, 2), (16, 16, 8, 1), (16, 16, 8, 1))
 
 
+# float32 above this padded head dimension: no tile keeps the dK/dV kernel's float32
+# accumulators and three-product TF32 dots in sm_90's registers (the compile report's
+# smallest, 16 x 16 with 8 warps, still spills 372 B), so compiled calls go elsewhere.
+MAX_FLOAT32_HEAD_DIM = 128
+
+
+def compiled_problem(head_dim: int, dtype: Any) -> str | None:
+    """Why compiled kernels cannot take inputs of this (padded) head dimension and dtype,
+    or ``None`` when the table has a launch that fits."""
+    if np.dtype(dtype).itemsize > 2 and head_dim > MAX_FLOAT32_HEAD_DIM:
+        return (
+            f"float32 inputs with head dimension {head_dim} > {MAX_FLOAT32_HEAD_DIM} do not "
+            "fit the compiled dK/dV kernel's registers (it would spill); use bfloat16 or "
+            'float16 inputs, or implementation="xla"'
+        )
+    return None
+
+
 def compiled_tuning(head_dim: int, dtype: Any) -> Tuning:
     """The table's launch for a padded head dimension (a power of two ``>= 16``) and
     input dtype; head dimensions above 512 take the 512 row."""
