@@ -186,6 +186,22 @@ def _ours(
                 )
 
             return _value_and_grads(attend_score_mod, 5), (q, kv, kv, slopes, table)
+        if name == "dropout":
+            # The keep decisions are a uint32 hash computed inside every kernel.
+            rng = jax.random.key(0)
+
+            def attend_dropout(q, k, v):
+                return masked_attention_via_map(
+                    q,
+                    k,
+                    v,
+                    is_causal=True,
+                    dropout_rate=0.1,
+                    dropout_rng=rng,
+                    implementation="pallas",
+                )
+
+            return _value_and_grads(attend_dropout, 3), (q, kv, kv)
         raise ValueError(f"unknown case {name!r}")
 
     return Case(name, d, dtype, build)
@@ -248,6 +264,7 @@ def all_cases() -> list[Case]:
         _ours("documents", 128, "bf16"),
         _ours("bias", 128, "bf16"),
         _ours("score_mod", 128, "bf16"),
+        _ours("dropout", 128, "bf16"),
         _ours("gqa", 128, "bf16", heads=16, kv_heads=4),
         _decode(128, "bf16"),
     ]
@@ -671,7 +688,7 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         metavar="GLOB",
         help="case ids to run, as shell patterns over 'CASE-dD-DTYPE' (e.g. causal-d256-*, "
-        "*-f32, gqa-*; cases: mha causal documents bias score_mod gqa decode)",
+        "*-f32, gqa-*; cases: mha causal documents bias score_mod dropout gqa decode)",
     )
     parser.add_argument("--arch", nargs="+", type=int, choices=sorted(ARCHS), default=None)
     parser.add_argument("--no-fail", action="store_true", help="report only; exit 0")
