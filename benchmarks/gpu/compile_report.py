@@ -461,14 +461,32 @@ class Row:
         return int(self.result.get("spill_stores", 0))
 
 
+def expected_refusal(case: Case) -> str | None:
+    """The package's own reason to keep a case off the compiled kernels (its dispatcher
+    then sends the call to the block loop), or ``None``."""
+    from jaxmodules.attention._pallas._tuning import compiled_problem
+
+    if case.reference:
+        return None
+    width = max(16, 1 << (case.d - 1).bit_length())
+    return compiled_problem(width, _jnp_dtype(case.dtype))
+
+
 def run(
-    cases: list[Case], archs: tuple[int, ...], workers: int = 2, keep: str | None = None
+    cases: list[Case],
+    archs: tuple[int, ...],
+    workers: int = 2,
+    keep: str | None = None,
+    refused: list[str] | None = None,
 ) -> tuple[list[Row], list[str]]:
     """Lower every case and compile its kernels for every architecture (``workers``
     processes compile while the main process lowers the next case). Returns the rows
-    and the cases that did not lower."""
+    and the cases that did not lower; cases that ``implementation="pallas"`` refuses
+    for the package's documented reason go to ``refused`` instead (a refusal with any
+    other message, or no refusal, is reported as usual)."""
     rows: list[Row] = []
     lowering_errors: list[str] = []
+    refused = [] if refused is None else refused
     with tempfile.TemporaryDirectory() as cache:
         os.environ["TRITON_CACHE_DIR"] = cache
         context = multiprocessing.get_context("spawn")
@@ -487,6 +505,11 @@ def run(
                     kernels = lower_case(case)
                 except Exception as err:
                     message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+                    reason = expected_refusal(case)
+                    if reason is not None and isinstance(err, ValueError) and reason in message:
+                        refused.append(f"{case.id}: {reason}")
+                        print(f"{case.id}: refused as documented ({reason})", flush=True)
+                        continue
                     lowering_errors.append(f"{case.id}: {type(err).__name__}: {message}"[:400])
                     print(f"{case.id}: does not lower ({lowering_errors[-1]})", flush=True)
                     continue
@@ -600,7 +623,9 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def report(rows: list[Row], problems: list[str], seconds: float) -> str:
+def report(
+    rows: list[Row], problems: list[str], seconds: float, refused: list[str] | None = None
+) -> str:
     import jax
     import triton
 
@@ -610,6 +635,12 @@ def report(rows: list[Row], problems: list[str], seconds: float) -> str:
         if not problems
         else f"{len(problems)} offences:\n\n" + "\n".join(f"- {p}" for p in problems)
     )
+    if refused:
+        verdict += (
+            '\n\nRefused by `implementation="pallas"`, as documented (with '
+            "`implementation=None` these calls run on the block loop):\n\n"
+            + "\n".join(f"- {r}" for r in refused)
+        )
     return f"""# The attention kernels compiled for sm_90 and sm_80
 
 Written by `benchmarks/gpu/compile_report.py` (`nox -s gpu_compile`) on
@@ -665,14 +696,20 @@ def main(argv: list[str] | None = None) -> int:
         cases = chosen
     archs = tuple(args.arch or sorted(ARCHS, reverse=True))
     start = time.perf_counter()
-    rows, lowering_errors = run(cases, archs, workers=args.workers, keep=args.keep)
+    refused: list[str] = []
+    rows, lowering_errors = run(cases, archs, workers=args.workers, keep=args.keep, refused=refused)
     seconds = time.perf_counter() - start
     problems = offenders(rows, lowering_errors)
+    # A case the package refuses must really be refused: lowering it is an offence.
+    for case in cases:
+        reason = expected_refusal(case)
+        if reason is not None and not any(r.startswith(f"{case.id}:") for r in refused):
+            problems.append(f"{case.id}: expected the refusal '{reason}', but it lowered")
     print(table(rows))
     output = args.output or (None if args.only or args.arch else REPORT)
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(report(rows, problems, seconds))
+        output.write_text(report(rows, problems, seconds, refused))
         print(f"wrote {output}")
     if args.json is not None:
         data = [

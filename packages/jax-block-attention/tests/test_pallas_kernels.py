@@ -8,9 +8,7 @@ Shapes stay small: in interpret mode every grid step is an XLA loop iteration.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import warnings
 from functools import partial
 
 import jax
@@ -28,6 +26,7 @@ from jaxmodules.attention import _pallas as pallas
 from jaxmodules.attention import create_block_mask, masked_attention_via_map
 from jaxmodules.attention._elementwise import trace_score_mod
 from jaxmodules.attention._pallas import PallasUnsupportedError, evaluate_on_tile, kernel_consts
+from jaxmodules.attention._pallas._tuning import KernelTiles, Tuning
 from jaxmodules.attention._scores import Operands, ScoreConfig, with_sinks
 
 # Segment ids of two batch rows: documents of 9 and of 6 tokens.
@@ -47,6 +46,11 @@ def head_window(h, q, k):
 
 def within_length(b, h, q, k):
     return k < LENGTHS[b]
+
+
+def _tiles(forward, dq, dkdv):
+    """A kernel tuning of (rows, cols) per kernel, 4 warps and 2 stages."""
+    return Tuning(*(KernelTiles(rows, cols, 4, 2) for rows, cols in (forward, dq, dkdv)))
 
 
 # The kernel's own tuning (backward slices, split-K); the calls every backend takes are in
@@ -75,17 +79,49 @@ CASES = {
         16,
         {"mask_fn": same_segment, "is_causal": True, "kv_splits": 4},
     ),
+    # Tiles cut from blocks of 32 (as compiled at large head dimensions): every kernel's
+    # programs own 16 rows of a block and walk its listed blocks in tiles of 16, causal
+    # rows run last-first, and the dK/dV programs split each group of 2 query heads.
+    "causal_gqa_sub_tiles": (
+        (1, 64, 64, 4, 2, 16, 16),
+        32,
+        {"is_causal": True, "tuning": _tiles((16, 16), (16, 16), (16, 16)), "group_splits": 2},
+    ),
+    # A band bounded only below (keys from 3 before each query on): the dK/dV key tiles
+    # run last-first; rows and slices of different sizes per kernel.
+    "segment_ids_lower_band_sub_tiles": (
+        (2, 48, 48, 2, 1, 16, 16),
+        32,
+        {
+            "mask_fn": same_segment,
+            "window_size": (3, None),
+            "tuning": _tiles((16, 32), (32, 16), (16, 32)),
+        },
+    ),
 }
 
 
-@partial(jax.jit, static_argnums=(5, 6))
-def _run(q, k, v, block_mask, d_out, backward_tile=None, kv_splits=None):
+_TUNING_OPTIONS = ("backward_tile", "kv_splits", "tuning", "group_splits")
+
+
+@partial(jax.jit, static_argnums=(5, 6, 7, 8))
+def _run(
+    q, k, v, block_mask, d_out, backward_tile=None, kv_splits=None, tuning=None, group_splits=None
+):
     """Output, lse and the gradients of ``sum(out * d_out)``, in one program."""
     scale = 1.0 / math.sqrt(q.shape[-1])
 
     def attend(q, k, v):
         return pallas.attend(
-            q, k, v, block_mask, scale, backward_tile=backward_tile, kv_splits=kv_splits
+            q,
+            k,
+            v,
+            block_mask,
+            scale,
+            backward_tile=backward_tile,
+            kv_splits=kv_splits,
+            tuning=tuning,
+            group_splits=group_splits,
         )
 
     (out, lse), vjp = jax.vjp(attend, q, k, v)
@@ -100,7 +136,7 @@ def test_forward_lse_and_gradients_match_reference(ref, case):
     mask = ref.mask_for(shape, options)
     np.testing.assert_array_equal(np.asarray(block_mask.to_dense()), mask)
     d_out = ref.qkv(2, *shape)[0][..., : shape[-1]]
-    tuning = (options.get("backward_tile"), options.get("kv_splits"))
+    tuning = tuple(options.get(name) for name in _TUNING_OPTIONS)
     out, lse, grads = _run(q, k, v, block_mask, d_out, *tuning)
 
     scale = 1.0 / math.sqrt(shape[5])
@@ -259,25 +295,6 @@ def test_shapes_that_do_not_fit_the_block_mask(ref):
         )
 
 
-def _abstract_gpu():
-    """A context in which Pallas lowers for a GPU that this machine lacks.
-
-    jax 0.12+ asks which GPU to lower Triton kernels for when none is present (an abstract
-    device of an abstract mesh, ``jax.sharding.use_abstract_mesh``); older versions
-    assume one themselves and need nothing."""
-    sharding = jax.sharding
-    if not (hasattr(sharding, "AbstractDevice") and hasattr(sharding, "use_abstract_mesh")):
-        return contextlib.nullcontext()
-    try:
-        device = sharding.AbstractDevice(
-            device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu"
-        )
-        mesh = sharding.AbstractMesh((), (), abstract_device=device)
-    except TypeError:  # an AbstractDevice without a platform: a jax that assumes a GPU
-        return contextlib.nullcontext()
-    return sharding.use_abstract_mesh(mesh)
-
-
 def _triton_kernels_for_cuda(fn, *args):
     """How many Triton kernels ``jit(fn)`` holds when exported for CUDA from this CPU
     machine (the test is skipped where this jax cannot)."""
@@ -288,17 +305,11 @@ def _triton_kernels_for_cuda(fn, *args):
     if not hasattr(export, "DisabledSafetyCheck"):
         pytest.skip("this jax.export cannot allow Triton custom calls")
     triton = "__gpu$xla.gpu.triton"
-    with _abstract_gpu(), warnings.catch_warnings():
-        # jax 0.12+ announces, on every Triton lowering, that Pallas Triton will be
-        # removed (docs/attention.md says what takes over); here it is expected.
-        warnings.filterwarnings(
-            "ignore", "The Pallas Triton backend is deprecated", DeprecationWarning
-        )
-        exported = export.export(
-            jax.jit(fn),
-            platforms=["cuda"],
-            disabled_checks=[export.DisabledSafetyCheck.custom_call(triton)],
-        )(*args)
+    exported = export.export(
+        jax.jit(fn),
+        platforms=["cuda"],
+        disabled_checks=[export.DisabledSafetyCheck.custom_call(triton)],
+    )(*args)
     return exported.mlir_module().count(triton)
 
 
@@ -380,7 +391,12 @@ def test_decode_split_lowers_for_cuda_without_a_gpu(ref):
         return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
 
     jaxpr = str(jax.make_jaxpr(value_and_grads)(q, k, v))
-    assert "GridMapping(grid=(1, 4, 1, 4)" in jaxpr  # (B, Hq, query blocks, shares)
+    # (query tiles, shares, Hq, B): query tiles on the fastest grid axis.
+    assert "GridMapping(grid=(1, 4, 4, 1)" in jaxpr
+    # dK/dV: 32 key tiles of 64 rows (d=128) of one key/value head are too few programs,
+    # so the 4 query heads of the group go to 4 programs per key tile (partial sums
+    # added after).
+    assert "GridMapping(grid=(32, 4, 1, 1)" in jaxpr
     assert _triton_kernels_for_cuda(value_and_grads, q, k, v) == 3
 
 
@@ -470,6 +486,38 @@ def test_user_program_primitives_need_a_triton_rule(ref, monkeypatch):
         q64, k64, v64 = (jnp.asarray(x, jnp.float64) for x in (q, k, v))
         want, _ = ref.dense(q64, k64, v64, np.ones((32, 32), bool), score_mod=score_mod)
     np.testing.assert_allclose(got, np.asarray(want), atol=3e-5, rtol=1e-4)
+
+
+def test_compiled_float32_above_head_dim_128_goes_to_the_block_loop(ref, monkeypatch):
+    # The compile report finds no float32 tile at d=256 whose dK/dV kernel stays within
+    # sm_90's registers: compiled (on a GPU) "pallas" refuses such calls and the default
+    # sends them to the block loop; interpreted, and for 16-bit inputs, the kernel runs.
+    q, k, v = ref.qkv(41, 1, 32, 32, 2, 2, 160)  # d=160 pads to 256
+    kernel = masked_attention_via_map(q, k, v, is_causal=True, implementation="pallas")
+    want = masked_attention_via_map(q, k, v, is_causal=True, implementation="xla")
+    np.testing.assert_allclose(kernel, want, atol=2e-5, rtol=1e-4)
+
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].dtype)
+        return real_attend(*args, **kwargs)
+
+    real_attend = pallas.attend
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(pallas, "attend", counted)
+    with pytest.raises(ValueError, match=r"float32 inputs with head dimension 256 > 128"):
+        masked_attention_via_map(q, k, v, is_causal=True, implementation="pallas")
+    got = masked_attention_via_map(q, k, v, is_causal=True)
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-6)
+    assert calls == []
+    # 16-bit inputs at the same head dimension, and float32 at d=128, keep the kernel
+    # (the call is traced only: the monkeypatched backend has no GPU to run it on).
+    half = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+    jax.make_jaxpr(lambda *a: masked_attention_via_map(*a, is_causal=True))(*half)
+    small = [x[..., :128] for x in (q, k, v)]
+    jax.make_jaxpr(lambda *a: masked_attention_via_map(*a, is_causal=True))(*small)
+    assert calls == [jnp.bfloat16, jnp.float32]
 
 
 @pytest.mark.parametrize("how", ["removed", "deprecation made an error"])
@@ -772,3 +820,33 @@ def test_score_pipeline_lowers_for_cuda_without_a_gpu(ref, bias_shape):
         return jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))(q, k, v, bias, sinks)
 
     assert _triton_kernels_for_cuda(value_and_grads, q, k, v, bias, sinks) == 3
+
+
+def test_dropout_on_sub_tiles_keeps_the_block_loop_weights(ref, monkeypatch):
+    # Dropout's keep decisions follow positions, so kernels whose programs own part of a
+    # block, walk it in tiles and run causal rows last-first keep the block loop's
+    # weights and gradients.
+    from jaxmodules.attention._pallas import _entry
+
+    tiles = _tiles((16, 16), (16, 32), (16, 16))
+    monkeypatch.setattr(_entry, "whole_blocks", lambda q_block, k_block: tiles)
+    q, k, v = ref.qkv(23, 2, 40, 56, 4, 2, 16)
+    ct = jax.random.normal(jax.random.key(8), (2, 40, 4, 16))
+    options = {"is_causal": True, "q_offset": 16, "block_size": 32, "dropout_rate": 0.3}
+
+    def loss(q, k, v, implementation):
+        out = masked_attention_via_map(
+            q, k, v, dropout_rng=jax.random.key(9), implementation=implementation, **options
+        )
+        return jnp.sum(out * ct), out
+
+    results = {}
+    for implementation in ("pallas", "xla"):
+        grad = jax.grad(loss, argnums=(0, 1, 2), has_aux=True)
+        results[implementation] = grad(q, k, v, implementation)
+    (grads, out), (expected_grads, expected_out) = results["pallas"], results["xla"]
+    np.testing.assert_allclose(np.asarray(out), np.asarray(expected_out), rtol=1e-5, atol=1e-5)
+    for name, actual, expected in zip("qkv", grads, expected_grads, strict=True):
+        np.testing.assert_allclose(
+            np.asarray(actual), np.asarray(expected), rtol=1e-4, atol=1e-5, err_msg=name
+        )

@@ -230,7 +230,7 @@ def checked_attention(args: CheckedArguments, implementation: str | None, return
 
 # The block-mask backends by implementation name. Each is a package with the same entry
 # shape: block_sizes(**shape) -> (query block, key block), call_problem(block_mask,
-# scores, operands) -> why it cannot compute a call or None, and attend(q, k, v,
+# scores, operands, head_dim=, dtype=) -> why it cannot compute a call or None, and attend(q, k, v,
 # block_mask, scale, scores, operands) -> (out, lse) on 4-D inputs, lse -inf on rows
 # without a visible key. A new backend is one more package and one more entry here.
 _BACKENDS = {"xla": xla, "pallas": pallas}
@@ -298,7 +298,9 @@ def _block_backend_call(
     )
     seeds = None if args.dropout is None else args.dropout.seeds(bsz, q.shape[2])
     operands = Operands(args.bias, consts, seeds)
-    problem = _BACKENDS[name].call_problem(block_mask, scores, operands)
+    problem = _BACKENDS[name].call_problem(
+        block_mask, scores, operands, head_dim=max(d, dv), dtype=q.dtype
+    )
     if problem is not None and implementation is not None:
         error = PallasUnsupportedError if name == "pallas" else ValueError
         raise error(

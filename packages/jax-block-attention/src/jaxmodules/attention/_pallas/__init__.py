@@ -8,18 +8,28 @@ Its modules, in the order a call goes through them:
 - ``_calls``: one ``pallas_call`` per pass and the custom VJP that ties them together;
 - ``_kernels``: the forward, dQ and dK/dV kernel bodies;
 - ``_tile_math``: ``TileConfig`` and the per-tile arithmetic the kernels share;
+- ``_tuning``: the kernels' tiles, warps and stages per head dimension and dtype;
 - ``_tile_program``: the evaluator that runs a traced ``mask_fn`` / ``score_mod`` on a
   tile's index vectors, reading closed-over arrays from kernel refs.
 
 Each pass is one ``pallas_call``. The forward kernel and the dQ kernel run a grid over
-``(batch row, query head, query block)``; every program reads its row of the
-[`BlockMask`][jaxmodules.attention.BlockMask] lists (plain integer array inputs, read by
-index) and runs two loops: over its full key blocks, with no element-wise mask, then
-over its partial key blocks, masked by the band (``is_causal`` / ``window_size`` with
-``q_offset``), key padding and the ``mask_fn`` program evaluated on the tile. The dK/dV
-kernel runs a grid over ``(batch row, key/value head, key block)`` and walks the
+``(query tile, query head, batch row)``, query tiles on the fastest axis (programs that
+run together share keys and values in L2; under a causal band the longest rows start
+first). A query tile is a slice of a block of the
+[`BlockMask`][jaxmodules.attention.BlockMask]; every program reads its block's row of the
+lists (plain integer array inputs, read by index) and runs two loops: over its full key
+blocks, with no element-wise mask, then over its partial key blocks, masked by the band
+(``is_causal`` / ``window_size`` with ``q_offset``), key padding and the ``mask_fn``
+program evaluated on the tile. Each loop is flat over (listed block, key tile within
+it), so Triton pipelines it, and loads the next block's index a step ahead. The dK/dV
+kernel runs a grid over ``(key tile, key/value head, batch row)`` and walks the
 transposed lists (query blocks per key block) for each query head of its group, so every
-output block is written by one program: no atomics.
+output tile is written by one program: no atomics (with GQA and too few programs, the
+group's query heads are shared among several programs whose float32 partial sums are
+added afterwards). Tiles, warps and pipeline stages per kernel, head dimension and dtype
+come from the table in ``_tuning``. Scores are kept in base 2 inside the kernels
+(``exp2``; ``log2(e)`` folded into the scale when nothing else changes the scores); the
+lse leaves in natural log.
 
 Layout inside the kernels: queries ``(B, Hq, Lq_pad, d_pad)``, keys ``(B, Hkv, Lk_pad,
 d_pad)``, values ``(B, Hkv, Lk_pad, dv_pad)``, lengths padded to block multiples and head

@@ -13,8 +13,9 @@ from jax.experimental import pallas as pl
 
 from .._scores import backward_statistics, merge_by_lse, zero_cotangent
 from ._kernels import _dkdv_kernel, _dq_kernel, _forward_kernel
-from ._tile_math import TileConfig, _array_grad_width, compiled_dots
+from ._tile_math import LOG2E, TileConfig, _array_grad_width, compiled_dots
 from ._tile_program import PallasUnsupportedError
+from ._tuning import KernelTiles
 
 Array = Any  # jax.Array, or a Pallas ref inside a kernel
 _F32 = jnp.float32
@@ -52,6 +53,7 @@ def _call(
     inputs: Sequence[tuple[Any, Any]],
     outputs: Sequence[tuple[jax.ShapeDtypeStruct, Any]],
     name: str,
+    tiles: KernelTiles,
 ) -> Any:
     """One ``pallas_call``: the block-mask lists and closed-over arrays go whole to every
     program, ahead of the blocked ``inputs``; ``outputs`` pairs shapes with specs."""
@@ -63,7 +65,7 @@ def _call(
         out_specs=[spec for _, spec in outputs],
         out_shape=[shape for shape, _ in outputs],
         interpret=config.interpret,
-        compiler_params=_triton_params(config.num_warps, config.num_stages),
+        compiler_params=_triton_params(tiles.warps, tiles.stages),
         name=name,
     )
     with compiled_dots(not config.interpret):  # the kernel is traced here
@@ -71,8 +73,9 @@ def _call(
 
 
 def _bias_specs(config: TileConfig, bias: Any) -> tuple[Any, Any]:
-    """The bias's BlockSpecs: one ``(b, h)`` slab per program of the query-major passes,
-    one batch row (all its heads) per program of the key-major pass."""
+    """The bias's BlockSpecs: one ``(b, h)`` slab per program of the query-major passes
+    (grid ``(rows[, split], head, batch)``), one batch row (all its heads) per program
+    of the key-major pass."""
     assert config.scores.bias is not None
     along_b, along_h, _, _ = config.scores.bias
     _, heads, lq, lk = bias.shape
@@ -83,8 +86,10 @@ def _bias_specs(config: TileConfig, bias: Any) -> tuple[Any, Any]:
     def head(h: Any) -> Any:
         return h if along_h else 0
 
-    query_major = pl.BlockSpec((None, None, lq, lk), lambda b, h, *_: (row(b), head(h), 0, 0))
-    key_major = pl.BlockSpec((None, heads, lq, lk), lambda b, h, j: (row(b), 0, 0, 0))
+    query_major = pl.BlockSpec(
+        (None, None, lq, lk), lambda *ids: (row(ids[-1]), head(ids[-2]), 0, 0)
+    )
+    key_major = pl.BlockSpec((None, heads, lq, lk), lambda *ids: (row(ids[-1]), 0, 0, 0))
     return query_major, key_major
 
 
@@ -105,35 +110,43 @@ def _forward(
 ) -> tuple[Array, Array]:
     bsz, _, lq, d = q.shape
     dv = v.shape[-1]
-    bq, g, splits = config.q_block, config.groups, config.kv_splits
-    # The grid is (batch row, query head, query block[, split]).
-    q_spec = pl.BlockSpec((None, None, bq, d), lambda b, h, i, *_: (b, h, i, 0))
-    k_spec = pl.BlockSpec((None, None, k.shape[2], d), lambda b, h, *_: (b, h // g, 0, 0))
-    v_spec = pl.BlockSpec((None, None, v.shape[2], dv), lambda b, h, *_: (b, h // g, 0, 0))
+    g, splits = config.groups, config.kv_splits
+    rows, _ = config.tiles("forward")
+
+    def tile(r: Any) -> Any:
+        return config.row_tile("forward", r)
+
+    # The grid is (query tile[, split], query head, batch row): query tiles on the
+    # fastest axis, as in FlashAttention-2 and jax's own Pallas GPU attention.
+    q_spec = pl.BlockSpec((None, None, rows, d), lambda r, *ids: (ids[-1], ids[-2], tile(r), 0))
+    k_spec = pl.BlockSpec((None, None, k.shape[2], d), lambda *ids: (ids[-1], ids[-2] // g, 0, 0))
+    v_spec = pl.BlockSpec((None, None, v.shape[2], dv), lambda *ids: (ids[-1], ids[-2] // g, 0, 0))
     bias_input = [] if bias is None else [(bias, _bias_specs(config, bias)[0])]
-    grid: tuple[int, ...] = (bsz, config.q_heads, config.n_q_blocks)
+    grid: tuple[int, ...] = (config.row_tiles("forward"), config.q_heads, bsz)
     if splits == 1:
         outputs = [
             (
                 jax.ShapeDtypeStruct((bsz, config.q_heads, lq, dv), q.dtype),
-                pl.BlockSpec((None, None, bq, dv), lambda b, h, i: (b, h, i, 0)),
+                pl.BlockSpec((None, None, rows, dv), lambda r, h, b: (b, h, tile(r), 0)),
             ),
             (
                 jax.ShapeDtypeStruct((bsz, config.q_heads, lq), _F32),
-                pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i)),
+                pl.BlockSpec((None, None, rows), lambda r, h, b: (b, h, tile(r))),
             ),
         ]
     else:
-        grid += (splits,)
+        grid = (grid[0], splits, *grid[1:])
         # Float32 partial results per split, merged below.
         outputs = [
             (
                 jax.ShapeDtypeStruct((splits, bsz, config.q_heads, lq, dv), _F32),
-                pl.BlockSpec((None, None, None, bq, dv), lambda b, h, i, s: (s, b, h, i, 0)),
+                pl.BlockSpec(
+                    (None, None, None, rows, dv), lambda r, s, h, b: (s, b, h, tile(r), 0)
+                ),
             ),
             (
                 jax.ShapeDtypeStruct((splits, bsz, config.q_heads, lq), _F32),
-                pl.BlockSpec((None, None, None, bq), lambda b, h, i, s: (s, b, h, i)),
+                pl.BlockSpec((None, None, None, rows), lambda r, s, h, b: (s, b, h, tile(r))),
             ),
         ]
     out, lse = _call(
@@ -145,6 +158,7 @@ def _forward(
         [*bias_input, *_seeds_input(seeds), (q, q_spec), (k, k_spec), (v, v_spec)],
         outputs,
         "block_attention_forward",
+        config.tuning.forward,
     )
     if splits > 1:
         out, lse = merge_by_lse(out, lse)
@@ -171,18 +185,24 @@ def _backward(
     ``score_mod`` arrays (flattened, float32, padded: see ``_array_cotangents``)."""
     bsz, _, lq, d = q.shape
     lk, dv = v.shape[2], v.shape[-1]
-    bq, bk, g = config.q_block, config.k_block, config.groups
+    g = config.groups
     # d lse / d s = p, so an lse cotangent only shifts each row's delta.
     lse, d_lse = backward_statistics(lse, d_lse)
     delta = jnp.einsum("bhqd,bhqd->bhq", d_out.astype(_F32), out.astype(_F32)) - d_lse
+    # The kernels take the lse in base 2, as their scores (+inf stays +inf).
+    lse = lse * _F32(LOG2E)
+    rows, _ = config.tiles("dq")
+
+    def tile(r: Any) -> Any:
+        return config.row_tile("dq", r)
 
     def row_spec(width: int | None) -> Any:
         if width is None:
-            return pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i))
-        return pl.BlockSpec((None, None, bq, width), lambda b, h, i: (b, h, i, 0))
+            return pl.BlockSpec((None, None, rows), lambda r, h, b: (b, h, tile(r)))
+        return pl.BlockSpec((None, None, rows, width), lambda r, h, b: (b, h, tile(r), 0))
 
-    kv_whole = pl.BlockSpec((None, None, lk, d), lambda b, h, i: (b, h // g, 0, 0))
-    v_whole = pl.BlockSpec((None, None, lk, dv), lambda b, h, i: (b, h // g, 0, 0))
+    kv_whole = pl.BlockSpec((None, None, lk, d), lambda r, h, b: (b, h // g, 0, 0))
+    v_whole = pl.BlockSpec((None, None, lk, dv), lambda r, h, b: (b, h // g, 0, 0))
     bias_specs = None if bias is None else _bias_specs(config, bias)
     dq_outputs = [(jax.ShapeDtypeStruct(q.shape, q.dtype), row_spec(d))]
     # dbias of every (b, h) in float32 (broadcast axes are summed afterwards): tiles or
@@ -192,18 +212,19 @@ def _backward(
     elif config.bias_gradient == "rows":
         dq_outputs.append((jax.ShapeDtypeStruct((bsz, config.q_heads, lq), _F32), row_spec(None)))
     # Each program's share of the score_mod arrays' gradients, summed afterwards.
+    n_rows = config.row_tiles("dq")
     for n in config.score_grads:
         width = _array_grad_width(config.score_array_shape(n))
         dq_outputs.append(
             (
-                jax.ShapeDtypeStruct((bsz, config.q_heads, config.n_q_blocks, width), _F32),
-                pl.BlockSpec((None, None, None, width), lambda b, h, i: (b, h, i, 0)),
+                jax.ShapeDtypeStruct((bsz, config.q_heads, n_rows, width), _F32),
+                pl.BlockSpec((None, None, None, width), lambda r, h, b: (b, h, r, 0)),
             )
         )
     dq, *dq_extra = _call(
         config,
         _dq_kernel,
-        (bsz, config.q_heads, config.n_q_blocks),
+        (n_rows, config.q_heads, bsz),
         kv_lists,
         consts,
         [
@@ -218,37 +239,92 @@ def _backward(
         ],
         dq_outputs,
         "block_attention_dq",
+        config.tuning.dq,
     )
     dbias = dq_extra[: len(dq_extra) - len(config.score_grads)]
     d_arrays = [x.sum(axis=(0, 1, 2)) for x in dq_extra[len(dbias) :]]
 
+    bias_input = [] if bias_specs is None else [(bias, bias_specs[1])]
+    dk, dv_, dbias_columns = _dkdv_pass(
+        config, q, k, v, bias_input, seeds, d_out, lse, delta, q_lists, consts
+    )
+    d_bias = None
+    if bias is not None:
+        d_bias = _bias_cotangent(config, bias, dbias, dbias_columns)
+    return dq, dk, dv_, d_bias, d_arrays
+
+
+def _dkdv_pass(
+    config: TileConfig,
+    q: Array,
+    k: Array,
+    v: Array,
+    bias_input: list[tuple[Any, Any]],
+    seeds: Array | None,
+    d_out: Array,
+    lse: Array,
+    delta: Array,
+    q_lists: tuple,
+    consts: tuple,
+) -> tuple[Array, Array, list[Array]]:
+    """The dK/dV kernel's pallas_call: dK, dV and the bias's column sums (a list, empty
+    unless the bias varies only along keys)."""
+    bsz, _, lq, d = q.shape
+    lk, dv = v.shape[2], v.shape[-1]
+    g, splits = config.groups, config.group_splits
+    key_rows, _ = config.tiles("dkdv")
+
+    def key_tile(r: Any) -> Any:
+        return config.row_tile("dkdv", r)
+
+    # The grid is (key tile[, share of the group's query heads], key/value head, batch).
     def per_batch(width: int | None) -> Any:
         if width is None:
-            return pl.BlockSpec((None, config.q_heads, lq), lambda b, h, j: (b, 0, 0))
-        return pl.BlockSpec((None, config.q_heads, lq, width), lambda b, h, j: (b, 0, 0, 0))
+            return pl.BlockSpec((None, config.q_heads, lq), lambda *ids: (ids[-1], 0, 0))
+        return pl.BlockSpec((None, config.q_heads, lq, width), lambda *ids: (ids[-1], 0, 0, 0))
 
     def key_spec(width: int) -> Any:
-        return pl.BlockSpec((None, None, bk, width), lambda b, h, j: (b, h, j, 0))
+        return pl.BlockSpec(
+            (None, None, key_rows, width), lambda r, *ids: (ids[-1], ids[-2], key_tile(r), 0)
+        )
 
-    dkdv_outputs = [
-        (jax.ShapeDtypeStruct(k.shape, k.dtype), key_spec(d)),
-        (jax.ShapeDtypeStruct(v.shape, v.dtype), key_spec(dv)),
-    ]
+    def key_out(width: int, like: Array) -> tuple:
+        if splits == 1:
+            return jax.ShapeDtypeStruct(like.shape, like.dtype), key_spec(width)
+        # Float32 partial sums per share of the group, added below.
+        return (
+            jax.ShapeDtypeStruct((splits, *like.shape), _F32),
+            pl.BlockSpec(
+                (None, None, None, key_rows, width),
+                lambda r, s, hk, b: (s, b, hk, key_tile(r), 0),
+            ),
+        )
+
+    dkdv_outputs = [key_out(d, k), key_out(dv, v)]
     if config.bias_gradient == "columns":
+        heads = g // splits
         dkdv_outputs.append(
             (
                 jax.ShapeDtypeStruct((bsz, config.q_heads, lk), _F32),
-                pl.BlockSpec((None, g, bk), lambda b, h, j: (b, h, j)),
+                pl.BlockSpec(
+                    (None, heads, key_rows),
+                    lambda r, *ids: (
+                        ids[-1],
+                        ids[-2] * splits + (ids[0] if splits > 1 else 0),
+                        key_tile(r),
+                    ),
+                ),
             )
         )
+    grid = (config.row_tiles("dkdv"), *((splits,) if splits > 1 else ()), config.kv_heads, bsz)
     dk, dv_, *dbias_columns = _call(
         config,
         _dkdv_kernel,
-        (bsz, config.kv_heads, config.n_k_blocks),
+        grid,
         q_lists,
         consts,
         [
-            *([] if bias_specs is None else [(bias, bias_specs[1])]),
+            *bias_input,
             *_seeds_input(seeds),
             (q, per_batch(d)),
             (k, key_spec(d)),
@@ -259,11 +335,11 @@ def _backward(
         ],
         dkdv_outputs,
         "block_attention_dkdv",
+        config.tuning.dkdv,
     )
-    d_bias = None
-    if bias is not None:
-        d_bias = _bias_cotangent(config, bias, dbias, dbias_columns)
-    return dq, dk, dv_, d_bias, d_arrays
+    if splits > 1:
+        dk, dv_ = dk.sum(axis=0).astype(k.dtype), dv_.sum(axis=0).astype(v.dtype)
+    return dk, dv_, dbias_columns
 
 
 def _bias_cotangent(config: TileConfig, bias: Array, tiles_or_rows: list, columns: list) -> Array:

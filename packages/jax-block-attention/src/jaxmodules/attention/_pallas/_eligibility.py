@@ -13,9 +13,10 @@ import jax.numpy as jnp
 from .._block_mask import BlockMask
 from .._cache import LRUCache
 from .._scores import Operands, ScoreConfig
-from ._tile_math import _array_grad_width, _is_tile, walked_entries
+from ._tile_math import _array_grad_width, _is_tile, _tile_width, walked_entries
 from ._tile_program import ArrayRead, _tile_problem, mask_program_problem
 from ._triton_rules import triton_backend_problem
+from ._tuning import compiled_problem
 
 # Gradients of traced arrays that score_mod closes over: each dQ program keeps the whole
 # flattened gradient (at most this many entries) and walks an index that varies across a
@@ -72,13 +73,28 @@ def _avals(consts: Sequence[Any]) -> tuple:
     return tuple((tuple(jnp.shape(c)), str(jnp.result_type(c))) for c in consts)
 
 
-def call_problem(block_mask: BlockMask, scores: ScoreConfig, operands: Operands) -> str | None:
-    """Why a call (its block mask and score changes) cannot run on the Pallas kernel, or
-    ``None`` when it can."""
+def call_problem(
+    block_mask: BlockMask,
+    scores: ScoreConfig,
+    operands: Operands,
+    *,
+    head_dim: int | None = None,
+    dtype: Any = None,
+    interpret: bool | None = None,
+) -> str | None:
+    """Why a call cannot run on the Pallas kernel, or ``None`` when it can: its block
+    mask and score changes; for compiled kernels also its head dimension (the larger of
+    the query's and the value's) and input dtype. ``interpret=None``: compiled on a GPU,
+    interpreted elsewhere."""
     # Outside the cache below: jax's deprecation switch may be flipped during a run.
     backend = triton_backend_problem()
     if backend is not None:
         return backend
+    compiled = jax.default_backend() == "gpu" if interpret is None else not interpret
+    if compiled and head_dim is not None:
+        problem = compiled_problem(_tile_width(head_dim), dtype)
+        if problem is not None:
+            return problem
     score_consts = () if scores.score is None else tuple(operands.score_consts)
     grads = () if scores.score is None else traced_score_arrays(scores.score, score_consts)
     key = (

@@ -17,17 +17,15 @@ from ._calls import _kernel_attention
 from ._eligibility import call_problem, traced_score_arrays
 from ._tile_math import TileConfig, _is_tile, _tile_width
 from ._tile_program import _MIN_TILE, PallasUnsupportedError, kernel_consts
+from ._tuning import Tuning, compiled_tuning, whole_blocks
 
 Array = Any  # jax.Array, or a Pallas ref inside a kernel
 _F32 = jnp.float32
 
-# Keys (dQ) or queries (dK/dV) per backward tile when compiled for a GPU: 128 x 32 tiles,
-# as in Triton's fused-attention backward and jax's own Pallas GPU attention. Not yet
-# tuned on this kernel.
-_COMPILED_BACKWARD_TILE = 32
 # Split-K when compiled: split the key lists of a forward with fewer programs than this
 # (about two per SM of a 132-SM H100/H200) into at most as many shares as bring it
-# there, each of at least _MIN_SPLIT_BLOCKS key blocks. Not yet tuned on a GPU.
+# there, each of at least _MIN_SPLIT_BLOCKS key blocks; likewise split the query heads
+# of a GQA group across dK/dV programs. Not yet tuned on a GPU.
 _TARGET_PROGRAMS = 256
 _MIN_SPLIT_BLOCKS = 4
 
@@ -106,6 +104,8 @@ def attend(
     backward_tile: int | None = None,
     num_warps: int | None = None,
     kv_splits: int | None = None,
+    tuning: Tuning | None = None,
+    group_splits: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Attention under ``block_mask`` with the fused Pallas kernels, and its lse: the
     backend's entry point, called as the XLA backend's ``attend`` is (4-D inputs, the
@@ -126,14 +126,20 @@ def attend(
             the ``(B, Hq)`` seeds from which every pass regenerates its tiles' keep
             decisions (``_dropout``).
         backward_tile: The inner side of the backward kernels' tiles (keys per slice in
-            dQ, queries per slice in dK/dV), a power of two ``>= 16``; ``None``:
-            ``_COMPILED_BACKWARD_TILE`` when compiled, whole blocks when interpreted.
-        num_warps: Warps per Triton program; ``None``: 4 for head dimensions up to 64,
-            else 8.
-        kv_splits: Forward programs per query block, each over an equal share of its
+            dQ, queries per slice in dK/dV), a power of two ``>= 16``; ``None``: the
+            tuning's.
+        num_warps: Warps per Triton program of every kernel; ``None``: the tuning's.
+        kv_splits: Forward programs per query tile, each over an equal share of its
             key lists, merged by log-sum-exp (split-K); ``None``: 1 when interpreted,
             enough to reach about ``_TARGET_PROGRAMS`` programs when compiled (decoding
             and other calls with few, long rows).
+        tuning: Each kernel's tiles, warps and stages; ``None``: the table of
+            ``_tuning`` for the head dimension and dtype when compiled (two stages at
+            most with a ``score_mod``), whole blocks when interpreted.
+        group_splits: dK/dV programs per key tile, each over an equal share of the
+            query heads of a key/value head (a divisor of ``Hq / Hkv``); ``None``: 1
+            when interpreted, enough to reach about ``_TARGET_PROGRAMS`` programs when
+            compiled.
 
     Returns:
         ``(out, lse)``: the output ``(B, Lq, Hq, dv)`` in ``q``'s dtype and the natural
@@ -149,7 +155,14 @@ def attend(
     _check_block_mask(block_mask, q, k, v)
     scores = scores or ScoreConfig()
     operands = operands or Operands(None, ())
-    problem = call_problem(block_mask, scores, operands)
+    problem = call_problem(
+        block_mask,
+        scores,
+        operands,
+        head_dim=max(q.shape[-1], v.shape[-1]),
+        dtype=q.dtype,
+        interpret=interpret,
+    )
     if problem is not None:
         raise PallasUnsupportedError(problem)
     _, q_len, q_heads, _ = q.shape
@@ -167,35 +180,65 @@ def attend(
             )
         scores = replace(scores, bias=bias_axes(bias.shape))
     interpret = _default_interpret(interpret)
-    if backward_tile is None:
-        backward_tile = None if interpret else _COMPILED_BACKWARD_TILE
-    elif not _is_tile(backward_tile):
-        raise ValueError(f"backward_tile must be a power of two >= 16, got {backward_tile}")
-    n_q_blocks = -(-q_len // block_mask.block_size[0])
-    n_k_blocks = -(-k_len // block_mask.block_size[1])
-    if kv_splits is None:
-        programs = q.shape[0] * q_heads * n_q_blocks
-        kv_splits = 1
-        if not interpret and programs < _TARGET_PROGRAMS:
-            wanted = -(-_TARGET_PROGRAMS // programs)
-            kv_splits = max(1, min(wanted, n_k_blocks // _MIN_SPLIT_BLOCKS))
-    elif isinstance(kv_splits, bool) or not isinstance(kv_splits, int) or kv_splits < 1:
-        raise ValueError(f"kv_splits must be a positive int, got {kv_splits!r}")
+    bq, bk = block_mask.block_size
+    if tuning is None:
+        width = _tile_width(max(q.shape[-1], v.shape[-1]))
+        tuning = whole_blocks(bq, bk) if interpret else compiled_tuning(width, q.dtype)
+        if scores.score is not None:
+            # score_mod's reads of its arrays are tile-shaped gathers, which Triton
+            # pipelines like the keys: a third stage took the forward to 192 KiB of
+            # shared memory on sm_90 and 160 on sm_80 in the compile report.
+            tuning = Tuning(*(replace(t, stages=min(t.stages, 2)) for t in tuning.kernels))
+    if backward_tile is not None:
+        if not _is_tile(backward_tile):
+            raise ValueError(f"backward_tile must be a power of two >= 16, got {backward_tile}")
+        tuning = replace(
+            tuning,
+            dq=replace(tuning.dq, cols=backward_tile),
+            dkdv=replace(tuning.dkdv, cols=backward_tile),
+        )
+    if num_warps is not None:
+        tuning = Tuning(*(replace(t, warps=num_warps) for t in tuning.kernels))
     config = TileConfig(
         **block_fields(block_mask, q_len=q_len, k_len=k_len, scale=scale),
         q_heads=q_heads,
         kv_heads=kv_heads,
         const_dtypes=tuple(dtypes),
         interpret=interpret,
-        num_warps=num_warps or (4 if _tile_width(q.shape[-1]) <= 64 else 8),
-        backward_tile=backward_tile,
-        kv_splits=kv_splits,
+        tuning=tuning,
         scores=scores,
         score_dtypes=tuple(score_dtypes),
         score_grads=(
             () if scores.score is None else traced_score_arrays(scores.score, operands.score_consts)
         ),
     )
+    bsz = q.shape[0]
+    if kv_splits is None:
+        programs = bsz * q_heads * config.row_tiles("forward")
+        kv_splits = 1
+        if not interpret and programs < _TARGET_PROGRAMS:
+            wanted = -(-_TARGET_PROGRAMS // programs)
+            kv_splits = max(1, min(wanted, config.n_k_blocks // _MIN_SPLIT_BLOCKS))
+    elif isinstance(kv_splits, bool) or not isinstance(kv_splits, int) or kv_splits < 1:
+        raise ValueError(f"kv_splits must be a positive int, got {kv_splits!r}")
+    groups = q_heads // kv_heads
+    if group_splits is None:
+        group_splits = 1
+        programs = bsz * kv_heads * config.row_tiles("dkdv")
+        if not interpret:
+            # The fewest shares of the group that bring the dK/dV grid to the target.
+            shares = [n for n in range(1, groups + 1) if groups % n == 0]
+            group_splits = next((n for n in shares if programs * n >= _TARGET_PROGRAMS), groups)
+    elif (
+        isinstance(group_splits, bool)
+        or not isinstance(group_splits, int)
+        or group_splits < 1
+        or groups % group_splits
+    ):
+        raise ValueError(
+            f"group_splits must be a positive divisor of Hq / Hkv = {groups}, got {group_splits!r}"
+        )
+    config = replace(config, kv_splits=kv_splits, group_splits=group_splits)
     offset = jnp.asarray(block_mask.q_offset, jnp.int32).reshape(-1)
     names = ("num_blocks", "indices", "full_{}_num_blocks", "full_{}_indices")
     kv_lists = (

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -12,6 +12,7 @@ from jax.experimental import pallas as pl
 
 from .._scores import tile_score_gradients, tile_scores
 from ._tile_math import (
+    LOG2E,
     TileConfig,
     _matmul,
     _matmul_t,
@@ -19,7 +20,6 @@ from ._tile_math import (
     dropout_scale,
     kept,
     key_positions,
-    over_slices,
     query_positions,
     softmax_finish,
     softmax_step,
@@ -27,6 +27,7 @@ from ._tile_math import (
     tile_keep,
     tile_score_mod,
     tile_visible,
+    walk_tiles,
 )
 from ._tile_program import ArrayRead
 
@@ -80,44 +81,86 @@ def _bias_tile(
     return bias_ref[head, row_slice, col_slice]
 
 
+def _walk_lists(
+    config: TileConfig,
+    lists: Sequence[Any],
+    row: tuple[Array, Array, Array],
+    cols: int,
+    tile: Callable[..., Any],
+    carry: Any,
+    *,
+    block: int,
+    split: bool = False,
+) -> Any:
+    """``tile(carry, first, masked)`` over the full blocks listed for ``row`` (unmasked),
+    then over its partial blocks (masked), in tiles of ``cols``."""
+    count_ref, index_ref, full_count_ref, full_index_ref, _ = lists
+    r0, r1, r2 = row
+    for counts, indices, masked in (
+        (full_count_ref, full_index_ref, False),
+        (count_ref, index_ref, True),
+    ):
+        count = counts[r0, r1, r2]
+        entries = _split_share(config, count) if split else (jnp.int32(0), count)
+
+        def block_at(t: Array, indices: Any = indices) -> Array:
+            return indices[r0, r1, r2, t]
+
+        carry = walk_tiles(
+            block_at,
+            entries,
+            max(indices.shape[-1] - 1, 0),
+            block,
+            cols,
+            partial(tile, masked=masked),
+            carry,
+        )
+    return carry
+
+
 def _forward_kernel(config: TileConfig, *refs: Any) -> None:
     lists, mask_refs, score_refs, bias_ref, rest = _split_refs(config, refs)
-    count_ref, index_ref, full_count_ref, full_index_ref, offset_ref = lists
+    offset_ref = lists[4]
     seeds_ref, rest = _seeds_ref(config, rest)
     q_ref, k_ref, v_ref, o_ref, lse_ref = rest
-    b, h, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    split = config.kv_splits > 1
+    # The grid is (query tile[, split], query head, batch row): query tiles fastest, so
+    # programs running together share their keys and values in L2.
+    r = config.row_tile("forward", pl.program_id(0))
+    h, b = pl.program_id(1 + split), pl.program_id(2 + split)
     mb, mh = _mask_index(config, b, h)
-    bq, bk = config.q_block, config.k_block
+    rows, cols = config.tiles("forward")
+    i = lax.div(r, jnp.int32(config.q_block // rows))  # the query block
+    row0 = r * rows
     q_blk = q_ref[...]
-    q_pos = query_positions(config, i * bq, bq, offset_ref[mb])[:, None]
+    q_pos = query_positions(config, row0, rows, offset_ref[mb])[:, None]
+    pure = not config.scores.changes_scores
+    # Base-2 scores: log2(e) folded into the scale when nothing changes the scores.
+    scale = _F32(config.scale * LOG2E if pure else config.scale)
 
-    def step(carry: tuple, j: Array, masked: bool) -> tuple:
-        k_blk = k_ref[pl.ds(j * bk, bk), :]
-        v_blk = v_ref[pl.ds(j * bk, bk), :]
-        k_pos = key_positions(j * bk, bk)[None, :]
-        s0 = _matmul_t(q_blk, k_blk) * _F32(config.scale)
-        bias = None
-        if bias_ref is not None:
-            bias = _bias_tile(config, bias_ref, None, (i * bq, bq), (j * bk, bk))
-        score_mod = tile_score_mod(config, score_refs, b, h, q_pos, k_pos)
-        s = tile_scores(config.scores, s0, bias, score_mod)
+    def tile(carry: tuple, first: Array, masked: bool) -> tuple:
+        k_blk = k_ref[pl.ds(first, cols), :]
+        v_blk = v_ref[pl.ds(first, cols), :]
+        k_pos = key_positions(first, cols)[None, :]
+        s = _matmul_t(q_blk, k_blk) * scale
+        if not pure:
+            bias = None
+            if bias_ref is not None:
+                bias = _bias_tile(config, bias_ref, None, (row0, rows), (first, cols))
+            score_mod = tile_score_mod(config, score_refs, b, h, q_pos, k_pos)
+            s = tile_scores(config.scores, s, bias, score_mod) * _F32(LOG2E)
         if masked:
             s = jnp.where(tile_visible(config, mask_refs, b, h, q_pos, k_pos), s, -jnp.inf)
         keep = tile_keep(config, seeds_ref, b, h, q_pos, k_pos)
         return softmax_step(carry, s, v_blk, keep)
 
     carry = (
-        jnp.full((config.q_block,), -jnp.inf, _F32),
-        jnp.zeros((config.q_block,), _F32),
-        jnp.zeros((config.q_block, v_ref.shape[-1]), _F32),
+        jnp.full((rows,), -jnp.inf, _F32),
+        jnp.zeros((rows,), _F32),
+        jnp.zeros((rows, v_ref.shape[-1]), _F32),
     )
-    full_range = _split_share(config, full_count_ref[mb, mh, i])
-    carry = lax.fori_loop(
-        *full_range, lambda t, c: step(c, full_index_ref[mb, mh, i, t], False), carry
-    )
-    partial_range = _split_share(config, count_ref[mb, mh, i])
-    carry = lax.fori_loop(
-        *partial_range, lambda t, c: step(c, index_ref[mb, mh, i, t], True), carry
+    carry = _walk_lists(
+        config, lists, (mb, mh, i), cols, tile, carry, block=config.k_block, split=split
     )
     m, l, acc = carry
     out, lse = softmax_finish(m, l, acc, out_scale=dropout_scale(config))
@@ -127,64 +170,72 @@ def _forward_kernel(config: TileConfig, *refs: Any) -> None:
 
 def _split_share(config: TileConfig, count: Array) -> tuple[Array, Array]:
     """The entries ``[start, stop)`` of a list of ``count`` blocks that this forward
-    program walks: all of them, or its equal share when the lists are split."""
-    if config.kv_splits == 1:
-        return jnp.int32(0), count
+    program walks: its equal share when the lists are split."""
     share = lax.div(count + (config.kv_splits - 1), jnp.int32(config.kv_splits))
-    start = jnp.minimum(pl.program_id(3) * share, count)
+    start = jnp.minimum(pl.program_id(1) * share, count)
     return start, jnp.minimum(start + share, count)
 
 
 def _dq_kernel(config: TileConfig, *refs: Any) -> None:
     lists, mask_refs, score_refs, bias_ref, rest = _split_refs(config, refs)
-    count_ref, index_ref, full_count_ref, full_index_ref, offset_ref = lists
+    offset_ref = lists[4]
     seeds_ref, rest = _seeds_ref(config, rest)
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *extra = rest
     # After dQ: the bias gradient (tiles or row sums), then one flattened gradient per
     # differentiable score_mod array, this program's share.
     dbias_ref: Any = extra.pop(0) if config.bias_gradient in ("tiles", "rows") else None
     array_refs = extra
-    b, h, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    r = config.row_tile("dq", pl.program_id(0))
+    h, b = pl.program_id(1), pl.program_id(2)
     mb, mh = _mask_index(config, b, h)
-    bq, bk, sk = config.q_block, config.k_block, config.dq_key_tile
+    bk = config.k_block
+    rows, cols = config.tiles("dq")
+    i = lax.div(r, jnp.int32(config.q_block // rows))
+    row0 = r * rows
     q_blk, do_blk = q_ref[...], do_ref[...]
+    # lse arrives in base 2.
     lse, delta = lse_ref[...][:, None], delta_ref[...][:, None]
-    q_pos = query_positions(config, i * bq, bq, offset_ref[mb])[:, None]
-    scale = _F32(config.scale)
+    q_pos = query_positions(config, row0, rows, offset_ref[mb])[:, None]
+    pure = not config.scores.changes_scores
 
     write_tiles = config.bias_gradient == "tiles"
     sum_rows = config.bias_gradient == "rows"
     if write_tiles:
-        # This program owns rows i of dbias[b, h]: zero them, then write each listed
-        # tile once (no atomics).
+        # This program owns these rows of dbias[b, h]: zero them, then write each
+        # listed tile once (no atomics).
         def zero(t: Array, c: Array) -> Array:
-            dbias_ref[:, pl.ds(t * bk, bk)] = jnp.zeros((bq, bk), _F32)
+            dbias_ref[:, pl.ds(t * bk, bk)] = jnp.zeros((rows, bk), _F32)
             return c
 
         lax.fori_loop(0, config.n_k_blocks, zero, 0)
 
-    def tile(carry: dict, start: Array, masked: bool) -> dict:
-        # Keys start .. start + sk of a listed key block.
-        k_blk = k_ref[pl.ds(start, sk), :]
-        v_blk = v_ref[pl.ds(start, sk), :]
-        k_pos = key_positions(start, sk)[None, :]
+    def tile(carry: dict, first: Array, masked: bool) -> dict:
+        k_blk = k_ref[pl.ds(first, cols), :]
+        v_blk = v_ref[pl.ds(first, cols), :]
+        k_pos = key_positions(first, cols)[None, :]
         visible = None
         if masked:
             visible = tile_visible(config, mask_refs, b, h, q_pos, k_pos)
-        s0 = _matmul_t(q_blk, k_blk) * scale
-        bias = None
-        if bias_ref is not None:
-            bias = _bias_tile(config, bias_ref, None, (i * bq, bq), (start, sk))
+        qk = _matmul_t(q_blk, k_blk)
+        dp = _matmul_t(do_blk, v_blk)
         reads: list[ArrayRead] = []
-        score_mod = tile_score_mod(config, score_refs, b, h, q_pos, k_pos, reads)
-        s = tile_scores(config.scores, s0, bias, score_mod)
         keep = tile_keep(config, seeds_ref, b, h, q_pos, k_pos)
-        dp = kept(config, keep, _matmul_t(do_blk, v_blk))
-        _, ds = tile_gradient(s, lse, delta, dp, visible)
-        if reads and visible is not None:
-            ds = jnp.where(visible, ds, 0.0)  # the reads' gradients sum over the tile
-        values = [read.value for read in reads]
-        ds, d_values = tile_score_gradients(config.scores, s0, bias, ds, score_mod, values)
+        dp = kept(config, keep, dp)
+        if pure:
+            _, ds = tile_gradient(qk * _F32(config.scale * LOG2E), lse, delta, dp, visible)
+            d_values: list[Array] = []
+        else:
+            s0 = qk * _F32(config.scale)
+            bias = None
+            if bias_ref is not None:
+                bias = _bias_tile(config, bias_ref, None, (row0, rows), (first, cols))
+            score_mod = tile_score_mod(config, score_refs, b, h, q_pos, k_pos, reads)
+            s = tile_scores(config.scores, s0, bias, score_mod)
+            _, ds = tile_gradient(s * _F32(LOG2E), lse, delta, dp, visible)
+            if reads and visible is not None:
+                ds = jnp.where(visible, ds, 0.0)  # the reads' gradients sum over the tile
+            values = [read.value for read in reads]
+            ds, d_values = tile_score_gradients(config.scores, s0, bias, ds, score_mod, values)
         carry = dict(carry)
         arrays = list(carry["arrays"])
         for read, d_value in zip(reads, d_values, strict=True):
@@ -195,29 +246,21 @@ def _dq_kernel(config: TileConfig, *refs: Any) -> None:
         if visible is not None and config.scores.changes_scores:
             ds = jnp.where(visible, ds, 0.0)
         if write_tiles:
-            dbias_ref[:, pl.ds(start, sk)] = ds
+            dbias_ref[:, pl.ds(first, cols)] = ds
         if sum_rows:
             carry["rows"] = carry["rows"] + ds.sum(axis=1)
-        carry["dq"] = carry["dq"] + _matmul(ds.astype(k_blk.dtype), k_blk) * scale
+        # The scale of s0 = scale * q.k is applied once, after the loop, not on every
+        # accumulator update (as FlashAttention-2's backward scales dQ and dK in its
+        # epilogue).
+        carry["dq"] = carry["dq"] + _matmul(ds.astype(k_blk.dtype), k_blk)
         return carry
 
-    def step(carry: dict, j: Array, masked: bool) -> dict:
-        return over_slices(j * bk, bk, sk, partial(tile, masked=masked), carry)
-
-    carry: dict[str, Any] = {"dq": jnp.zeros((bq, q_ref.shape[-1]), _F32)}
+    carry: dict[str, Any] = {"dq": jnp.zeros((rows, q_ref.shape[-1]), _F32)}
     if sum_rows:
-        carry["rows"] = jnp.zeros((bq,), _F32)
+        carry["rows"] = jnp.zeros((rows,), _F32)
     carry["arrays"] = [jnp.zeros(ref.shape, _F32) for ref in array_refs]
-    carry = lax.fori_loop(
-        0,
-        full_count_ref[mb, mh, i],
-        lambda t, c: step(c, full_index_ref[mb, mh, i, t], False),
-        carry,
-    )
-    carry = lax.fori_loop(
-        0, count_ref[mb, mh, i], lambda t, c: step(c, index_ref[mb, mh, i, t], True), carry
-    )
-    dq_ref[...] = carry["dq"].astype(dq_ref.dtype)
+    carry = _walk_lists(config, lists, (mb, mh, i), cols, tile, carry, block=bk)
+    dq_ref[...] = (carry["dq"] * _F32(config.scale)).astype(dq_ref.dtype)
     if sum_rows:
         dbias_ref[...] = carry["rows"]
     for ref, grad in zip(array_refs, carry["arrays"], strict=True):
@@ -226,84 +269,84 @@ def _dq_kernel(config: TileConfig, *refs: Any) -> None:
 
 def _dkdv_kernel(config: TileConfig, *refs: Any) -> None:
     lists, mask_refs, score_refs, bias_ref, rest = _split_refs(config, refs)
-    count_ref, index_ref, full_count_ref, full_index_ref, offset_ref = lists
+    offset_ref = lists[4]
     seeds_ref, rest = _seeds_ref(config, rest)
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *dbias = rest
-    # Column sums of the score gradient per query head of the group: the gradient of a
+    # Column sums of the score gradient per query head of the share: the gradient of a
     # bias that varies only along keys.
     dbias_ref: Any = dbias[0] if dbias else None
-    b, hk, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    bq, bk, sq = config.q_block, config.k_block, config.dkdv_query_tile
+    split = config.group_splits > 1
+    r = config.row_tile("dkdv", pl.program_id(0))
+    share = pl.program_id(1) if split else 0
+    hk, b = pl.program_id(1 + split), pl.program_id(2 + split)
+    bq = config.q_block
+    rows, cols = config.tiles("dkdv")
+    j = lax.div(r, jnp.int32(config.k_block // rows))  # the key block
+    row0 = r * rows
     k_blk, v_blk = k_ref[...], v_ref[...]
-    k_pos = key_positions(j * bk, bk)[:, None]
-    scale = _F32(config.scale)
+    k_pos = key_positions(row0, rows)[:, None]
     bias_heads = config.scores.bias is not None and config.scores.bias[1]
+    pure = not config.scores.changes_scores
+    heads = config.groups // config.group_splits
 
     def one_head(g: Array, carry: tuple) -> tuple:
-        # The query heads of this key/value head's group, one after another, so dK and
-        # dV of the group are summed here rather than written per query head.
-        h = hk * config.groups + g
+        # The query heads of this program's share of the group, one after another, so
+        # their dK and dV are summed here rather than written per query head.
+        h = hk * config.groups + share * heads + g
         mb, mh = _mask_index(config, b, h)
         offset = offset_ref[mb]
 
-        def tile(carry: dict, start: Array, masked: bool) -> dict:
-            # Queries start .. start + sq of a listed query block.
-            rows = pl.ds(start, sq)
-            q_blk = q_ref[h, rows, :]
-            do_blk = do_ref[h, rows, :]
-            q_pos = query_positions(config, start, sq, offset)[None, :]
+        def tile(carry: dict, first: Array, masked: bool) -> dict:
+            q_rows = pl.ds(first, cols)
+            q_blk = q_ref[h, q_rows, :]
+            do_blk = do_ref[h, q_rows, :]
+            q_pos = query_positions(config, first, cols, offset)[None, :]
             visible_t = None
             if masked:
                 visible_t = tile_visible(config, mask_refs, b, h, q_pos, k_pos)
-            # The tile transposed, (bk, bq): keys are this program's rows.
-            s0_t = _matmul_t(k_blk, q_blk) * scale
-            bias_t = None
-            if bias_ref is not None:
-                head = h if bias_heads else 0
-                bias_t = _bias_tile(config, bias_ref, head, (start, sq), (j * bk, bk)).T
-            score_mod = tile_score_mod(config, score_refs, b, h, q_pos, k_pos)
-            s_t = tile_scores(config.scores, s0_t, bias_t, score_mod)
-            lse_t, delta_t = lse_ref[h, rows][None, :], delta_ref[h, rows][None, :]
+            # The tile transposed, (rows, cols): keys are this program's rows.
+            kq = _matmul_t(k_blk, q_blk)
             keep_t = tile_keep(config, seeds_ref, b, h, q_pos, k_pos)
             dp_t = kept(config, keep_t, _matmul_t(v_blk, do_blk))
-            p_t, ds_t = tile_gradient(s_t, lse_t, delta_t, dp_t, visible_t)
+            # lse arrives in base 2.
+            lse_t, delta_t = lse_ref[h, q_rows][None, :], delta_ref[h, q_rows][None, :]
+            if pure:
+                p_t, ds_t = tile_gradient(
+                    kq * _F32(config.scale * LOG2E), lse_t, delta_t, dp_t, visible_t
+                )
+            else:
+                s0_t = kq * _F32(config.scale)
+                bias_t = None
+                if bias_ref is not None:
+                    head = h if bias_heads else 0
+                    bias_t = _bias_tile(config, bias_ref, head, (first, cols), (row0, rows)).T
+                score_mod = tile_score_mod(config, score_refs, b, h, q_pos, k_pos)
+                s_t = tile_scores(config.scores, s0_t, bias_t, score_mod)
+                p_t, ds_t = tile_gradient(s_t * _F32(LOG2E), lse_t, delta_t, dp_t, visible_t)
+                ds_t, _ = tile_score_gradients(config.scores, s0_t, bias_t, ds_t, score_mod)
+                if visible_t is not None:
+                    ds_t = jnp.where(visible_t, ds_t, 0.0)
             p_t = kept(config, keep_t, p_t)
-            ds_t, _ = tile_score_gradients(config.scores, s0_t, bias_t, ds_t, score_mod)
-            if visible_t is not None and config.scores.changes_scores:
-                ds_t = jnp.where(visible_t, ds_t, 0.0)
             carry = dict(carry)
             carry["dv"] = carry["dv"] + _matmul(p_t.astype(do_blk.dtype), do_blk)
-            carry["dk"] = carry["dk"] + _matmul(ds_t.astype(q_blk.dtype), q_blk) * scale
+            # The scale of s0 = scale * k.q is applied once, after the loops.
+            carry["dk"] = carry["dk"] + _matmul(ds_t.astype(q_blk.dtype), q_blk)
             if dbias_ref is not None:
                 carry["columns"] = carry["columns"] + ds_t.sum(axis=1)
             return carry
 
-        def step(carry: dict, i: Array, masked: bool) -> dict:
-            return over_slices(i * bq, bq, sq, partial(tile, masked=masked), carry)
-
         head_carry = {"dk": carry[0], "dv": carry[1]}
         if dbias_ref is not None:
-            head_carry["columns"] = jnp.zeros((bk,), _F32)
-        head_carry = lax.fori_loop(
-            0,
-            full_count_ref[mb, mh, j],
-            lambda t, c: step(c, full_index_ref[mb, mh, j, t], False),
-            head_carry,
-        )
-        head_carry = lax.fori_loop(
-            0,
-            count_ref[mb, mh, j],
-            lambda t, c: step(c, index_ref[mb, mh, j, t], True),
-            head_carry,
-        )
+            head_carry["columns"] = jnp.zeros((rows,), _F32)
+        head_carry = _walk_lists(config, lists, (mb, mh, j), cols, tile, head_carry, block=bq)
         if dbias_ref is not None:
             dbias_ref[pl.ds(g, 1), :] = head_carry["columns"][None, :]
         return head_carry["dk"], head_carry["dv"]
 
     carry = (
-        jnp.zeros((config.k_block, k_ref.shape[-1]), _F32),
-        jnp.zeros((config.k_block, v_ref.shape[-1]), _F32),
+        jnp.zeros((rows, k_ref.shape[-1]), _F32),
+        jnp.zeros((rows, v_ref.shape[-1]), _F32),
     )
-    dk, dv = lax.fori_loop(0, config.groups, one_head, carry)
-    dk_ref[...] = dk.astype(dk_ref.dtype)
+    dk, dv = lax.fori_loop(0, heads, one_head, carry)
+    dk_ref[...] = (dk * _F32(config.scale)).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)

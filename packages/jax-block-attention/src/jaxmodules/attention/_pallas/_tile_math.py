@@ -18,6 +18,7 @@ from .._config import BlockConfig
 from .._dropout import keep_tile, threshold
 from .._scores import ScoreMod
 from ._tile_program import _MIN_TILE, ArrayRead, evaluate_on_tile, reader_for
+from ._tuning import Tuning
 
 Array = Any  # jax.Array, or a Pallas ref inside a kernel
 _F32 = jnp.float32
@@ -49,17 +50,18 @@ class TileConfig(BlockConfig):
     kv_heads: int
     const_dtypes: tuple[Any, ...]
     interpret: bool
-    num_warps: int = 4
-    num_stages: int = 2
-    # The inner side of the backward tiles: the dQ kernel walks each listed key block in
-    # slices of this many keys, the dK/dV kernel each listed query block in slices of
-    # this many queries (None: whole blocks). Smaller tiles hold fewer float32 values
-    # per thread on a GPU.
-    backward_tile: int | None = None
-    # Forward programs per query block, each walking an equal share of the block's key
+    # Each kernel's tiles (cut from the blocks: see ``_tuning``), warps and stages.
+    tuning: Tuning
+    # Forward programs per query tile, each walking an equal share of the block's key
     # lists; their partial results are merged through their log-sum-exp (split-K, for
     # few long rows: decoding).
     kv_splits: int = 1
+    # dK/dV programs per key tile, each summing the gradients of an equal share of the
+    # group's query heads (float32 partial sums, added afterwards): GQA with few
+    # key/value heads leaves too few programs to fill a GPU otherwise. FlashAttention-2
+    # goes all the way (dK/dV per query head, summed over the group afterwards); shares
+    # keep that extra memory to what the grid needs.
+    group_splits: int = 1
     # The score_mod program's closed-over arrays' dtypes, and which of them get
     # gradients (traced floating ones), by position.
     score_dtypes: tuple[Any, ...] = ()
@@ -86,13 +88,36 @@ class TileConfig(BlockConfig):
         assert self.scores.score is not None
         return tuple(self.scores.score.jaxpr.constvars[n].aval.shape)
 
-    @property
-    def dq_key_tile(self) -> int:
-        return min(self.k_block, self.backward_tile or self.k_block)
+    def tiles(self, kernel: str) -> tuple[int, int]:
+        """``(rows, cols)`` of a kernel (``"forward"``, ``"dq"`` or ``"dkdv"``), each at
+        most its block."""
+        t = getattr(self.tuning, kernel)
+        if kernel == "dkdv":
+            return min(t.rows, self.k_block), min(t.cols, self.q_block)
+        return min(t.rows, self.q_block), min(t.cols, self.k_block)
 
-    @property
-    def dkdv_query_tile(self) -> int:
-        return min(self.q_block, self.backward_tile or self.q_block)
+    def row_tiles(self, kernel: str) -> int:
+        """Programs along the output rows of a kernel (row tiles of all blocks)."""
+        rows = self.tiles(kernel)[0]
+        if kernel == "dkdv":
+            return self.n_k_blocks * (self.k_block // rows)
+        return self.n_q_blocks * (self.q_block // rows)
+
+    def row_tile(self, kernel: str, position: Any) -> Any:
+        """The row tile that the program at grid ``position`` owns: heavy rows first."""
+        if self.heavy_last(kernel):
+            return self.row_tiles(kernel) - 1 - position
+        return position
+
+    def heavy_last(self, kernel: str) -> bool:
+        """Whether the kernel's later row tiles walk more blocks (a band bounded above:
+        causal, for queries; bounded only below, for keys): then the grid runs them
+        first, so that the longest programs do not start in the last wave (the
+        longest-processing-time-first order of FlashAttention-3's causal scheduler; a
+        compile report cannot show it)."""
+        if kernel == "dkdv":
+            return self.lo is not None and self.hi is None
+        return self.hi is not None
 
 
 def query_positions(config: TileConfig, start: Array, width: int, offset: Array) -> Array:
@@ -108,12 +133,38 @@ def key_positions(start: Array, width: int) -> Array:
     return start + jnp.arange(width, dtype=jnp.int32)
 
 
-def over_slices(start: Array, width: int, size: int, body: Callable, carry: Any) -> Any:
-    """``body(carry, first)`` over the slices of ``size`` rows that make up the ``width``
-    rows from ``start`` (one call when they are one slice)."""
-    if size >= width:
-        return body(carry, start)
-    return lax.fori_loop(0, width // size, lambda n, c: body(c, start + n * size), carry)
+def walk_tiles(
+    block_at: Callable[[Array], Array],
+    entries: tuple[Array, Array],
+    last: int,
+    block: int,
+    tile: int,
+    body: Callable,
+    carry: Any,
+) -> Any:
+    """``body(carry, first)`` for every tile of ``tile`` positions (its first position)
+    of the listed blocks ``block_at(t)``, ``t`` in ``entries = (start, stop)``.
+
+    One flat loop over (entry, tile within the block), so that it is the innermost loop,
+    the one Triton software-pipelines (a loop per block inside a loop over blocks would
+    drain the pipeline at every block). The next entry's block index is loaded one step
+    ahead and carried, so the address of the next tile never waits on a load issued in
+    the same step (as in the Triton template of PyTorch's FlexAttention, which reads
+    the next sparse block index ahead). ``last`` is the lists' largest entry index.
+    """
+    per_block = block // tile
+    shift = per_block.bit_length() - 1  # per_block is a power of two
+    start, stop = entries
+
+    def step(t: Array, c: tuple) -> tuple:
+        j, inner = c
+        following = block_at(jnp.minimum(lax.shift_right_logical(t + 1, shift), last))
+        first = j * block + lax.bitwise_and(t, per_block - 1) * tile
+        return following, body(inner, first)
+
+    first_block = block_at(jnp.minimum(start, last))
+    _, carry = lax.fori_loop(start * per_block, stop * per_block, step, (first_block, carry))
+    return carry
 
 
 def tile_visible(
@@ -163,6 +214,10 @@ def tile_score_mod(
         return jnp.broadcast_to(out, s2.shape).astype(_F32)
 
     return score_mod
+
+
+# Entries of a read's gradient walked in straight-line code rather than a loop.
+_UNROLLED_ENTRIES = 16
 
 
 def _sum_all(x: Array) -> Array:
@@ -215,6 +270,12 @@ def add_read_gradient(acc: Array, read: ArrayRead, shape: tuple[int, ...], grad:
         total = _sum_all(jnp.where(offsets == offset, grad, 0.0))
         return acc + jnp.where(positions == base + offset, total, 0.0)
 
+    if count <= _UNROLLED_ENTRIES:
+        # Unrolled, so that the kernel's loop over key tiles stays the innermost loop,
+        # the one Triton pipelines.
+        for n in range(count):
+            acc = entry(jnp.int32(n), acc)
+        return acc
     return lax.fori_loop(0, count, entry, acc)
 
 
@@ -258,18 +319,28 @@ def _matmul(a: Array, b: Array) -> Array:
     return lax.dot_general(a, b, dims, precision=_precision(a, b), preferred_element_type=_F32)
 
 
+# Scores inside the kernels are in base 2 (``log2(e)`` times the score), so that the
+# softmax exponentials are ``exp2`` (one ``ex2`` instruction on a GPU, where ``exp``
+# costs a multiplication more); without a score pipeline the factor is folded into the
+# scale, so a score costs one multiplication (fused with the max subtraction). As in
+# FlashAttention-2 and jax's own Pallas GPU attention. The lse leaves in natural log.
+LOG2E = float(np.log2(np.e))
+LN2 = float(np.log(2.0))
+
+
 def softmax_step(
     carry: tuple[Array, Array, Array], s: Array, v_blk: Array, keep: Array | None = None
 ) -> tuple[Array, Array, Array]:
-    """One online-softmax update with scores ``s (bq, bk)`` (``-inf`` = masked). With
-    dropout's ``keep``, the denominator still counts every weight (dropout acts on the
-    normalised weights) and the values see only the kept ones."""
+    """One online-softmax update with base-2 scores ``s (bq, bk)`` (``-inf`` =
+    masked); ``m`` is the base-2 running maximum. With dropout's ``keep``, the
+    denominator still counts every weight (dropout acts on the normalised weights) and
+    the values see only the kept ones."""
     m, l, acc = carry
     m_new = jnp.maximum(m, s.max(axis=1))
-    # A row that has seen no visible key keeps m = -inf; shift by 0 so exp() gives 0.
+    # A row that has seen no visible key keeps m = -inf; shift by 0 so exp2() gives 0.
     m_shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-    p = jnp.exp(s - m_shift[:, None])
-    alpha = jnp.exp(m - m_shift)
+    p = jnp.exp2(s - m_shift[:, None])
+    alpha = jnp.exp2(m - m_shift)
     l = alpha * l + p.sum(axis=1)
     if keep is not None:
         p = jnp.where(keep, p, 0.0)
@@ -278,14 +349,14 @@ def softmax_step(
 
 
 def softmax_finish(m: Array, l: Array, acc: Array, out_scale: float = 1.0) -> tuple[Array, Array]:
-    """Output rows (times ``out_scale``) and log-sum-exp; rows without a visible key
-    give 0 and ``-inf``."""
+    """Output rows (times ``out_scale``) and natural-log log-sum-exp from the base-2
+    running maximum ``m``; rows without a visible key give 0 and ``-inf``."""
     empty = l == 0.0
     safe = jnp.where(empty, 1.0, l)
     out = acc / safe[:, None]
     if out_scale != 1.0:
         out = out * _F32(out_scale)
-    lse = jnp.where(empty, -jnp.inf, m + jnp.log(safe))
+    lse = jnp.where(empty, -jnp.inf, (m + jnp.log2(safe)) * _F32(LN2))
     return out, lse
 
 
@@ -315,10 +386,11 @@ def kept(config: TileConfig, keep: Array | None, x: Array) -> Array:
 def tile_gradient(
     s: Array, lse: Array, delta: Array, dp: Array, visible: Array | None
 ) -> tuple[Array, Array]:
-    """Probabilities ``p = exp(s - lse)`` and the score gradient ``p * (dp - delta)`` of
-    one tile, in either orientation (``lse`` and ``delta`` broadcast along the keys);
-    ``lse`` is ``+inf`` on rows without a visible key, whose ``p`` is then 0."""
-    p = jnp.exp(s - lse)
+    """Probabilities ``p = exp2(s - lse)`` (base-2 scores and lse) and the score
+    gradient ``p * (dp - delta)`` of one tile, in either orientation (``lse`` and
+    ``delta`` broadcast along the keys); ``lse`` is ``+inf`` on rows without a visible
+    key, whose ``p`` is then 0."""
+    p = jnp.exp2(s - lse)
     if visible is not None:
         p = jnp.where(visible, p, 0.0)
     return p, p * (dp - delta)

@@ -36,9 +36,12 @@ def _any_listed(count: Any) -> bool:
     return bool(np.asarray(count).any())
 
 
-def call_problem(block_mask: BlockMask, scores: ScoreConfig, operands: Operands) -> str | None:
+def call_problem(
+    block_mask: BlockMask, scores: ScoreConfig, operands: Operands, **shape: Any
+) -> str | None:
     """Why the block loop cannot compute a call: never (``None``); every backend answers
-    this question before the dispatcher calls its ``attend``."""
+    this question before the dispatcher calls its ``attend`` (``shape``: the head
+    dimension and dtype, which the block loop takes whatever they are)."""
     return None
 
 
