@@ -26,6 +26,12 @@ def band_limits(
     return lo, hi
 
 
+def block_grid(q_len: int, k_len: int, q_block: int, k_block: int) -> tuple[int, int]:
+    """``(n_q, n_k)``: how many query and key blocks cover the lengths (the last block
+    of each may be padded)."""
+    return -(-q_len // q_block), -(-k_len // k_block)
+
+
 def structural_classes(
     xp: Any,
     q_len: int,
@@ -43,7 +49,7 @@ def structural_classes(
     ``[kf - ql, kl - qf]``: the block is non-empty iff that range meets ``[lo, hi]`` and
     full iff it lies inside (and the block holds no padded key).
     """
-    n_q, n_k = -(-q_len // q_block), -(-k_len // k_block)
+    n_q, n_k = block_grid(q_len, k_len, q_block, k_block)
     i = xp.arange(n_q, dtype=xp.int32)
     j = xp.arange(n_k, dtype=xp.int32)
     offset = xp.asarray(offset, dtype=xp.int32).reshape(-1, 1, 1)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ._band import EMPTY, FULL, PARTIAL, band_limits, in_band, structural_classes
+from ._band import EMPTY, FULL, PARTIAL, band_limits, block_grid, in_band, structural_classes
 from ._cache import LRUCache
 from ._elementwise import ElementwiseProgram, has_tracers
 
@@ -61,12 +61,8 @@ class _BuildSpec:
     static_offset: tuple[int, ...] | None  # the offsets when known at trace time
 
     @property
-    def n_q(self) -> int:
-        return -(-self.q_len // self.q_block)
-
-    @property
-    def n_k(self) -> int:
-        return -(-self.k_len // self.k_block)
+    def grid(self) -> tuple[int, int]:
+        return block_grid(self.q_len, self.k_len, self.q_block, self.k_block)
 
 
 def _structure(spec: _BuildSpec, xp: Any, offset: Array) -> Array:
@@ -79,7 +75,7 @@ def _structure(spec: _BuildSpec, xp: Any, offset: Array) -> Array:
 def _mask_classes(spec: _BuildSpec, offset: Array, consts: tuple) -> Array:
     """``(batch, heads, n_q, n_k)`` classes with ``mask_fn``, evaluated over the block
     pairs the band leaves non-empty (all pairs when the offset is traced), in chunks."""
-    dense = jnp.zeros((spec.batch, spec.heads, spec.n_q, spec.n_k), jnp.int8)
+    dense = jnp.zeros((spec.batch, spec.heads, *spec.grid), jnp.int8)
     if spec.static_offset is not None:
         struct = _structure(spec, np, np.asarray(spec.static_offset))
         # Pairs the band covers whole need no band test per element.
@@ -87,7 +83,8 @@ def _mask_classes(spec: _BuildSpec, offset: Array, consts: tuple) -> Array:
         edge = (struct != EMPTY).any(axis=0) & ~inside
         groups = [(np.nonzero(inside), False), (np.nonzero(edge), True)]
     else:
-        groups = [(np.divmod(np.arange(spec.n_q * spec.n_k), spec.n_k), True)]
+        n_q, n_k = spec.grid
+        groups = [(np.divmod(np.arange(n_q * n_k), n_k), True)]
     for (rows, cols), banded in groups:
         if rows.size:
             classes = _classify_pairs(spec, offset, consts, rows, cols, banded)
@@ -181,7 +178,7 @@ def _build(spec: _BuildSpec, offset: Array, consts: tuple) -> dict[str, Array]:
             struct = jnp.asarray(_structure(spec, np, np.asarray(spec.static_offset)))
         else:
             struct = _structure(spec, jnp, offset)
-        classes = jnp.broadcast_to(struct[:, None], (spec.batch, spec.heads, spec.n_q, spec.n_k))
+        classes = jnp.broadcast_to(struct[:, None], (spec.batch, spec.heads, *spec.grid))
     return _list_arrays(jnp, classes)
 
 
@@ -300,7 +297,7 @@ class BlockMask:
     @property
     def num_blocks(self) -> tuple[int, int]:
         """``(n_q, n_k)``: query and key blocks."""
-        return -(-self.shape[2] // self.block_size[0]), -(-self.shape[3] // self.block_size[1])
+        return block_grid(self.shape[2], self.shape[3], *self.block_size)
 
     @property
     def mask_batch(self) -> int:

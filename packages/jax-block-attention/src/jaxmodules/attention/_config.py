@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._band import band_limits
+from ._band import band_limits, block_grid
 from ._block_mask import BlockMask
 from ._elementwise import ElementwiseProgram
 from ._scores import ScoreConfig
@@ -35,11 +35,11 @@ class BlockConfig:
 
     @property
     def n_q_blocks(self) -> int:
-        return -(-self.q_len // self.q_block)
+        return block_grid(self.q_len, self.k_len, self.q_block, self.k_block)[0]
 
     @property
     def n_k_blocks(self) -> int:
-        return -(-self.k_len // self.k_block)
+        return block_grid(self.q_len, self.k_len, self.q_block, self.k_block)[1]
 
 
 def block_fields(block_mask: BlockMask, *, q_len: int, k_len: int, scale: float) -> dict[str, Any]:

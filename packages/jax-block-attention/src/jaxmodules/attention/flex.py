@@ -101,13 +101,24 @@ def noop_mask(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> jax.Array:
     return jnp.ones((), jnp.bool_)
 
 
-def _check_mask_mods(mask_mods: tuple[Any, ...], name: str) -> None:
+def _combined(mask_mods: tuple[Any, ...], name: str, *, every: bool) -> Callable[..., Any]:
+    """The ``mask_mod`` behind ``and_masks`` (``every``) and ``or_masks``: starting
+    from the answer for no masks, fold each mask in with ``&`` or ``|``."""
     for i, mask_mod in enumerate(mask_mods):
         if not callable(mask_mod):
             raise TypeError(
                 f"{name} takes mask_mod functions (b, h, q_idx, kv_idx) -> bool; argument "
                 f"{i} is a {type(mask_mod).__name__}: {mask_mod!r}"
             )
+
+    def combined(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
+        visible = jnp.full((), every, jnp.bool_)
+        for mask_mod in mask_mods:
+            seen = mask_mod(b, h, q_idx, kv_idx)
+            visible = (visible & seen) if every else (visible | seen)
+        return visible
+
+    return combined
 
 
 def and_masks(*mask_mods: Callable[..., Any]) -> Callable[..., Any]:
@@ -135,15 +146,7 @@ def and_masks(*mask_mods: Callable[..., Any]) -> Callable[..., Any]:
                [1, 1, 1, 0],
                [0, 1, 1, 1]], dtype=int32)
     """
-    _check_mask_mods(mask_mods, "and_masks")
-
-    def and_mask(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
-        visible = jnp.ones((), jnp.bool_)
-        for mask_mod in mask_mods:
-            visible = visible & mask_mod(b, h, q_idx, kv_idx)
-        return visible
-
-    return and_mask
+    return _combined(mask_mods, "and_masks", every=True)
 
 
 def or_masks(*mask_mods: Callable[..., Any]) -> Callable[..., Any]:
@@ -171,15 +174,7 @@ def or_masks(*mask_mods: Callable[..., Any]) -> Callable[..., Any]:
                [1, 1, 1, 0],
                [1, 1, 1, 1]], dtype=int32)
     """
-    _check_mask_mods(mask_mods, "or_masks")
-
-    def or_mask(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
-        visible = jnp.zeros((), jnp.bool_)
-        for mask_mod in mask_mods:
-            visible = visible | mask_mod(b, h, q_idx, kv_idx)
-        return visible
-
-    return or_mask
+    return _combined(mask_mods, "or_masks", every=False)
 
 
 def _size(value: Any, name: str) -> int:

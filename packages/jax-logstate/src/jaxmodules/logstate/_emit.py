@@ -38,6 +38,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import ad, mlir
 
 from jaxmodules.logstate._log import check_data
+from jaxmodules.logstate._names import check_text
 
 
 class EmitEffect(_jax_effects.Effect):
@@ -181,11 +182,7 @@ def naming(prefix: str | None) -> Iterator[None]:
 
 
 def check_name(name: object, who: str) -> str:
-    if not isinstance(name, str):
-        raise TypeError(f"{who}: the name must be a str, got {type(name).__name__} {name!r}")
-    if not name:
-        raise ValueError(f"{who}: the name must be a non-empty string, got ''")
-    return name
+    return check_text(name, "the name", who)
 
 
 def emit(name: str, value: Any) -> None:

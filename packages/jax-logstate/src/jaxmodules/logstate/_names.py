@@ -32,12 +32,18 @@ def describe_path(path: KeyPath) -> str:
     return jax.tree_util.keystr(path) if path else "the root of the tree"
 
 
+def check_text(value: object, what: str, caller: str) -> str:
+    """``value`` when it is a non-empty str (a name, a prefix, a separator); else a
+    TypeError or ValueError that names the ``caller`` and ``what`` it takes."""
+    if not isinstance(value, str):
+        raise TypeError(f"{caller}: {what} must be a str, got {type(value).__name__} {value!r}")
+    if not value:
+        raise ValueError(f"{caller}: {what} must be a non-empty string, got ''")
+    return value
+
+
 def check_sep(sep: object, caller: str) -> str:
-    if not isinstance(sep, str):
-        raise TypeError(f"{caller}: sep must be a str, got {type(sep).__name__}")
-    if not sep:
-        raise ValueError(f"{caller}: sep must be a non-empty string, got ''")
-    return sep
+    return check_text(sep, "sep", caller)
 
 
 def named_logs(tree: Any, *, sep: str = ".") -> dict[str, Any]:

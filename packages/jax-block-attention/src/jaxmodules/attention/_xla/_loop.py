@@ -209,6 +209,24 @@ def _products(q_blk: Array, k_blk: Array, scale: float) -> Array:
 # --------------------------------------------------------------------------- forward
 
 
+def _over_row(config: KernelConfig, unit: _Unit, i: Array, carry: Any, step: Any) -> Any:
+    """Fold ``step(carry, j, masked)`` over the key blocks that query block ``i``
+    visits: the full ones (no mask needed) first, then the partial ones."""
+    for count, index, masked, needed in (
+        (unit.full_count, unit.full_index, False, config.any_full),
+        (unit.partial_count, unit.partial_index, True, config.any_partial),
+    ):
+        if needed:
+            row = index[i]
+            carry = lax.fori_loop(
+                0,
+                count[i],
+                lambda t, c, row=row, masked=masked: step(c, row[t], masked),
+                carry,
+            )
+    return carry
+
+
 def _unit_forward(
     config: KernelConfig,
     unit: _Unit,
@@ -259,20 +277,13 @@ def _unit_forward(
             jnp.zeros((bsz, hk, rows), _F32),
             jnp.zeros((bsz, hk, rows, dv), _F32),
         )
-        for count, index, masked, needed in (
-            (unit.full_count, unit.full_index, False, config.any_full),
-            (unit.partial_count, unit.partial_index, True, config.any_partial),
-        ):
-            if needed:
-                row = index[i]
-                carry = lax.fori_loop(
-                    0,
-                    count[i],
-                    lambda t, c, row=row, masked=masked: update(
-                        c, q_blk, score_scale, drop_rows, i, row[t], masked
-                    ),
-                    carry,
-                )
+        carry = _over_row(
+            config,
+            unit,
+            i,
+            carry,
+            lambda c, j, masked: update(c, q_blk, score_scale, drop_rows, i, j, masked),
+        )
         m, l, acc = carry
         empty = l == 0.0
         out = acc / jnp.where(empty, 1.0, l)[..., None]
@@ -379,18 +390,7 @@ def _unit_backward(
             _dropout_rows(config, unit, operands.seeds, i),
         )
         carry = (jnp.zeros((bsz, hk, rows, d), _F32), dk_acc, dv_acc, g)
-        for count, index, masked, needed in (
-            (unit.full_count, unit.full_index, False, config.any_full),
-            (unit.partial_count, unit.partial_index, True, config.any_partial),
-        ):
-            if needed:
-                row = index[i]
-                carry = lax.fori_loop(
-                    0,
-                    count[i],
-                    lambda t, c, row=row, masked=masked: update(c, blk, i, row[t], masked),
-                    carry,
-                )
+        carry = _over_row(config, unit, i, carry, lambda c, j, masked: update(c, blk, i, j, masked))
         dq_blk, dk_acc, dv_acc, g = carry
         return (dk_acc, dv_acc, g), dq_blk
 
