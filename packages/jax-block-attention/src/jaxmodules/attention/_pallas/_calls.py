@@ -359,19 +359,11 @@ def _bias_cotangent(config: TileConfig, bias: Array, tiles_or_rows: list, column
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _kernel_attention(
-    config: TileConfig,
-    q: Array,
-    k: Array,
-    v: Array,
-    bias: Array | None,
-    seeds: Array | None,
-    kv_lists: tuple,
-    q_lists: tuple,
-    consts: tuple,
-) -> tuple[Array, Array]:
-    """Attention over padded kernel-layout inputs: output (``q``'s dtype) and lse.
-    ``seeds``: dropout's ``(B, Hq)`` seeds when ``config.scores.dropout_rate`` is set."""
+def _kernel_attention(config: TileConfig, *inputs: Any) -> tuple[Array, Array]:
+    """Attention over padded kernel-layout inputs ``(q, k, v, bias, seeds, kv_lists,
+    q_lists, consts)``: output (``q``'s dtype) and lse. ``seeds``: dropout's ``(B, Hq)``
+    seeds when ``config.scores.dropout_rate`` is set; ``q_lists`` serve the backward."""
+    q, k, v, bias, seeds, kv_lists, _, consts = inputs
     return _forward(config, q, k, v, bias, seeds, kv_lists, consts)
 
 

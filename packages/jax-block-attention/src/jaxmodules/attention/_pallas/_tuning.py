@@ -20,12 +20,13 @@ tiles shrink until neither happens; below d=256 the dK/dV kernel's two float32
 accumulators need 8 warps or 64-row tiles. Where the registers already hold an SM to one
 program (16-bit, d <= 128) the kernels take a third pipeline stage, which shared memory
 then has room for; at d=256 and for float32 they keep two. 32-row tiles (d=256 dK/dV,
-float32 at d >= 128) compile to ``mma.sync`` rather than Hopper's ``wgmma``, as jax's
+float32 at d = 128) compile to ``mma.sync`` rather than Hopper's ``wgmma``, as jax's
 own backward does at every head dimension. float32 dots run as three TF32 products
 (``tf32x3``), which need more registers than one: float32 tiles are smaller than 16-bit
-ones at the same head dimension (at d=256 the dK/dV kernel still spills about 370 B on
-sm_90 with 16 x 16 tiles). d=512 is compiled by the same method, not by the report's
-cases (before ``tf32x3``).
+ones at the same head dimension, and above d=128 no float32 tile fits (the dK/dV kernel
+spills at least 372 B on sm_90 at d=256), so compiled float32 calls stop at d=128
+(``compiled_problem``). The 16-bit d=512 row was compiled by the same method, outside
+the report's cases.
 """
 
 from __future__ import annotations
@@ -67,24 +68,20 @@ def _row(half: bool, d: int, fwd: tuple, dq: tuple, dkdv: tuple) -> None:
     _TABLE[half, d] = Tuning(KernelTiles(*fwd), KernelTiles(*dq), KernelTiles(*dkdv))
 
 
-#     16-bit   d    forward (rows, cols, warps, stages), dQ, dK/dV
-_row(True, 16, (128, 64, 4, 3), (128, 32, 4, 3), (128, 32, 8, 3))
-_row(True, 32, (128, 64, 4, 3), (128, 32, 4, 3), (128, 32, 8, 3))
+#     16-bit   d    forward (rows, cols, warps, stages), dQ, dK/dV (d=64 serves d=16, 32)
 _row(True, 64, (128, 64, 4, 3), (128, 32, 4, 3), (128, 32, 8, 3))
 _row(True, 128, (128, 64, 8, 3), (128, 32, 8, 3), (64, 32, 8, 3))
 _row(True, 256, (64, 64, 8, 2), (64, 16, 8, 2), (32, 64, 8, 2))
 _row(True, 512, (32, 16, 8, 2), (32, 16, 8, 2), (32, 16, 8, 2))
-_row(False, 16, (64, 64, 4, 2), (64, 32, 4, 2), (64, 32, 4, 2))
-_row(False, 32, (64, 64, 4, 2), (64, 32, 4, 2), (64, 32, 4, 2))
 _row(False, 64, (64, 64, 4, 2), (64, 32, 4, 2), (64, 32, 4, 2))
 _row(False, 128, (32, 32, 8, 2), (32, 16, 8, 2), (32, 32, 8, 2))
-_row(False, 256, (16, 32, 8, 2), (16, 16, 8, 2), (16, 16, 8, 2))
-_row(False, 512, (32, 16, 8, 2), (16, 16, 8, 1), (16, 16, 8, 1))
+# float32 above d=128 is refused (compiled_problem below): no row.
 
 
 # float32 above this padded head dimension: no tile keeps the dK/dV kernel's float32
 # accumulators and three-product TF32 dots in sm_90's registers (the compile report's
-# smallest, 16 x 16 with 8 warps, still spills 372 B), so compiled calls go elsewhere.
+# smallest, 16 x 16 with 8 warps, still spilled 372 B; 4 or 16 warps or one stage spill
+# more), so compiled calls go to the block loop or are refused.
 MAX_FLOAT32_HEAD_DIM = 128
 
 
@@ -103,8 +100,11 @@ def compiled_problem(head_dim: int, dtype: Any) -> str | None:
 def compiled_tuning(head_dim: int, dtype: Any) -> Tuning:
     """The table's launch for a padded head dimension (a power of two ``>= 16``) and
     input dtype; head dimensions above 512 take the 512 row."""
+    problem = compiled_problem(head_dim, dtype)
+    if problem is not None:
+        raise ValueError(problem)
     half = np.dtype(dtype).itemsize <= 2
-    return _TABLE[half, min(head_dim, 512)]
+    return _TABLE[half, min(max(head_dim, 64), 512)]
 
 
 def whole_blocks(q_block: int, k_block: int) -> Tuning:
