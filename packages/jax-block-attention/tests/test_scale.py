@@ -79,12 +79,20 @@ def test_drop_in_traced_scale_gradient_matches_jax_nn(ref):
     bias = jnp.asarray(np.random.default_rng(3).standard_normal((1, 4, 32, 48)), jnp.float32)
     w = _loss_weights(ref, q.shape)
 
-    def loss(attention, scale):
-        return jnp.sum(attention(q, k, v, bias, scale=scale, local_window_size=(8, 4)) * w)
+    # Older jax.nn ignores local_window_size: its reference gets the window as a mask.
+    qi, ki = np.arange(q.shape[1])[:, None], np.arange(k.shape[1])[None, :]
+    window = jnp.asarray((ki >= qi - 8) & (ki <= qi + 4))[None, None]
+
+    def loss(scale, **options):
+        return jnp.sum(options.pop("attention")(q, k, v, bias, scale=scale, **options) * w)
 
     scale = jnp.float32(0.2)
-    got = jax.grad(lambda s: loss(dot_product_attention, s))(scale)
-    expected = jax.grad(lambda s: loss(jax.nn.dot_product_attention, s))(scale)
+    got = jax.grad(lambda s: loss(s, attention=dot_product_attention, local_window_size=(8, 4)))(
+        scale
+    )
+    expected = jax.grad(lambda s: loss(s, attention=jax.nn.dot_product_attention, mask=window))(
+        scale
+    )
     np.testing.assert_allclose(got, expected, rtol=1e-4)
 
 
