@@ -326,5 +326,7 @@ def ring_attention(
     def local(*local_args: Any) -> Any:
         return _local(spec, *local_args)
 
-    out, lse = _shard_map(local, mesh, in_specs, out_specs)(*args)
+    # One compiled program: called eagerly, shard_map would run the ring's steps op by
+    # op (seconds per call at any size). Under an outer jit this is a nested call.
+    out, lse = jax.jit(_shard_map(local, mesh, in_specs, out_specs))(*args)
     return (out, lse) if return_lse else out
