@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import jax
@@ -12,6 +13,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from .._api import _check_implementation
+from .._cache import LRUCache
 from .._checks import _check_block_mask, fold_scale, normalize_scale
 from .._elementwise import _arity, has_tracers, trace_score_mod
 from .._normalize import normalize_window
@@ -22,6 +24,25 @@ from ._steps import RingSpec, ring
 Array = jax.Array
 
 _UNSUPPORTED = ("bias", "mask", "query_seq_lengths", "key_value_seq_lengths")
+
+# The ring as one compiled program per static configuration; bounded. Called eagerly,
+# an uncompiled shard_map would run the ring's steps op by op (seconds per call at any
+# size); under an outer jit the cached program is a nested call.
+_PROGRAMS = LRUCache[Callable[..., Any]](64)
+
+
+def _ring_program(spec: RingSpec, mesh: Any, in_specs: Any, out_specs: Any) -> Any:
+    """The compiled ``shard_map`` of the ring for ``spec`` on ``mesh``."""
+
+    def build() -> Any:
+        return jax.jit(_shard_map(partial(_local, spec), mesh, in_specs, out_specs))
+
+    key = (spec, mesh, in_specs, out_specs)
+    try:
+        hash(key)
+    except TypeError:  # an unhashable user function: compiled, not kept
+        return build()
+    return _PROGRAMS.get(key, build)
 
 
 def _shard_map(f: Callable[..., Any], mesh: Any, in_specs: Any, out_specs: Any) -> Any:
@@ -323,10 +344,5 @@ def ring_attention(
     args = _reshard_explicit(mesh, (Q, K, V, segment_ids, sink_arg, *mod_inputs), in_specs)
     out_specs = (seq_spec, P(batch_axis, head_axis, seq_axis))
 
-    def local(*local_args: Any) -> Any:
-        return _local(spec, *local_args)
-
-    # One compiled program: called eagerly, shard_map would run the ring's steps op by
-    # op (seconds per call at any size). Under an outer jit this is a nested call.
-    out, lse = jax.jit(_shard_map(local, mesh, in_specs, out_specs))(*args)
+    out, lse = _ring_program(spec, mesh, in_specs, out_specs)(*args)
     return (out, lse) if return_lse else out
