@@ -1,5 +1,5 @@
-"""Pallas backend, the entry point and eligibility: the checks, the kernel layout and
-padding around the kernels, and why a call cannot run on them."""
+"""Pallas backend, the entry point: block sizes, the block mask's checks, and the kernel
+layout and padding around the kernels (why a call cannot run on them is ``_eligibility``)."""
 
 from __future__ import annotations
 
