@@ -328,7 +328,7 @@ def _triton_kernels_for_cuda(fn, *args):
     triton = "__gpu$xla.gpu.triton"
     with _abstract_gpu(), warnings.catch_warnings():
         # jax 0.12+ announces, on every Triton lowering, that Pallas Triton will be
-        # removed (docs/attention.md says what takes over); here it is expected.
+        # removed (docs/ring.md says what takes over); here it is expected.
         warnings.filterwarnings(
             "ignore", "The Pallas Triton backend is deprecated", DeprecationWarning
         )
