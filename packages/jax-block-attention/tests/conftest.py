@@ -28,22 +28,24 @@ os.environ["XLA_FLAGS"] = " ".join(
 
 # The longest tests (multi-device subprocesses, brute-force mask sweeps) start first, so
 # that under pytest-xdist no worker is left running one of them alone at the end.
-_LONGEST_FIRST = (
-    "test_ring.py::test_ring_natural_order_user_call",
-    "test_ring.py::test_ring_1d_mesh_default_axis_types",
-    "test_ring.py::test_ring_2d_mesh_auto_axis_types",
-    "test_ring.py::test_two_processes_gloo",
-    "test_masks.py::test_mask_fn_classes_and_dense_match_brute_force",
-    "test_masks.py::test_random_masks_match_reference",
-)
+_LONGEST_FIRST = {
+    name: position
+    for position, name in enumerate(
+        (
+            "test_ring.py::test_ring_natural_order_user_call",
+            "test_ring.py::test_ring_1d_mesh_default_axis_types",
+            "test_ring.py::test_ring_2d_mesh_auto_axis_types",
+            "test_ring.py::test_two_processes_gloo",
+            "test_masks.py::test_mask_fn_classes_and_dense_match_brute_force",
+            "test_masks.py::test_random_masks_match_reference",
+        )
+    )
+}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     def rank(item: pytest.Item) -> int:
-        for position, name in enumerate(_LONGEST_FIRST):
-            if item.nodeid.endswith(name):
-                return position
-        return len(_LONGEST_FIRST)
+        return _LONGEST_FIRST.get(item.nodeid.rpartition("/")[2], len(_LONGEST_FIRST))
 
     items.sort(key=rank)  # stable: every other test keeps its order
 

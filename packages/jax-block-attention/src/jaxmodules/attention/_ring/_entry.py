@@ -40,7 +40,7 @@ def _ring_program(spec: RingSpec, mesh: Any, in_specs: Any, out_specs: Any) -> A
     key = (spec, mesh, in_specs, out_specs)
     try:
         hash(key)
-    except TypeError:  # an unhashable user function: compiled, not kept
+    except TypeError:  # axes given as lists, or an unhashable callable: compiled, not kept
         return build()
     return _PROGRAMS.get(key, build)
 
