@@ -43,7 +43,41 @@ _LONGEST_FIRST = {
 }
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--compat-subset",
+        action="store_true",
+        help="run only the tests marked `compat` (nox runs these on the older jax versions)",
+    )
+
+
+def compat_subset(items: list[pytest.Item]) -> list[pytest.Item]:
+    """The items marked ``compat``, in collection order. ``compat("case")`` takes only the
+    first value of the parameter ``case``, with every value of the other parameters."""
+    first_params: dict[tuple[Any, str], dict[str, Any]] = {}
+    chosen = []
+    for item in items:
+        marker = item.get_closest_marker("compat")
+        if marker is None:
+            continue
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        unknown = [name for name in marker.args if name not in params]
+        if unknown:
+            raise pytest.UsageError(f"{item.nodeid}: compat({unknown[0]!r}) names no parameter")
+        # The first item of a test function holds the first value of every parameter.
+        first = first_params.setdefault((item.path, getattr(item, "originalname", "")), params)
+        if all(params[name] is first[name] for name in marker.args):
+            chosen.append(item)
+    return chosen
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--compat-subset"):
+        chosen = compat_subset(items)
+        kept = set(map(id, chosen))
+        config.hook.pytest_deselected(items=[item for item in items if id(item) not in kept])
+        items[:] = chosen
+
     def rank(item: pytest.Item) -> int:
         return _LONGEST_FIRST.get(item.nodeid.rpartition("/")[2], len(_LONGEST_FIRST))
 

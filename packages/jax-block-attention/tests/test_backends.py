@@ -73,6 +73,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.compat("case")
 def test_entry_point_matches_reference(ref, backend, case):
     # Every backend's attend: output, lse (-inf on rows without a visible key) and the
     # gradients, zero on those rows.
@@ -151,6 +152,7 @@ def test_broadcast_bias_alibi_score_mod_q_offset(ref, backend):
     ids=["rows", "scalar", "key_padding", "tiles_over_batch", "keys_per_head", "queries"],
 )
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.compat("bias_shape")
 def test_bias_gradient_for_every_broadcast(ref, backend, bias_shape):
     # Each way a bias can broadcast takes its own route for the gradient (tiles, row
     # sums or column sums); all must sum back to the bias's shape.
@@ -164,6 +166,7 @@ def test_bias_gradient_for_every_broadcast(ref, backend, bias_shape):
     "name", ["alibi_slopes", "bucket_table", "relative_table", "temperature", "two_reads"]
 )
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.compat("name")
 def test_gradients_of_traced_score_mod_arrays(ref, backend, name):
     # Learnable arrays score_mod closes over: read at the head only (one sum per tile),
     # at an index that varies across the tile (walked entry by entry), 0-d, and two
@@ -200,6 +203,7 @@ def test_sinks_on_empty_rows(ref, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.compat
 def test_rows_without_keys_pass_no_gradient_through_their_lse(ref, backend):
     # Rows 0-4 see no key, so their lse is -inf and a loss of lse ** 2 sends them an
     # infinite cotangent: they have no gradient, and the other rows' gradients are those

@@ -35,6 +35,7 @@ def _assert_grads(grads, expected):
         np.testing.assert_allclose(got, want, atol=3e-5, rtol=1e-4, err_msg=f"d{name}")
 
 
+@pytest.mark.compat
 def test_block_mask_built_once_reused_across_calls_with_gradients(ref):
     batch, length = 2, 70
     ids = _segments(1, batch, length, 3)
@@ -59,6 +60,7 @@ def test_block_mask_built_once_reused_across_calls_with_gradients(ref):
         _assert_grads(grads, ref.gradients(q, k, v, mask, weights))
 
 
+@pytest.mark.compat
 def test_block_mask_built_inside_jit_from_traced_ids_is_a_pytree(ref):
     batch, length = 2, 53
     ids = _segments(4, batch, length, 4)
@@ -114,6 +116,7 @@ def test_block_mask_built_inside_jit_from_traced_ids_is_a_pytree(ref):
     )
 
 
+@pytest.mark.compat
 def test_traced_mask_has_no_per_block_conditional(ref):
     q, k, v = ref.qkv(7, 1, 64, 64, 2, 2, 8)
 
@@ -174,6 +177,7 @@ def test_head_dependent_block_mask_with_grouped_query_heads(ref):
     _assert_grads(jax.grad(loss, argnums=(0, 1, 2))(q, k, v), ref.gradients(q, k, v, mask, weights))
 
 
+@pytest.mark.compat
 def test_eager_calls_with_one_mask_fn_compile_once(ref):
     compiles = []
 
@@ -196,6 +200,7 @@ def test_eager_calls_with_one_mask_fn_compile_once(ref):
     assert counts[0] > 0 and counts[1:] == [0] * 5, counts
 
 
+@pytest.mark.compat
 def test_same_mask_fn_object_sees_new_closed_over_values(ref):
     """Caches are keyed on the traced program, not the function object: a closed-over
     array that changes between calls is never baked into a stale program."""
@@ -238,6 +243,7 @@ def test_repr_shows_sizes_sparsity_and_picture():
     assert [line.strip() for line in text.splitlines()[2:6]] == ["░···", "█░··", "██░·", "███░"]
 
 
+@pytest.mark.compat
 def test_repr_of_a_traced_block_mask():
     seen = []
 
@@ -306,6 +312,7 @@ def test_block_mask_that_does_not_fit_is_an_error():
         ((1, 1, 8, 8), {"block_size": 0}, ValueError, r"block_size must be a positive int"),
     ],
 )
+@pytest.mark.compat
 def test_create_block_mask_bad_arguments(args, options, error, pattern):
     with pytest.raises(error, match=pattern):
         create_block_mask(None, *args, **options)
@@ -319,6 +326,7 @@ def test_create_block_mask_bad_arguments(args, options, error, pattern):
         ((2, 8, 4, 8), (2, 0, 2, 8)),  # Lk = 0
     ],
 )
+@pytest.mark.compat
 def test_empty_sizes_give_empty_or_zero_results(shapes):
     q_shape, k_shape = shapes
     q, k = jnp.ones(q_shape), jnp.ones(k_shape)
@@ -336,6 +344,7 @@ def test_no_heads_is_a_clear_error():
         )
 
 
+@pytest.mark.compat
 def test_higher_order_derivatives_name_the_limitation(ref):
     q, k, v = ref.qkv(19, 1, 16, 16, 2, 2, 4)
 

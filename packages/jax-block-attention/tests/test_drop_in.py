@@ -76,6 +76,7 @@ def _jax_nn_ignores_windows() -> bool:
 
 
 @pytest.mark.parametrize("case", CASES)
+@pytest.mark.compat("case")
 def test_matches_jax_nn_forward_and_gradients(case):
     if "local_window_size" in CASES[case] and _jax_nn_ignores_windows():
         pytest.skip("this jax.nn.dot_product_attention ignores local_window_size")
@@ -113,6 +114,7 @@ def test_three_dimensional_inputs():
     np.testing.assert_allclose(ours, theirs, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.compat
 def test_rows_with_nothing_visible_give_zero_where_jax_nn_gives_the_mean():
     q, k, v, _, _ = _inputs(4)
     lengths = jnp.array([T, 10])
@@ -120,6 +122,7 @@ def test_rows_with_nothing_visible_give_zero_where_jax_nn_gives_the_mean():
     assert not np.asarray(ours[1, 10:]).any()
 
 
+@pytest.mark.compat
 def test_same_signature_as_jax_nn():
     ours = inspect.signature(dot_product_attention)
     theirs = inspect.signature(jax.nn.dot_product_attention)
@@ -130,12 +133,14 @@ def test_same_signature_as_jax_nn():
         assert ours.parameters[name].default == parameter.default, name
 
 
+@pytest.mark.compat
 def test_unknown_implementation_is_an_error():
     q, k, v, _, _ = _inputs(5)
     with pytest.raises(ValueError, match=r"implementation must be .* got 'fast'"):
         dot_product_attention(q, k, v, implementation="fast")
 
 
+@pytest.mark.compat
 def test_residual_is_the_log_sum_exp_like_jax_nn():
     q, k, v, bias, _ = _inputs(6)
     if "return_residual" not in inspect.signature(jax.nn.dot_product_attention).parameters:

@@ -35,6 +35,7 @@ def _binomial_bound(n, rate):
 
 
 @pytest.mark.parametrize("rate", [0.1, 0.5, 0.85])
+@pytest.mark.compat("rate")
 def test_uniform_weights_dropped_fraction_and_scale(rate):
     # Zero queries make every weight 1 / Lk: each output entry is either 0 (dropped) or
     # 1 / (Lk (1 - rate)) (kept and rescaled), exactly where dropout_keep_mask says.
@@ -83,6 +84,7 @@ def test_keep_mask_statistics_and_independence():
     np.testing.assert_array_equal(np.asarray(shifted), keep[:, :, 28:])
 
 
+@pytest.mark.compat
 def test_same_rng_same_result_other_rng_other_result(ref):
     q, k, v = ref.qkv(2, 2, 40, 40, 4, 2, 8)
     call = jax.jit(
@@ -167,6 +169,7 @@ def test_finite_differences():
     ],
     ids=["causal", "window_offset", "head_mask_fn"],
 )
+@pytest.mark.compat("options")
 def test_against_dense_reference_with_every_variant(ref, options):
     # Bias, soft-cap, an ALiBi score_mod with learnable slopes, sinks, lse and GQA, with
     # dropout: outputs, lse and every gradient against float64.
@@ -258,12 +261,14 @@ def test_temporary_memory_stays_far_below_one_score_matrix():
         (0.2, jax.random.split(RNG, 2), ValueError, "dropout_rng"),
     ],
 )
+@pytest.mark.compat
 def test_bad_dropout_arguments(ref, rate, rng, error, words):
     q, k, v = ref.qkv(17, 1, 8, 8, 1, 1, 4)
     with pytest.raises(error, match=words):
         masked_attention_via_map(q, k, v, dropout_rate=rate, dropout_rng=rng)
 
 
+@pytest.mark.compat
 def test_cudnn_and_ring_refuse_dropout(ref):
     q, k, v = ref.qkv(18, 1, 16, 16, 2, 2, 8)
     with pytest.raises(ValueError, match="dropout"):
@@ -289,6 +294,7 @@ def _needs_pallas():
         pytest.skip(f"this jax has no Pallas Triton backend ({err})")
 
 
+@pytest.mark.compat
 def test_pallas_draws_the_block_loop_decisions(ref):
     # The kernels (interpret mode here) and the block loop keep the same weights, with
     # GQA, a per-batch q_offset and a window, whatever their block sizes.

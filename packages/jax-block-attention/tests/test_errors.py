@@ -9,6 +9,9 @@ import pytest
 
 from jaxmodules.attention import masked_attention_via_map
 
+# Also run on the older jax versions: cheap, and the checks meet each version's tracers.
+pytestmark = pytest.mark.compat
+
 Q = jnp.ones((2, 10, 4, 8))
 K = jnp.ones((2, 12, 2, 8))
 V = jnp.ones((2, 12, 2, 6))

@@ -67,6 +67,7 @@ def _nnx_pair(**kwargs):
 
 
 @pytest.mark.parametrize("case", ["causal_mask", "padding_mask", "is_causal", "gqa_causal"])
+@pytest.mark.compat("case")
 def test_nnx_multi_head_attention_matches_flax(case):
     ours, theirs = _nnx_pair(num_kv_heads=2 if case == "gqa_causal" else None)
     x = _inputs(1)
@@ -94,6 +95,7 @@ def test_nnx_multi_head_attention_matches_flax(case):
 
 
 @pytest.mark.parametrize("case", ["causal_mask", "padding_mask"])
+@pytest.mark.compat("case")
 def test_linen_multi_head_dot_product_attention_matches_flax(case):
     x = _inputs(3)
     weights = jnp.ones((BATCH, LENGTH, 1))
@@ -116,6 +118,7 @@ def test_linen_multi_head_dot_product_attention_matches_flax(case):
     _close(ours.apply(params, x, mask=mask) * weights, theirs.apply(params, x, mask=mask) * weights)
 
 
+@pytest.mark.compat
 def test_function_matches_flax_with_bias_mask_and_batch_axes():
     # Two batch axes, a float mask (flax's masks are float32) combined with is_causal,
     # and a bias, against flax.nnx.dot_product_attention (which needs them spelled out
@@ -136,6 +139,7 @@ def test_function_matches_flax_with_bias_mask_and_batch_axes():
 
 
 @pytest.mark.parametrize("broadcast", [True, False])
+@pytest.mark.compat("broadcast")
 def test_dropout_is_the_documented_keep_mask(broadcast):
     # With dropout the output is flax's dense attention with the weights dropped where
     # dropout_keep_mask says (shared across batch and heads with broadcast_dropout).
@@ -204,6 +208,7 @@ def test_linen_dropout_reproducible_per_rng():
     assert np.isfinite(np.asarray(run(3))).all()
 
 
+@pytest.mark.compat
 def test_sow_weights_and_other_settings_are_refused():
     ours, _ = _nnx_pair()
     x = _inputs(11)

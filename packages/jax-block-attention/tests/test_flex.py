@@ -41,6 +41,7 @@ def test_block_mask_is_the_package_block_mask(ref):
     np.testing.assert_array_equal(ours, core.swapaxes(1, 2))
 
 
+@pytest.mark.compat
 def test_forward_lse_and_gradients_against_float64(ref):
     q, k, v = _bhle(ref)
     slopes = jnp.asarray(2.0 ** -np.arange(1, 5), jnp.float32)
@@ -83,6 +84,7 @@ def test_forward_lse_and_gradients_against_float64(ref):
         np.testing.assert_allclose(got, grads64[name], atol=1e-4, rtol=2e-4, err_msg=name)
 
 
+@pytest.mark.compat
 def test_return_aux_and_return_lse_agree(ref):
     q, k, v = _bhle(ref)
     out, lse = flex.flex_attention(q, k, v, enable_gqa=True, return_lse=True)
@@ -157,6 +159,7 @@ def test_block_mask_inside_jit_from_traced_documents(ref):
     np.testing.assert_allclose(attend(q, k, v, doc), expected, atol=3e-5, rtol=1e-4)
 
 
+@pytest.mark.compat
 def test_mask_helpers_against_numpy():
     q = np.arange(6)[:, None]
     kv = np.arange(6)[None, :]
@@ -195,6 +198,7 @@ def test_create_mask_shapes_and_score_mods():
     )
 
 
+@pytest.mark.compat
 def test_create_block_mask_arguments():
     device = jax.devices()[0]
     placed = flex.create_block_mask(causal, None, None, 64, 64, device=device, BLOCK_SIZE=32)
@@ -215,6 +219,7 @@ def test_create_block_mask_arguments():
         flex.create_block_mask(causal, None, None, 0, 64)
 
 
+@pytest.mark.compat
 def test_errors_name_the_torch_layout(ref):
     q, k, v = _bhle(ref)
     with pytest.raises(ValueError, match="enable_gqa=True"):

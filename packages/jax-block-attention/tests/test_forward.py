@@ -46,6 +46,7 @@ CASES += [("causal", "square_dv"), ("mask_fn", "mqa_long_keys"), ("window", "mqa
 
 
 @pytest.mark.parametrize(("mask_name", "shape_name"), CASES)
+@pytest.mark.compat("mask_name")
 def test_matches_dense_reference(ref, mask_name, shape_name):
     batch, q_len, k_len, q_heads, kv_heads, d, dv, block = SHAPES[shape_name]
     options = MASKS[mask_name]
@@ -71,6 +72,7 @@ def test_result_does_not_depend_on_block_size(ref, mask_name):
         np.testing.assert_allclose(out, outputs[0], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.compat
 def test_agrees_with_jax_dot_product_attention(ref):
     q, k, v = ref.qkv(3, 2, 96, 96, 8, 2, 16)
     for causal in (False, True):
@@ -97,6 +99,7 @@ def test_explicit_scale(ref):
 @pytest.mark.parametrize(
     ("dtype", "tolerance"), [(jnp.bfloat16, 2e-2), (jnp.float16, 2e-3)], ids=["bf16", "fp16"]
 )
+@pytest.mark.compat("dtype")
 def test_low_precision_inputs(ref, dtype, tolerance):
     q, k, v = ref.qkv(6, 2, 70, 70, 4, 2, 16, dtype=dtype)
     for options in ({"is_causal": True}, {"mask_fn": MASKS["mask_fn"]["mask_fn"]}):
@@ -159,6 +162,7 @@ def test_everything_masked_gives_zeros(ref):
 
 
 @pytest.mark.parametrize(("q_len", "k_len"), [(0, 5), (5, 0), (1, 1)])
+@pytest.mark.compat
 def test_degenerate_lengths(ref, q_len, k_len):
     q, k, v = ref.qkv(11, 2, q_len, k_len, 2, 1, 4)
     out = masked_attention_via_map(q, k, v, is_causal=True)

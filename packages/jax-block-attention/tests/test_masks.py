@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -34,6 +35,7 @@ def _classes(block_mask, batch, heads):
     return np.broadcast_to(got, (batch, heads, *got.shape[2:]))
 
 
+@pytest.mark.compat
 @settings(max_examples=80, deadline=None, suppress_health_check=fixture_ok)
 @given(
     q_len=st.integers(1, 70),

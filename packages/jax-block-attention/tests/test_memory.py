@@ -33,6 +33,7 @@ def _forward(options):
 
 @pytest.mark.parametrize("kind", ["forward", "gradient"])
 @pytest.mark.parametrize("options", [{"is_causal": True}, {}], ids=["causal", "unmasked"])
+@pytest.mark.compat("kind", "options")
 def test_temp_memory_is_linear_in_length(kind, options):
     fn = _gradient(options) if kind == "gradient" else _forward(options)
     sizes = [_temp_bytes(fn, length) for length in LENGTHS]
@@ -43,6 +44,7 @@ def test_temp_memory_is_linear_in_length(kind, options):
     assert sizes[-1] < 0.10 * scores, (sizes[-1], scores)
 
 
+@pytest.mark.compat
 def test_traced_mask_memory_is_linear_in_length():
     def loss(q, k, v, ids):
         out = masked_attention_via_map(

@@ -131,6 +131,7 @@ def _run(
 
 
 @pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.compat("case")
 def test_forward_lse_and_gradients_match_reference(ref, case):
     shape, block, options = CASES[case]
     q, k, v = ref.qkv(1, *shape)
@@ -225,6 +226,7 @@ def test_lse_is_differentiable(ref):
         assert ref.relative_error(a, e) < 1e-4
 
 
+@pytest.mark.compat
 def test_pallas_call_in_forward_and_gradient(ref):
     shape = (1, 32, 32, 2, 1, 16, 16)
     q, k, v = ref.qkv(6, *shape)
@@ -256,6 +258,7 @@ def test_tile_evaluation_matches_the_program():
             np.testing.assert_array_equal(tile, expected)
 
 
+@pytest.mark.compat
 def test_block_sizes_must_be_triton_tiles(ref):
     shape = (1, 48, 48, 1, 1, 16, 16)
     q, k, v = ref.qkv(7, *shape)
@@ -265,6 +268,7 @@ def test_block_sizes_must_be_triton_tiles(ref):
         pallas.attend(q, k, v, block_mask, 0.25)
 
 
+@pytest.mark.compat
 def test_mask_fn_the_kernel_cannot_evaluate_is_refused(ref):
     shape = (1, 32, 32, 1, 1, 16, 16)
     q, k, v = ref.qkv(8, *shape)
@@ -285,6 +289,7 @@ def test_mask_fn_the_kernel_cannot_evaluate_is_refused(ref):
     assert "control flow ('cond')" in pallas.block_mask_problem(branched)
 
 
+@pytest.mark.compat
 def test_shapes_that_do_not_fit_the_block_mask(ref):
     q, k, v = ref.qkv(9, 1, 32, 32, 2, 1, 16)
     block_mask = create_block_mask(None, 1, 1, 32, 48, block_size=16)
@@ -340,6 +345,7 @@ def _triton_kernels_for_cuda(fn, *args):
     return exported.mlir_module().count(triton)
 
 
+@pytest.mark.compat
 def test_lowers_for_cuda_without_a_gpu(ref):
     shape = (1, 64, 64, 4, 2, 24, 24)
     q, k, v = ref.qkv(10, *shape, dtype=jnp.bfloat16)
@@ -362,6 +368,7 @@ def test_lowers_for_cuda_without_a_gpu(ref):
     assert _triton_kernels_for_cuda(value_and_grads, q, k, v, block_mask) == 3
 
 
+@pytest.mark.compat
 def test_gpu_defaults_lower_for_cuda_without_a_gpu(ref):
     # What a GPU user gets first: 128 x 128 blocks, d=128 (8 warps), the compiled
     # default of 32-wide backward slices, GQA and a key-padding bias (column sums).
@@ -382,6 +389,7 @@ def test_gpu_defaults_lower_for_cuda_without_a_gpu(ref):
     assert _triton_kernels_for_cuda(value_and_grads, q, k, v, bias) == 3
 
 
+@pytest.mark.compat
 def test_dropout_lowers_for_cuda_without_a_gpu(ref):
     # The dropout hash's uint32 multiplies, xors, shifts and compares lower to Triton in
     # all three kernels, with the compiled defaults (backward slices, GQA).
@@ -403,6 +411,7 @@ def test_dropout_lowers_for_cuda_without_a_gpu(ref):
     assert _triton_kernels_for_cuda(value_and_grads, q, k, v, jax.random.key(7)) == 3
 
 
+@pytest.mark.compat
 def test_decode_split_lowers_for_cuda_without_a_gpu(ref):
     # Decoding: 4 query heads of 16 rows against 2048 keys are 4 programs, so compiled
     # the forward splits each row's 16 key blocks into 4 shares (a 4-D grid).
@@ -427,6 +436,7 @@ def test_decode_split_lowers_for_cuda_without_a_gpu(ref):
     assert _triton_kernels_for_cuda(value_and_grads, q, k, v) == 3
 
 
+@pytest.mark.compat
 def test_score_mod_array_gradients_lower_for_cuda_without_a_gpu(ref):
     # Gradients of traced arrays score_mod closes over (a bucket table read at q - k and
     # the head, slopes read at the head) lower to Triton with the compiled defaults.
@@ -480,6 +490,7 @@ def _primitive_without_triton_rule():
     pytest.skip("this jax lowers every candidate primitive to Triton")
 
 
+@pytest.mark.compat
 def test_user_program_primitives_need_a_triton_rule(ref, monkeypatch):
     # A score_mod or mask_fn whose primitive Triton cannot lower would pass in interpret
     # mode and fail to compile on a GPU: "pallas" refuses it, naming the primitive, and
@@ -548,6 +559,7 @@ def test_compiled_float32_above_head_dim_128_goes_to_the_block_loop(ref, monkeyp
 
 
 @pytest.mark.parametrize("how", ["removed", "deprecation made an error"])
+@pytest.mark.compat
 def test_without_pallas_triton_the_default_runs_the_block_loop(ref, monkeypatch, how):
     # A jax that has removed Pallas Triton, or turned its deprecation into an error:
     # "pallas" says so, and the default implementation on a GPU (cuDNN cannot take
@@ -607,6 +619,7 @@ def _kernel_dot_precisions(dtype):
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["interpreted", "compiled"])
+@pytest.mark.compat
 def test_float32_kernel_dots_keep_float32_accuracy(monkeypatch, compiled):
     # Triton rounds float32 dot operands to TF32 unless told otherwise. Compiled, the
     # kernels ask for three TF32 products per dot (tf32x3: float32 accuracy on tensor
@@ -786,6 +799,7 @@ def test_random_combinations_match_reference(ref, seed):
         assert ref.relative_error(got, grads64[name]) < 1e-4, f"d{name}: {call}"
 
 
+@pytest.mark.compat
 def test_vmap_over_the_kernel(ref):
     # jax.vmap (as fancy_vmap applies it) adds a grid axis to every pallas_call; each
     # mapped slice, with its own segment ids, must match the block loop on that slice.

@@ -170,6 +170,7 @@ def test_ring_1d_mesh_default_axis_types():
     )
 
 
+@pytest.mark.compat
 def test_ring_2d_mesh_auto_axis_types():
     """2 "data" x 4 "seq" with Auto axes: a window with score_mod on the unbalanced
     contiguous layout, causal with sinks and lse gradients on zigzag, causal documents
@@ -273,6 +274,7 @@ def test_ring_natural_order_user_call():
     )
 
 
+@pytest.mark.compat
 def test_block_counts_balanced_by_zigzag():
     assert ring_block_counts(8) == [17] * 8
     assert ring_block_counts(8, layout="contiguous") == [4 * d + 3 for d in range(8)]
@@ -286,6 +288,7 @@ def test_block_counts_balanced_by_zigzag():
     )
 
 
+@pytest.mark.compat
 def test_zigzag_round_trip():
     x = jnp.arange(2 * 24).reshape(2, 24)
     z = to_zigzag(x, 3)
@@ -294,6 +297,7 @@ def test_zigzag_round_trip():
     assert sorted(zigzag_order(24, 3).tolist()) == list(range(24))
 
 
+@pytest.mark.compat
 def test_one_device_mesh_matches():
     mesh = jax.make_mesh((1,), ("seq",))
     rng = np.random.default_rng(1)
@@ -320,6 +324,7 @@ def test_one_device_mesh_matches():
         (dict(implementation="triton"), ValueError, "implementation must be"),
     ],
 )
+@pytest.mark.compat
 def test_errors(kwargs, error, match):
     mesh = jax.make_mesh((1,), ("seq",))
     q = jnp.zeros((1, 8, 2, 4))
@@ -328,6 +333,7 @@ def test_errors(kwargs, error, match):
         ring_attention(q, q, q, **call)
 
 
+@pytest.mark.compat
 def test_length_not_divisible():
     mesh = jax.make_mesh((1,), ("seq",))
     q = jnp.zeros((1, 7, 2, 4))
@@ -394,6 +400,7 @@ _GLOO_MISSING = re.compile(
 )
 
 
+@pytest.mark.compat
 def test_two_processes_gloo():
     """2 processes x 4 CPU devices (jax.distributed on 127.0.0.1, gloo collectives): a
     data x sequence sharded ring attention forward and gradients equal one process, on

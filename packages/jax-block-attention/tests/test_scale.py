@@ -23,6 +23,7 @@ def _qkv(ref, dtype=jnp.float32):
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.compat
 def test_concrete_array_scale_equals_the_float(ref, implementation):
     q, k, v = _qkv(ref)
     kw = {"is_causal": True, "block_size": 16, "implementation": implementation}
@@ -36,6 +37,7 @@ def test_concrete_array_scale_equals_the_float(ref, implementation):
     )
 
 
+@pytest.mark.compat
 def test_the_usual_spelling_inside_jit(ref):
     """``scale=1 / jnp.sqrt(d)`` is traced inside ``jit``; d = 16 makes it exact."""
     q, k, v = _qkv(ref)
@@ -197,6 +199,7 @@ def test_flex_traced_scale_gradient_matches_jax_nn(ref):
     np.testing.assert_allclose(jax.grad(ours)(scale), jax.grad(theirs)(scale), rtol=1e-4)
 
 
+@pytest.mark.compat
 def test_ring_traced_scale_gradient_matches_jax_nn(ref):
     """One device: the ring's entry, shard_map and VJP, with natural order = zigzag."""
     q, k, v = ref.qkv(1, 1, 32, 32, 4, 2, 16)
@@ -227,6 +230,7 @@ def test_ring_traced_scale_gradient_matches_jax_nn(ref):
         (jnp.float32(np.inf), ValueError, "finite"),
     ],
 )
+@pytest.mark.compat
 def test_bad_scales(ref, scale, error, words):
     q, k, v = _qkv(ref)
     with pytest.raises(error, match=words):
@@ -235,6 +239,7 @@ def test_bad_scales(ref, scale, error, words):
         dot_product_attention(q, k, v, scale=scale)
 
 
+@pytest.mark.compat
 def test_bad_traced_scales(ref):
     q, k, v = _qkv(ref)
     with pytest.raises(TypeError, match="floating"):

@@ -10,8 +10,12 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxmodules.attention import masked_attention_via_map
+
+# Also run on the older jax versions: jit, vmap, remat and sharding change between them.
+pytestmark = pytest.mark.compat
 
 
 def _segments(seed, batch, length, documents):

@@ -13,6 +13,7 @@ from jaxmodules.attention import create_block_mask, masked_attention_via_map
 SHAPE = (2, 37, 45, 4, 2, 8)
 
 
+@pytest.mark.compat
 def test_bias_full_and_broadcast(ref):
     rng = np.random.default_rng(3)
     full = jnp.asarray(rng.standard_normal((2, 4, 37, 45)), jnp.float32)
@@ -29,6 +30,7 @@ def test_soft_cap(ref):
     )
 
 
+@pytest.mark.compat
 def test_alibi_score_mod_gets_slope_gradients(ref):
     slopes = jnp.asarray(2.0 ** -np.arange(1, 5), jnp.float32)
     ref.compare_variants(
@@ -100,6 +102,7 @@ def test_masked_blocks_of_a_mask_array_are_skipped(ref):
 
 
 @pytest.mark.parametrize("traced", [False, True])
+@pytest.mark.compat("traced")
 def test_decoding_one_query_against_a_cache(ref, traced):
     batch, k_len = 2, 50
     q, k, v = ref.qkv(15, batch, 1, k_len, 4, 2, 8)
@@ -252,6 +255,7 @@ def test_three_dimensional_inputs(ref):
         ({"return_lse": "yes"}, TypeError, r"return_lse must be a bool"),
     ],
 )
+@pytest.mark.compat
 def test_bad_variant_arguments(options, error, pattern):
     q = jnp.ones((2, 10, 4, 8))
     k = jnp.ones((2, 12, 2, 8))
