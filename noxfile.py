@@ -230,9 +230,9 @@ def _session_script(session: nox.Session, name: str, text: str) -> Path:
 
 
 # Test processes per package (pytest-xdist, in the package's test extras): the attention
-# suite is mostly XLA compiling small programs, one core per process; fancy_vmap's
-# property tests are two long runs. logstate's suite is shorter than two workers' start.
-TEST_PROCESSES = {"jax-block-attention": 2, "jax-fancy-vmap": 2}
+# suite is mostly XLA compiling small programs, one core per process. The other suites
+# gain nothing from a second process (measured).
+TEST_PROCESSES = {"jax-block-attention": 2}
 
 # On the older jax versions a package may run a subset of its suite: the attention suite
 # runs whole on the newest jax, and on jax 0.10 and its oldest jax only the tests marked

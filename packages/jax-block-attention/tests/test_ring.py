@@ -170,7 +170,6 @@ def test_ring_1d_mesh_default_axis_types():
     )
 
 
-@pytest.mark.compat
 def test_ring_2d_mesh_auto_axis_types():
     """2 "data" x 4 "seq" with Auto axes: a window with score_mod on the unbalanced
     contiguous layout, causal with sinks and lse gradients on zigzag, causal documents
