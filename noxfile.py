@@ -252,8 +252,16 @@ def _run_package_tests(
     selection = ["-n", str(processes)] if processes > 1 else []
     if older_jax:
         selection += OLDER_JAX_SELECTION.get(package, [])
-    # Tests run against the installed wheel, never the source tree.
-    _pytest(session, str(ROOT / "packages" / package / "tests"), *selection, *session.posargs)
+    # Tests run against the installed wheel, never the source tree. They compile many
+    # small programs and time none (attention's own conftest also sets the flags, for
+    # runs outside nox; attention_optimized covers XLA's default level).
+    _pytest(
+        session,
+        str(ROOT / "packages" / package / "tests"),
+        *selection,
+        *session.posargs,
+        env={"XLA_FLAGS": CHEAP_XLA_CODEGEN},
+    )
 
 
 @nox.session(tags=["check"])

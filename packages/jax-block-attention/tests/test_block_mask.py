@@ -35,7 +35,6 @@ def _assert_grads(grads, expected):
         np.testing.assert_allclose(got, want, atol=3e-5, rtol=1e-4, err_msg=f"d{name}")
 
 
-@pytest.mark.compat
 def test_block_mask_built_once_reused_across_calls_with_gradients(ref):
     batch, length = 2, 70
     ids = _segments(1, batch, length, 3)

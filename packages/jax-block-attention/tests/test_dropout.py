@@ -169,7 +169,6 @@ def test_finite_differences():
     ],
     ids=["causal", "window_offset", "head_mask_fn"],
 )
-@pytest.mark.compat("options")
 def test_against_dense_reference_with_every_variant(ref, options):
     # Bias, soft-cap, an ALiBi score_mod with learnable slopes, sinks, lse and GQA, with
     # dropout: outputs, lse and every gradient against float64.

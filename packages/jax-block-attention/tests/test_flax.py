@@ -139,7 +139,6 @@ def test_function_matches_flax_with_bias_mask_and_batch_axes():
 
 
 @pytest.mark.parametrize("broadcast", [True, False])
-@pytest.mark.compat("broadcast")
 def test_dropout_is_the_documented_keep_mask(broadcast):
     # With dropout the output is flax's dense attention with the weights dropped where
     # dropout_keep_mask says (shared across batch and heads with broadcast_dropout).

@@ -41,7 +41,6 @@ def test_block_mask_is_the_package_block_mask(ref):
     np.testing.assert_array_equal(ours, core.swapaxes(1, 2))
 
 
-@pytest.mark.compat
 def test_forward_lse_and_gradients_against_float64(ref):
     q, k, v = _bhle(ref)
     slopes = jnp.asarray(2.0 ** -np.arange(1, 5), jnp.float32)

@@ -47,7 +47,6 @@ def test_gradients_match_float64_reference(ref, case):
         np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4, err_msg=f"d{name}")
 
 
-@pytest.mark.compat
 def test_gradients_match_jax_grad_of_dense_attention(ref):
     q, k, v = ref.qkv(22, 2, 64, 64, 4, 2, 16)
     weights = ref.qkv(23, 2, 64, 64, 4, 2, 16)[0]

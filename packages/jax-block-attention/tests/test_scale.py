@@ -199,7 +199,6 @@ def test_flex_traced_scale_gradient_matches_jax_nn(ref):
     np.testing.assert_allclose(jax.grad(ours)(scale), jax.grad(theirs)(scale), rtol=1e-4)
 
 
-@pytest.mark.compat
 def test_ring_traced_scale_gradient_matches_jax_nn(ref):
     """One device: the ring's entry, shard_map and VJP, with natural order = zigzag."""
     q, k, v = ref.qkv(1, 1, 32, 32, 4, 2, 16)

@@ -14,9 +14,6 @@ import pytest
 
 from jaxmodules.attention import masked_attention_via_map
 
-# Also run on the older jax versions: jit, vmap, remat and sharding change between them.
-pytestmark = pytest.mark.compat
-
 
 def _segments(seed, batch, length, documents):
     rng = np.random.default_rng(seed)
@@ -27,6 +24,7 @@ def _segments(seed, batch, length, documents):
     return ids
 
 
+@pytest.mark.compat
 def test_jit_and_eager_agree(ref):
     q, k, v = ref.qkv(30, 2, 45, 45, 4, 2, 8)
 
@@ -36,6 +34,7 @@ def test_jit_and_eager_agree(ref):
     np.testing.assert_allclose(jax.jit(f)(q, k, v), f(q, k, v), atol=1e-6)
 
 
+@pytest.mark.compat
 def test_vmap_over_an_extra_axis(ref):
     q, k, v = ref.qkv(31, 3, 20, 28, 2, 1, 8)
 
@@ -50,6 +49,7 @@ def test_vmap_over_an_extra_axis(ref):
     )
 
 
+@pytest.mark.compat
 def test_remat_gives_the_same_gradients(ref):
     q, k, v = ref.qkv(32, 1, 36, 36, 2, 2, 8)
 
@@ -113,6 +113,7 @@ def test_vmap_over_segment_ids_with_gradients(ref):
         np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.compat
 def test_skipped_blocks_are_never_computed(ref):
     """NaNs in keys and values that no query can see stay out of the result: blocks the
     mask leaves empty are skipped, not computed and masked (0 * NaN would be NaN)."""
@@ -152,6 +153,7 @@ def test_skipped_blocks_are_never_computed(ref):
     check(masked_attention_via_map(q[:, :16], k_causal, v_causal, is_causal=True, block_size=16))
 
 
+@pytest.mark.compat
 def test_sharded_batch_and_heads():
     """Inputs sharded over batch (and heads) on two host devices give the same result."""
     script = textwrap.dedent(

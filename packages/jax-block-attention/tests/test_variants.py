@@ -30,7 +30,6 @@ def test_soft_cap(ref):
     )
 
 
-@pytest.mark.compat
 def test_alibi_score_mod_gets_slope_gradients(ref):
     slopes = jnp.asarray(2.0 ** -np.arange(1, 5), jnp.float32)
     ref.compare_variants(
