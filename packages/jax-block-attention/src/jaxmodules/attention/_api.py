@@ -3,7 +3,6 @@ block mask with that backend's block sizes, call it, add the sinks."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -12,16 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _pallas as pallas
-from . import _xla as xla
+from . import _dispatch as dispatch
 from ._block_mask import BlockMask
 from ._checks import CheckedArguments, check_arguments
-from ._cudnn import cudnn_attention, cudnn_problem, on_gpu
 from ._dropout import check_dropout
-from ._elementwise import trace_score_mod
-from ._pallas import PallasUnsupportedError
-from ._plan import plan_block_mask
-from ._scores import Operands, ScoreConfig, bias_axes, with_sinks
+from ._registry import check_implementation
+from ._scores import with_sinks
 
 
 def masked_attention_via_map(
@@ -216,100 +211,16 @@ def checked_attention(args: CheckedArguments, implementation: str | None, return
     batched = args.q.ndim == 4
     if not batched:
         args = replace(args, q=args.q[None], k=args.k[None], v=args.v[None])
-    name = _first_choice(implementation, args, bool(return_lse))
-    if name == "cudnn":
-        out = _cudnn_call(args)
-        return out if batched else out[0]
-    out, lse = _block_backend_call(name, implementation, args)
+    out, lse = dispatch.attend(args, implementation, bool(return_lse))
     if args.sinks is not None:
         out, lse = with_sinks(out, lse, args.sinks)
     if not batched:
-        out, lse = out[0], lse[0]
+        out, lse = out[0], None if lse is None else lse[0]
     return (out, lse) if return_lse else out
 
 
-# The block-mask backends by implementation name. Each is a package with the same entry
-# shape: block_sizes(**shape) -> (query block, key block), call_problem(block_mask,
-# scores, operands, head_dim=, dtype=) -> why it cannot compute a call or None, and attend(q, k, v,
-# block_mask, scale, scores, operands) -> (out, lse) on 4-D inputs, lse -inf on rows
-# without a visible key. A new backend is one more package and one more entry here.
-_BACKENDS = {"xla": xla, "pallas": pallas}
-_IMPLEMENTATIONS = (None, *_BACKENDS, "cudnn")
-
-
-def _check_implementation(implementation: Any) -> str | None:
-    """``implementation`` checked: ``None`` or the name of a backend."""
-    names = ", ".join(repr(n) for n in _IMPLEMENTATIONS[1:])
-    if not (implementation is None or isinstance(implementation, str)):
-        raise TypeError(
-            f"implementation must be None or one of {names}, got "
-            f"{type(implementation).__name__}: {implementation!r}"
-        )
-    if implementation not in _IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be None or one of {names}, got {implementation!r}")
-    return implementation
-
-
-def _first_choice(implementation: str | None, args: CheckedArguments, return_lse: bool) -> str:
-    """The backend a call goes to before its block mask is known: the one asked for, or
-    for ``None`` on a GPU cuDNN where it computes the call exactly, else Pallas (which
-    may still hand it to the block loop), and the block loop elsewhere."""
-    if implementation not in ("cudnn", None):
-        return implementation
-    problem = cudnn_problem(args, return_lse=return_lse)
-    if implementation == "cudnn" and problem is not None:
-        raise ValueError(f'implementation="cudnn" cannot compute this call: {problem}')
-    return "cudnn" if problem is None else "pallas" if on_gpu() else "xla"
-
-
-def _cudnn_call(args: CheckedArguments) -> jax.Array:
-    return cudnn_attention(
-        args.q,
-        args.k,
-        args.v,
-        is_causal=args.is_causal,
-        window=args.window,
-        scale=args.scale,
-        bias=args.bias,
-        query_seq_lengths=args.q_lengths,
-        key_value_seq_lengths=args.kv_lengths,
-    )
-
-
-def _block_backend_call(
-    name: str, implementation: str | None, args: CheckedArguments
-) -> tuple[jax.Array, jax.Array]:
-    """Plan the block mask with backend ``name``'s block sizes, check that the backend
-    can compute the call (for ``implementation=None`` the block loop takes what another
-    backend cannot), and call it: output and lse (``-inf`` on empty rows, no sinks)."""
-    q, k, v = args.q, args.k, args.v
-    bsz, q_len, _, d = q.shape
-    k_len, dv = k.shape[1], v.shape[-1]
-    if bsz == 0 or q_len == 0 or k_len == 0:
-        out = jnp.zeros((*q.shape[:3], dv), q.dtype)
-        return out, jnp.full((bsz, q.shape[2], q_len), -jnp.inf, jnp.float32)
-    block_mask = plan_block_mask(args, _BACKENDS[name].block_sizes, head_dim=d, value_dim=dv)
-    program, consts = (None, ()) if args.score_mod is None else trace_score_mod(args.score_mod)
-    scores = ScoreConfig(
-        soft_cap=args.soft_cap,
-        score=program,
-        bias=None if args.bias is None else bias_axes(args.bias.shape),
-        dropout_rate=0.0 if args.dropout is None else args.dropout.rate,
-    )
-    seeds = None if args.dropout is None else args.dropout.seeds(bsz, q.shape[2])
-    operands = Operands(args.bias, consts, seeds)
-    problem = _BACKENDS[name].call_problem(
-        block_mask, scores, operands, head_dim=max(d, dv), dtype=q.dtype
-    )
-    if problem is not None and implementation is not None:
-        error = PallasUnsupportedError if name == "pallas" else ValueError
-        raise error(
-            f'implementation="{name}" cannot compute this call: {problem}; implementation="xla" can'
-        )
-    if problem is not None:
-        name = "xla"
-    scale = args.scale if args.scale is not None else 1.0 / math.sqrt(d)
-    return _BACKENDS[name].attend(q, k, v, block_mask, scale, scores, operands)
+# The flax adapter and the ring check implementation names here.
+_check_implementation = check_implementation
 
 
 def dot_product_attention(

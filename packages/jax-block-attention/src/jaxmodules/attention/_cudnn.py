@@ -7,6 +7,7 @@ when its mask is exactly one of those; ``cudnn_problem`` says why not otherwise.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -20,9 +21,14 @@ _CUDNN_DTYPES = (jnp.float16, jnp.bfloat16)
 _MAX_HEAD_DIM = 128
 
 
-def on_gpu() -> bool:
-    """Whether the default JAX backend is a GPU."""
-    return jax.default_backend() == "gpu"
+@functools.cache
+def has_cudnn() -> bool:
+    """Whether this host has an NVIDIA GPU backend: ``jax.nn`` checks cuDNN's version
+    when it traces its cuDNN call, so the call can be traced only where one is."""
+    try:
+        return bool(jax.devices("cuda"))
+    except RuntimeError:
+        return False
 
 
 def _zero_offset(q_offset: Any) -> bool:
@@ -53,8 +59,9 @@ def cudnn_window(
     return is_causal, (int(left), 0)
 
 
-def cudnn_problem(args: CheckedArguments, *, return_lse: bool) -> str | None:
-    """Why ``jax.nn``'s cuDNN path cannot compute this call exactly, or ``None``."""
+def cudnn_problem(args: CheckedArguments, *, return_lse: bool, platform: str) -> str | None:
+    """Why ``jax.nn``'s cuDNN path cannot compute this call exactly when lowered for
+    ``platform``, or ``None``."""
     if args.dropout is not None:
         # jax.nn.dot_product_attention takes no dropout, and cuDNN's own would draw other
         # decisions than the hash every other backend shares.
@@ -97,9 +104,37 @@ def cudnn_problem(args: CheckedArguments, *, return_lse: bool) -> str | None:
             f"cuDNN needs equal query and value head dimensions, a multiple of 8 and at most "
             f"{_MAX_HEAD_DIM}, got {d} and {dv}"
         )
-    if not on_gpu():
-        return f"cuDNN needs a GPU, and the default JAX backend is {jax.default_backend()!r}"
+    if platform != "cuda":
+        return f"cuDNN needs a GPU (NVIDIA), and the call is lowered for {platform!r}"
+    if not has_cudnn():
+        return (
+            "jax.nn's cuDNN call can be traced only on a host with an NVIDIA GPU (it checks "
+            "cuDNN's version when traced), and this one has none"
+        )
     return None
+
+
+def refusal(call: Any, platform: str) -> str | None:
+    """Why ``jax.nn``'s cuDNN path cannot compute a ``_call.Call`` on ``platform``."""
+    return cudnn_problem(call.args, return_lse=call.needs_lse, platform=platform)
+
+
+def run(call: Any, platform: str) -> tuple[jax.Array, None]:
+    """The output of a ``_call.Call`` by ``jax.nn``'s cuDNN path (no lse: a call that
+    needs one is refused)."""
+    args = call.args
+    out = cudnn_attention(
+        args.q,
+        args.k,
+        args.v,
+        is_causal=args.is_causal,
+        window=args.window,
+        scale=args.scale,
+        bias=args.bias,
+        query_seq_lengths=args.q_lengths,
+        key_value_seq_lengths=args.kv_lengths,
+    )
+    return out, None
 
 
 def cudnn_attention(

@@ -1,4 +1,4 @@
-"""Pallas backend, eligibility: why a call cannot run on the kernels (``None`` when it
+"""Triton backend, eligibility: why a call cannot run on the kernels (``None`` when it
 can), from its block mask and score changes, by trial traces on the smallest tile;
 answers are cached by everything they depend on."""
 
@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from .._block_mask import BlockMask
 from .._cache import LRUCache
+from .._platforms import GPUS, default_platform, known_platform
 from .._scores import Operands, ScoreConfig
 from ._tile_math import _array_grad_width, _is_tile, _tile_width, walked_entries
 from ._tile_program import ArrayRead, _tile_problem, mask_program_problem
@@ -26,8 +27,8 @@ _MAX_READ_ENTRIES = 256
 
 
 def block_mask_problem(block_mask: BlockMask) -> str | None:
-    """Why ``block_mask`` cannot run on the Pallas kernel, or ``None`` when it can (for
-    a dispatcher that falls back to the block loop)."""
+    """Why ``block_mask`` cannot run on the Triton kernel as it is, or ``None`` when it
+    can (the dispatcher re-plans a prebuilt block mask whose block sizes do not fit)."""
     bq, bk = block_mask.block_size
     if not (_is_tile(bq) and _is_tile(bk)):
         return f"block_size={block_mask.block_size} is not a pair of powers of two >= 16"
@@ -46,7 +47,7 @@ def score_program_problem(program: Any, consts: Sequence[Any]) -> str | None:
         shape = tuple(jnp.shape(consts[n]))
         if _array_grad_width(shape) > _MAX_ARRAY_GRADIENT:
             return (
-                f"score_mod closes over a traced array of shape {shape}; the Pallas kernel "
+                f"score_mod closes over a traced array of shape {shape}; the Triton kernel "
                 f"keeps the gradient of such arrays per program, up to {_MAX_ARRAY_GRADIENT} "
                 'entries: use implementation="xla", or a bias'
             )
@@ -85,12 +86,16 @@ def call_problem(
     """Why a call cannot run on the Pallas kernel, or ``None`` when it can: its block
     mask and score changes; for compiled kernels also its head dimension (the larger of
     the query's and the value's) and input dtype. ``interpret=None``: compiled on a GPU,
-    interpreted elsewhere."""
+    interpreted elsewhere (the platform the call runs on when known now, else the
+    default device's)."""
     # Outside the cache below: jax's deprecation switch may be flipped during a run.
     backend = triton_backend_problem()
     if backend is not None:
         return backend
-    compiled = jax.default_backend() == "gpu" if interpret is None else not interpret
+    if interpret is None:
+        compiled = (known_platform() or default_platform()) in GPUS
+    else:
+        compiled = not interpret
     if compiled and head_dim is not None:
         problem = compiled_problem(_tile_width(head_dim), dtype)
         if problem is not None:

@@ -1,4 +1,4 @@
-"""Pallas backend, the entry point: block sizes, the block mask's checks, and the kernel
+"""Triton backend, the entry point: block sizes, the block mask's checks, and the kernel
 layout and padding around the kernels (why a call cannot run on them is ``_eligibility``)."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from .._block_mask import BlockMask
 from .._config import block_fields
+from .._platforms import DEFAULT, GPUS, known_platform, on_platforms
 from .._scores import Operands, ScoreConfig, bias_axes
 from ._calls import _kernel_attention
 from ._eligibility import call_problem, traced_score_arrays
@@ -85,10 +86,6 @@ def _list_name(side: str, name: str) -> str:
     return name.format(side) if "{}" in name else f"{side}_{name}"
 
 
-def _default_interpret(interpret: bool | None) -> bool:
-    if interpret is None:
-        return jax.default_backend() != "gpu"
-    return bool(interpret)
 
 
 def attend(
@@ -117,8 +114,9 @@ def attend(
         v: Values ``(B, Lk, Hkv, dv)``.
         block_mask: The mask, with block sizes that are powers of two ``>= 16``.
         scale: Factor for the scores ``q @ k^T``.
-        interpret: Run the kernels in Pallas interpret mode; ``None``: when the default
-            backend is not a GPU.
+        interpret: Run the kernels in Pallas interpret mode; ``None``: unless the call
+            is lowered for a GPU (a program traced for a platform known only when it is
+            lowered holds both).
         scores: The score changes (soft-cap, ``score_mod`` program, which axes the bias
             varies along) and the dropout rate, as built by ``masked_attention_via_map``.
         operands: Their arrays: a rank-4 ``bias`` broadcastable to ``(B, Hq, Lq, Lk)``
@@ -152,6 +150,21 @@ def attend(
         PallasUnsupportedError: A ``mask_fn`` or ``score_mod`` the kernel cannot
             evaluate on tiles (a ``ValueError``).
     """
+    if interpret is None:
+        # Compiled where the call is lowered for a GPU, interpreted elsewhere.
+        options = dict(
+            backward_tile=backward_tile,
+            num_warps=num_warps,
+            kv_splits=kv_splits,
+            tuning=tuning,
+            group_splits=group_splits,
+        )
+        run = partial(attend, q, k, v, block_mask, scale, scores, operands, **options)
+        platform = known_platform()
+        if platform is not None:
+            return run(interpret=platform not in GPUS)
+        compiled, interpreted = partial(run, interpret=False), partial(run, interpret=True)
+        return on_platforms({**dict.fromkeys(GPUS, compiled), DEFAULT: interpreted})
     _check_block_mask(block_mask, q, k, v)
     scores = scores or ScoreConfig()
     operands = operands or Operands(None, ())
@@ -179,7 +192,6 @@ def attend(
                 f"shape {bias.shape}"
             )
         scores = replace(scores, bias=bias_axes(bias.shape))
-    interpret = _default_interpret(interpret)
     bq, bk = block_mask.block_size
     if tuning is None:
         width = _tile_width(max(q.shape[-1], v.shape[-1]))

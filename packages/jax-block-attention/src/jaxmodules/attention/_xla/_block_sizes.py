@@ -1,7 +1,7 @@
 """XLA backend, its default block sizes (also those of ``create_block_mask``).
 
 On XLA:CPU the block loop picks the cheapest schedule under a cost model measured there
-(below). On GPU and TPU it uses fixed tiles that fill a matrix unit. (The Pallas
+(below). On GPU and TPU it uses fixed tiles that fill a matrix unit. (The Triton
 backend's sizes are in ``_pallas._entry``.)
 
 The XLA:CPU cost model, measured (float32, d = 64): the matmuls of a block run on one core at any
@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 import numpy as np
 
 from .._band import FULL, PARTIAL, band_limits, structural_classes
+from .._platforms import default_platform, known_platform
 
 _QUERY_BLOCK_COST = 50e-6  # seconds per query block
 _STEP_COST = 20e-6  # seconds per scheduled block pair
@@ -88,10 +88,15 @@ def xla_cpu_block_sizes(
 _ACCELERATOR_BLOCKS = (128, 128)
 
 
-def block_sizes(*, q_len: int, k_len: int, **shape: Any) -> tuple[int, int]:
-    """The block loop's default ``(query block, key block)`` on the default device,
-    clamped to the lengths: on a CPU the choice of ``xla_cpu_block_sizes`` (``shape``
-    holds its other keywords), else ``(128, 128)``."""
-    if jax.default_backend() != "cpu":
+def block_sizes(
+    *, q_len: int, k_len: int, platform: str | None = None, **shape: Any
+) -> tuple[int, int]:
+    """The block loop's default ``(query block, key block)`` on ``platform`` (``None``:
+    the one the call runs on when known now, else the default device's), clamped to the
+    lengths: on a CPU the choice of ``xla_cpu_block_sizes`` (``shape`` holds its other
+    keywords), else ``(128, 128)``."""
+    if platform is None:
+        platform = known_platform() or default_platform()
+    if platform != "cpu":
         return min(_ACCELERATOR_BLOCKS[0], q_len), min(_ACCELERATOR_BLOCKS[1], k_len)
     return xla_cpu_block_sizes(q_len=q_len, k_len=k_len, **shape)

@@ -1,0 +1,25 @@
+"""XLA backend, as the dispatcher calls it: it takes every call on every platform."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .._call import Call, any_blocks
+from ._block_sizes import block_sizes
+from ._entry import attend
+
+__all__ = ["block_sizes", "refusal", "run"]
+
+
+def refusal(call: Call, platform: str) -> str | None:
+    """Why the block loop cannot compute ``call``: never."""
+    return None
+
+
+def run(call: Call, platform: str) -> tuple[Any, Any]:
+    """``(out, lse)`` of ``call`` by the block loop."""
+    if call.empty:
+        return call.empty_result()
+    block_mask = call.block_mask(block_sizes, any_blocks, platform)
+    args = call.args
+    return attend(args.q, args.k, args.v, block_mask, call.scale, call.scores, call.operands)
