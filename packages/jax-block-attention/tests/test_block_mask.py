@@ -129,7 +129,8 @@ def test_traced_mask_has_no_per_block_conditional(ref):
             q, k, v, jnp.zeros(64, jnp.int32)
         )
     )
-    assert " cond[" not in text and "while[" in text
+    # The only conditionals are platform_dependent's (resolved when lowered).
+    assert text.count(" cond[") == text.count("branches_platforms=") and "while[" in text
 
 
 @pytest.mark.parametrize("traced", [False, True])

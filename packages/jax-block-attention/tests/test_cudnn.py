@@ -3,6 +3,8 @@ exactly) and what ``implementation="cudnn"`` refuses, checked without a GPU."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,7 +23,7 @@ def same_segment(b, h, q, k):
     return IDS[b, q] == IDS[b, k]
 
 
-def _problem(q, k, v, *, return_lse=False, **options):
+def _problem(q, k, v, *, return_lse=False, platform="cpu", **options):
     """``cudnn_problem`` for a call with ``options`` (the keywords of
     ``masked_attention_via_map``; causal by default)."""
     keywords = dict(
@@ -34,15 +36,19 @@ def _problem(q, k, v, *, return_lse=False, **options):
         q_offset=0,
     )
     args = check_arguments(q, k, v, **{**keywords, **options})
-    return _cudnn.cudnn_problem(args, return_lse=return_lse)
+    return _cudnn.cudnn_problem(args, return_lse=return_lse, platform=platform)
 
 
 def test_cudnn_takes_only_masks_it_expresses_exactly(ref, monkeypatch):
     q, k, v = ref.qkv(28, 1, 32, 32, 2, 2, 16, dtype=jnp.bfloat16)
-    on_cpu = _problem(q, k, v)
-    assert on_cpu is None or "needs a GPU" in on_cpu  # None only on a GPU machine
-    monkeypatch.setattr(_cudnn, "on_gpu", lambda: True)
-    assert _problem(q, k, v) is None
+    assert "needs a GPU" in _problem(q, k, v)
+    # Lowered for CUDA, from a host without cuDNN jax.nn cannot trace its call.
+    on_cuda = _problem(q, k, v, platform="cuda")
+    assert (on_cuda is None) == _cudnn.has_cudnn(), on_cuda
+    monkeypatch.setattr(_cudnn, "has_cudnn", lambda: True)
+    assert _problem(q, k, v, platform="cuda") is None
+    on_gpu = functools.partial(_problem, platform="cuda")
+
     refused = {
         "mask_fn": (dict(mask_fn=same_segment), "mask_fn"),
         "soft_cap": (dict(logits_soft_cap=2.0), "logits_soft_cap"),
@@ -53,9 +59,9 @@ def test_cudnn_takes_only_masks_it_expresses_exactly(ref, monkeypatch):
         "right window": (dict(is_causal=False, window_size=(8, 4)), "only a left window"),
     }
     for name, (change, message) in refused.items():
-        assert message in _problem(q, k, v, **change), name
-    assert "float16 or bfloat16" in _problem(*(x.astype(jnp.float32) for x in (q, k, v)))
-    assert "head dimensions" in _problem(q, k, v[..., :8])
+        assert message in on_gpu(q, k, v, **change), name
+    assert "float16 or bfloat16" in on_gpu(*(x.astype(jnp.float32) for x in (q, k, v)))
+    assert "head dimensions" in on_gpu(q, k, v[..., :8])
     # Non-causal (L, 0) is the causal band with a left window: passed as such (jax's own
     # non-causal (L, 0) lets future keys through, jax PR #39576).
     assert _cudnn.cudnn_window(False, (8, 0)) == (True, (8, 0))

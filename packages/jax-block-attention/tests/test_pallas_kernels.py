@@ -25,6 +25,7 @@ except ImportError as err:  # pragma: no cover - depends on the installed jax
     pytest.skip(f"this jax has no Pallas Triton backend ({err})", allow_module_level=True)
 
 from jaxmodules.attention import _pallas as pallas
+from jaxmodules.attention import _platforms
 from jaxmodules.attention import create_block_mask, masked_attention_via_map
 from jaxmodules.attention._elementwise import trace_score_mod
 from jaxmodules.attention._pallas import PallasUnsupportedError, evaluate_on_tile, kernel_consts
@@ -506,14 +507,14 @@ def test_user_program_primitives_need_a_triton_rule(ref, monkeypatch):
         return fn(qi.astype(jnp.float32) * 0.25) >= fn(ki.astype(jnp.float32) * 0.25)
 
     for options in ({"score_mod": score_mod}, {"mask_fn": mask_fn, "is_causal": True}):
-        with pytest.raises(ValueError, match=rf'implementation="pallas".*{name!r}.*Triton'):
-            masked_attention_via_map(q, k, v, implementation="pallas", **options)
+        with pytest.raises(ValueError, match=rf'implementation="triton".*{name!r}.*Triton'):
+            masked_attention_via_map(q, k, v, implementation="triton", **options)
 
     def no_kernel(*args, **kwargs):
         raise AssertionError("the Pallas kernel was called for a program it cannot lower")
 
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(pallas, "attend", no_kernel)
+    monkeypatch.setattr(_platforms, "known_platform", lambda: "cuda")
+    monkeypatch.setattr(pallas._plugin, "attend", no_kernel)
     for options in ({"score_mod": score_mod}, {"mask_fn": mask_fn, "is_causal": True}):
         got = masked_attention_via_map(q, k, v, **options)
         want = masked_attention_via_map(q, k, v, implementation="xla", **options)
@@ -531,7 +532,7 @@ def test_compiled_float32_above_head_dim_128_goes_to_the_block_loop(ref, monkeyp
     # sm_90's registers: compiled (on a GPU) "pallas" refuses such calls and the default
     # sends them to the block loop; interpreted, and for 16-bit inputs, the kernel runs.
     q, k, v = ref.qkv(41, 1, 32, 32, 2, 2, 160)  # d=160 pads to 256
-    kernel = masked_attention_via_map(q, k, v, is_causal=True, implementation="pallas")
+    kernel = masked_attention_via_map(q, k, v, is_causal=True, implementation="triton")
     want = masked_attention_via_map(q, k, v, is_causal=True, implementation="xla")
     np.testing.assert_allclose(kernel, want, atol=2e-5, rtol=1e-4)
 
@@ -541,11 +542,11 @@ def test_compiled_float32_above_head_dim_128_goes_to_the_block_loop(ref, monkeyp
         calls.append(args[0].dtype)
         return real_attend(*args, **kwargs)
 
-    real_attend = pallas.attend
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(pallas, "attend", counted)
+    real_attend = pallas._plugin.attend
+    monkeypatch.setattr(_platforms, "known_platform", lambda: "cuda")
+    monkeypatch.setattr(pallas._plugin, "attend", counted)
     with pytest.raises(ValueError, match=r"float32 inputs with head dimension 256 > 128"):
-        masked_attention_via_map(q, k, v, is_causal=True, implementation="pallas")
+        masked_attention_via_map(q, k, v, is_causal=True, implementation="triton")
     got = masked_attention_via_map(q, k, v, is_causal=True)
     np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-6)
     assert calls == []
@@ -578,14 +579,14 @@ def test_without_pallas_triton_the_default_runs_the_block_loop(ref, monkeypatch,
             lambda name: name == "jax-pallas-triton" or accelerated(name),
         )
     q, k, v = ref.qkv(41, 1, 48, 48, 2, 1, 16)
-    with pytest.raises(ValueError, match=r'implementation="pallas".*Pallas Triton'):
-        masked_attention_via_map(q, k, v, is_causal=True, implementation="pallas")
+    with pytest.raises(ValueError, match=r'implementation="triton".*Pallas Triton'):
+        masked_attention_via_map(q, k, v, is_causal=True, implementation="triton")
 
     def no_kernel(*args, **kwargs):
         raise AssertionError("the Pallas kernel was called without Pallas Triton")
 
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(pallas, "attend", no_kernel)
+    monkeypatch.setattr(_platforms, "known_platform", lambda: "cuda")
+    monkeypatch.setattr(pallas._plugin, "attend", no_kernel)
     out = masked_attention_via_map(q, k, v, is_causal=True, block_size=16)
     mask = ref.mask_for((1, 48, 48, 2, 1, 16), {"is_causal": True})
     np.testing.assert_allclose(out, ref.attention(q, k, v, mask), atol=2e-5, rtol=1e-4)
@@ -597,7 +598,7 @@ def _kernel_dot_precisions(dtype):
     q = k = v = jnp.zeros((1, 32, 2, 16), dtype)
 
     def loss(q, k, v):
-        out = masked_attention_via_map(q, k, v, is_causal=True, implementation="pallas")
+        out = masked_attention_via_map(q, k, v, is_causal=True, implementation="triton")
         return out.astype(jnp.float32).sum()
 
     closed = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
@@ -625,8 +626,8 @@ def test_float32_kernel_dots_keep_float32_accuracy(monkeypatch, compiled):
     # kernels ask for three TF32 products per dot (tf32x3: float32 accuracy on tensor
     # cores); interpreted, the host's float32 products (CPUs have no TF32x3). 16-bit
     # operands keep the default.
-    if compiled:  # the kernels as traced for a GPU; nothing is lowered or run here
-        monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    # The kernels as traced for a GPU or for this CPU; nothing is lowered or run here.
+    monkeypatch.setattr(_platforms, "known_platform", lambda: "cuda" if compiled else "cpu")
     f32 = _kernel_dot_precisions(jnp.float32)
     bf16 = _kernel_dot_precisions(jnp.bfloat16)
     assert len(f32) >= 6 and len(bf16) == len(f32)  # forward, dQ and dK/dV dots
@@ -664,7 +665,7 @@ def test_gradient_of_a_vector_bias_stays_linear(ref, bias_shape):
 
     def loss(q, k, v, bias):
         out = masked_attention_via_map(
-            q, k, v, bias=bias, is_causal=True, block_size=64, implementation="pallas"
+            q, k, v, bias=bias, is_causal=True, block_size=64, implementation="triton"
         )
         return out.sum()
 

@@ -18,7 +18,8 @@ import jax
 from . import _registry as registry
 from ._call import Call
 from ._checks import CheckedArguments
-from ._platforms import DEFAULT, PLATFORMS, default_platform, known_platform, on_platforms
+from . import _platforms as platforms
+from ._platforms import DEFAULT, PLATFORMS, default_platform, on_platforms
 from ._registry import Backend
 from ._tile_program import UnsupportedCallError
 
@@ -71,7 +72,7 @@ def attend(args: CheckedArguments, implementation: str | None, return_lse: bool)
     """``(out, lse)`` of a checked call with 4-D inputs (``lse`` ``None`` when the call
     does not need it), by the backend chosen per platform."""
     call = Call(args, return_lse)
-    platform = known_platform()
+    platform = platforms.known_platform()
     if platform is not None:
         chosen = choose(call, implementation, platform)
         if isinstance(chosen, str):
