@@ -51,14 +51,20 @@ def masked_attention_via_map(
 
     - ``"xla"``, the block loop: plain JAX (``lax.map`` over query blocks, ``fori_loop``
       over the listed key blocks), on any device, for every keyword;
-    - ``"pallas"``: fused Pallas (Triton) kernels over the same block mask, one per
-      pass; compiled on a GPU, interpreted (slowly) elsewhere;
+    - ``"triton"`` (alias ``"pallas"``): fused Pallas Triton kernels over the same
+      block mask, one per pass; compiled on a GPU, interpreted (slowly) elsewhere;
     - ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")``, for the
       masks cuDNN expresses exactly.
 
-    With ``implementation=None`` a GPU tries them in the order cuDNN, Pallas, block
-    loop; any other device uses the block loop. Results agree across backends up to
-    floating-point rounding.
+    With ``implementation=None`` a GPU tries them in the order cuDNN, Triton, block
+    loop; any other device uses the block loop. The device is the one the program is
+    lowered for (``jax.jit(f).lower`` for another device, or ``jax.export(...,
+    platforms=[...])``, gets that platform's backend); a traced call holds one branch
+    per platform and the lowering keeps one.
+    [`explain_dispatch`][jaxmodules.attention.explain_dispatch] says which backend runs
+    a call and why the others refuse it; in the program each backend's work sits in
+    ``jax.named_scope("jaxmodules.attention/<name>")``. Results agree across backends up
+    to floating-point rounding.
 
     Queries are split into blocks of ``block_size`` positions and processed one block at a
     time; for each query block an online softmax runs over the key blocks that its
@@ -123,17 +129,20 @@ def masked_attention_via_map(
             With dropout it is still the log-sum-exp of all visible scores: dropout acts
             on the normalised weights, after the softmax statistics.
         implementation: The backend. ``"xla"``: the block loop in plain JAX, any device,
-            every keyword. ``"pallas"``: one fused Pallas kernel per pass over the same
-            block mask (a GPU kernel; on other devices it runs in Pallas interpret mode,
-            slowly); its blocks must be powers of two ``>= 16``, chosen so when neither
-            ``block_size`` nor ``block_mask`` is given. ``"cudnn"``:
+            every keyword. ``"triton"`` (or its alias ``"pallas"``): one fused Pallas
+            Triton kernel per pass over the same block mask (a GPU kernel; on other
+            devices it runs in Pallas interpret mode, slowly); its blocks must be powers
+            of two ``>= 16``, chosen so when ``block_size`` is not given (a
+            ``block_mask`` with other blocks is re-planned for it: the same mask on
+            other blocks). ``"cudnn"``:
             ``jax.nn.dot_product_attention(implementation="cudnn")`` on a GPU, only for
             masks cuDNN expresses exactly (causal, causal with a left window, sequence
             lengths, ``bias``; float16/bfloat16; head dimension a multiple of 8, at most
             128; no ``mask_fn``, ``score_mod``, soft-cap, sinks, ``q_offset``, ``mask``,
-            ``block_mask``, ``return_lse`` or dropout). ``None``: on a GPU cuDNN where it
-            applies, else Pallas where it applies, else the block loop; ``"xla"``
-            elsewhere.
+            ``block_mask``, ``return_lse`` or dropout; traced only on a host with an
+            NVIDIA GPU). ``None``: on a GPU cuDNN where it applies, else Triton where it
+            applies, else the block loop; ``"xla"`` elsewhere. A named backend that
+            refuses a call raises a ``ValueError`` that says why.
         dropout_rate: Attention dropout: each weight (after the softmax) is dropped with
             this probability and kept weights are divided by ``1 - rate`` (inverted
             dropout, as in flax and PyTorch). A Python float in ``[0, 1)``; 0 (the
@@ -259,7 +268,8 @@ def dot_product_attention(
         key_value_seq_lengths: ``(B,)`` int: keys at or past it are masked.
         local_window_size: ``(left, right)`` or ``w`` for ``(w, w)``: key ``s`` visible
             from ``t`` only if ``t - left <= s <= t + right``.
-        implementation: ``None``, ``"xla"``, ``"pallas"`` or ``"cudnn"``, as in
+        implementation: ``None``, ``"xla"``, ``"triton"`` (alias ``"pallas"``) or
+            ``"cudnn"``, as in
             ``masked_attention_via_map``.
         return_residual: Also return the log-sum-exp of each row's scores, ``(B, T, N)``
             (``(T, N)`` for 3-D inputs), as ``jax.nn`` does.

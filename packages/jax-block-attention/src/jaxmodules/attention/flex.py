@@ -225,7 +225,8 @@ def create_block_mask(
             JAX puts arrays by default (they go to the inputs' device when used).
         BLOCK_SIZE: Positions per block, an int or a pair ``(Q_BLOCK, KV_BLOCK)``;
             clipped to the lengths. It is also the block size the attention computes
-            with (``implementation="pallas"`` needs powers of two ``>= 16``).
+            with (a kernel that tiles only other sizes, such as ``"triton"``'s powers of
+            two ``>= 16``, re-plans the mask for its own).
         _compile: Accepted and ignored: the mask is always built by compiled JAX code.
 
     Returns:
@@ -478,7 +479,7 @@ def flex_attention(
             ``BLOCK_M`` / ``BLOCK_N`` (or ``fwd_BLOCK_M`` / ``fwd_BLOCK_N``) become the
             query / key block size when there is no ``block_mask`` (with one, its
             ``BLOCK_SIZE`` is the block size computed with); ``"implementation"`` (this
-            package's own key) picks the backend: ``"xla"``, ``"pallas"``, ``"cudnn"``
+            package's own key) picks the backend: ``"xla"``, ``"triton"``, ``"cudnn"``
             or ``None``, as in ``masked_attention_via_map``. Every other key
             (``num_warps``, ``num_stages``, backward tile sizes, ``PRESCALE_QK``,
             ``ROWS_GUARANTEED_SAFE``, ``BACKEND``, ...) is accepted and ignored.
