@@ -49,6 +49,7 @@ INTEGRATION_DEPS = [
     "optax>=0.2.3",
     "tqdm>=4.66",
     "matplotlib>=3.8",
+    "flax>=0.12",  # the README's flax example
 ]
 DEMO_DEPS = ["optax>=0.2.3", "tqdm>=4.66", "matplotlib>=3.8"]
 DOCS_DEPS = [
