@@ -49,6 +49,7 @@ INTEGRATION_DEPS = [
     "optax>=0.2.3",
     "tqdm>=4.66",
     "matplotlib>=3.8",
+    "flax>=0.12",  # the README's flax example
 ]
 DEMO_DEPS = ["optax>=0.2.3", "tqdm>=4.66", "matplotlib>=3.8"]
 DOCS_DEPS = [
@@ -68,7 +69,8 @@ DOCS_DEPS = [
 # run on the first such interpreter found: NOX_NEWEST_PYTHON, else python3.12 or
 # python3.13 on PATH, else the oldest pyenv-installed Python >= 3.12 (the oldest, because
 # new jax wheels reach the newest Python last). The Python 3.11 sessions find theirs the
-# same way (NOX_PY311, this interpreter, python3.11, pyenv).
+# same way (NOX_PY311, this interpreter, python3.11, pyenv). "This interpreter" may be the
+# README's .venv: uv and virtualenv build session environments on its base interpreter.
 NO_PYTHON = (
     "no Python {wanted} found, which {why} needs. Install one with `pyenv install "
     "{version}` (https://github.com/pyenv/pyenv) or your OS's python{version} package, "
