@@ -173,7 +173,9 @@ def _tensor_cores(logs: Path) -> dict[str, str]:
 
 def kernels(workdir: Path, compiled: Any, reference: bool) -> list[dict[str, Any]]:
     """One row per attention kernel of the compiled program: ours are the Pallas
-    launches (``pallas_call`` in XLA's annotation), jax's the Mosaic GPU entry points."""
+    launches (``pallas_call`` in XLA's annotation), jax's the Mosaic GPU kernels
+    (``entry_mosaic_gpu_kernel`` for its forward, ``anonymous_mosaic_gpu_kernel`` for its
+    backward's)."""
     del compiled  # everything is in the dumps
     launches = _launches(workdir / "dump")
     tensor_cores = _tensor_cores(workdir / "ptxas")
@@ -181,7 +183,7 @@ def kernels(workdir: Path, compiled: Any, reference: bool) -> list[dict[str, Any
     for name, metrics in _ptxas_reports(workdir / "ptxas"):
         launch = launches.get(name)
         ours = launch is not None and launch["annotation"].startswith("pallas_call")
-        if ours or (reference and name.startswith("entry_mosaic_gpu")):
+        if ours or (reference and name.endswith("mosaic_gpu_kernel")):
             where = {k: v for k, v in (launch or {}).items() if k != "annotation"}
             cores = {"tensor_cores": tensor_cores.get(name, "?")}
             rows.append({"kernel": name, **where, **metrics, **cores})
