@@ -53,7 +53,7 @@ def setup(workdir: Path) -> None:
 case " $* " in *" -arch="*) ;; *) exec "{real}" "$@";; esac
 err=$(mktemp)
 "{real}" "$@" -v 2>"$err"; rc=$?
-{{ echo "ARGS: $*"; cat "$err"; }} > "{logs}/$$.log"; cp "$1" "{logs}/$$.ptx"
+{{ echo "ARGS: $*"; cat "$err"; }} > "{logs}/$$.log"; cp "$1" "{logs}/$$.ptx" 2>/dev/null
 cat "$err" >&2; rm -f "$err"; exit $rc
 """
     )
@@ -177,6 +177,8 @@ def kernels(workdir: Path, compiled: Any, reference: bool) -> list[dict[str, Any
     (``entry_mosaic_gpu_kernel`` for its forward, ``anonymous_mosaic_gpu_kernel`` for its
     backward's)."""
     del compiled  # everything is in the dumps
+    if not any((workdir / "ptxas").glob("*.log")):
+        raise RuntimeError("XLA ran no ptxas through the wrapper (it found another ptxas?)")
     launches = _launches(workdir / "dump")
     tensor_cores = _tensor_cores(workdir / "ptxas")
     rows = []
