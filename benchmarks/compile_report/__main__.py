@@ -54,7 +54,11 @@ def worker(target_name: str, case_id: str, workdir: Path, device: str | None) ->
     try:
         dev, info = target.device(device)
         sharding = NamedSharding(Mesh(np.array([dev]), ("x",)), PartitionSpec())
-        result["info"] = {**info, "device": dev.device_kind, "versions": target.versions()}
+        result["info"] = {
+            **info,
+            "device": dev.device_kind,
+            "versions": {"jax": jax.__version__, **target.versions()},
+        }
         (case,) = [c for c in all_cases() if c.id == case_id]
 
         def place(shape: tuple[int, ...], dtype: Any) -> Any:

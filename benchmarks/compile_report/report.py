@@ -103,13 +103,14 @@ Written by `benchmarks/compile_report` (`nox -s gpu_compile`) on
 call a GPU user makes (`masked_attention_via_map(..., implementation="pallas")`, with
 `jax.value_and_grad` for training), compiled by `jax.jit(f).lower(...).compile()` for the
 CUDA plugin's compile-only `{info.get("device", "")}`: XLA's own GPU pipeline, ending in
-`ptxas` for {info["arch"]}. Registers and spills from `ptxas -v` run with XLA's
-arguments; threads and shared memory per block from XLA's thunk sequence. Causal cases:
-B=1, L=8192, 16 heads (GQA: 16 query and 4 key/value heads); decoding: 16 queries of 4
-heads against 8192 keys (split-K). Rows marked (jax) are jax's Mosaic GPU attention
-(`jax.experimental.pallas.ops.gpu.attention_mgpu`, float16 only; its backward refuses
-causal, so its gradient row is full attention), compiled the same way. {len(results)}
-compiles, one process each, in {seconds:.0f} s.
+`ptxas` for {info["arch"]}. Registers and spills from `ptxas -v`, run with XLA's own
+arguments; threads and shared memory per block from XLA's thunk sequence. Causal
+cases: B=1, L=8192, 16 heads (GQA: 16 query and 4 key/value heads); decoding: 16
+queries of 4 heads against 8192 keys (split-K). Rows marked (jax) are jax's Mosaic GPU
+attention (`jax.experimental.pallas.ops.gpu.attention_mgpu`, float16 only; its backward
+refuses causal, so its gradient rows are full attention), compiled the same way; Mosaic
+checks their shared memory when it lowers. {len(results)} compiles, one process each,
+in {seconds:.0f} s.
 
 Gates, on our kernels: it compiles; shared memory at most {_kib(limit)} KiB per block
 (the device's opt-in maximum); no spills.
