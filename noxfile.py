@@ -473,10 +473,10 @@ def gpu_compile(session: nox.Session) -> None:
     # The plugin must match the jax the wheel brought in; absl-py: jax's attention_mgpu.
     jax_version = session.run_install(
         "python", "-c", "import jax; print(jax.__version__)", silent=True
-    ).strip()
-    session.install(
-        f"jax-cuda13-plugin=={jax_version}", f"jax-cuda13-pjrt=={jax_version}", "absl-py"
     )
+    if jax_version is not None:  # None: installs skipped (nox --no-install on a reused venv)
+        version = jax_version.strip()
+        session.install(f"jax-cuda13-plugin=={version}", f"jax-cuda13-pjrt=={version}", "absl-py")
     session.run(
         "python",
         "-m",
