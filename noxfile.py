@@ -35,8 +35,6 @@ PACKAGES = {
 PACKAGE_NAMES = list(PACKAGES)
 
 RUFF = "ruff==0.17.6"  # pinned: it also formats code blocks in Markdown
-# The version on the GPU machines; it compiles kernels without a GPU.
-TRITON = "triton==3.6.0"
 
 # XLA flags for runs that compile many small programs and time none of them: LLVM's
 # cheaper code generation, the same values (the attention suite's conftest sets them too).
@@ -466,14 +464,30 @@ def demo(session: nox.Session) -> None:
 
 @nox.session(tags=["check"], python=NEWEST_PYTHON)
 def gpu_compile(session: nox.Session) -> None:
-    """The attention kernels compiled by the real Triton compiler for sm_90 and sm_80
-    (no GPU needed), newest jax: shared memory, registers, spills and tensor-core use per
-    kernel, written to ``benchmarks/results/attention_gpu_compile.md``; fails on a kernel
-    that does not compile, cannot launch or spills (``benchmarks/gpu/compile_report.py``;
-    arguments after ``--`` go to it)."""
+    """The attention kernels compiled by XLA's own GPU pipeline for an H100 (no GPU
+    needed; the CUDA plugin's compile-only device, ``ptxas`` for sm_90a), newest jax:
+    shared memory, registers, spills per kernel beside jax's Mosaic GPU attention,
+    written to ``benchmarks/results/attention_gpu_compile.md``; fails on one of our
+    kernels that does not compile, cannot launch or spills (``benchmarks/compile_report``;
+    arguments after ``--`` go to it). Needs a CUDA ``ptxas`` on the PATH (or ``$PTXAS``)."""
     _require_newest_python(session)
-    session.install(str(_wheel(session, "jax-block-attention")), "jax", TRITON)
-    session.run("python", str(ROOT / "benchmarks" / "gpu" / "compile_report.py"), *session.posargs)
+    session.install(str(_wheel(session, "jax-block-attention")))
+    # The plugin must match the jax the wheel brought in; absl-py: jax's attention_mgpu.
+    jax_version = session.run_install(
+        "python", "-c", "import jax; print(jax.__version__)", silent=True
+    )
+    if jax_version is not None:  # None: installs skipped (nox --no-install on a reused venv)
+        version = jax_version.strip()
+        session.install(f"jax-cuda13-plugin=={version}", f"jax-cuda13-pjrt=={version}", "absl-py")
+    session.run(
+        "python",
+        "-m",
+        "compile_report",
+        "--target",
+        "cuda",
+        *session.posargs,
+        env={"PYTHONPATH": str(ROOT / "benchmarks")},
+    )
 
 
 @nox.session(default=False, python=NEWEST_PYTHON)

@@ -7,8 +7,10 @@ slices of ``cols`` (keys for the forward and dQ, queries for dK/dV). Both are cu
 the block mask's blocks, which stay the unit of skipping: a tile never exceeds its
 block, and a block larger than a tile is walked in several tiles.
 
-The table was chosen from the Triton compile report (``benchmarks/gpu/compile_report.py``:
-the kernels lowered for CUDA and compiled by Triton 3.6.0 for sm_90 and sm_80) so that
+The table was chosen from a Triton compile report (the kernels lowered for CUDA and
+compiled by Triton 3.6.0 for sm_90 and sm_80; its figures are in the history of
+``benchmarks/results/attention_gpu_compile.md``, whose report now compiles the kernels
+through XLA's own GPU pipeline) so that
 every kernel fits the shared memory of both (227 / 163 KiB), the 16-bit kernels spill
 no more on sm_90 than jax's own Pallas ``mha`` at the same head dimension, and none
 spills more than 256 bytes. It has not been timed on a GPU yet: the GPU run

@@ -1,0 +1,189 @@
+"""The case table: what each compile builds, for every target.
+
+A case's ``build(place)`` returns a function and its abstract inputs; ``place(shape,
+dtype)`` makes a ``jax.ShapeDtypeStruct`` placed on the target's compile-only device.
+Anything the function needs beyond its inputs (a document-id table, a dropout key) is an
+input or is made inside the traced function: the compile-only device cannot hold a
+concrete array, so a closure over one fails to compile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
+
+Place = Callable[[tuple[int, ...], Any], Any]
+Built = tuple[Callable[..., Any], tuple[Any, ...]]
+
+LENGTH = 8192  # tokens: training-sized sequences (the kernels pick their blocks for these)
+HEADS = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One compiled program: ``build(place)`` gives the function and its inputs."""
+
+    name: str  # causal, documents, bias, score_mod, dropout, gqa, decode; mgpu-* for jax's
+    d: int
+    dtype: str
+    build: Callable[[Place], Built]
+    reference: bool = False  # jax's own kernel: reported, never gated
+    targets: tuple[str, ...] = ("cuda",)
+
+    @property
+    def id(self) -> str:
+        return f"{self.name}-d{self.d}-{self.dtype}"
+
+
+def jnp_dtype(name: str) -> Any:
+    import jax.numpy as jnp
+
+    return {"bf16": jnp.bfloat16, "f16": jnp.float16, "f32": jnp.float32}[name]
+
+
+@contextlib.contextmanager
+def compiled_kernels(platform: str) -> Iterator[None]:
+    """The package's compiled kernels, not its interpret mode, while lowering for a
+    compile-only device. The package asks ``jax.default_backend()`` (``"cpu"`` on this
+    host) to choose; answering ``platform`` is the one switch it reads. To be replaced
+    by ``implementation="triton"`` once the platform comes from the lowering."""
+    import jax
+
+    original = jax.default_backend
+    jax.default_backend = lambda: platform  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        jax.default_backend = original  # type: ignore[assignment]
+
+
+def _value_and_grads(attend: Callable[..., Any], n_args: int) -> Callable[..., Any]:
+    """The forward and every gradient: what training runs (forward, dQ, dK/dV kernels)."""
+    import jax
+    import jax.numpy as jnp
+
+    def loss(*args: Any) -> Any:
+        return attend(*args).astype(jnp.float32).sum()
+
+    return jax.value_and_grad(loss, argnums=tuple(range(n_args)))
+
+
+def _ours(name: str, d: int, dtype: str, *, kv_heads: int = HEADS) -> Case:
+    """``masked_attention_via_map(..., implementation="pallas")``, forward and gradients,
+    B=1, L=8192, 16 heads: 1,024 query-block programs, so the forward is not split along
+    the keys and each kernel is the one a GPU user trains with."""
+
+    def build(place: Place) -> Built:
+        import jax
+        import jax.numpy as jnp
+
+        from jaxmodules.attention import masked_attention_via_map
+
+        dt = jnp_dtype(dtype)
+        q = place((1, LENGTH, HEADS, d), dt)
+        kv = place((1, LENGTH, kv_heads, d), dt)
+
+        def run(q: Any, k: Any, v: Any, **kwargs: Any) -> Any:
+            return masked_attention_via_map(
+                q, k, v, is_causal=True, implementation="pallas", **kwargs
+            )
+
+        if name in ("causal", "gqa"):
+            return _value_and_grads(run, 3), (q, kv, kv)
+        if name == "documents":
+
+            def attend_documents(q: Any, k: Any, v: Any, ids: Any) -> Any:
+                def mask_fn(b: Any, h: Any, qi: Any, ki: Any) -> Any:
+                    return ids[b, qi] == ids[b, ki]
+
+                return run(q, k, v, mask_fn=mask_fn)
+
+            grads = _value_and_grads(attend_documents, 3)
+            return grads, (q, kv, kv, place((1, LENGTH), jnp.int32))
+        if name == "bias":
+            bias = place((1, HEADS, LENGTH, LENGTH), dt)
+            return _value_and_grads(lambda q, k, v, b: run(q, k, v, bias=b), 4), (q, kv, kv, bias)
+        if name == "score_mod":
+            # ALiBi slopes per head and a relative-position table read at a bucket of
+            # q - k and the head: traced arrays that get gradients.
+            def attend_score_mod(q: Any, k: Any, v: Any, slopes: Any, table: Any) -> Any:
+                def score_mod(score: Any, b: Any, h: Any, qi: Any, ki: Any) -> Any:
+                    bucket = jnp.clip(qi - ki, -3, 4) + 3
+                    return score + table[bucket, h] - slopes[h] * jnp.abs(qi - ki)
+
+                return run(q, k, v, score_mod=score_mod)
+
+            extra = (place((HEADS,), jnp.float32), place((8, HEADS), jnp.float32))
+            return _value_and_grads(attend_score_mod, 5), (q, kv, kv, *extra)
+        if name == "dropout":
+            # The keep decisions are a uint32 hash computed inside every kernel; the key
+            # is made while tracing (a concrete one cannot live on the device).
+            def attend_dropout(q: Any, k: Any, v: Any) -> Any:
+                return run(q, k, v, dropout_rate=0.1, dropout_rng=jax.random.key(0))
+
+            return _value_and_grads(attend_dropout, 3), (q, kv, kv)
+        raise ValueError(f"unknown case {name!r}")
+
+    return Case(name, d, dtype, build)
+
+
+def _decode(d: int, dtype: str) -> Case:
+    """Decoding with a KV cache: 16 new queries of 4 heads against 8,192 cached keys (one
+    KV head). Few programs, so the compiled forward splits the key lists (split-K)."""
+
+    def build(place: Place) -> Built:
+        from jaxmodules.attention import masked_attention_via_map
+
+        dt = jnp_dtype(dtype)
+        q = place((1, 16, 4, d), dt)
+        kv = place((1, LENGTH, 1, d), dt)
+
+        def attend(q: Any, k: Any, v: Any) -> Any:
+            return masked_attention_via_map(
+                q, k, v, is_causal=True, q_offset=LENGTH - 16, implementation="pallas"
+            )
+
+        return attend, (q, kv, kv)
+
+    return Case("decode", d, dtype, build)
+
+
+def _mgpu(d: int, dtype: str, *, causal: bool) -> Case:
+    """jax's Mosaic GPU attention (``jax.experimental.pallas.ops.gpu.attention_mgpu``),
+    same sizes; its launch settings as in its own benchmark (``block_q=64``, two stages).
+    Causal: forward only (its backward refuses causal); full: forward and gradients."""
+
+    def build(place: Place) -> Built:
+        import functools
+
+        from jax.experimental.pallas.ops.gpu import attention_mgpu
+
+        block_kv = 64 if d > 128 else 128
+        backward = (
+            {}
+            if causal
+            else dict.fromkeys(("block_q_dkv", "block_kv_dkv", "block_q_dq", "block_kv_dq"), 64)
+        )
+        config = attention_mgpu.TuningConfig(
+            block_q=64, block_kv=block_kv, max_concurrent_steps=2, causal=causal, **backward
+        )
+        x = place((1, LENGTH, HEADS, d), jnp_dtype(dtype))
+        attend = functools.partial(attention_mgpu.attention, config=config)
+        return (attend if causal else _value_and_grads(attend, 3)), (x, x, x)
+
+    return Case("mgpu-causal" if causal else "mgpu-full", d, dtype, build, reference=True)
+
+
+def all_cases() -> list[Case]:
+    """Causal attention at every head dimension in both 16-bit dtypes; each other
+    feature (each adds code to the kernels) at d=128 in bfloat16; jax's Mosaic GPU
+    attention beside them."""
+    cases = [_mgpu(d, "f16", causal=True) for d in (64, 128, 256)]
+    cases.append(_mgpu(128, "f16", causal=False))
+    cases += [_ours("causal", d, dtype) for d in (64, 128, 256) for dtype in ("bf16", "f16")]
+    cases += [_ours(name, 128, "bf16") for name in ("documents", "bias", "score_mod", "dropout")]
+    cases.append(_ours("gqa", 128, "bf16", kv_heads=4))
+    cases.append(_decode(128, "bf16"))
+    return cases
