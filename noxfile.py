@@ -462,6 +462,11 @@ def demo(session: nox.Session) -> None:
     session.run("python", str(ROOT / "examples" / "train_tiny_lm.py"), *session.posargs)
 
 
+# ptxas for the compile report, from NVIDIA's wheel (CUDA 13.0, the plugin's CUDA).
+PTXAS = "nvidia-cuda-nvcc==13.0.88"
+_PTXAS_PATH = "import pathlib, nvidia.cu13 as m; print(pathlib.Path(m.__path__[0], 'bin', 'ptxas'))"
+
+
 @nox.session(tags=["check"], python=NEWEST_PYTHON)
 def gpu_compile(session: nox.Session) -> None:
     """The attention kernels compiled by XLA's own GPU pipeline for an H100 (no GPU
@@ -469,7 +474,7 @@ def gpu_compile(session: nox.Session) -> None:
     shared memory, registers, spills per kernel beside jax's Mosaic GPU attention,
     written to ``benchmarks/results/attention_gpu_compile.md``; fails on one of our
     kernels that does not compile, cannot launch or spills (``benchmarks/compile_report``;
-    arguments after ``--`` go to it). Needs a CUDA ``ptxas`` on the PATH (or ``$PTXAS``)."""
+    arguments after ``--`` go to it). ``ptxas`` comes from NVIDIA's ``nvidia-cuda-nvcc`` wheel."""
     _require_newest_python(session)
     session.install(str(_wheel(session, "jax-block-attention")))
     # The plugin must match the jax the wheel brought in; absl-py: jax's attention_mgpu.
@@ -478,16 +483,15 @@ def gpu_compile(session: nox.Session) -> None:
     )
     if jax_version is not None:  # None: installs skipped (nox --no-install on a reused venv)
         version = jax_version.strip()
-        session.install(f"jax-cuda13-plugin=={version}", f"jax-cuda13-pjrt=={version}", "absl-py")
-    session.run(
-        "python",
-        "-m",
-        "compile_report",
-        "--target",
-        "cuda",
-        *session.posargs,
-        env={"PYTHONPATH": str(ROOT / "benchmarks")},
-    )
+        session.install(
+            f"jax-cuda13-plugin=={version}", f"jax-cuda13-pjrt=={version}", "absl-py", PTXAS
+        )
+    # The wheel's own ptxas, not whatever CUDA the machine may have: same figures anywhere.
+    ptxas = session.run_install("python", "-c", _PTXAS_PATH, silent=True)
+    env = {"PYTHONPATH": str(ROOT / "benchmarks")}
+    if ptxas is not None:
+        env["PTXAS"] = ptxas.strip()
+    session.run("python", "-m", "compile_report", "--target", "cuda", *session.posargs, env=env)
 
 
 @nox.session(default=False, python=NEWEST_PYTHON)
