@@ -796,7 +796,7 @@ def test_bad_names_and_values_are_refused_naming_the_emit():
         collect(lambda v: emit("log", Log(v)))(x)
     with pytest.raises(TypeError, match=r"emit\('none'\): the value holds no arrays"):
         collect(lambda v: emit("none", None))(x)
-    with pytest.raises(TypeError, match=r"scope: the name must be a str, got int"), scope(1):
+    with pytest.raises(TypeError, match=r"scope: the prefix must be a str, got int"), scope(1):
         pass
     with pytest.raises(TypeError, match=r"collect: fn must be callable, got int"):
         collect(3)  # type: ignore[arg-type]

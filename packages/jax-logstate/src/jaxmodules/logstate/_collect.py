@@ -50,14 +50,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
+from jax.interpreters import partial_eval as _partial_eval
 
+from jaxmodules.logstate._carry import Arguments, fn_name, is_dynamic
 from jaxmodules.logstate._emit import SUPPORTED, emit_p, naming
 from jaxmodules.logstate._log import Log
 
 try:  # keeps each rebuilt operation's source location and name stack, as eval_jaxpr does
-    from jax._src import source_info_util as _source_info
-except ImportError:  # pragma: no cover
-    _source_info = None  # type: ignore[assignment]
+    from jax.extend import source_info_util as _source_info
+except ImportError:  # pragma: no cover - older jax
+    from jax._src import source_info_util as _source_info  # type: ignore[no-redef]
 
 R = TypeVar("R")
 
@@ -129,14 +131,13 @@ def _sub_jaxprs(params: dict[str, Any]) -> Iterator[Any]:
 @contextlib.contextmanager
 def _context_of(eqn: Any) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
-        if _source_info is not None:
-            info = eqn.source_info
-            stack.enter_context(
-                _source_info.user_context(
-                    info.traceback,
-                    name_stack=_source_info.current_name_stack() + info.name_stack,
-                )
+        info = eqn.source_info
+        stack.enter_context(
+            _source_info.user_context(
+                info.traceback,
+                name_stack=_source_info.current_name_stack() + info.name_stack,
             )
+        )
         ctx = getattr(eqn, "ctx", None)
         if ctx is not None:
             stack.enter_context(ctx.manager)
@@ -283,29 +284,37 @@ class _Interpreter:
             "it, or return the value from it by hand as a Log"
         )
 
-    def rebuild_jit(self, eqn: Any, invals: list[Any], level: _Level) -> list[Any]:
-        params = eqn.params
+    def retrace(self, closed: Any, invals: Sequence[Any]) -> tuple[Any, list[list[_Meta]]]:
+        """`closed` without its emits: a jaxpr with the emitted values as extra outputs."""
         box: list[list[_Meta]] = []
-        inner = self.run_sub(params["jaxpr"], box)
-        in_shardings = params.get("in_shardings", ())
-        out_shardings = params.get("out_shardings", ())
+        inner = self.run_sub(closed, box)
 
-        def run(*args: Any) -> tuple[list[Any], list[Any]]:
-            # The jit's own sharding annotations become constraints on its values.
-            args = tuple(_constrain(x, s) for x, s in _zip_long(args, in_shardings))
+        def run(*args: Any) -> list[Any]:
             outs, leaves = inner(*args)
-            return [_constrain(x, s) for x, s in _zip_long(outs, out_shardings)], leaves
+            return [*outs, *leaves]
 
-        run.__name__ = str(params.get("name", "jit"))
-        jitted = jax.jit(
-            run, inline=params.get("inline", False), keep_unused=params.get("keep_unused", False)
-        )
-        outs, leaves = jitted(*invals)
-        level.extend(box[-1], leaves)
-        return outs
+        return jax.make_jaxpr(run)(*invals), box
+
+    def rebuild_jit(self, eqn: Any, invals: list[Any], level: _Level) -> list[Any]:
+        # The same primitive and parameters (donation, shardings, layouts, compiler
+        # options, mesh), on the program with the emitted values as extra outputs.
+        new, box = self.retrace(eqn.params["jaxpr"], invals)
+        n_out = len(eqn.outvars)
+        params = dict(eqn.params, jaxpr=new)
+        for key, default in _jit_output_defaults().items():
+            if key in params:
+                params[key] = (*params[key], *[default] * (len(new.out_avals) - n_out))
+        outs = _bind(eqn.primitive, params, invals)
+        level.extend(box[-1], outs[n_out:])
+        return list(outs[:n_out])
 
     def rebuild_scan(self, eqn: Any, invals: list[Any], level: _Level) -> list[Any]:
         params = eqn.params
+        if params.get("_split_transpose"):
+            raise ValueError(
+                f"emit({self.first_emit(eqn)!r}) is inside a lax.scan with _split_transpose "
+                "set, which collect cannot rebuild with that setting; emit outside it"
+            )
         n_consts, n_carry = _scan_split(params, len(invals))
         consts = invals[:n_consts]
         init = invals[n_consts : n_consts + n_carry]
@@ -358,14 +367,14 @@ class _Interpreter:
         return list(outs)
 
     def rebuild_remat(self, eqn: Any, invals: list[Any], level: _Level) -> list[Any]:
-        params = eqn.params
-        box: list[list[_Meta]] = []
-        run = self.run_sub(params["jaxpr"], box)
-        outs, leaves = jax.checkpoint(
-            run, prevent_cse=params.get("prevent_cse", True), policy=params.get("policy")
-        )(*invals)
-        level.extend(box[-1], leaves)
-        return outs
+        # The same primitive and parameters (policy, prevent_cse, differentiated); its
+        # program takes no constants, so the new program's become leading inputs.
+        new, box = self.retrace(eqn.params["jaxpr"], invals)
+        params = dict(eqn.params, jaxpr=_partial_eval.convert_constvars_jaxpr(new.jaxpr))
+        outs = _bind(eqn.primitive, params, [*new.consts, *invals])
+        n_out = len(eqn.outvars)
+        level.extend(box[-1], outs[n_out:])
+        return list(outs[:n_out])
 
     def rebuild_custom(self, eqn: Any, invals: list[Any], level: _Level) -> list[Any]:
         key = "call_jaxpr" if "call_jaxpr" in eqn.params else "fun_jaxpr"
@@ -415,16 +424,13 @@ class _Interpreter:
         return list(outs)
 
 
-def _zip_long(values: Sequence[Any], shardings: Sequence[Any]) -> Iterator[tuple[Any, Any]]:
-    shardings = tuple(shardings)
-    for i, value in enumerate(values):
-        yield value, shardings[i] if i < len(shardings) else None
-
-
-def _constrain(x: Any, sharding: Any) -> Any:
-    if isinstance(sharding, jax.sharding.Sharding):
-        return lax.with_sharding_constraint(x, sharding)
-    return x
+@functools.cache
+def _jit_output_defaults() -> dict[str, Any]:
+    """What a jit equation's per-output parameters say for an output given no sharding or
+    layout, read off a traced jit (jax's own sentinel for "unspecified" is private)."""
+    with naming(None):
+        eqn = jax.make_jaxpr(jax.jit(lambda x: x))(np.float32(0)).eqns[0]
+    return {k: eqn.params[k][0] for k in ("out_shardings", "out_layouts") if k in eqn.params}
 
 
 def _branch(i: int, count: int) -> str:
@@ -460,8 +466,16 @@ def _show_types(types: tuple[tuple[tuple[int, ...], Any], ...]) -> str:
     return ", ".join(f"{np.dtype(d).name}{list(s)}" for s, d in types)
 
 
-def _is_dynamic(x: Any) -> bool:
-    return isinstance(x, jax.Array | np.ndarray | np.generic | jax.core.Tracer)
+def _check_outputs(fn: Callable[..., Any], leaves: Sequence[Any], tree: Any) -> None:
+    for i, leaf in enumerate(leaves):
+        if not is_dynamic(leaf) and not isinstance(leaf, bool | int | float | complex):
+            paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(
+                jax.tree_util.tree_unflatten(tree, range(len(leaves))))[0]]
+            raise TypeError(
+                f"collect({fn_name(fn)}): {fn_name(fn)} returned a {type(leaf).__name__} "
+                f"(output{paths[i]}); its result may hold arrays and numbers only, as a "
+                "jitted function's. Return other values from outside the collected function"
+            )
 
 
 Logs = collections.OrderedDict[str, Log[Any]]
@@ -553,29 +567,30 @@ def collect(fn: Callable[..., R]) -> Callable[..., tuple[R, Logs]]:
 
     @functools.wraps(fn)
     def collected(*args: Any, **kwargs: Any) -> tuple[R, Logs]:
-        leaves, in_tree = jax.tree_util.tree_flatten((args, kwargs))
-        dynamic = [i for i, x in enumerate(leaves) if _is_dynamic(x)]
-        out_trees: list[Any] = []
+        arguments = Arguments(fn, args, kwargs)
+        shape: list[tuple[Any, int]] = []  # (output tree, number of output leaves)
 
         def flat(*values: Any) -> list[Any]:
-            full = list(leaves)
-            for i, value in zip(dynamic, values, strict=True):
-                full[i] = value
-            call_args, call_kwargs = jax.tree_util.tree_unflatten(in_tree, full)
+            call_args, call_kwargs = arguments.rebuild(values)
             out_leaves, out_tree = jax.tree_util.tree_flatten(fn(*call_args, **call_kwargs))
-            out_trees.append(out_tree)
-            return out_leaves
+            _check_outputs(fn, out_leaves, out_tree)
+            updates = arguments.after(call_args, call_kwargs)
+            shape.append((out_tree, len(out_leaves)))
+            return [*out_leaves, *updates]
 
-        values = [leaves[i] for i in dynamic]
+        flat.__name__ = flat.__qualname__ = fn_name(fn)
+        values = arguments.values()
         with naming(""):
             closed = jax.make_jaxpr(flat)(*values)
         level = _Level()
         with naming(None):
             outs = _Interpreter().eval_closed(closed, values, level)
+        out_tree, n_out = shape[-1]
+        arguments.carry_back(outs[n_out:])
         logs = collections.OrderedDict(
             (r.name, Log(jax.tree_util.tree_unflatten(r.tree, [_cut(x) for x in r.leaves]), r.name))
             for r in level.records.values()
         )
-        return jax.tree_util.tree_unflatten(out_trees[-1], outs), logs
+        return jax.tree_util.tree_unflatten(out_tree, outs[:n_out]), logs
 
     return collected
