@@ -28,9 +28,11 @@ from jaxmodules.logstate import (
     scope,
     write_tensorboard,
 )
-from jaxmodules.logstate._emit import SUPPORTED
 
-pytestmark = pytest.mark.skipif(not SUPPORTED, reason="collect needs jax 0.8 or newer")
+# Skipped only where collect is documented not to run; on a jax >= 0.8 where it does not,
+# every test fails (and test_collect_contract says why).
+JAX_VERSION = tuple(int(part) for part in jax.__version__.split(".")[:2])
+pytestmark = pytest.mark.skipif(JAX_VERSION < (0, 8), reason="collect needs jax 0.8 or newer")
 
 
 @pytest.fixture

@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 
 from jaxmodules.logstate import collect, emit, scope
-from jaxmodules.logstate._emit import SUPPORTED
 
-pytestmark = pytest.mark.skipif(not SUPPORTED, reason="collect needs jax 0.8 or newer")
+# Skipped only where collect is documented not to run; on a jax >= 0.8 where it does not,
+# every test fails (and test_collect_contract says why).
+JAX_VERSION = tuple(int(part) for part in jax.__version__.split(".")[:2])
+pytestmark = pytest.mark.skipif(JAX_VERSION < (0, 8), reason="collect needs jax 0.8 or newer")
 
 nnx = pytest.importorskip("flax.nnx")
 optax = pytest.importorskip("optax")
@@ -224,7 +226,9 @@ def test_split_merge_and_jax_jit_of_a_pure_step():
     def pure_step(state, x, y):
         model = nnx.merge(graphdef, state)
         loss, grads = nnx.value_and_grad(mse)(model, x, y)
-        nnx.update(model, jax.tree.map(lambda p, g: p - 0.1 * g, nnx.state(model, nnx.Param), grads))
+        nnx.update(
+            model, jax.tree.map(lambda p, g: p - 0.1 * g, nnx.state(model, nnx.Param), grads)
+        )
         return nnx.state(model), loss
 
     step_ref, step = jax.jit(pure_step), jax.jit(collect(pure_step))

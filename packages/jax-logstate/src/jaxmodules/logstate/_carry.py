@@ -124,8 +124,9 @@ class Arguments:
                 "__init__ (an nnx.Variable can start as zeros) and update its value in the call"
             )
         new = jax.tree_util.tree_leaves(state)
-        self.new_state = new
-        self.changed = [i for i, (a, b) in enumerate(zip(self.traced_state, new)) if a is not b]
+        self.changed = [
+            i for i, (a, b) in enumerate(zip(self.traced_state, new, strict=True)) if a is not b
+        ]
         return [new[i] for i in self.changed]
 
     def carry_back(self, values: Sequence[Any]) -> None:
@@ -139,9 +140,7 @@ class Arguments:
         self.nnx.update(nodes, jax.tree_util.tree_unflatten(self.state_tree, state))
 
     def _check_rebuilt(self, call_args: Any, call_kwargs: Any) -> None:
-        after = jax.tree_util.tree_flatten_with_path(
-            (call_args, call_kwargs), is_leaf=self.is_node
-        )
+        after = jax.tree_util.tree_flatten_with_path((call_args, call_kwargs), is_leaf=self.is_node)
         paths_after, tree_after = after
         if tree_after != self.tree:
             raise ValueError(

@@ -168,6 +168,65 @@ def _scan_split(params: dict[str, Any], n_in: int) -> tuple[int, int]:
     return len(list(consts)), len(list(carry))
 
 
+# The parameters of each equation kind collect rebuilds, every one of which it keeps (or
+# refuses where it cannot: a platform-dependent cond, a scan with _split_transpose).
+# `linear` (scan) is a hint for transposition that a rebuilt scan recomputes. A test
+# compares these with the parameters the installed jax's equations carry.
+KNOWN_PARAMS = {
+    "jit": {
+        "jaxpr",
+        "in_shardings",
+        "out_shardings",
+        "in_layouts",
+        "out_layouts",
+        "donated_invars",
+        "ctx_mesh",
+        "name",
+        "keep_unused",
+        "inline",
+        "compiler_options_kvs",
+    },
+    "scan": {
+        "reverse",
+        "length",
+        "jaxpr",
+        "unroll",
+        "ft_in",
+        "ft_out",
+        "num_consts",
+        "num_carry",
+        "linear",
+        "_split_transpose",
+    },
+    "cond": {"branches", "branches_platforms"},
+    "remat2": {"jaxpr", "prevent_cse", "differentiated", "policy"},
+    "custom_jvp_call": {
+        "call_jaxpr",
+        "jvp_jaxpr_fun",
+        "jvp_jaxpr_thunk",
+        "num_consts",
+        "symbolic_zeros",
+    },
+    "custom_vjp_call": {
+        "call_jaxpr",
+        "fwd_jaxpr_thunk",
+        "num_consts",
+        "bwd",
+        "out_trees",
+        "symbolic_zeros",
+    },
+    "shard_map": {
+        "mesh",
+        "in_specs",
+        "out_specs",
+        "jaxpr",
+        "check_vma",
+        "newly_manual_axes",
+        "axis_names",
+    },
+}
+KNOWN_PARAMS["pjit"] = KNOWN_PARAMS["jit"]
+
 _SUPPORTED = (
     "jit/pjit, scan (fori_loop with static bounds, lax.map), cond/switch, checkpoint/remat, "
     "custom_jvp, custom_vjp, shard_map"
@@ -469,8 +528,12 @@ def _show_types(types: tuple[tuple[tuple[int, ...], Any], ...]) -> str:
 def _check_outputs(fn: Callable[..., Any], leaves: Sequence[Any], tree: Any) -> None:
     for i, leaf in enumerate(leaves):
         if not is_dynamic(leaf) and not isinstance(leaf, bool | int | float | complex):
-            paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(
-                jax.tree_util.tree_unflatten(tree, range(len(leaves))))[0]]
+            paths = [
+                jax.tree_util.keystr(p)
+                for p, _ in jax.tree_util.tree_flatten_with_path(
+                    jax.tree_util.tree_unflatten(tree, range(len(leaves)))
+                )[0]
+            ]
             raise TypeError(
                 f"collect({fn_name(fn)}): {fn_name(fn)} returned a {type(leaf).__name__} "
                 f"(output{paths[i]}); its result may hold arrays and numbers only, as a "

@@ -37,13 +37,15 @@ from jax._src import config as _jax_config
 from jax._src import effects as _jax_effects
 from jax.extend.core import Primitive
 from jax.interpreters import ad, mlir
+from jax.interpreters import batching as _batching
+
+from jaxmodules.logstate._log import check_data
+from jaxmodules.logstate._names import check_text
 
 try:
     from jax.extend.core import Effect
 except ImportError:  # pragma: no cover - jax before jax.extend.core.Effect
     Effect = _jax_effects.Effect  # type: ignore[misc]
-
-from jax.interpreters import batching as _batching
 
 if not hasattr(_batching, "fancy_primitive_batchers"):  # pragma: no cover - older jax
     from jax._src.interpreters import batching as _batching  # type: ignore[no-redef]
@@ -58,9 +60,6 @@ PRIVATE_JAX = (
     ("jax._src.effects", "remat_allowed_effects", (0, 5)),  # inside checkpoint
     ("jax._src.effects", "partial_eval_kept_effects", (0, 8)),  # a scan body under grad
 )
-
-from jaxmodules.logstate._log import check_data
-from jaxmodules.logstate._names import check_text
 
 
 class EmitEffect(Effect):
