@@ -107,7 +107,8 @@ def _dimension(pattern: AxisPattern, axis: str, rank: int) -> int:
 
 
 def _holds_array(value: Any) -> bool:
-    return any(_leaf_shape(leaf) is not None for leaf in jax.tree_util.tree_leaves(value))
+    """Whether ``value`` holds an array with an axis to map (numbers and flags have none)."""
+    return any(bool(_leaf_shape(leaf)) for leaf in jax.tree_util.tree_leaves(value))
 
 
 def _check_arguments(
