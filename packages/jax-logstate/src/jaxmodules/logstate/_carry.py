@@ -47,22 +47,29 @@ def fn_name(fn: Callable[..., Any]) -> str:
     return str(getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or fn)
 
 
+def _node_test(nnx: Any) -> Callable[[Any], bool]:
+    """Whether a value is an nnx object (graph node or variable), for `nnx` = flax.nnx."""
+    variable, is_graph_node = nnx.Variable, nnx.graph.is_graph_node
+
+    def is_node(x: Any) -> bool:
+        return isinstance(x, variable) or bool(is_graph_node(x))
+
+    return is_node
+
+
+def _never(x: Any) -> bool:
+    return False
+
+
 class Arguments:
     """The caller's arguments of one call: flattened, traced, rebuilt, updated back."""
 
     def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]):
         self.who = f"collect({fn_name(fn)})"
-        nnx = _nnx()
-        self.nnx = nnx
-        is_node = None
-        if nnx is not None:
-            Variable = nnx.Variable
-
-            def is_node(x: Any) -> bool:
-                return isinstance(x, Variable) or nnx.graph.is_graph_node(x)
-
+        nnx = self.nnx = _nnx()
+        is_node = _node_test(nnx) if nnx is not None else None
         self.leaves, self.tree = jax.tree_util.tree_flatten((args, kwargs), is_leaf=is_node)
-        self.is_node = is_node or (lambda x: False)
+        self.is_node: Callable[[Any], bool] = is_node or _never
         self.node_at = [i for i, x in enumerate(self.leaves) if self.is_node(x)]
         self.state_leaves: list[Any] = []
         if self.node_at:
@@ -104,7 +111,7 @@ class Arguments:
             for i, copy in zip(self.node_at, self.copies, strict=True):
                 full[i] = copy
         self.full = full
-        return jax.tree_util.tree_unflatten(self.tree, full)  # type: ignore[no-any-return]
+        return jax.tree_util.tree_unflatten(self.tree, full)
 
     def after(self, call_args: Any, call_kwargs: Any) -> list[Any]:
         """Inside the trace, after the call: check what it changed in place, and return the
@@ -142,7 +149,7 @@ class Arguments:
     def _check_rebuilt(self, call_args: Any, call_kwargs: Any) -> None:
         after = jax.tree_util.tree_flatten_with_path((call_args, call_kwargs), is_leaf=self.is_node)
         paths_after, tree_after = after
-        if tree_after != self.tree:
+        if tree_after != self.tree:  # type: ignore[operator]
             raise ValueError(
                 f"{self.who}: the call changed the structure of a container among its "
                 f"arguments in place (now {_show_args(tree_after)}, passed as "
