@@ -14,12 +14,15 @@ How it works (the `emit` primitive and its rules are in `_emit.py`):
    equation that holds one is rebuilt through jax's public API, with the emitted values
    as extra outputs of its sub-program:
 
-   - `pjit` / `jit`: rebuilt with `jax.jit`; emitted values pass out unchanged.
+   - `pjit` / `jit`: the same primitive bound with every parameter it had (donation,
+     shardings, layouts, compiler options, mesh), on the program with the emitted values
+     as extra outputs.
    - `scan` (also `fori_loop` with static bounds, `lax.map`): rebuilt with `lax.scan`;
      emitted values become per-iteration outputs, stacked on a new leading axis.
    - `cond` (`lax.cond`, `lax.switch`): rebuilt with `lax.switch`; the taken branch's
      values. Every branch must emit the same names, shapes and dtypes.
-   - `remat2` (`jax.checkpoint`): rebuilt with `jax.checkpoint`, same policy.
+   - `remat2` (`jax.checkpoint`): the same primitive and parameters (policy,
+     `prevent_cse`, `differentiated`), on the program with the extra outputs.
    - `custom_jvp_call`, `custom_vjp_call` (`custom_vjp_call_jaxpr` in older jax): the same
      primitive, bound on the function without its emits, so the custom rule is kept; the
      emitted values come from evaluating the function once more on inputs cut from
@@ -33,7 +36,10 @@ How it works (the `emit` primitive and its rules are in `_emit.py`):
 
    A name may be emitted once per `collect` (once per iteration inside a scan, once per
    branch that can run inside a cond); a second emit of it is a ValueError.
-3. Every recorded value goes through `lax.stop_gradient` and becomes
+3. **Carry updates back.** The arguments are flattened and rebuilt for the trace, and
+   the function's in-place updates of nnx objects among them are passed out of the
+   program and written back to the caller's objects (`_carry.py`).
+4. Every recorded value goes through `lax.stop_gradient` and becomes
    `Log(value, name=name)`, in the order of first emission.
 """
 
@@ -585,6 +591,14 @@ def collect(fn: Callable[..., R]) -> Callable[..., tuple[R, Logs]]:
       `shard_map`, a log is an ordinary output of the program: under `jit` with sharded
       inputs it gets the sharding XLA chooses for it.
 
+    Stateful code runs as it would without `collect`: a function that updates flax.nnx
+    objects among its arguments in place (a model, an `nnx.Optimizer`, the counters of
+    `nnx.Rngs`, under `nnx.jit`, `nnx.value_and_grad` or `nnx.scan`) leaves the same
+    values in the caller's objects, carried back with flax's graph API. An update that
+    cannot be carried back is an error on the first call: a traced value stored on a
+    plain object, a dict entry or list item of an argument replaced in place, an
+    attribute added to an nnx object.
+
     Args:
         fn: the function to run; it may take and return any pytrees of arrays.
 
@@ -592,12 +606,15 @@ def collect(fn: Callable[..., R]) -> Callable[..., tuple[R, Logs]]:
         A function with `fn`'s arguments returning `(fn's result, logs)`.
 
     Raises:
-        TypeError: if `fn` is not callable (when wrapping), or an `emit` has a non-string
-            name or a value `Log` refuses (when called).
+        TypeError: if `fn` is not callable (when wrapping); when called, if an `emit` has
+            a non-string name or a value `Log` refuses, or `fn` returns something other
+            than arrays and numbers (the message names `fn`).
         ValueError: when called, if a name is emitted twice at one scan level, the
             branches of a `cond` disagree on what they emit, an emit sits inside a
             `lax.while_loop` (use `scan`), or inside an operation `collect` cannot
-            thread values out of (the message names it).
+            thread values out of (the message names it), or `fn` updates an argument
+            in place in a way that cannot be carried back to the caller (the message
+            says what to do instead).
         RuntimeError: when wrapping, on jax older than 0.8 (see the package README).
 
     Example:
