@@ -56,7 +56,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
-from jax.interpreters import partial_eval as _partial_eval
 
 from jaxmodules.logstate._carry import Arguments, fn_name, is_dynamic
 from jaxmodules.logstate._emit import SUPPORTED, emit_p, naming
@@ -228,6 +227,7 @@ KNOWN_PARAMS = {
         "jaxpr",
         "check_vma",
         "newly_manual_axes",
+        "manual_axes",
         "axis_names",
     },
 }
@@ -432,14 +432,30 @@ class _Interpreter:
         return list(outs)
 
     def rebuild_remat(self, eqn: Any, invals: list[Any], level: _Level) -> list[Any]:
-        # The same primitive and parameters (policy, prevent_cse, differentiated); its
-        # program takes no constants, so the new program's become leading inputs.
-        new, box = self.retrace(eqn.params["jaxpr"], invals)
-        params = dict(eqn.params, jaxpr=_partial_eval.convert_constvars_jaxpr(new.jaxpr))
-        outs = _bind(eqn.primitive, params, [*new.consts, *invals])
+        # jax.checkpoint traces the program with the extra outputs (its constants become
+        # inputs, as the primitive wants); the equation it makes is bound with the
+        # original's parameters (policy, prevent_cse, differentiated), none lost.
+        params = eqn.params
+        box: list[list[_Meta]] = []
+        run = self.run_sub(params["jaxpr"], box)
+        traced = jax.make_jaxpr(
+            jax.checkpoint(run, prevent_cse=params["prevent_cse"], policy=params["policy"])
+        )(*invals)
+        (made,) = traced.eqns
+
+        def read(v: Any) -> Any:
+            return v.val if isinstance(v, Literal) else env[v]
+
+        env = dict(zip(traced.jaxpr.constvars, traced.consts, strict=True))
+        env.update(zip(traced.jaxpr.invars, invals, strict=True))
+        outs = _bind(
+            eqn.primitive, dict(params, jaxpr=made.params["jaxpr"]), [read(v) for v in made.invars]
+        )
+        env.update(zip(made.outvars, outs, strict=True))
+        flat = [read(v) for v in traced.jaxpr.outvars]  # fn's outputs, then emitted values
         n_out = len(eqn.outvars)
-        level.extend(box[-1], outs[n_out:])
-        return list(outs[:n_out])
+        level.extend(box[-1], flat[n_out:])
+        return flat[:n_out]
 
     def rebuild_custom(self, eqn: Any, invals: list[Any], level: _Level) -> list[Any]:
         key = "call_jaxpr" if "call_jaxpr" in eqn.params else "fun_jaxpr"
@@ -473,7 +489,11 @@ class _Interpreter:
             # One value per device: a leading axis of 1 here, of the device count outside.
             return tuple(outs), [jnp.expand_dims(x, 0) for x in leaves]
 
-        manual = params.get("newly_manual_axes") or params.get("axis_names")
+        manual = (
+            params.get("newly_manual_axes")  # jax 0.9 on
+            or params.get("manual_axes")  # jax 0.8
+            or params.get("axis_names")
+        )
         manual = set(mesh.axis_names) if not manual else set(manual)
         axes = tuple(a for a in mesh.axis_names if a in manual)
         mapped = jax.shard_map(
