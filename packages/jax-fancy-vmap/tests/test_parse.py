@@ -152,6 +152,12 @@ def caret_target(message: str) -> str:
         ("out[i] = f.(A[i])", "expected a name after '.', found '('", "("),
         ("out[i] = f(A[i]) = g(B[i])", "expected the end of the pattern, found '='", "="),
         ("out[i.j] = f(A[i])", "expected ',' or ']', found '.'", "."),
+        # Notation from other tools: what it is, and what to write instead.
+        ("b d => b", "'=>' is not an arrow here; write '->'", "=>"),
+        ("out[b] => f(x[b])", "'=>' is not an arrow here; write '->'", "=>"),
+        ("(b t) d -> (b t)", "grouping axes in parentheses, as einops does", "(b t)"),
+        ("x[b, (b t)] -> out[b]", "name it once ('bt'), or map them as separate", "(b t)"),
+        ("out[i] = f(A[( i  j )])", "grouping axes in parentheses", "( i  j )"),
     ],
 )
 def test_malformed_patterns_are_value_errors_with_a_caret(

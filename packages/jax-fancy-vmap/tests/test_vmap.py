@@ -394,6 +394,19 @@ def test_wrong_argument_count() -> None:
     assert str(info.value).splitlines()[-1].strip() == "^^^^"  # under 'i, j'
 
 
+def test_arrays_passed_as_keywords_are_never_mapped_and_the_message_says_so() -> None:
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(size=(2, 3)), rng.normal(size=(2, 3))
+    vectorized = fancy_vmap(lambda a, b: a * b, "out[i, :] = f(A[i, :], B[i, :])")
+    message = "keyword arguments are never mapped (they reach fn as they are), and 'b' came"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        vectorized(x, b=y)
+    np.testing.assert_allclose(vectorized(x, y), x * y)  # positionally, it maps both
+    # A keyword that is no array (a flag) is fine, and adds nothing to the count message.
+    with pytest.raises(ValueError, match=r"called with 1\n"):
+        fancy_vmap(lambda a, b, scale=1: a * b, "i, i -> i")(x, scale=2)
+
+
 @pytest.mark.parametrize(
     ("fmt", "shapes", "message"),
     [

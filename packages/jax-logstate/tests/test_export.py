@@ -199,3 +199,9 @@ def test_write_tensorboard_calls_the_writer_with_floats_and_arrays(rng):
     assert writer.calls[0][2] == 1.0 and type(writer.calls[0][2]) is float
     np.testing.assert_array_equal(writer.calls[1][2], hist.astype(np.float64))
     assert all(c[3] == 4 and type(c[3]) is int for c in writer.calls)
+
+
+@pytest.mark.parametrize("writer", [None, "runs/", object()])
+def test_write_tensorboard_names_a_writer_that_is_not_one(writer):
+    with pytest.raises(TypeError, match=r"write_tensorboard: writer must be a summary writer"):
+        write_tensorboard(writer, {"loss": Log(0.5)}, step=0)

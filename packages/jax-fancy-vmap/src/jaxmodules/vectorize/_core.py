@@ -106,10 +106,25 @@ def _dimension(pattern: AxisPattern, axis: str, rank: int) -> int:
     return position if position >= 0 else rank + position
 
 
-def _check_arguments(plan: VmapPlan, args: tuple[Any, ...]) -> None:
+def _holds_array(value: Any) -> bool:
+    """Whether ``value`` holds an array with an axis to map (numbers and flags have none)."""
+    return any(bool(_leaf_shape(leaf)) for leaf in jax.tree_util.tree_leaves(value))
+
+
+def _check_arguments(
+    plan: VmapPlan, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None
+) -> None:
     """Count, ranks and sizes of the arguments, checked before jax sees them."""
     fmt = plan.fmt
     if len(args) != len(plan.inputs):
+        arrays = [k for k, v in (kwargs or {}).items() if _holds_array(v)]
+        hint = (
+            f"; keyword arguments are never mapped (they reach fn as they are), and "
+            f"{', '.join(repr(k) for k in arrays)} came as keyword(s): pass the arguments "
+            "the pattern maps positionally, in the pattern's order"
+            if arrays
+            else ""
+        )
         if plan.inputs:
             start, end = plan.inputs[0].start, plan.inputs[-1].end
         else:
@@ -119,7 +134,7 @@ def _check_arguments(plan: VmapPlan, args: tuple[Any, ...]) -> None:
             start,
             end,
             f"the pattern describes {len(plan.inputs)} positional argument(s), but the"
-            f" function was called with {len(args)}",
+            f" function was called with {len(args)}{hint}",
         )
     bound: dict[str, tuple[int, str, tuple[int, ...]]] = {}
     for index, (pattern, arg) in enumerate(zip(plan.inputs, args, strict=True)):
@@ -238,7 +253,7 @@ def _call(
     schedule: _Schedule, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
     plan = schedule.plan
-    _check_arguments(plan, args)
+    _check_arguments(plan, args, kwargs)
     rebuild: list[Callable[[tuple[Any, ...]], Any]] = []
 
     def per_element(*mapped_values: Any) -> Any:

@@ -383,10 +383,36 @@ def parse_pattern(fmt: str) -> VmapPlan:
     return _parse_cached(fmt)
 
 
+# Two or more names in parentheses with no comma between them: einops' axis grouping.
+_GROUPING_RE = re.compile(r"\(\s*[^\W\d]\w*(?:\s+[^\W\d]\w*)+\s*\)")
+
+
+def _check_foreign_syntax(fmt: str) -> None:
+    """Notation from other tools that would otherwise fail with a puzzling message."""
+    arrow = fmt.find("=>")
+    if arrow >= 0:
+        raise pattern_error(
+            fmt, arrow, arrow + 2, "'=>' is not an arrow here; write '->' (inputs -> outputs)"
+        )
+    group = _GROUPING_RE.search(fmt)
+    if group:
+        names = group.group()[1:-1].split()
+        raise pattern_error(
+            fmt,
+            group.start(),
+            group.end(),
+            f"grouping axes in parentheses, as einops does with {group.group()!r}, is not "
+            "supported: each name maps one axis. Reshape the array so the grouped axes "
+            f"are one ({' * '.join(names)}) and name it once ({''.join(names)!r}), or map "
+            f"them as separate axes ({' '.join(names)!r})",
+        )
+
+
 @functools.lru_cache(maxsize=512)
 def _parse_cached(fmt: str) -> VmapPlan:
     if not fmt.strip():
         raise pattern_error(fmt, 0, len(fmt), "empty pattern")
+    _check_foreign_syntax(fmt)
     parser = _Parser(fmt)
     dummy = any(token.kind in _DUMMY_ONLY_KINDS for token in parser.tokens)
     inputs, outputs, tuple_output = parser.dummy() if dummy else parser.einsum()

@@ -14,12 +14,15 @@ How it works (the `emit` primitive and its rules are in `_emit.py`):
    equation that holds one is rebuilt through jax's public API, with the emitted values
    as extra outputs of its sub-program:
 
-   - `pjit` / `jit`: rebuilt with `jax.jit`; emitted values pass out unchanged.
+   - `pjit` / `jit`: the same primitive bound with every parameter it had (donation,
+     shardings, layouts, compiler options, mesh), on the program with the emitted values
+     as extra outputs.
    - `scan` (also `fori_loop` with static bounds, `lax.map`): rebuilt with `lax.scan`;
      emitted values become per-iteration outputs, stacked on a new leading axis.
    - `cond` (`lax.cond`, `lax.switch`): rebuilt with `lax.switch`; the taken branch's
      values. Every branch must emit the same names, shapes and dtypes.
-   - `remat2` (`jax.checkpoint`): rebuilt with `jax.checkpoint`, same policy.
+   - `remat2` (`jax.checkpoint`): the same primitive and parameters (policy,
+     `prevent_cse`, `differentiated`), on the program with the extra outputs.
    - `custom_jvp_call`, `custom_vjp_call` (`custom_vjp_call_jaxpr` in older jax): the same
      primitive, bound on the function without its emits, so the custom rule is kept; the
      emitted values come from evaluating the function once more on inputs cut from
@@ -33,7 +36,10 @@ How it works (the `emit` primitive and its rules are in `_emit.py`):
 
    A name may be emitted once per `collect` (once per iteration inside a scan, once per
    branch that can run inside a cond); a second emit of it is a ValueError.
-3. Every recorded value goes through `lax.stop_gradient` and becomes
+3. **Carry updates back.** The arguments are flattened and rebuilt for the trace, and
+   the function's in-place updates of nnx objects among them are passed out of the
+   program and written back to the caller's objects (`_carry.py`).
+4. Every recorded value goes through `lax.stop_gradient` and becomes
    `Log(value, name=name)`, in the order of first emission.
 """
 
@@ -51,13 +57,14 @@ import numpy as np
 from jax import lax
 from jax.extend.core import ClosedJaxpr, Jaxpr, Literal
 
+from jaxmodules.logstate._carry import Arguments, fn_name, is_dynamic
 from jaxmodules.logstate._emit import SUPPORTED, emit_p, naming
 from jaxmodules.logstate._log import Log
 
 try:  # keeps each rebuilt operation's source location and name stack, as eval_jaxpr does
-    from jax._src import source_info_util as _source_info
-except ImportError:  # pragma: no cover
-    _source_info = None  # type: ignore[assignment]
+    from jax.extend import source_info_util as _source_info
+except ImportError:  # pragma: no cover - older jax
+    from jax._src import source_info_util as _source_info  # type: ignore[no-redef]
 
 R = TypeVar("R")
 
@@ -129,14 +136,13 @@ def _sub_jaxprs(params: dict[str, Any]) -> Iterator[Any]:
 @contextlib.contextmanager
 def _context_of(eqn: Any) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
-        if _source_info is not None:
-            info = eqn.source_info
-            stack.enter_context(
-                _source_info.user_context(
-                    info.traceback,
-                    name_stack=_source_info.current_name_stack() + info.name_stack,
-                )
+        info = eqn.source_info
+        stack.enter_context(
+            _source_info.user_context(
+                info.traceback,
+                name_stack=_source_info.current_name_stack() + info.name_stack,
             )
+        )
         ctx = getattr(eqn, "ctx", None)
         if ctx is not None:
             stack.enter_context(ctx.manager)
@@ -166,6 +172,66 @@ def _scan_split(params: dict[str, Any], n_in: int) -> tuple[int, int]:
     consts, carry, _ = params["ft_in"].update(list(range(n_in))).unpack()
     return len(list(consts)), len(list(carry))
 
+
+# The parameters of each equation kind collect rebuilds, every one of which it keeps (or
+# refuses where it cannot: a platform-dependent cond, a scan with _split_transpose).
+# `linear` (scan) is a hint for transposition that a rebuilt scan recomputes. A test
+# compares these with the parameters the installed jax's equations carry.
+KNOWN_PARAMS = {
+    "jit": {
+        "jaxpr",
+        "in_shardings",
+        "out_shardings",
+        "in_layouts",
+        "out_layouts",
+        "donated_invars",
+        "ctx_mesh",
+        "name",
+        "keep_unused",
+        "inline",
+        "compiler_options_kvs",
+    },
+    "scan": {
+        "reverse",
+        "length",
+        "jaxpr",
+        "unroll",
+        "ft_in",
+        "ft_out",
+        "num_consts",
+        "num_carry",
+        "linear",
+        "_split_transpose",
+    },
+    "cond": {"branches", "branches_platforms"},
+    "remat2": {"jaxpr", "prevent_cse", "differentiated", "policy"},
+    "custom_jvp_call": {
+        "call_jaxpr",
+        "jvp_jaxpr_fun",
+        "jvp_jaxpr_thunk",
+        "num_consts",
+        "symbolic_zeros",
+    },
+    "custom_vjp_call": {
+        "call_jaxpr",
+        "fwd_jaxpr_thunk",
+        "num_consts",
+        "bwd",
+        "out_trees",
+        "symbolic_zeros",
+    },
+    "shard_map": {
+        "mesh",
+        "in_specs",
+        "out_specs",
+        "jaxpr",
+        "check_vma",
+        "newly_manual_axes",
+        "manual_axes",
+        "axis_names",
+    },
+}
+KNOWN_PARAMS["pjit"] = KNOWN_PARAMS["jit"]
 
 _SUPPORTED = (
     "jit/pjit, scan (fori_loop with static bounds, lax.map), cond/switch, checkpoint/remat, "
@@ -283,29 +349,37 @@ class _Interpreter:
             "it, or return the value from it by hand as a Log"
         )
 
-    def rebuild_jit(self, eqn: Any, invals: list[Any], level: _Level) -> list[Any]:
-        params = eqn.params
+    def retrace(self, closed: Any, invals: Sequence[Any]) -> tuple[Any, list[list[_Meta]]]:
+        """`closed` without its emits: a jaxpr with the emitted values as extra outputs."""
         box: list[list[_Meta]] = []
-        inner = self.run_sub(params["jaxpr"], box)
-        in_shardings = params.get("in_shardings", ())
-        out_shardings = params.get("out_shardings", ())
+        inner = self.run_sub(closed, box)
 
-        def run(*args: Any) -> tuple[list[Any], list[Any]]:
-            # The jit's own sharding annotations become constraints on its values.
-            args = tuple(_constrain(x, s) for x, s in _zip_long(args, in_shardings))
+        def run(*args: Any) -> list[Any]:
             outs, leaves = inner(*args)
-            return [_constrain(x, s) for x, s in _zip_long(outs, out_shardings)], leaves
+            return [*outs, *leaves]
 
-        run.__name__ = str(params.get("name", "jit"))
-        jitted = jax.jit(
-            run, inline=params.get("inline", False), keep_unused=params.get("keep_unused", False)
-        )
-        outs, leaves = jitted(*invals)
-        level.extend(box[-1], leaves)
-        return outs
+        return jax.make_jaxpr(run)(*invals), box
+
+    def rebuild_jit(self, eqn: Any, invals: list[Any], level: _Level) -> list[Any]:
+        # The same primitive and parameters (donation, shardings, layouts, compiler
+        # options, mesh), on the program with the emitted values as extra outputs.
+        new, box = self.retrace(eqn.params["jaxpr"], invals)
+        n_out = len(eqn.outvars)
+        params = dict(eqn.params, jaxpr=new)
+        for key, default in _jit_output_defaults().items():
+            if key in params:
+                params[key] = (*params[key], *[default] * (len(new.out_avals) - n_out))
+        outs = _bind(eqn.primitive, params, invals)
+        level.extend(box[-1], outs[n_out:])
+        return list(outs[:n_out])
 
     def rebuild_scan(self, eqn: Any, invals: list[Any], level: _Level) -> list[Any]:
         params = eqn.params
+        if params.get("_split_transpose"):
+            raise ValueError(
+                f"emit({self.first_emit(eqn)!r}) is inside a lax.scan with _split_transpose "
+                "set, which collect cannot rebuild with that setting; emit outside it"
+            )
         n_consts, n_carry = _scan_split(params, len(invals))
         consts = invals[:n_consts]
         init = invals[n_consts : n_consts + n_carry]
@@ -358,14 +432,30 @@ class _Interpreter:
         return list(outs)
 
     def rebuild_remat(self, eqn: Any, invals: list[Any], level: _Level) -> list[Any]:
+        # jax.checkpoint traces the program with the extra outputs (its constants become
+        # inputs, as the primitive wants); the equation it makes is bound with the
+        # original's parameters (policy, prevent_cse, differentiated), none lost.
         params = eqn.params
         box: list[list[_Meta]] = []
         run = self.run_sub(params["jaxpr"], box)
-        outs, leaves = jax.checkpoint(
-            run, prevent_cse=params.get("prevent_cse", True), policy=params.get("policy")
+        traced = jax.make_jaxpr(
+            jax.checkpoint(run, prevent_cse=params["prevent_cse"], policy=params["policy"])
         )(*invals)
-        level.extend(box[-1], leaves)
-        return outs
+        (made,) = traced.eqns
+
+        def read(v: Any) -> Any:
+            return v.val if isinstance(v, Literal) else env[v]
+
+        env = dict(zip(traced.jaxpr.constvars, traced.consts, strict=True))
+        env.update(zip(traced.jaxpr.invars, invals, strict=True))
+        outs = _bind(
+            eqn.primitive, dict(params, jaxpr=made.params["jaxpr"]), [read(v) for v in made.invars]
+        )
+        env.update(zip(made.outvars, outs, strict=True))
+        flat = [read(v) for v in traced.jaxpr.outvars]  # fn's outputs, then emitted values
+        n_out = len(eqn.outvars)
+        level.extend(box[-1], flat[n_out:])
+        return flat[:n_out]
 
     def rebuild_custom(self, eqn: Any, invals: list[Any], level: _Level) -> list[Any]:
         key = "call_jaxpr" if "call_jaxpr" in eqn.params else "fun_jaxpr"
@@ -399,7 +489,11 @@ class _Interpreter:
             # One value per device: a leading axis of 1 here, of the device count outside.
             return tuple(outs), [jnp.expand_dims(x, 0) for x in leaves]
 
-        manual = params.get("newly_manual_axes") or params.get("axis_names")
+        manual = (
+            params.get("newly_manual_axes")  # jax 0.9 on
+            or params.get("manual_axes")  # jax 0.8
+            or params.get("axis_names")
+        )
         manual = set(mesh.axis_names) if not manual else set(manual)
         axes = tuple(a for a in mesh.axis_names if a in manual)
         mapped = jax.shard_map(
@@ -415,16 +509,13 @@ class _Interpreter:
         return list(outs)
 
 
-def _zip_long(values: Sequence[Any], shardings: Sequence[Any]) -> Iterator[tuple[Any, Any]]:
-    shardings = tuple(shardings)
-    for i, value in enumerate(values):
-        yield value, shardings[i] if i < len(shardings) else None
-
-
-def _constrain(x: Any, sharding: Any) -> Any:
-    if isinstance(sharding, jax.sharding.Sharding):
-        return lax.with_sharding_constraint(x, sharding)
-    return x
+@functools.cache
+def _jit_output_defaults() -> dict[str, Any]:
+    """What a jit equation's per-output parameters say for an output given no sharding or
+    layout, read off a traced jit (jax's own sentinel for "unspecified" is private)."""
+    with naming(None):
+        eqn = jax.make_jaxpr(jax.jit(lambda x: x))(np.float32(0)).eqns[0]
+    return {k: eqn.params[k][0] for k in ("out_shardings", "out_layouts") if k in eqn.params}
 
 
 def _branch(i: int, count: int) -> str:
@@ -460,8 +551,20 @@ def _show_types(types: tuple[tuple[tuple[int, ...], Any], ...]) -> str:
     return ", ".join(f"{np.dtype(d).name}{list(s)}" for s, d in types)
 
 
-def _is_dynamic(x: Any) -> bool:
-    return isinstance(x, jax.Array | np.ndarray | np.generic | jax.core.Tracer)
+def _check_outputs(fn: Callable[..., Any], leaves: Sequence[Any], tree: Any) -> None:
+    for i, leaf in enumerate(leaves):
+        if not is_dynamic(leaf) and not isinstance(leaf, bool | int | float | complex):
+            paths = [
+                jax.tree_util.keystr(p)
+                for p, _ in jax.tree_util.tree_flatten_with_path(
+                    jax.tree_util.tree_unflatten(tree, range(len(leaves)))
+                )[0]
+            ]
+            raise TypeError(
+                f"collect({fn_name(fn)}): {fn_name(fn)} returned a {type(leaf).__name__} "
+                f"(output{paths[i]}); its result may hold arrays and numbers only, as a "
+                "jitted function's. Return other values from outside the collected function"
+            )
 
 
 Logs = collections.OrderedDict[str, Log[Any]]
@@ -508,6 +611,14 @@ def collect(fn: Callable[..., R]) -> Callable[..., tuple[R, Logs]]:
       `shard_map`, a log is an ordinary output of the program: under `jit` with sharded
       inputs it gets the sharding XLA chooses for it.
 
+    Stateful code runs as it would without `collect`: a function that updates flax.nnx
+    objects among its arguments in place (a model, an `nnx.Optimizer`, the counters of
+    `nnx.Rngs`, under `nnx.jit`, `nnx.value_and_grad` or `nnx.scan`) leaves the same
+    values in the caller's objects, carried back with flax's graph API. An update that
+    cannot be carried back is an error on the first call: a traced value stored on a
+    plain object, a dict entry or list item of an argument replaced in place, an
+    attribute added to an nnx object.
+
     Args:
         fn: the function to run; it may take and return any pytrees of arrays.
 
@@ -515,12 +626,15 @@ def collect(fn: Callable[..., R]) -> Callable[..., tuple[R, Logs]]:
         A function with `fn`'s arguments returning `(fn's result, logs)`.
 
     Raises:
-        TypeError: if `fn` is not callable (when wrapping), or an `emit` has a non-string
-            name or a value `Log` refuses (when called).
+        TypeError: if `fn` is not callable (when wrapping); when called, if an `emit` has
+            a non-string name or a value `Log` refuses, or `fn` returns something other
+            than arrays and numbers (the message names `fn`).
         ValueError: when called, if a name is emitted twice at one scan level, the
             branches of a `cond` disagree on what they emit, an emit sits inside a
             `lax.while_loop` (use `scan`), or inside an operation `collect` cannot
-            thread values out of (the message names it).
+            thread values out of (the message names it), or `fn` updates an argument
+            in place in a way that cannot be carried back to the caller (the message
+            says what to do instead).
         RuntimeError: when wrapping, on jax older than 0.8 (see the package README).
 
     Example:
@@ -553,29 +667,30 @@ def collect(fn: Callable[..., R]) -> Callable[..., tuple[R, Logs]]:
 
     @functools.wraps(fn)
     def collected(*args: Any, **kwargs: Any) -> tuple[R, Logs]:
-        leaves, in_tree = jax.tree_util.tree_flatten((args, kwargs))
-        dynamic = [i for i, x in enumerate(leaves) if _is_dynamic(x)]
-        out_trees: list[Any] = []
+        arguments = Arguments(fn, args, kwargs)
+        shape: list[tuple[Any, int]] = []  # (output tree, number of output leaves)
 
         def flat(*values: Any) -> list[Any]:
-            full = list(leaves)
-            for i, value in zip(dynamic, values, strict=True):
-                full[i] = value
-            call_args, call_kwargs = jax.tree_util.tree_unflatten(in_tree, full)
+            call_args, call_kwargs = arguments.rebuild(values)
             out_leaves, out_tree = jax.tree_util.tree_flatten(fn(*call_args, **call_kwargs))
-            out_trees.append(out_tree)
-            return out_leaves
+            _check_outputs(fn, out_leaves, out_tree)
+            updates = arguments.after(call_args, call_kwargs)
+            shape.append((out_tree, len(out_leaves)))
+            return [*out_leaves, *updates]
 
-        values = [leaves[i] for i in dynamic]
+        flat.__name__ = flat.__qualname__ = fn_name(fn)
+        values = arguments.values()
         with naming(""):
             closed = jax.make_jaxpr(flat)(*values)
         level = _Level()
         with naming(None):
             outs = _Interpreter().eval_closed(closed, values, level)
+        out_tree, n_out = shape[-1]
+        arguments.carry_back(outs[n_out:])
         logs = collections.OrderedDict(
             (r.name, Log(jax.tree_util.tree_unflatten(r.tree, [_cut(x) for x in r.leaves]), r.name))
             for r in level.records.values()
         )
-        return jax.tree_util.tree_unflatten(out_trees[-1], outs), logs
+        return jax.tree_util.tree_unflatten(out_tree, outs[:n_out]), logs
 
     return collected

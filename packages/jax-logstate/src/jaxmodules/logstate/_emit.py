@@ -29,19 +29,40 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-# jax keeps its effect machinery, configuration states and fancy batchers private;
-# these names have been stable from jax 0.5 on.
+# jax keeps the effect allow-lists and its configuration states private: there is no
+# public way to register an effect with control flow, or to add a state to the trace keys.
+# Every private name used here is listed in PRIVATE_JAX and imported by a test, so a jax
+# that moves one fails that test by name.
 from jax._src import config as _jax_config
 from jax._src import effects as _jax_effects
-from jax._src.interpreters import batching as _batching
 from jax.extend.core import Primitive
 from jax.interpreters import ad, mlir
+from jax.interpreters import batching as _batching
 
 from jaxmodules.logstate._log import check_data
 from jaxmodules.logstate._names import check_text
 
+try:
+    from jax.extend.core import Effect
+except ImportError:  # pragma: no cover - jax before jax.extend.core.Effect
+    Effect = _jax_effects.Effect  # type: ignore[misc]
 
-class EmitEffect(_jax_effects.Effect):
+if not hasattr(_batching, "fancy_primitive_batchers"):  # pragma: no cover - older jax
+    from jax._src.interpreters import batching as _batching  # type: ignore[no-redef]
+
+# (module, name): the private jax names this package uses, and what for.
+# The oldest jax each is needed on: the package imports on jax 0.5, collect runs on 0.8.
+PRIVATE_JAX = (
+    ("jax._src.config", "string_or_object_state", (0, 5)),  # the naming state, in trace keys
+    ("jax._src.config", "trace_context", (0, 5)),  # probing that it is (SUPPORTED)
+    ("jax._src.effects", "control_flow_allowed_effects", (0, 5)),  # emit inside scan / cond
+    ("jax._src.effects", "custom_derivatives_allowed_effects", (0, 5)),  # custom_jvp / vjp
+    ("jax._src.effects", "remat_allowed_effects", (0, 5)),  # inside checkpoint
+    ("jax._src.effects", "partial_eval_kept_effects", (0, 8)),  # a scan body under grad
+)
+
+
+class EmitEffect(Effect):
     """The effect of `emit`: keeps the operation alive through dead-code elimination."""
 
     def __repr__(self) -> str:
@@ -185,6 +206,19 @@ def check_name(name: object, who: str) -> str:
     return check_text(name, "the name", who)
 
 
+def check_prefix(prefix: object) -> str:
+    """A scope's prefix: names join it with ".", so a dot at either end or two in a row
+    would give names like "layer..a"."""
+    text = check_text(prefix, "the prefix", "scope")
+    if "" in text.split("."):
+        raise ValueError(
+            f"scope: the prefix {prefix!r} has an empty part between dots (a dot at the "
+            "start or end, or two in a row); names are joined to it with '.', so write "
+            f"scope({'.'.join(p for p in text.split('.') if p)!r})"
+        )
+    return text
+
+
 def emit(name: str, value: Any) -> None:
     """Record `value` under `name` for the enclosing `collect`; outside one, do nothing.
 
@@ -243,11 +277,12 @@ def scope(prefix: str) -> Iterator[None]:
     starts again from no prefix. Outside `collect` a scope does nothing.
 
     Args:
-        prefix: a non-empty string; it may itself contain dots.
+        prefix: a non-empty string; it may itself contain dots, between non-empty parts
+            (`"layers.0"`, not `"layers."`: the dot that joins names is added for you).
 
     Raises:
         TypeError: if `prefix` is not a string.
-        ValueError: if `prefix` is empty.
+        ValueError: if `prefix` is empty, or starts or ends with a dot, or has two in a row.
 
     Example:
         >>> import jax.numpy as jnp
@@ -261,7 +296,7 @@ def scope(prefix: str) -> Iterator[None]:
         >>> list(collect(f)(jnp.ones(4))[1])
         ['layers.0.norm', 'layers.1.norm']
     """
-    check_name(prefix, "scope")
+    check_prefix(prefix)
     outer = current_prefix()
     if outer is None:
         yield

@@ -109,7 +109,8 @@ def write_tensorboard(
 
     Raises:
         TypeError: for a value TensorBoard cannot plot (a complex number or array), before
-            anything is written; also if `step` is not an int or `prefix` not a str.
+            anything is written; also if `writer` lacks `add_scalar` or `add_histogram`,
+            `step` is not an int or `prefix` not a str.
 
     Examples:
         >>> import jax.numpy as jnp
@@ -124,6 +125,13 @@ def write_tensorboard(
         histogram train/grads (3,) 3
         scalar train/loss 0.5 3
     """
+    missing = [m for m in ("add_scalar", "add_histogram") if not callable(getattr(writer, m, None))]
+    if missing:
+        raise TypeError(
+            f"write_tensorboard: writer must be a summary writer with add_scalar and "
+            f"add_histogram methods (tensorboardX.SummaryWriter, for instance), got "
+            f"{type(writer).__name__} {writer!r:.60}, which lacks {' and '.join(missing)}"
+        )
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
         raise TypeError(f"write_tensorboard: step must be an int, got {type(step).__name__}")
     if not isinstance(prefix, str):
