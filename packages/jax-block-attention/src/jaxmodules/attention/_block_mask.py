@@ -326,8 +326,8 @@ class BlockMask:
         lines = [
             f"BlockMask({', '.join(parts)})",
             f"  {n_q} x {n_k} blocks per (b, h) over {self.mask_batch} x {self.mask_heads}: "
-            f"{n_full} full, {n_partial} partial, sparsity {self.sparsity():.3f}",
-            f"  plan: {self.walk}, {_size_text(self.nbytes)}",
+            f"{n_full} full, {n_partial} partial, sparsity {self.sparsity():.3f}; "
+            f"plan: {self.walk}, {_size_text(self.nbytes)}",
         ]
         lines += [f"  {row}" for row in self._picture()]
         return "\n".join(lines)
