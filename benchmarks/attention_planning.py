@@ -83,8 +83,7 @@ start = time.perf_counter()
 step.lower(spec, spec, spec, ids_spec).compile()
 seconds = time.perf_counter() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-shapes = jax.eval_shape(plan, ids_spec)
-plan_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(shapes))
+plan_bytes = jax.eval_shape(plan, ids_spec).nbytes  # index arrays, not the ids
 print(json.dumps({"seconds": seconds, "memory_mib": peak - before, "plan_bytes": plan_bytes}))
 """
 
