@@ -3,12 +3,16 @@ builds, traced masks, recompilation of eager calls.
 
 Measures, on this machine:
 
-1. Lowering + compiling ``jit(grad(causal attention))`` at L = 131,072 and 262,144
-   (B=1, H=1, d=64): seconds and the growth of the process's peak resident memory,
-   each length in a fresh subprocess.
+1. Lowering + compiling ``jit(grad(attention))`` (B=1, H=1, d=64), each case in a
+   fresh subprocess: seconds and the growth of the process's peak resident memory.
+   Causal at L = 131,072 and 262,144 (float32); at L = 1,048,576 (bfloat16) causal, a
+   window (4096, 0), and causal with 8 documents whose segment ids are traced
+   (``mask_fn`` on them); L = 8192 (bfloat16) as the reference of a small program. The
+   plan's device memory: ``BlockMask.nbytes`` of the plan each case builds.
 2. ``create_block_mask`` for a static ``mask_fn`` (documents of 3,000 tokens, causal)
    at L = 32,768, B=H=1: first call (compiles its builder) and a second call with a new
-   function object of the same code.
+   function object of the same code; and at L = 1,048,576 with a window (4096, 0):
+   seconds, peak host memory growth, plan bytes, sparsity.
 3. Eight traced causal documents at L = 8192 (H=4, d=64): forward with the segment ids
    passed to the jitted function, so the block mask is built inside the call, against
    the plain causal forward, timed alternately in one process (median of repeats).
@@ -43,7 +47,61 @@ RESULTS = Path(__file__).resolve().parent / "results"
 _COMPILE_PROBE = """
 import json, resource, sys, time
 import jax, jax.numpy as jnp
-from jaxmodules.attention import masked_attention_via_map
+from jaxmodules.attention import create_block_mask, masked_attention_via_map
+
+def rss_mib():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+case, length, dtype = sys.argv[1], int(sys.argv[2]), jnp.dtype(sys.argv[3])
+spec = jax.ShapeDtypeStruct((1, length, 1, 64), dtype)
+ids_spec = jax.ShapeDtypeStruct((1, length), jnp.int32)
+options = {
+    "causal": {"is_causal": True},
+    "window": {"window_size": (4096, 0)},
+    "documents": {"is_causal": True},
+}[case]
+
+def mask_fn(ids):
+    if case != "documents":
+        return None
+    return lambda b, h, qi, ki: ids[b, qi] == ids[b, ki]
+
+def loss(q, k, v, ids):
+    out = masked_attention_via_map(q, k, v, mask_fn=mask_fn(ids), **options)
+    return out.astype(jnp.float32).sum()
+
+def plan(ids):
+    return create_block_mask(mask_fn(ids), 1, 1, length, length, **options)
+
+step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+before = rss_mib()
+start = time.perf_counter()
+step.lower(spec, spec, spec, ids_spec).compile()
+seconds = time.perf_counter() - start
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+plan_bytes = jax.eval_shape(plan, ids_spec).nbytes  # index arrays, not the ids
+print(json.dumps({"seconds": seconds, "memory_mib": peak - before, "plan_bytes": plan_bytes}))
+"""
+
+
+def compile_cost(case: str, length: int, dtype: str = "float32") -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", _COMPILE_PROBE, case, str(length), dtype],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+_BUILD_PROBE = """
+import json, resource, sys, time
+import jax, jax.numpy as jnp
+from jaxmodules.attention import create_block_mask
 
 def rss_mib():
     with open("/proc/self/status") as f:
@@ -53,21 +111,22 @@ def rss_mib():
     return 0.0
 
 length = int(sys.argv[1])
-spec = jax.ShapeDtypeStruct((1, length, 1, 64), jnp.float32)
-loss = lambda q, k, v: masked_attention_via_map(q, k, v, is_causal=True).sum()
-step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+def documents(b, h, q, k):
+    return (q // 3000) == (k // 3000)
+
 before = rss_mib()
 start = time.perf_counter()
-step.lower(spec, spec, spec).compile()
+bm = create_block_mask(documents, 1, 1, length, length, window_size=(4096, 0))
 seconds = time.perf_counter() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"seconds": seconds, "memory_mib": peak - before}))
+print(json.dumps({"seconds": seconds, "memory_mib": peak - before, "plan_bytes": bm.nbytes,
+                  "sparsity": bm.sparsity(), "walk": bm.walk, "block_size": bm.block_size}))
 """
 
 
-def compile_cost(length: int) -> dict:
+def long_build(length: int) -> dict:
     out = subprocess.run(
-        [sys.executable, "-c", _COMPILE_PROBE, str(length)],
+        [sys.executable, "-c", _BUILD_PROBE, str(length)],
         capture_output=True,
         text=True,
         check=True,
@@ -154,8 +213,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
 
-    compile_rows = {length: compile_cost(length) for length in (131_072, 262_144)}
+    cases = [
+        ("causal", 131_072, "float32"),
+        ("causal", 262_144, "float32"),
+        ("causal", 8192, "bfloat16"),
+        ("causal", 1 << 20, "bfloat16"),
+        ("window", 1 << 20, "bfloat16"),
+        ("documents", 1 << 20, "bfloat16"),
+    ]
+    compile_rows = {case: compile_cost(*case) for case in cases}
     build = block_mask_build(32_768)
+    long = long_build(1 << 20)
     documents = traced_documents(8192, args.repeats)
     counts = eager_compiles(5)
 
@@ -168,14 +236,18 @@ def main() -> None:
         f"Python {platform.python_version()}, "
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         "",
-        "## Lower + compile `jit(grad(causal attention))`, B=1, H=1, d=64",
+        "## Lower + compile `jit(grad(attention))`, B=1, H=1, d=64, one process per case",
         "",
-        "| L | seconds | peak host memory growth (MiB) |",
-        "|---:|---:|---:|",
+        "`documents`: causal and 8 documents, `mask_fn` on traced segment ids. Plan: the "
+        "device bytes of the block mask the case builds.",
+        "",
+        "| case | L | dtype | seconds | peak host memory growth (MiB) | plan bytes |",
+        "|---|---:|---|---:|---:|---:|",
     ]
     lines += [
-        f"| {length:,} | {row['seconds']:.2f} | {row['memory_mib']:.0f} |"
-        for length, row in compile_rows.items()
+        f"| {case} | {length:,} | {dtype} | {row['seconds']:.2f} | {row['memory_mib']:.0f} "
+        f"| {row['plan_bytes']:,} |"
+        for (case, length, dtype), row in compile_rows.items()
     ]
     lines += [
         "",
@@ -184,6 +256,13 @@ def main() -> None:
         f"- first call (compiles the builder): {build['first_s']:.2f} s",
         f"- same code, new function object: {build['again_s']:.3f} s",
         f"- block size {tuple(build['block_size'])}, sparsity {build['sparsity']:.3f}",
+        "",
+        "## `create_block_mask`, static `mask_fn` (documents of 3,000), window (4096, 0), "
+        "L = 1,048,576",
+        "",
+        f"- {long['seconds']:.2f} s, peak host memory growth {long['memory_mib']:.0f} MiB; "
+        f"block size {tuple(long['block_size'])}, sparsity {long['sparsity']:.4f}, "
+        f"plan `{long['walk']}`, {long['plan_bytes']:,} bytes",
         "",
         "## Eight traced causal documents, L = 8192, H=4, d=64, forward",
         "",

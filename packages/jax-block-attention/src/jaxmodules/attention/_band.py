@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
 Array = Any
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
@@ -96,3 +100,112 @@ def ranges_meet(
     if hi is not None:
         meet = meet & (k_first <= q_last + hi)
     return meet
+
+
+# ------------------------------------------------------------- per-block ranges
+
+
+def _floor_div(xp: Any, a: Array, b: int) -> Array:
+    """``floor(a / b)`` for ``b > 0``: NumPy's, or truncating ``lax`` division corrected
+    (what lowers everywhere, Pallas kernels included)."""
+    if xp is np:
+        return np.floor_divide(a, b)
+    a = jnp.asarray(a, jnp.int32)
+    q, r = lax.div(a, jnp.int32(b)), lax.rem(a, jnp.int32(b))
+    return q - (r < 0).astype(jnp.int32)
+
+
+def _clip(xp: Any, x: Array, low: Any, high: Any) -> Array:
+    return xp.minimum(xp.maximum(x, low), high)
+
+
+def kv_range(
+    xp: Any,
+    i: Array,
+    offset: Array,
+    q_len: int,
+    k_len: int,
+    q_block: int,
+    k_block: int,
+    lo: int | None,
+    hi: int | None,
+) -> tuple[Array, Array, Array, Array]:
+    """The band's key blocks of query block(s) ``i`` (any broadcastable int arrays, with
+    NumPy, ``jax.numpy`` or inside a kernel): ``(first, last, full_first, full_last)``,
+    the non-empty blocks ``[first, last)`` and within them the full ones
+    ``[full_first, full_last)``; the rest of the range is partial. O(1) per block."""
+    n_k = -(-k_len // k_block)
+    complete = k_len // k_block  # key blocks that hold no padding
+    q_first = i * q_block + offset
+    q_last = xp.minimum((i + 1) * q_block, q_len) - 1 + offset
+    first = xp.zeros_like(q_first)
+    last = xp.full_like(q_first, n_k)
+    full_first = xp.zeros_like(q_first)
+    full_last = xp.full_like(q_first, complete)
+    if lo is not None:
+        # Block j is non-empty iff its last key min((j+1)kb, Lk) - 1 >= q_first + lo.
+        t = q_first + lo
+        first = xp.where(t > k_len - 1, n_k, _clip(xp, _floor_div(xp, t, k_block), 0, n_k))
+        # Full iff its first key j kb >= q_last + lo.
+        full_first = -_floor_div(xp, -(q_last + lo), k_block)
+    if hi is not None:
+        # Non-empty iff its first key j kb <= q_last + hi.
+        last = _clip(xp, _floor_div(xp, q_last + hi, k_block) + 1, 0, n_k)
+        # Full iff its last key (j+1) kb - 1 <= q_first + hi.
+        full_last = xp.minimum(full_last, _floor_div(xp, q_first + hi + 1, k_block))
+    last = xp.maximum(last, first)
+    full_first = _clip(xp, full_first, first, last)
+    full_last = _clip(xp, full_last, full_first, last)
+    return first, last, full_first, full_last
+
+
+def q_range(
+    xp: Any,
+    j: Array,
+    offset: Array,
+    q_len: int,
+    k_len: int,
+    q_block: int,
+    k_block: int,
+    lo: int | None,
+    hi: int | None,
+) -> tuple[Array, Array, Array, Array]:
+    """The transposed ``kv_range``: for key block(s) ``j``, the query blocks
+    ``(first, last, full_first, full_last)`` (what a key-major backward pass walks)."""
+    n_q = -(-q_len // q_block)
+    k_first = j * k_block
+    k_last = xp.minimum((j + 1) * k_block, k_len) - 1
+    first = xp.zeros_like(k_first)
+    last = xp.full_like(k_first, n_q)
+    full_first = xp.zeros_like(k_first)
+    full_last = xp.full_like(k_first, n_q)
+    if hi is not None:
+        # Query block i is non-empty iff its last row q_last(i) >= k_first - hi.
+        s = k_first - hi - offset
+        first = xp.where(s > q_len - 1, n_q, _clip(xp, _floor_div(xp, s, q_block), 0, n_q))
+        # Full iff its first row i qb + offset >= k_last - hi.
+        full_first = -_floor_div(xp, -(k_last - hi - offset), q_block)
+    if lo is not None:
+        # Non-empty iff its first row i qb + offset <= k_last - lo.
+        last = _clip(xp, _floor_div(xp, k_last - lo - offset, q_block) + 1, 0, n_q)
+        # Full iff its last row q_last(i) <= k_first - lo; the last block is short.
+        x = k_first - lo - offset
+        full_last = xp.where(x >= q_len - 1, n_q, _clip(xp, _floor_div(xp, x + 1, q_block), 0, n_q))
+    # A key block with padding is never full.
+    full_last = xp.where(k_last - k_first + 1 == k_block, full_last, 0)
+    last = xp.maximum(last, first)
+    full_first = _clip(xp, full_first, first, last)
+    full_last = _clip(xp, full_last, full_first, last)
+    return first, last, full_first, full_last
+
+
+def range_counts(
+    q_len: int, k_len: int, q_block: int, k_block: int, lo: int | None, hi: int | None
+) -> tuple[int, int, int]:
+    """``(n_q, full, partial)`` block pairs of the band at offset 0, in O(query blocks):
+    what a cost model needs without a per-pair grid."""
+    n_q = -(-q_len // q_block)
+    i = np.arange(n_q, dtype=np.int64)
+    first, last, ff, fl = kv_range(np, i, 0, q_len, k_len, q_block, k_block, lo, hi)
+    full = int(np.sum(fl - ff))
+    return n_q, full, int(np.sum(last - first)) - full

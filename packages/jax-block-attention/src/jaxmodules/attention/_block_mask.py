@@ -1,220 +1,75 @@
 """``BlockMask`` and ``create_block_mask``: which (query block, key block) pairs to compute.
 
 A block pair is *empty* (skipped), *full* (every pair visible: computed without any
-mask) or *partial* (computed with the element-wise mask). ``is_causal``, ``window_size``
-and ``q_offset`` make every query position see one contiguous band of keys,
-``lo <= k - q <= hi``, so their block classes follow from each block's corner
-positions: O(blocks) arithmetic, no per-element work. A ``mask_fn`` is evaluated, in
-chunks of bounded memory, only on the block pairs that the band leaves non-empty.
+mask) or *partial* (computed with the element-wise mask). The plan has two layers:
 
-The classes are stored as per-row index lists, the layout of PyTorch FlexAttention's
-``BlockMask`` and of splash attention's ``MaskInfo``, which a fused kernel reads through
-scalar prefetch or integer inputs: for each (batch, head, query block) the number of
-partial key blocks and their indices, and the same for full key blocks; transposed, for
-each key block its partial and full query blocks (what a key-major backward pass reads).
-Lists are sorted; entries past a row's count repeat its last index (a kernel that
-prefetches by index then reloads nothing).
+1. The band. ``is_causal``, ``window_size`` and ``q_offset`` make every query position
+   see one contiguous band of keys, ``lo <= k - q <= hi``; so each query block sees one
+   contiguous range of key blocks, ``[first, last)``, of which ``[full_first,
+   full_last)`` are full and the rest partial, and each key block one range of query
+   blocks. Those ranges are arithmetic on the block index and the offset
+   (``_band.kv_range`` / ``q_range``), computed wherever they are needed, in a
+   kernel too: no arrays beyond ``q_offset``.
+2. What the band does not describe (a ``mask_fn``: documents, prefixes, any mask),
+   evaluated once in chunks of bounded memory over the band's non-empty pairs
+   (``_block_build``) and stored as the same four numbers per query block
+   (``kv_ranges``, ``(Bm, Hm, n_q, 4)`` int32) and per key block (``q_ranges``,
+   ``(Bm, Hm, n_k, 4)``), already intersected with the band. Documents need nothing
+   more. Only a mask whose rows have holes (empty blocks inside a row's span) keeps
+   per-row lists too, the layout of PyTorch FlexAttention's ``BlockMask`` and splash
+   attention's ``MaskInfo``: counts and sorted indices of partial and full blocks per
+   row, padded with the row's last index; a traced mask keeps them only while the grid
+   is small (``_block_build.TRACED_LIST_PAIRS``).
+
+A backend walks ``walk`` = ``"band"``, ``"ranges"`` or ``"lists"``, reading
+``schedule(side)``: nothing, the ranges, or the four list arrays of that side.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
-from ._band import EMPTY, FULL, PARTIAL, band_limits, block_grid, in_band, structural_classes
+from ._band import FULL, PARTIAL, band_limits, block_grid, in_band
+from ._block_build import (
+    LIST_NAMES,
+    TRACED_LIST_PAIRS,
+    BuildSpec,
+    build,
+    classes_from_ranges,
+    list_arrays,
+    ranges_exact,
+    trimmed,
+)
 from ._cache import LRUCache
 from ._elementwise import ElementwiseProgram, has_tracers
 
 Array = Any  # jax.Array or np.ndarray
 
-# Mask elements evaluated per step when a mask_fn is classified, whatever the length.
-_MASK_CHUNK_ELEMENTS = 1 << 21
 # Built block masks kept for reuse: only those with no closed-over arrays, small ones.
 _BUILT = LRUCache["BlockMask"](16)
 _BUILT_MAX_BYTES = 4 << 20  # at most 64 MiB of index arrays in all
 _BUILDERS = LRUCache[Any](32)
 
 
-# ---------------------------------------------------------------------------- building
-
-
-@dataclass(frozen=True)
-class _BuildSpec:
-    """Everything static about one block mask; hashable, the key of compiled builders."""
-
-    batch: int  # batch rows the lists are kept for: 1 or B
-    heads: int  # heads the lists are kept for: 1 or H
-    offsets: int  # number of q_offset values: 1 or B
-    q_len: int
-    k_len: int
-    q_block: int
-    k_block: int
-    lo: int | None
-    hi: int | None
-    program: ElementwiseProgram | None
-    static_offset: tuple[int, ...] | None  # the offsets when known at trace time
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        return block_grid(self.q_len, self.k_len, self.q_block, self.k_block)
-
-
-def _structure(spec: _BuildSpec, xp: Any, offset: Array) -> Array:
-    """The band's block classes for ``spec``, with NumPy or on the device."""
-    return structural_classes(
-        xp, spec.q_len, spec.k_len, spec.q_block, spec.k_block, spec.lo, spec.hi, offset
-    )
-
-
-def _mask_classes(spec: _BuildSpec, offset: Array, consts: tuple) -> Array:
-    """``(batch, heads, n_q, n_k)`` classes with ``mask_fn``, evaluated over the block
-    pairs the band leaves non-empty (all pairs when the offset is traced), in chunks."""
-    dense = jnp.zeros((spec.batch, spec.heads, *spec.grid), jnp.int8)
-    if spec.static_offset is not None:
-        struct = _structure(spec, np, np.asarray(spec.static_offset))
-        # Pairs the band covers whole need no band test per element.
-        inside = (struct == FULL).all(axis=0)
-        edge = (struct != EMPTY).any(axis=0) & ~inside
-        groups = [(np.nonzero(inside), False), (np.nonzero(edge), True)]
-    else:
-        n_q, n_k = spec.grid
-        groups = [(np.divmod(np.arange(n_q * n_k), n_k), True)]
-    for (rows, cols), banded in groups:
-        if rows.size:
-            classes = _classify_pairs(spec, offset, consts, rows, cols, banded)
-            dense = dense.at[:, :, rows, cols].set(classes)
-    return dense
-
-
-def _classify_pairs(
-    spec: _BuildSpec,
-    offset: Array,
-    consts: tuple,
-    rows: np.ndarray,
-    cols: np.ndarray,
-    banded: bool,
-) -> Array:
-    """``(batch, heads, len(rows))`` classes of the block pairs ``(rows, cols)``."""
-    program = spec.program
-    assert program is not None
-    bq, bk = spec.q_block, spec.k_block
-    n_pairs = rows.size
-    per_pair = spec.batch * spec.heads * bq * bk
-    chunk = int(max(1, min(n_pairs, _MASK_CHUNK_ELEMENTS // per_pair)))
-    n_chunks = -(-n_pairs // chunk)
-    pad = n_chunks * chunk - n_pairs
-    # Padding repeats the last pair; its result is dropped.
-    rows_p = np.concatenate([rows, np.repeat(rows[-1:], pad)]).astype(np.int32)
-    cols_p = np.concatenate([cols, np.repeat(cols[-1:], pad)]).astype(np.int32)
-    b_idx = jnp.arange(spec.batch, dtype=jnp.int32).reshape(-1, 1, 1, 1, 1)
-    h_idx = jnp.arange(spec.heads, dtype=jnp.int32).reshape(1, -1, 1, 1, 1)
-    off = jnp.asarray(offset, jnp.int32).reshape(-1, 1, 1, 1, 1)
-
-    def classify(pair: tuple[Array, Array]) -> Array:
-        i, j = pair  # (chunk,) block indices
-        q_row = jnp.minimum(i[:, None] * bq + jnp.arange(bq, dtype=jnp.int32), spec.q_len - 1)
-        k_pos = j[:, None] * bk + jnp.arange(bk, dtype=jnp.int32)
-        q_pos = q_row[None, None, :, :, None] + off  # (offsets, 1, chunk, bq, 1)
-        k_pos = k_pos[None, None, :, None, :]  # (1, 1, chunk, 1, bk)
-        k_safe = jnp.minimum(k_pos, spec.k_len - 1)
-        visible = program.evaluate(consts, b_idx, h_idx, q_pos, k_safe)
-        if banded:
-            visible = visible & in_band(q_pos, k_pos, spec.lo, spec.hi, spec.k_len)
-        visible = jnp.broadcast_to(visible, (spec.batch, spec.heads, chunk, bq, bk))
-        # Padded query rows repeat a real row and padded keys are invisible, so any / all
-        # over the block decide its class (EMPTY, PARTIAL, FULL = 0, 1, 2 = any + all).
-        # int8 max / min vectorize far better on XLA:CPU than boolean reductions.
-        as_int = visible.astype(jnp.int8)
-        return as_int.max(axis=(3, 4)) + as_int.min(axis=(3, 4))
-
-    pairs = (rows_p.reshape(n_chunks, chunk), cols_p.reshape(n_chunks, chunk))
-    classes = lax.map(classify, (jnp.asarray(pairs[0]), jnp.asarray(pairs[1])))
-    classes = jnp.moveaxis(classes, 0, 2).reshape(spec.batch, spec.heads, -1)
-    return classes[:, :, :n_pairs].astype(jnp.int8)
-
-
-def _lists(xp: Any, classes: Array, width: int) -> tuple[Array, Array, Array, Array]:
-    """Per row of ``classes (..., n)``: partial count and indices, full count and indices
-    (``width`` entries each, sorted, padded with the row's last index); NumPy or jnp."""
-    n = classes.shape[-1]
-    rank = xp.where(classes == PARTIAL, 0, xp.where(classes == FULL, 1, 2)).astype(xp.int8)
-    order: Any
-    if xp is np:
-        order = np.argsort(rank, axis=-1, kind="stable").astype(np.int32)
-    else:
-        order = jnp.argsort(rank, axis=-1, stable=True).astype(jnp.int32)
-    n_partial = (classes == PARTIAL).sum(axis=-1, dtype=xp.int32)
-    n_full = (classes == FULL).sum(axis=-1, dtype=xp.int32)
-    t = xp.arange(width, dtype=xp.int32)
-    at_partial = xp.maximum(xp.minimum(t, n_partial[..., None] - 1), 0)
-    at_full = xp.clip(n_partial[..., None] + xp.minimum(t, n_full[..., None] - 1), 0, n - 1)
-    partial = xp.take_along_axis(order, at_partial, axis=-1)
-    full = xp.take_along_axis(order, at_full, axis=-1)
-    return n_partial, partial, n_full, full
-
-
-def _list_arrays(xp: Any, classes: Array) -> dict[str, Array]:
-    """All eight list arrays of ``classes (Bm, Hm, n_q, n_k)``."""
-    kv = _lists(xp, classes, classes.shape[-1])
-    qs = _lists(xp, xp.swapaxes(classes, -1, -2), classes.shape[-2])
-    names = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")
-    arrays = dict(zip(names, kv, strict=True))
-    arrays.update(zip((n.replace("kv", "q") for n in names), qs, strict=True))
-    return arrays
-
-
-def _build(spec: _BuildSpec, offset: Array, consts: tuple) -> dict[str, Array]:
-    """The index arrays of a block mask (traceable; widths are the static bounds)."""
-    if spec.program is not None:
-        classes = _mask_classes(spec, offset, consts)
-    else:
-        if spec.static_offset is not None:
-            struct = jnp.asarray(_structure(spec, np, np.asarray(spec.static_offset)))
-        else:
-            struct = _structure(spec, jnp, offset)
-        classes = jnp.broadcast_to(struct[:, None], (spec.batch, spec.heads, *spec.grid))
-    return _list_arrays(jnp, classes)
-
-
-def _trimmed(arrays: dict[str, Array]) -> dict[str, np.ndarray]:
-    """Host copies with each list cut to the longest row (known once built)."""
-    host = {name: np.asarray(a) for name, a in arrays.items()}
-    for count, indices in (
-        ("kv_num_blocks", "kv_indices"),
-        ("full_kv_num_blocks", "full_kv_indices"),
-        ("q_num_blocks", "q_indices"),
-        ("full_q_num_blocks", "full_q_indices"),
-    ):
-        width = max(1, int(host[count].max(initial=0)))
-        host[indices] = np.ascontiguousarray(host[indices][..., :width])
-    return host
-
-
 # --------------------------------------------------------------------------- BlockMask
 
 
-_LEAVES = (
-    "kv_num_blocks",
-    "kv_indices",
-    "full_kv_num_blocks",
-    "full_kv_indices",
-    "q_num_blocks",
-    "q_indices",
-    "full_q_num_blocks",
-    "full_q_indices",
-    "q_offset",
-)
+_LEAVES = ("q_offset", "kv_ranges", "q_ranges", *LIST_NAMES)
+
+
+def _nbytes(x: Any) -> int:
+    return 0 if x is None else int(np.prod(np.shape(x), dtype=np.int64)) * x.dtype.itemsize
 
 
 @jax.tree_util.register_pytree_node_class
 class BlockMask:
-    """Which blocks of the attention matrix to compute, as per-row index lists.
+    """Which blocks of the attention matrix to compute: a band, and what a ``mask_fn``
+    adds to it as per-block ranges (lists only for rows with holes).
 
     Made by [`create_block_mask`][jaxmodules.attention.create_block_mask]; pass it to
     ``masked_attention_via_map(..., block_mask=...)``. A pytree: the index arrays (and
@@ -226,30 +81,20 @@ class BlockMask:
     on the batch row (``Bm = B``) or on the head (``Hm = H``).
 
     Attributes:
-        kv_num_blocks: ``(Bm, Hm, n_q)`` int32: per query block, how many partial key
-            blocks (those that need the element-wise mask).
-        kv_indices: ``(Bm, Hm, n_q, W)`` int32: their key-block indices, ascending.
-        full_kv_num_blocks: ``(Bm, Hm, n_q)`` int32: how many full key blocks.
-        full_kv_indices: ``(Bm, Hm, n_q, W_full)`` int32: their indices.
-        q_num_blocks: ``(Bm, Hm, n_k)`` int32: per key block, how many partial query
-            blocks (the transposed lists, for a key-major backward pass).
-        q_indices: ``(Bm, Hm, n_k, W_q)`` int32.
-        full_q_num_blocks: ``(Bm, Hm, n_k)`` int32.
-        full_q_indices: ``(Bm, Hm, n_k, W_q_full)`` int32.
         q_offset: ``(Bm,)`` int32: position of query row 0 (key ``j`` sits at ``j``).
+        kv_ranges: ``(Bm, Hm, n_q, 4)`` int32 or ``None`` (a band alone): per query
+            block ``(first, last, full_first, full_last)``: key blocks ``[first,
+            last)`` are computed, ``[full_first, full_last)`` of them without a mask.
+        q_ranges: ``(Bm, Hm, n_k, 4)`` int32 or ``None``: the same per key block.
+        kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices: per query
+            block, the partial and full key blocks as counts ``(Bm, Hm, n_q)`` and
+            sorted indices ``(Bm, Hm, n_q, W)`` (PyTorch's names); stored only for
+            masks whose rows have holes, derived on request otherwise.
+        q_num_blocks, q_indices, full_q_num_blocks, full_q_indices: the transposed
+            lists, per key block.
         shape: ``(B, H, q_len, k_len)`` as requested.
         block_size: ``(query_block, key_block)``.
     """
-
-    kv_num_blocks: Array
-    kv_indices: Array
-    full_kv_num_blocks: Array
-    full_kv_indices: Array
-    q_num_blocks: Array
-    q_indices: Array
-    full_q_num_blocks: Array
-    full_q_indices: Array
-    q_offset: Array
 
     def __init__(
         self,
@@ -261,28 +106,39 @@ class BlockMask:
         is_causal: bool,
         window: tuple[int | None, int | None],
         program: ElementwiseProgram | None,
+        mask_batch: int,
+        mask_heads: int,
     ) -> None:
-        for name in _LEAVES:
-            setattr(self, name, arrays[name])
+        self._arrays = {name: arrays.get(name) for name in _LEAVES}
         self.mask_consts = tuple(mask_consts)
         self.shape = shape
         self.block_size = block_size
         self.is_causal = is_causal
         self.window = window
         self.program = program
+        self.mask_batch = mask_batch
+        self.mask_heads = mask_heads
 
     # pytree protocol
     def _static(self) -> tuple:
-        return (self.shape, self.block_size, self.is_causal, self.window, self.program)
+        return (
+            self.shape,
+            self.block_size,
+            self.is_causal,
+            self.window,
+            self.program,
+            self.mask_batch,
+            self.mask_heads,
+        )
 
     def tree_flatten(self) -> tuple[tuple, tuple]:
-        children = (tuple(getattr(self, n) for n in _LEAVES), self.mask_consts)
+        children = (tuple(self._arrays[n] for n in _LEAVES), self.mask_consts)
         return children, self._static()
 
     @classmethod
     def tree_unflatten(cls, static: tuple, children: tuple) -> BlockMask:
         arrays, consts = children
-        shape, block_size, is_causal, window, program = static
+        shape, block_size, is_causal, window, program, mask_batch, mask_heads = static
         return cls(
             dict(zip(_LEAVES, arrays, strict=True)),
             consts,
@@ -291,7 +147,86 @@ class BlockMask:
             is_causal=is_causal,
             window=window,
             program=program,
+            mask_batch=mask_batch,
+            mask_heads=mask_heads,
         )
+
+    # the plan
+    @property
+    def q_offset(self) -> Array:
+        return self._arrays["q_offset"]
+
+    @property
+    def kv_ranges(self) -> Array | None:
+        return self._arrays["kv_ranges"]
+
+    @property
+    def q_ranges(self) -> Array | None:
+        return self._arrays["q_ranges"]
+
+    @property
+    def walk(self) -> str:
+        """How a backend walks this mask: ``"band"`` (ranges by arithmetic from
+        ``q_offset``), ``"ranges"`` (``kv_ranges`` / ``q_ranges``) or ``"lists"``."""
+        if self._arrays["kv_num_blocks"] is not None:
+            return "lists"
+        return "ranges" if self.kv_ranges is not None else "band"
+
+    def schedule(self, side: str) -> tuple[Array, ...]:
+        """The arrays a backend walks for ``side`` (``"kv"``: per query block, ``"q"``:
+        per key block): none for the band, ``(ranges,)``, or the four list arrays
+        ``(partial count, partial indices, full count, full indices)``."""
+        walk = self.walk
+        if walk == "band":
+            return ()
+        if walk == "ranges":
+            return (self.kv_ranges if side == "kv" else self.q_ranges,)
+        names = LIST_NAMES[:4] if side == "kv" else LIST_NAMES[4:]
+        return tuple(self._arrays[n] for n in names)
+
+    def ranges(self, side: str = "kv") -> Array:
+        """``(Bm, Hm, n, 4)`` int32 ranges ``(first, last, full_first, full_last)`` per
+        query block (``side="kv"``) or key block (``"q"``): stored, or the band's."""
+        stored = self.kv_ranges if side == "kv" else self.q_ranges
+        if stored is not None:
+            return stored
+        xp = jnp if has_tracers([self.q_offset]) else np
+        band = self._spec().band(xp, self.q_offset, side)
+        return xp.broadcast_to(band[:, None], (band.shape[0], self.mask_heads, *band.shape[1:]))
+
+    def _spec(self) -> BuildSpec:
+        lo, hi = self.band()
+        return BuildSpec(
+            self.mask_batch, self.mask_heads, int(np.shape(self.q_offset)[0]),
+            *self.shape[2:], *self.block_size, lo, hi, self.program, None,
+        )  # fmt: skip
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the plan's index arrays (``q_offset``, ranges, lists): O(blocks) for
+        bands and documents, what the device holds and a kernel reads."""
+        return sum(_nbytes(x) for x in self._arrays.values())
+
+    def _list(self, name: str) -> Array:
+        stored = self._arrays[name]
+        if stored is not None:
+            return stored
+        leaves = [a for a in self._arrays.values() if a is not None]
+        on_device = has_tracers(leaves) or any(isinstance(a, jax.Array) for a in leaves)
+        xp = jnp if on_device else np
+        lists = list_arrays(xp, xp.asarray(self.block_classes()))
+        if xp is np:
+            lists = trimmed(lists)
+        return lists[name]
+
+    kv_num_blocks = property(lambda self: self._list("kv_num_blocks"))
+    kv_indices = property(lambda self: self._list("kv_indices"))
+    full_kv_num_blocks = property(lambda self: self._list("full_kv_num_blocks"))
+    full_kv_indices = property(lambda self: self._list("full_kv_indices"))
+    q_num_blocks = property(lambda self: self._list("q_num_blocks"))
+    q_indices = property(lambda self: self._list("q_indices"))
+    full_q_num_blocks = property(lambda self: self._list("full_q_num_blocks"))
+    full_q_indices = property(lambda self: self._list("full_q_indices"))
 
     # sizes
     @property
@@ -299,37 +234,44 @@ class BlockMask:
         """``(n_q, n_k)``: query and key blocks."""
         return block_grid(self.shape[2], self.shape[3], *self.block_size)
 
-    @property
-    def mask_batch(self) -> int:
-        return int(self.kv_num_blocks.shape[0])
-
-    @property
-    def mask_heads(self) -> int:
-        return int(self.kv_num_blocks.shape[1])
-
     def band(self) -> tuple[int | None, int | None]:
         return band_limits(self.is_causal, self.window)
 
     # inspection
+    def _counts(self) -> tuple[Any, Any]:
+        """Block pairs computed ``(partial, full)`` over all ``(Bm, Hm)``."""
+        if self.walk == "lists":
+            counts = [self._arrays["kv_num_blocks"], self._arrays["full_kv_num_blocks"]]
+            xp = jnp if has_tracers(counts) else np
+            return xp.sum(counts[0]), xp.sum(counts[1])
+        ranges = self.ranges("kv")
+        xp = jnp if has_tracers([ranges]) else np
+        full = xp.sum(ranges[..., 3] - ranges[..., 2])
+        return xp.sum(ranges[..., 1] - ranges[..., 0]) - full, full
+
     def sparsity(self) -> Any:
         """The fraction of block pairs skipped (a float; a scalar array when traced)."""
         n_q, n_k = self.num_blocks
         total = self.mask_batch * self.mask_heads * n_q * n_k
-        if has_tracers([self.kv_num_blocks, self.full_kv_num_blocks]):
-            traced = jnp.sum(self.kv_num_blocks) + jnp.sum(self.full_kv_num_blocks)
-            return 1.0 - traced / total
-        listed = int(np.sum(self.kv_num_blocks)) + int(np.sum(self.full_kv_num_blocks))
-        return 1.0 - listed / total
+        partial_, full = self._counts()
+        if has_tracers([partial_, full]):
+            return 1.0 - (partial_ + full) / total
+        return 1.0 - (int(partial_) + int(full)) / total
 
     def block_classes(self) -> Array:
-        """``(Bm, Hm, n_q, n_k)`` int8: 0 empty, 1 partial, 2 full, read from the lists."""
+        """``(Bm, Hm, n_q, n_k)`` int8: 0 empty, 1 partial, 2 full (quadratic: for
+        inspection and tests)."""
         n_q, n_k = self.num_blocks
-        leaves = [self.kv_indices, self.full_kv_indices]
-        xp = jnp if has_tracers(leaves) else np
+        if self.walk != "lists":
+            ranges = self.ranges("kv")
+            xp = jnp if has_tracers([ranges]) else np
+            return classes_from_ranges(xp, xp.asarray(ranges), n_k)
+        counts = [self._arrays[n] for n in LIST_NAMES[:4]]
+        xp = jnp if has_tracers(counts) else np
         classes = xp.zeros((self.mask_batch, self.mask_heads, n_q, n_k), xp.int8)
         for count, indices, value in (
-            (self.kv_num_blocks, self.kv_indices, PARTIAL),
-            (self.full_kv_num_blocks, self.full_kv_indices, FULL),
+            (counts[0], counts[1], PARTIAL),
+            (counts[2], counts[3], FULL),
         ):
             indices = xp.asarray(indices)
             listed = xp.arange(indices.shape[-1]) < xp.asarray(count)[..., None]
@@ -373,36 +315,47 @@ class BlockMask:
             parts.append(f"window_size={(left, right)}")
         if self.program is not None:
             parts.append(f"mask_fn={self.program.name}")
-        leaves = [self.kv_num_blocks, self.full_kv_num_blocks, self.q_offset]
-        if has_tracers(leaves):
+        if has_tracers([a for a in self._arrays.values() if a is not None]):
             return f"BlockMask({', '.join(parts)}, traced)"
         offsets = np.asarray(self.q_offset)
         if offsets.any():
             shown = int(offsets[0]) if offsets.size == 1 else offsets.tolist()
             parts.append(f"q_offset={shown}")
         n_q, n_k = self.num_blocks
-        n_partial = int(np.sum(self.kv_num_blocks))
-        n_full = int(np.sum(self.full_kv_num_blocks))
+        n_partial, n_full = (int(c) for c in self._counts())
         lines = [
             f"BlockMask({', '.join(parts)})",
             f"  {n_q} x {n_k} blocks per (b, h) over {self.mask_batch} x {self.mask_heads}: "
-            f"{n_full} full, {n_partial} partial, sparsity {self.sparsity():.3f}",
+            f"{n_full} full, {n_partial} partial, sparsity {self.sparsity():.3f}; "
+            f"plan: {self.walk}, {_size_text(self.nbytes)}",
         ]
-        lines += [f"  {row}" for row in _picture(np.asarray(self.block_classes()[0, 0]))]
+        lines += [f"  {row}" for row in self._picture()]
         return "\n".join(lines)
 
+    def _picture(self, size: int = 24) -> list[str]:
+        """Rows of characters for the block classes of the first (b, h): ``█`` full,
+        ``░`` partial, ``·`` empty; large grids are sampled down to ``size`` per side."""
+        n_q, n_k = self.num_blocks
+        rows = np.linspace(0, n_q - 1, min(n_q, size)).round().astype(int)
+        cols = np.linspace(0, n_k - 1, min(n_k, size)).round().astype(int)
+        if self.walk == "lists":
+            classes = np.asarray(self.block_classes()[0, 0])[rows][:, cols]
+        else:
+            ranges = np.asarray(self.ranges("kv")[0, 0])[rows]
+            classes = classes_from_ranges(np, ranges, n_k)[:, cols]
+        glyphs = np.array(["·", "░", "█"])
+        lines = ["".join(glyphs[row]) for row in classes]
+        if (n_q, n_k) != (len(rows), len(cols)):
+            lines.append(f"(sampled {len(rows)} x {len(cols)} of {n_q} x {n_k})")
+        return lines
 
-def _picture(classes: np.ndarray, size: int = 24) -> list[str]:
-    """Rows of characters for the block classes of one (b, h): ``█`` full, ``░``
-    partial, ``·`` empty; large grids are sampled down to ``size`` per side."""
-    n_q, n_k = classes.shape
-    rows = np.linspace(0, n_q - 1, min(n_q, size)).round().astype(int)
-    cols = np.linspace(0, n_k - 1, min(n_k, size)).round().astype(int)
-    glyphs = np.array(["·", "░", "█"])
-    lines = ["".join(glyphs[classes[i, cols]]) for i in rows]
-    if (n_q, n_k) != (len(rows), len(cols)):
-        lines.append(f"(sampled {len(rows)} x {len(cols)} of {n_q} x {n_k})")
-    return lines
+
+def _size_text(nbytes: int) -> str:
+    if nbytes < 1 << 10:
+        return f"{nbytes} bytes"
+    if nbytes < 1 << 20:
+        return f"{nbytes / (1 << 10):.1f} KiB"
+    return f"{nbytes / (1 << 20):.1f} MiB"
 
 
 # ------------------------------------------------------------------------ construction
@@ -417,20 +370,23 @@ def make_block_mask(
     window: tuple[int | None, int | None],
     q_offset: Any,
 ) -> BlockMask:
-    """A block mask of ``shape = (B, H, Lq, Lk)`` from checked arguments: built now when
-    everything is known, on the device inside the surrounding trace otherwise."""
+    """A block mask of ``shape = (B, H, Lq, Lk)`` from checked arguments: the band alone
+    costs nothing; a ``mask_fn`` layer is built now when everything is known, on the
+    device inside the surrounding trace otherwise."""
     batch, heads, q_len, k_len = shape
+    traced_offset = has_tracers([q_offset])
     offset = (
         jnp.asarray(q_offset, jnp.int32).reshape(-1)
-        if has_tracers([q_offset])
-        else (np.asarray(q_offset, np.int32).reshape(-1))
+        if traced_offset
+        else np.asarray(q_offset, np.int32).reshape(-1)
     )
     per_batch = offset.shape[0] > 1
     mask_batch = batch if (per_batch or (program is not None and program.uses_batch)) else 1
     mask_heads = heads if (program is not None and program.uses_head) else 1
     static = not has_tracers([*consts, q_offset])
     lo, hi = band_limits(is_causal, window)
-    spec = _BuildSpec(
+    n_q, n_k = block_grid(q_len, k_len, *block_size)
+    spec = BuildSpec(
         batch=mask_batch,
         heads=mask_heads,
         offsets=int(offset.shape[0]),
@@ -441,7 +397,8 @@ def make_block_mask(
         lo=lo,
         hi=hi,
         program=program,
-        static_offset=tuple(int(o) for o in offset) if static else None,
+        static_offset=None if traced_offset else tuple(int(o) for o in offset),
+        keep_lists=not static and n_q * n_k <= TRACED_LIST_PAIRS,
     )
     options: dict[str, Any] = {
         "shape": (batch, heads, q_len, k_len),
@@ -449,33 +406,42 @@ def make_block_mask(
         "is_causal": is_causal,
         "window": window,
         "program": program,
+        "mask_batch": mask_batch,
+        "mask_heads": mask_heads,
     }
     offset_leaf = (
         jnp.broadcast_to(offset, (mask_batch,))
-        if not static
+        if traced_offset
         else np.broadcast_to(offset, (mask_batch,)).copy()
     )
+    if program is None and not traced_offset:
+        # The band alone: nothing to build, its ranges are arithmetic (kept in the cache
+        # all the same, so that equal masks are one object).
+        key = (spec, options["shape"])
+        return _BUILT.get(key, lambda: BlockMask({"q_offset": offset_leaf}, (), **options))
+    if program is None:
+        return BlockMask({"q_offset": offset_leaf}, consts, **options)
     if not static:
-        arrays = _build(spec, offset, consts)
+        arrays = build(spec, offset, consts)
+        arrays.pop("classes")
         return BlockMask({**arrays, "q_offset": offset_leaf}, consts, **options)
     cacheable = not consts
     if cacheable:
         cached = _BUILT.lookup((spec, options["shape"]))
         if cached is not None:
             return cached
-    if program is None:
-        # Known band, no mask_fn: O(blocks) NumPy, nothing to compile.
-        struct = _structure(spec, np, offset)
-        host = _trimmed(_list_arrays(np, struct[:, None]))
-    else:
-        # A compiled executable runs now even when called inside another trace.
-        consts = tuple(np.asarray(c) for c in consts)
-        key = (spec, tuple((c.shape, c.dtype) for c in consts))
-        builder = _BUILDERS.get(
-            key, lambda: jax.jit(partial(_build, spec)).lower(offset, consts).compile()
-        )
-        host = _trimmed(builder(offset, consts))
-    block_mask = BlockMask({**host, "q_offset": offset_leaf}, consts, **options)
-    if cacheable and sum(a.nbytes for a in host.values()) <= _BUILT_MAX_BYTES:
+    # A compiled executable runs now even when called inside another trace.
+    consts = tuple(np.asarray(c) for c in consts)
+    key = (spec, tuple((c.shape, c.dtype) for c in consts))
+    builder = _BUILDERS.get(
+        key, lambda: jax.jit(partial(build, spec)).lower(offset, consts).compile()
+    )
+    built = {name: np.asarray(a) for name, a in builder(offset, consts).items()}
+    classes = built.pop("classes")
+    if not ranges_exact(classes, built["kv_ranges"]):
+        # Rows with holes: lists as well, so that the empty blocks stay skipped.
+        built.update(trimmed(list_arrays(np, classes)))
+    block_mask = BlockMask({**built, "q_offset": offset_leaf}, consts, **options)
+    if cacheable and block_mask.nbytes <= _BUILT_MAX_BYTES:
         _BUILT.put((spec, options["shape"]), block_mask)
     return block_mask

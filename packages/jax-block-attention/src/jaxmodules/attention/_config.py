@@ -31,6 +31,9 @@ class BlockConfig:
     program: ElementwiseProgram | None
     mask_batch: int  # 1 or B: batch rows the block mask keeps lists for
     mask_heads: int  # 1 or Hq: query heads the block mask keeps lists for
+    # How the block mask is walked: "band" (ranges by arithmetic), "ranges" or "lists"
+    # (see ``BlockMask.walk``).
+    walk: str = "lists"
     scores: ScoreConfig = field(default_factory=ScoreConfig)
 
     @property
@@ -56,4 +59,5 @@ def block_fields(block_mask: BlockMask, *, q_len: int, k_len: int, scale: float)
         "program": block_mask.program,
         "mask_batch": block_mask.mask_batch,
         "mask_heads": block_mask.mask_heads,
+        "walk": block_mask.walk,
     }

@@ -38,9 +38,13 @@ def create_block_mask(
     The JAX counterpart of PyTorch FlexAttention's ``create_block_mask``: the result
     says, per batch row, head and query block, which key blocks hold a visible pair
     (all others are skipped) and which of those are fully visible (computed without
-    evaluating any mask). Built on the device: the causal, window and offset part in
-    O(blocks) arithmetic, ``mask_fn`` in chunks of bounded memory over the block pairs
-    that part leaves. Inside ``jax.jit`` it may close over traced arrays.
+    evaluating any mask). The causal, window and offset part (the band) needs no
+    arrays: each block's range of blocks is arithmetic. ``mask_fn`` is evaluated on the
+    device in chunks of bounded memory over the block pairs the band leaves, and kept
+    as four integers per block row (first and last block, first and last full block);
+    per-row lists only for masks whose rows have holes. ``bm.nbytes`` says what the
+    plan holds, ``bm.sparsity()`` what it skips. Inside ``jax.jit`` it may close over
+    traced arrays.
 
     Args:
         mask_fn: ``mask_fn(b, h, q, k) -> bool`` (or ``mask_fn(h, q, k)``), ``True`` =

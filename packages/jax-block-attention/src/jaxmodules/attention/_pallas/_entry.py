@@ -81,11 +81,6 @@ def _check_block_mask(block_mask: BlockMask, q: Any, k: Any, v: Any) -> None:
         )
 
 
-def _list_name(side: str, name: str) -> str:
-    """``kv_num_blocks``, ``full_q_indices``, ...: the block mask's list attributes."""
-    return name.format(side) if "{}" in name else f"{side}_{name}"
-
-
 
 
 def attend(
@@ -252,15 +247,8 @@ def attend(
         )
     config = replace(config, kv_splits=kv_splits, group_splits=group_splits)
     offset = jnp.asarray(block_mask.q_offset, jnp.int32).reshape(-1)
-    names = ("num_blocks", "indices", "full_{}_num_blocks", "full_{}_indices")
-    kv_lists = (
-        *(jnp.asarray(getattr(block_mask, _list_name("kv", n)), jnp.int32) for n in names),
-        offset,
-    )
-    q_lists = (
-        *(jnp.asarray(getattr(block_mask, _list_name("q", n)), jnp.int32) for n in names),
-        offset,
-    )
+    kv_lists = (*(jnp.asarray(x, jnp.int32) for x in block_mask.schedule("kv")), offset)
+    q_lists = (*(jnp.asarray(x, jnp.int32) for x in block_mask.schedule("q")), offset)
     all_consts = (*consts, *score_consts)
     seeds = operands.seeds if scores.dropout_rate else None
     if scores.dropout_rate and seeds is None:

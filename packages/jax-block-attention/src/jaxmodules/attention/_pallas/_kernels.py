@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from .._band import kv_range, q_range
 from .._scores import tile_score_gradients, tile_scores
 from ._tile_math import (
     LOG2E,
@@ -45,14 +46,19 @@ def _mask_index(config: TileConfig, b: Array, h: Array) -> tuple[Array, Array]:
     return mb, mh
 
 
+_WALK_ARRAYS = {"band": 0, "ranges": 1, "lists": 4}
+
+
 def _split_refs(config: TileConfig, refs: Sequence[Any]) -> tuple:
-    """The refs of a kernel: block-mask lists, mask_fn arrays, score_mod arrays, the
-    bias (or ``None``), then the pass's own inputs and outputs."""
+    """The refs of a kernel: the block mask's schedule (``BlockMask.schedule``, then
+    ``q_offset``), mask_fn arrays, score_mod arrays, the bias (or ``None``), then the
+    pass's own inputs and outputs."""
     n_mask, n_score = len(config.const_dtypes), len(config.score_dtypes)
-    lists = refs[:5]
-    mask_refs = refs[5 : 5 + n_mask]
-    score_refs = refs[5 + n_mask : 5 + n_mask + n_score]
-    rest = refs[5 + n_mask + n_score :]
+    n = _WALK_ARRAYS[config.walk] + 1
+    lists = refs[:n]
+    mask_refs = refs[n : n + n_mask]
+    score_refs = refs[n + n_mask : n + n_mask + n_score]
+    rest = refs[n + n_mask + n_score :]
     bias_ref = None
     if config.scores.bias is not None:
         bias_ref, rest = rest[0], rest[1:]
@@ -91,9 +97,14 @@ def _walk_lists(
     *,
     block: int,
     split: bool = False,
+    side: str = "kv",
 ) -> Any:
-    """``tile(carry, first, masked)`` over the full blocks listed for ``row`` (unmasked),
-    then over its partial blocks (masked), in tiles of ``cols``."""
+    """``tile(carry, first, masked)`` over the full blocks of ``row`` (unmasked), then
+    over its partial blocks (masked), in tiles of ``cols``: blocks of query block
+    ``row[2]`` (``side="kv"``) or of key block ``row[2]`` (``"q"``), read from the
+    block mask's ranges (the band's by arithmetic) or its lists."""
+    if config.walk != "lists":
+        return _walk_ranges(config, lists, row, cols, tile, carry, block, split, side)
     count_ref, index_ref, full_count_ref, full_index_ref, _ = lists
     r0, r1, r2 = row
     for counts, indices, masked in (
@@ -118,9 +129,50 @@ def _walk_lists(
     return carry
 
 
+def _walk_ranges(
+    config: TileConfig,
+    refs: Sequence[Any],
+    row: tuple[Array, Array, Array],
+    cols: int,
+    tile: Callable[..., Any],
+    carry: Any,
+    block: int,
+    split: bool,
+    side: str,
+) -> Any:
+    """``_walk_lists`` over ranges ``(first, last, full_first, full_last)``: the full
+    run, then the partial blocks ``[first, full_first)`` and ``[full_last, last)``,
+    each entry's block index an addition (no list to load)."""
+    r0, r1, r2 = row
+    if config.walk == "band":
+        fn = kv_range if side == "kv" else q_range
+        blocks = (config.q_len, config.k_len, config.q_block, config.k_block)
+        first, last, full_first, full_last = fn(
+            jnp, r2, refs[-1][r0], *blocks, config.lo, config.hi
+        )
+    else:
+        first, last, full_first, full_last = (refs[0][r0, r1, r2, t] for t in range(4))
+    before = full_first - first
+    # Past the end only as the look-ahead of the last step, never walked.
+    top = max(config.n_k_blocks if side == "kv" else config.n_q_blocks, 1)
+    for start, count, masked in (
+        (full_first, full_last - full_first, False),
+        (first, before + last - full_last, True),
+    ):
+
+        def block_at(t: Array, start: Array = start, masked: bool = masked) -> Array:
+            if masked:
+                return jnp.where(t < before, first + t, full_last + t - before)
+            return start + t
+
+        entries = _split_share(config, count) if split else (jnp.int32(0), count)
+        carry = walk_tiles(block_at, entries, top, block, cols, partial(tile, masked=masked), carry)
+    return carry
+
+
 def _forward_kernel(config: TileConfig, *refs: Any) -> None:
     lists, mask_refs, score_refs, bias_ref, rest = _split_refs(config, refs)
-    offset_ref = lists[4]
+    offset_ref = lists[-1]
     seeds_ref, rest = _seeds_ref(config, rest)
     q_ref, k_ref, v_ref, o_ref, lse_ref = rest
     split = config.kv_splits > 1
@@ -178,7 +230,7 @@ def _split_share(config: TileConfig, count: Array) -> tuple[Array, Array]:
 
 def _dq_kernel(config: TileConfig, *refs: Any) -> None:
     lists, mask_refs, score_refs, bias_ref, rest = _split_refs(config, refs)
-    offset_ref = lists[4]
+    offset_ref = lists[-1]
     seeds_ref, rest = _seeds_ref(config, rest)
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *extra = rest
     # After dQ: the bias gradient (tiles or row sums), then one flattened gradient per
@@ -269,7 +321,7 @@ def _dq_kernel(config: TileConfig, *refs: Any) -> None:
 
 def _dkdv_kernel(config: TileConfig, *refs: Any) -> None:
     lists, mask_refs, score_refs, bias_ref, rest = _split_refs(config, refs)
-    offset_ref = lists[4]
+    offset_ref = lists[-1]
     seeds_ref, rest = _seeds_ref(config, rest)
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *dbias = rest
     # Column sums of the score gradient per query head of the share: the gradient of a
@@ -338,7 +390,9 @@ def _dkdv_kernel(config: TileConfig, *refs: Any) -> None:
         head_carry = {"dk": carry[0], "dv": carry[1]}
         if dbias_ref is not None:
             head_carry["columns"] = jnp.zeros((rows,), _F32)
-        head_carry = _walk_lists(config, lists, (mb, mh, j), cols, tile, head_carry, block=bq)
+        head_carry = _walk_lists(
+            config, lists, (mb, mh, j), cols, tile, head_carry, block=bq, side="q"
+        )
         if dbias_ref is not None:
             dbias_ref[pl.ds(g, 1), :] = head_carry["columns"][None, :]
         return head_carry["dk"], head_carry["dv"]

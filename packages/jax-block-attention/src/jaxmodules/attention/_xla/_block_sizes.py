@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .._band import FULL, PARTIAL, band_limits, structural_classes
+from .._band import band_limits, range_counts
 from .._platforms import default_platform, known_platform
 
 _QUERY_BLOCK_COST = 50e-6  # seconds per query block
@@ -67,17 +67,15 @@ def xla_cpu_block_sizes(
     ] or pairs[:1]
     per_score = (head_dim + value_dim) * _SCORE_COST
     lo, hi = band_limits(is_causal, window)
-    zero = np.zeros(1, np.int32)
     best, best_cost = allowed[0], np.inf
     for q_block, k_block in allowed:
-        classes = structural_classes(np, q_len, k_len, q_block, k_block, lo, hi, zero)[0]
-        n_full = int(np.count_nonzero(classes == FULL))
-        n_partial = int(np.count_nonzero(classes == PARTIAL))
+        # Block pairs per row range, O(query blocks): no per-pair grid at long context.
+        n_q, n_full, n_partial = range_counts(q_len, k_len, q_block, k_block, lo, hi)
         scores = rows * q_block * k_block
         block_cost = scores * per_score
         if scores >= _PARALLEL_SCORES:
             block_cost /= _PARALLEL_SPEEDUP
-        cost = classes.shape[0] * _QUERY_BLOCK_COST
+        cost = n_q * _QUERY_BLOCK_COST
         cost += (n_full + n_partial) * (_STEP_COST + block_cost)
         cost += n_partial * block_cost * _MASK_OVERHEAD
         if cost < best_cost:

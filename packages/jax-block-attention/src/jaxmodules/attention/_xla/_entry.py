@@ -67,17 +67,11 @@ def attend(
         batch=bsz,
         kv_heads=q_heads if per_head else kv_heads,
         groups=1 if per_head else q_heads // kv_heads,
-        any_full=_any_listed(block_mask.full_kv_num_blocks),
-        any_partial=_any_listed(block_mask.kv_num_blocks),
+        any_full=block_mask.walk != "lists" or _any_listed(block_mask.full_kv_num_blocks),
+        any_partial=block_mask.walk != "lists" or _any_listed(block_mask.kv_num_blocks),
         scores=scores,
     )
-    schedule = (
-        block_mask.kv_num_blocks,
-        block_mask.kv_indices,
-        block_mask.full_kv_num_blocks,
-        block_mask.full_kv_indices,
-        block_mask.q_offset,
-    )
+    schedule = (block_mask.schedule("kv"), block_mask.q_offset)
     program = _PROGRAMS.get(config, lambda: jax.jit(lambda *a: _attend(config, *a)))
     return program(q, k, v, schedule, block_mask.mask_consts, operands)
 

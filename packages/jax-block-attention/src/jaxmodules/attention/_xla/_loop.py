@@ -6,9 +6,11 @@ It receives the inputs already in the layout that ``_entry`` builds (queries
 Scores, softmax statistics and accumulators are float32.
 
 The work is split into *units*, one per (batch row, head) slice that has its own block
-lists (a single unit when the mask depends on neither); within a unit, every query
-block runs two loops whose trip counts are read from the block mask: over its full key
-blocks (no mask evaluated) and over its partial ones (element-wise mask).
+mask layer (a single unit when the mask depends on neither); within a unit, every query
+block runs two loops over the key blocks the block mask gives it (``BlockMask.walk``):
+over its full key blocks (no mask evaluated) and over its partial ones (element-wise
+mask). A band's blocks are a range computed from the block index, a ``mask_fn``'s are
+stored ranges, and only masks with holes in their rows are walked by lists.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .._band import in_band
+from .._band import in_band, kv_range
 from .._config import BlockConfig
 from .._dropout import keep_from_rows, row_hashes, threshold
 from .._scores import (
@@ -62,10 +64,7 @@ class KernelConfig(BlockConfig):
 class _Unit:
     """One unit's share of the schedule and of the index vectors (arrays)."""
 
-    partial_count: Array  # (n_q,)
-    partial_index: Array  # (n_q, W)
-    full_count: Array  # (n_q,)
-    full_index: Array  # (n_q, W_full)
+    walk: tuple  # the unit's schedule: () band, ((n_q, 4),) ranges, or four lists
     offset: Array  # ()
     batch_index: Array  # (bs,) batch rows of this unit
     head_index: Array  # (hs * G,) query heads of this unit, kernel order
@@ -211,10 +210,28 @@ def _products(q_blk: Array, k_blk: Array, scale: float) -> Array:
 
 def _over_row(config: KernelConfig, unit: _Unit, i: Array, carry: Any, step: Any) -> Any:
     """Fold ``step(carry, j, masked)`` over the key blocks that query block ``i``
-    visits: the full ones (no mask needed) first, then the partial ones."""
+    visits: the full ones (no mask needed) first, then the partial ones, each in
+    ascending order."""
+    if config.walk != "lists":
+        if config.walk == "band":
+            blocks = (config.q_len, config.k_len, config.q_block, config.k_block)
+            first, last, full_first, full_last = kv_range(
+                jnp, i, unit.offset, *blocks, config.lo, config.hi
+            )
+        else:
+            first, last, full_first, full_last = (unit.walk[0][i, t] for t in range(4))
+        carry = lax.fori_loop(full_first, full_last, lambda j, c: step(c, j, False), carry)
+        # The partial blocks: [first, full_first), then [full_last, last).
+        before = full_first - first
+
+        def partial_step(t: Array, c: Any) -> Any:
+            return step(c, jnp.where(t < before, first + t, full_last + t - before), True)
+
+        return lax.fori_loop(0, before + last - full_last, partial_step, carry)
+    partial_count, partial_index, full_count, full_index = unit.walk
     for count, index, masked, needed in (
-        (unit.full_count, unit.full_index, False, config.any_full),
-        (unit.partial_count, unit.partial_index, True, config.any_partial),
+        (full_count, full_index, False, config.any_full),
+        (partial_count, partial_index, True, config.any_partial),
     ):
         if needed:
             row = index[i]
@@ -425,18 +442,17 @@ def _join_units(config: KernelConfig, x: Array) -> Array:
 
 def _unit_inputs(config: KernelConfig, schedule: tuple) -> tuple:
     """Per-unit schedule arrays, unit-major: what ``lax.map`` slices one unit from."""
-    partial_count, partial_index, full_count, full_index, offset = schedule
+    walk, offset = schedule
     bm, hm = config.mask_batch, config.mask_heads
-    flat = [x.reshape(bm * hm, *x.shape[2:]) for x in (partial_count, partial_index)]
-    flat += [x.reshape(bm * hm, *x.shape[2:]) for x in (full_count, full_index)]
+    flat = tuple(jnp.asarray(x, jnp.int32).reshape(bm * hm, *x.shape[2:]) for x in walk)
     unit = jnp.arange(bm * hm, dtype=jnp.int32)
     unit_batch, unit_head = unit // hm, unit % hm
     offsets = jnp.asarray(offset, jnp.int32)[unit_batch]
-    return (*flat, offsets, unit_batch, unit_head)
+    return (flat, offsets, unit_batch, unit_head)
 
 
 def _make_unit(config: KernelConfig, xs: tuple) -> _Unit:
-    partial_count, partial_index, full_count, full_index, offset, unit_batch, unit_head = xs
+    walk, offset, unit_batch, unit_head = xs
     if config.mask_batch == 1:
         batch_index = jnp.arange(config.batch, dtype=jnp.int32)
     else:
@@ -447,10 +463,7 @@ def _make_unit(config: KernelConfig, xs: tuple) -> _Unit:
     else:
         head_index = unit_head.reshape(1)
     return _Unit(
-        partial_count,
-        partial_index,
-        full_count,
-        full_index,
+        tuple(walk),
         offset,
         batch_index,
         head_index,
@@ -459,12 +472,17 @@ def _make_unit(config: KernelConfig, xs: tuple) -> _Unit:
     )
 
 
+def _first(xs: tuple) -> tuple:
+    """The first unit's slice of ``_unit_inputs``."""
+    return jax.tree_util.tree_map(lambda x: x[0], xs)
+
+
 def _units_map(config: KernelConfig, fn: Any, schedule: tuple, *arrays: Array) -> Any:
     """``fn(unit, *unit_slices)`` for every unit, outputs reassembled."""
     xs = _unit_inputs(config, schedule)
     split = [_split_units(config, a) for a in arrays]
     if config.units == 1:
-        result = fn(_make_unit(config, tuple(x[0] for x in xs)), *(a[0] for a in split))
+        result = fn(_make_unit(config, _first(xs)), *(a[0] for a in split))
         return jax.tree_util.tree_map(lambda r: _join_units(config, r[None]), result)
     result = lax.map(lambda args: fn(_make_unit(config, args[0]), *args[1]), (xs, split))
     return jax.tree_util.tree_map(lambda r: _join_units(config, r), result)
@@ -529,7 +547,7 @@ def _backward(config, schedule, consts, operands, q, k, v, out, lse, d_out, d_ls
 
     grads = _zero_grads(config, operands)
     if config.units == 1:
-        grads, dqkv = one(grads, (tuple(x[0] for x in xs), [a[0] for a in arrays]))
+        grads, dqkv = one(grads, (_first(xs), [a[0] for a in arrays]))
         dqkv = jax.tree_util.tree_map(lambda r: r[None], dqkv)
     else:
         grads, dqkv = lax.scan(one, grads, (xs, arrays))
