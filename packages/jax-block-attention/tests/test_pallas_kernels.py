@@ -25,8 +25,7 @@ except ImportError as err:  # pragma: no cover - depends on the installed jax
     pytest.skip(f"this jax has no Pallas Triton backend ({err})", allow_module_level=True)
 
 from jaxmodules.attention import _pallas as pallas
-from jaxmodules.attention import _platforms
-from jaxmodules.attention import create_block_mask, masked_attention_via_map
+from jaxmodules.attention import _platforms, create_block_mask, masked_attention_via_map
 from jaxmodules.attention._elementwise import trace_score_mod
 from jaxmodules.attention._pallas import PallasUnsupportedError, evaluate_on_tile, kernel_consts
 from jaxmodules.attention._pallas._tuning import KernelTiles, Tuning

@@ -15,10 +15,10 @@ from typing import Any
 
 import jax
 
+from . import _platforms as platforms
 from . import _registry as registry
 from ._call import Call
 from ._checks import CheckedArguments
-from . import _platforms as platforms
 from ._platforms import DEFAULT, PLATFORMS, default_platform, on_platforms
 from ._registry import Backend
 from ._tile_program import UnsupportedCallError

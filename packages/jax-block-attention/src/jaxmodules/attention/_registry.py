@@ -92,9 +92,7 @@ def check_implementation(implementation: Any) -> str | None:
     if implementation is None:
         return None
     if implementation not in _BY_NAME:
-        raise ValueError(
-            f"implementation must be None or one of {names()}, got {implementation!r}"
-        )
+        raise ValueError(f"implementation must be None or one of {names()}, got {implementation!r}")
     return _BY_NAME[implementation].name
 
 
