@@ -493,7 +493,7 @@ def _primitive_without_triton_rule():
 @pytest.mark.compat
 def test_user_program_primitives_need_a_triton_rule(ref, monkeypatch):
     # A score_mod or mask_fn whose primitive Triton cannot lower would pass in interpret
-    # mode and fail to compile on a GPU: "pallas" refuses it, naming the primitive, and
+    # mode and fail to compile on a GPU: "triton" refuses it, naming the primitive, and
     # the default implementation falls back to the block loop (here with the dispatcher
     # believing it runs on a GPU, where it would otherwise pick the kernel).
     fn, name = _primitive_without_triton_rule()
@@ -528,7 +528,7 @@ def test_user_program_primitives_need_a_triton_rule(ref, monkeypatch):
 
 def test_compiled_float32_above_head_dim_128_goes_to_the_block_loop(ref, monkeypatch):
     # The compile report finds no float32 tile at d=256 whose dK/dV kernel stays within
-    # sm_90's registers: compiled (on a GPU) "pallas" refuses such calls and the default
+    # sm_90's registers: compiled (on a GPU) "triton" refuses such calls and the default
     # sends them to the block loop; interpreted, and for 16-bit inputs, the kernel runs.
     q, k, v = ref.qkv(41, 1, 32, 32, 2, 2, 160)  # d=160 pads to 256
     kernel = masked_attention_via_map(q, k, v, is_causal=True, implementation="triton")
@@ -562,7 +562,7 @@ def test_compiled_float32_above_head_dim_128_goes_to_the_block_loop(ref, monkeyp
 @pytest.mark.compat
 def test_without_pallas_triton_the_default_runs_the_block_loop(ref, monkeypatch, how):
     # A jax that has removed Pallas Triton, or turned its deprecation into an error:
-    # "pallas" says so, and the default implementation on a GPU (cuDNN cannot take
+    # "triton" says so, and the default implementation on a GPU (cuDNN cannot take
     # float32) runs the block loop instead of failing in the Triton lowering.
     from jaxmodules.attention._pallas import _triton_rules
 
@@ -882,10 +882,10 @@ def test_dropout_on_sub_tiles_keeps_the_block_loop_weights(ref, monkeypatch):
         return jnp.sum(out * ct), out
 
     results = {}
-    for implementation in ("pallas", "xla"):
+    for implementation in ("triton", "xla"):
         grad = jax.grad(loss, argnums=(0, 1, 2), has_aux=True)
         results[implementation] = grad(q, k, v, implementation)
-    (grads, out), (expected_grads, expected_out) = results["pallas"], results["xla"]
+    (grads, out), (expected_grads, expected_out) = results["triton"], results["xla"]
     np.testing.assert_allclose(np.asarray(out), np.asarray(expected_out), rtol=1e-5, atol=1e-5)
     for name, actual, expected in zip("qkv", grads, expected_grads, strict=True):
         np.testing.assert_allclose(
