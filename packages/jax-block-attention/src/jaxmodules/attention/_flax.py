@@ -11,9 +11,9 @@ import jax
 import jax.numpy as jnp
 
 from ._api import checked_attention, masked_attention_via_map
-from ._registry import check_implementation
 from ._checks import check_arguments
 from ._dropout import check_dropout, check_rate
+from ._registry import check_implementation
 
 
 def _promote_dtype(arrays: tuple[Any, ...], /, *, dtype: Any = None, inexact: bool = True) -> Any:
