@@ -98,7 +98,7 @@ def _per_platform(call: Call, implementation: str | None) -> tuple[Any, ...]:
         taken.pop(DEFAULT, None)  # no catch-all for the platforms that refuse
     branches, kinds = {}, {}
     for p, backend in taken.items():
-        kind = (backend.name, backend.native(p))
+        kind = (backend.name, backend.variant(p))
         if kind not in kinds:
             kinds[kind] = _branch(backend, call, p)
         branches[p] = kinds[kind]
