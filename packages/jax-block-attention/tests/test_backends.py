@@ -1,5 +1,5 @@
 """The backends' contract, one suite parametrised over them: the block loop
-(``"xla"``) and the Pallas kernels (``"pallas"``, interpret mode off a GPU) each get the
+(``"xla"``) and the Triton kernels (``"triton"``, interpret mode off a GPU) each get the
 same calls and must match the same float64 reference, through
 ``masked_attention_via_map(implementation=...)`` and through the backend's own entry
 point ``attend(q, k, v, block_mask, scale, scores, operands)``.
@@ -25,9 +25,9 @@ else:
 
 BACKENDS = [
     "xla",
-    pytest.param("pallas", marks=pytest.mark.skipif(bool(_NO_PALLAS), reason=_NO_PALLAS)),
+    pytest.param("triton", marks=pytest.mark.skipif(bool(_NO_PALLAS), reason=_NO_PALLAS)),
 ]
-ENTRY = {"xla": _xla, "pallas": _pallas}
+ENTRY = {"xla": _xla, "triton": _pallas}
 
 # Segment ids of two batch rows: documents of 9 and of 6 tokens.
 IDS = jnp.asarray(np.stack([np.arange(48) // 9, np.arange(48) // 6]), jnp.int32)

@@ -15,7 +15,7 @@ try:
 except ImportError as err:  # pragma: no cover - depends on the installed jax
     pytest.skip(f"this jax has no Pallas Triton backend ({err})", allow_module_level=True)
 
-from jaxmodules.attention import dot_product_attention, masked_attention_via_map
+from jaxmodules.attention import _platforms, dot_product_attention, masked_attention_via_map
 from jaxmodules.attention._pallas import PallasUnsupportedError
 
 # Also run on the older jax versions: the dispatch reads what the installed jax offers.
@@ -36,8 +36,10 @@ def test_pallas_call_in_forward_and_gradient(ref):
 
     forward = str(jax.make_jaxpr(attend)(q, k, v, bias))
     gradient = jax.grad(lambda *a: attend(*a).sum(), (0, 1, 2, 3))
-    assert forward.count("pallas_call") == 2
-    assert str(jax.make_jaxpr(gradient)(q, k, v, bias)).count("pallas_call") == 6
+    # (A jax that lowers every branch gets the default device's alone.)
+    branches = 2 if _platforms.lowering_keeps_one_branch() else 1
+    assert forward.count("pallas_call") == branches
+    assert str(jax.make_jaxpr(gradient)(q, k, v, bias)).count("pallas_call") == 3 * branches
     assert "jaxmodules.attention/triton" in jax.jit(attend).lower(q, k, v, bias).as_text(
         debug_info=True
     )

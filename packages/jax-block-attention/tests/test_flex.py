@@ -110,7 +110,7 @@ def test_kernel_options_block_sizes_and_implementation(ref):
     visible = np.ones((2, 4, 48, 64), bool)
     expected, _ = _reference(ref, q, k, v, visible)
     options = {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "PRESCALE_QK": True}
-    for implementation in ("xla", "pallas"):
+    for implementation in ("xla", "triton"):
         out = flex.flex_attention(
             q, k, v, enable_gqa=True, kernel_options={**options, "implementation": implementation}
         )
@@ -127,7 +127,7 @@ def test_kernel_options_block_sizes_and_implementation(ref):
     with pytest.raises(ValueError, match="fwd_BLOCK_M"):
         flex.flex_attention(q, k, v, enable_gqa=True, kernel_options={"fwd_BLOCK_M": 0})
     with pytest.raises(ValueError, match="implementation"):
-        flex.flex_attention(q, k, v, enable_gqa=True, kernel_options={"implementation": "triton"})
+        flex.flex_attention(q, k, v, enable_gqa=True, kernel_options={"implementation": "tpu"})
     # With a block mask, its BLOCK_SIZE is the block size and BLOCK_M/BLOCK_N are ignored.
     bm = flex.create_block_mask(causal, None, None, 48, 64, BLOCK_SIZE=16)
     with_options = flex.flex_attention(

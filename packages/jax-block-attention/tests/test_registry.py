@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 
 from jaxmodules.attention import (
+    _platforms,
+    _registry,
     create_block_mask,
     explain_dispatch,
     flex,
     masked_attention_via_map,
 )
-from jaxmodules.attention import _platforms, _registry
 
 try:
     from jax.experimental.pallas import triton as _pl_triton  # noqa: F401

@@ -15,7 +15,7 @@ from jaxmodules.attention import (
     ring_attention,
 )
 
-IMPLEMENTATIONS = ["xla", "pallas"]
+IMPLEMENTATIONS = ["xla", "triton"]
 
 
 def _qkv(ref, dtype=jnp.float32):

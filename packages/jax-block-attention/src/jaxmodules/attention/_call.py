@@ -98,7 +98,9 @@ class Call:
         return self._planned[key]
 
 
-def replan(block_mask: BlockMask, block_sizes: BlockSizes, *, head_dim: int, value_dim: int) -> BlockMask:
+def replan(
+    block_mask: BlockMask, block_sizes: BlockSizes, *, head_dim: int, value_dim: int
+) -> BlockMask:
     """``block_mask`` on the blocks ``block_sizes`` chooses for its shape: the same mask
     (its ``mask_fn`` program, band and offset) classified again on other blocks."""
     batch, heads, q_len, k_len = block_mask.shape

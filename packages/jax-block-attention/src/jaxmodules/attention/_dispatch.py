@@ -15,10 +15,10 @@ from typing import Any
 
 import jax
 
+from . import _platforms as platforms
 from . import _registry as registry
 from ._call import Call
 from ._checks import CheckedArguments
-from . import _platforms as platforms
 from ._platforms import DEFAULT, PLATFORMS, default_platform, on_platforms
 from ._registry import Backend
 from ._tile_program import UnsupportedCallError
@@ -98,7 +98,7 @@ def _per_platform(call: Call, implementation: str | None) -> tuple[Any, ...]:
         taken.pop(DEFAULT, None)  # no catch-all for the platforms that refuse
     branches, kinds = {}, {}
     for p, backend in taken.items():
-        kind = (backend.name, backend.native(p))
+        kind = (backend.name, backend.variant(p))
         if kind not in kinds:
             kinds[kind] = _branch(backend, call, p)
         branches[p] = kinds[kind]

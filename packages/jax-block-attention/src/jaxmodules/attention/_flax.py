@@ -10,9 +10,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ._api import _check_implementation, checked_attention, masked_attention_via_map
+from ._api import checked_attention, masked_attention_via_map
 from ._checks import check_arguments
 from ._dropout import check_dropout, check_rate
+from ._registry import check_implementation
 
 
 def _promote_dtype(arrays: tuple[Any, ...], /, *, dtype: Any = None, inexact: bool = True) -> Any:
@@ -191,7 +192,7 @@ def flax_dot_product_attention(
         mask = jnp.asarray(mask)
         mask = mask if mask.dtype == jnp.bool_ else mask != 0
     values = _options(options)
-    implementation = _check_implementation(values.pop("implementation"))
+    implementation = check_implementation(values.pop("implementation"))
     return_lse = values.pop("return_lse")
     args = check_arguments(
         q4,

@@ -11,7 +11,7 @@ why it refuses a call on a platform, and how it runs one.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +46,8 @@ class Backend:
         fits: Whether its kernels tile a pair of block sizes as it is.
         lowerable: The primitives its kernels lower in a ``mask_fn``/``score_mod``
             (``None``: it evaluates no program on tiles).
+        variant: What of its program depends on the platform (platforms with equal
+            variants share one branch of a traced call).
     """
 
     name: str
@@ -58,6 +60,7 @@ class Backend:
     block_sizes: BlockSizes | None = None
     fits: Fits = any_blocks
     lowerable: Lowerable | None = None
+    variant: Callable[[str], Hashable] = lambda platform: None
 
     def native(self, platform: str) -> bool:
         """Whether it runs compiled on ``platform``."""
@@ -68,8 +71,9 @@ class Backend:
 BACKENDS = (
     Backend("cudnn", ("cuda",), 0, cudnn.refusal, cudnn.run, "_cudnn"),
     Backend("triton", ("cuda", "rocm"), 1, triton.refusal, triton.run, "_pallas", ("pallas",),
-            triton.block_sizes, triton.fits, triton.TRITON),
-    Backend("xla", None, 99, xla.refusal, xla.run, "_xla", (), xla.block_sizes),
+            triton.block_sizes, triton.fits, triton.TRITON, triton.variant),
+    Backend("xla", None, 99, xla.refusal, xla.run, "_xla", (), xla.block_sizes,
+            variant=xla.variant),
 )
 # fmt: on
 
@@ -92,9 +96,7 @@ def check_implementation(implementation: Any) -> str | None:
     if implementation is None:
         return None
     if implementation not in _BY_NAME:
-        raise ValueError(
-            f"implementation must be None or one of {names()}, got {implementation!r}"
-        )
+        raise ValueError(f"implementation must be None or one of {names()}, got {implementation!r}")
     return _BY_NAME[implementation].name
 
 

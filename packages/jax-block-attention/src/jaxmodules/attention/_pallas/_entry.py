@@ -145,21 +145,31 @@ def attend(
         PallasUnsupportedError: A ``mask_fn`` or ``score_mod`` the kernel cannot
             evaluate on tiles (a ``ValueError``).
     """
-    if interpret is None:
-        # Compiled where the call is lowered for a GPU, interpreted elsewhere.
-        options = dict(
-            backward_tile=backward_tile,
-            num_warps=num_warps,
-            kv_splits=kv_splits,
-            tuning=tuning,
-            group_splits=group_splits,
-        )
-        run = partial(attend, q, k, v, block_mask, scale, scores, operands, **options)
-        platform = known_platform()
-        if platform is not None:
-            return run(interpret=platform not in GPUS)
-        compiled, interpreted = partial(run, interpret=False), partial(run, interpret=True)
-        return on_platforms({**dict.fromkeys(GPUS, compiled), DEFAULT: interpreted})
+    options = (backward_tile, num_warps, kv_splits, tuning, group_splits)
+    run = partial(_attend, q, k, v, block_mask, scale, scores, operands, options)
+    if interpret is not None:
+        return run(bool(interpret))
+    # Compiled where the call is lowered for a GPU, interpreted elsewhere.
+    platform = known_platform()
+    if platform is not None:
+        return run(platform not in GPUS)
+    return on_platforms({**dict.fromkeys(GPUS, partial(run, False)), DEFAULT: partial(run, True)})
+
+
+def _attend(
+    q: Any,
+    k: Any,
+    v: Any,
+    block_mask: BlockMask,
+    scale: float,
+    scores: ScoreConfig | None,
+    operands: Operands | None,
+    options: tuple[int | None, int | None, int | None, Tuning | None, int | None],
+    interpret: bool,
+) -> tuple[jax.Array, jax.Array]:
+    """``attend`` interpreted or compiled, as ``interpret`` says (``options``: its
+    ``backward_tile``, ``num_warps``, ``kv_splits``, ``tuning``, ``group_splits``)."""
+    backward_tile, num_warps, kv_splits, tuning, group_splits = options
     _check_block_mask(block_mask, q, k, v)
     scores = scores or ScoreConfig()
     operands = operands or Operands(None, ())

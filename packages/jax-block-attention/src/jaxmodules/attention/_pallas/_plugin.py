@@ -12,7 +12,12 @@ from ._entry import attend, block_sizes
 from ._tile_math import _is_tile
 from ._tile_program import TRITON
 
-__all__ = ["TRITON", "block_sizes", "fits", "refusal", "run"]
+__all__ = ["TRITON", "block_sizes", "fits", "refusal", "run", "variant"]
+
+
+def variant(platform: str) -> bool:
+    """Compiled (on a GPU) or interpreted: the one difference between platforms."""
+    return platform in GPUS
 
 
 def fits(block_size: tuple[int, int]) -> bool:

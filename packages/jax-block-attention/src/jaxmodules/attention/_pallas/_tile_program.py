@@ -37,8 +37,8 @@ def mask_program_problem(program: ElementwiseProgram | None, consts: Sequence[An
 
 
 __all__ = [
-    "_MIN_TILE",
     "TRITON",
+    "_MIN_TILE",
     "ArrayRead",
     "PallasUnsupportedError",
     "evaluate_on_tile",

@@ -8,7 +8,12 @@ from .._call import Call, any_blocks
 from ._block_sizes import block_sizes
 from ._entry import attend
 
-__all__ = ["block_sizes", "refusal", "run"]
+__all__ = ["block_sizes", "refusal", "run", "variant"]
+
+
+def variant(platform: str) -> bool:
+    """The block sizes: XLA:CPU's cost model on a CPU, fixed tiles elsewhere."""
+    return platform == "cpu"
 
 
 def refusal(call: Call, platform: str) -> str | None:
