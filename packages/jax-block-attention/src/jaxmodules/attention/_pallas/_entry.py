@@ -81,8 +81,6 @@ def _check_block_mask(block_mask: BlockMask, q: Any, k: Any, v: Any) -> None:
         )
 
 
-
-
 def attend(
     q: Any,
     k: Any,
