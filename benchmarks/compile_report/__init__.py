@@ -12,9 +12,8 @@ in ``TARGETS``:
   platform="tpu")``), scoped VMEM from the compiled program's ``tpu_custom_call``
   configs; not written yet.
 
-A target module provides ``NAME``, ``BACKEND`` (what ``jax.default_backend()`` says on
-such a machine), ``setup(workdir)`` (environment, before jax is imported), ``device()``
-(the compile-only device and ``{"memory_limit": bytes, "arch": str}``),
+A target module provides ``NAME``, ``setup(workdir)`` (environment, before jax is
+imported), ``device()`` (the compile-only device and ``{"memory_limit": bytes, "arch": str}``),
 ``compile_on(device, fn, args)``, ``kernels(workdir, compiled, reference)`` (one dict per
 kernel: ``kernel``, ``memory`` (on-chip bytes per block), ``registers``,
 ``spill_stores``, ``spill_loads``, ``threads``) and ``versions()``. Cases name the

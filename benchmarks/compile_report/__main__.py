@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from compile_report import TARGETS, report
-from compile_report.cases import Case, all_cases, compiled_kernels
+from compile_report.cases import Case, all_cases
 
 ROOT = Path(__file__).resolve().parents[2]
 REPORT = {"cuda": ROOT / "benchmarks" / "results" / "attention_gpu_compile.md"}
@@ -64,7 +64,7 @@ def worker(target_name: str, case_id: str, workdir: Path, device: str | None) ->
         def place(shape: tuple[int, ...], dtype: Any) -> Any:
             return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
-        with compiled_kernels(target.BACKEND), warnings.catch_warnings():
+        with warnings.catch_warnings():
             # jax 0.12+ announces the removal of Pallas Triton on every lowering.
             warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated")
             fn, args = case.build(place)

@@ -9,9 +9,8 @@ concrete array, so a closure over one fails to compile.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 Place = Callable[[tuple[int, ...], Any], Any]
@@ -43,22 +42,6 @@ def jnp_dtype(name: str) -> Any:
     return {"bf16": jnp.bfloat16, "f16": jnp.float16, "f32": jnp.float32}[name]
 
 
-@contextlib.contextmanager
-def compiled_kernels(platform: str) -> Iterator[None]:
-    """The package's compiled kernels, not its interpret mode, while lowering for a
-    compile-only device. The package asks ``jax.default_backend()`` (``"cpu"`` on this
-    host) to choose; answering ``platform`` is the one switch it reads. To be replaced
-    by ``implementation="triton"`` once the platform comes from the lowering."""
-    import jax
-
-    original = jax.default_backend
-    jax.default_backend = lambda: platform  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        jax.default_backend = original  # type: ignore[assignment]
-
-
 def _value_and_grads(attend: Callable[..., Any], n_args: int) -> Callable[..., Any]:
     """The forward and every gradient: what training runs (forward, dQ, dK/dV kernels)."""
     import jax
@@ -71,7 +54,7 @@ def _value_and_grads(attend: Callable[..., Any], n_args: int) -> Callable[..., A
 
 
 def _ours(name: str, d: int, dtype: str, *, kv_heads: int = HEADS) -> Case:
-    """``masked_attention_via_map(..., implementation="pallas")``, forward and gradients,
+    """``masked_attention_via_map(..., implementation="triton")``, forward and gradients,
     B=1, L=8192, 16 heads: 1,024 query-block programs, so the forward is not split along
     the keys and each kernel is the one a GPU user trains with."""
 
@@ -87,7 +70,7 @@ def _ours(name: str, d: int, dtype: str, *, kv_heads: int = HEADS) -> Case:
 
         def run(q: Any, k: Any, v: Any, **kwargs: Any) -> Any:
             return masked_attention_via_map(
-                q, k, v, is_causal=True, implementation="pallas", **kwargs
+                q, k, v, is_causal=True, implementation="triton", **kwargs
             )
 
         if name in ("causal", "gqa"):
@@ -142,7 +125,7 @@ def _decode(d: int, dtype: str) -> Case:
 
         def attend(q: Any, k: Any, v: Any) -> Any:
             return masked_attention_via_map(
-                q, k, v, is_causal=True, q_offset=LENGTH - 16, implementation="pallas"
+                q, k, v, is_causal=True, q_offset=LENGTH - 16, implementation="triton"
             )
 
         return attend, (q, kv, kv)

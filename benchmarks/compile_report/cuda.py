@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 NAME = "cuda"
-BACKEND = "gpu"  # what jax.default_backend() says on a machine with this target
 DEVICE = "NVIDIA H100 80GB HBM3"
 _HEADER = "proto-message: stream_executor.GpuTargetConfigProto"
 
