@@ -24,6 +24,7 @@ from jax import lax
 from .._band import in_band
 from .._config import BlockConfig
 from .._dropout import keep_from_rows, row_hashes, threshold
+from .._hidden import any_non_finite, finite, values_through
 from .._scores import (
     Operands,
     ScoreMod,
@@ -201,6 +202,10 @@ def _prescaled(config: KernelConfig, q_blk: Array) -> tuple[Array, float]:
     return q_blk, config.scale
 
 
+def _pv(p: Array, v_blk: Array) -> Array:
+    return jnp.einsum("bhrk,bhkd->bhrd", p, v_blk, preferred_element_type=_F32)
+
+
 def _products(q_blk: Array, k_blk: Array, scale: float) -> Array:
     s = jnp.einsum("bhrd,bhkd->bhrk", q_blk, k_blk, preferred_element_type=_F32)
     return s if scale == 1.0 else s * _F32(scale)
@@ -252,8 +257,9 @@ def _unit_forward(
         if changes:
             score_mod = _tile_score_mod(config, unit, operands.score_consts, i, j)
             s = tile_scores(config.scores, s, _bias_tile(config, bias, i, j), score_mod)
+        visible = _visible(config, unit, consts, i, j) if masked else None
         if masked:
-            s = jnp.where(_visible(config, unit, consts, i, j), s, -jnp.inf)
+            s = jnp.where(visible, s, -jnp.inf)
         m_new = jnp.maximum(m, s.max(axis=-1))
         # A row that has seen no visible key keeps m = -inf; shift by 0 instead so that
         # exp() gives 0 rather than NaN.
@@ -265,7 +271,18 @@ def _unit_forward(
             # Dropout acts on the normalised weights: the denominator above keeps every
             # weight, the values see only the kept ones (scaled up at the end).
             p = jnp.where(_dropout_keep(config, drop_rows, j), p, 0.0)
-        pv = jnp.einsum("bhrk,bhkd->bhrd", p, v_blk, preferred_element_type=_F32)
+        if masked:
+            # A NaN or inf of a hidden key must not reach the tile's rows (0 * NaN):
+            # only a tile that holds one takes the careful product (see _hidden).
+            pv = lax.cond(
+                any_non_finite(v_blk),
+                lambda p, v: values_through(p, visible, v, _pv),
+                _pv,
+                p,
+                v_blk,
+            )
+        else:
+            pv = _pv(p, v_blk)
         acc = alpha[..., None] * acc + pv
         return m_new, l, acc
 
@@ -339,6 +356,10 @@ def _unit_backward(
         k_blk = lax.dynamic_slice_in_dim(k, j * bk, bk, axis=2)
         v_blk = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=2)
         s0 = _products(q_blk, k_blk, score_scale)
+        if masked:
+            # Hidden keys' non-finite K or V would give 0 * NaN in dS and dQ; a visible
+            # one has already made the row's output and delta non-finite (see _hidden).
+            k_blk, v_blk = finite(k_blk), finite(v_blk)
         bias_blk = _bias_tile(config, bias, i, j)
         score_mod = _tile_score_mod(config, unit, operands.score_consts, i, j)
         s = tile_scores(scores, s0, bias_blk, score_mod)
