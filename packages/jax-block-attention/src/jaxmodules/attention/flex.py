@@ -395,7 +395,8 @@ def _check_layout(q: Any, k: Any, v: Any, enable_gqa: Any) -> None:
             return jax.ShapeDtypeStruct((b, n, h, e), x.dtype)
 
         try:
-            _check_layout_rules(swapped(q), swapped(k), swapped(v), enable_gqa)
+            # GQA allowed: the layout is the first thing to fix.
+            _check_layout_rules(swapped(q), swapped(k), swapped(v), True)
         except ValueError:
             raise err from None
         raise ValueError(f"{err}{_LAYOUT_HINT}") from None
