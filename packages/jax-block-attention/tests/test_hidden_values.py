@@ -160,3 +160,61 @@ def test_flex_causal_block_mask(ref, implementation, block):
     expected = ref.gradients(*as_blhe, mask, jnp.swapaxes(d_out, 1, 2))
     for g, want in zip(got, expected, strict=True):
         _check_rows(g, np.swapaxes(want, 1, 2), 10 * atol)
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_cudnn_path_with_hidden_and_seen_values(ref, window):
+    """The cuDNN route (run here through ``jax.nn``'s XLA attention, which has the same
+    leak): causal band, GQA, key lengths; non-finite values hidden from some rows and
+    seen by others, and a non-finite key."""
+    from jaxmodules.attention._cudnn import cudnn_attention
+
+    q, k, v = ref.qkv(8, 2, 32, 32, 4, 2, 16)
+    lengths = np.array([32, 25])
+    v = v.at[0, 20, 0].set(jnp.nan).at[0, 9, 1, 3].set(jnp.inf).at[0, 9, 1, 4].set(-jnp.inf)
+    k = k.at[0, 14, 1].set(jnp.inf).at[1, 25:].set(jnp.nan)
+    v = v.at[1, 25:].set(jnp.inf)
+    out = cudnn_attention(
+        q,
+        k,
+        v,
+        is_causal=True,
+        window=(window, 0) if window else (None, None),
+        scale=None,
+        bias=None,
+        query_seq_lengths=None,
+        key_value_seq_lengths=lengths,
+        implementation="xla",
+    )
+    mask = ref.mask(
+        2, 4, 32, 32, is_causal=True, window=(window, 0) if window else None,
+        mask_fn=lambda b, h, qi, ki: ki < lengths[b],
+    )
+    expected = ref.attention(q, _zeroed(k), _zeroed(v), mask)
+    # What each row sees: rows whose band holds the NaN key or value (kv head 0 is
+    # query heads 0-1, kv head 1 is 2-3), and the inf pair of column 3/4.
+    lo = np.arange(32) - (window if window else 32)
+    sees = (lo[:, None] <= np.array([[20, 9, 14]])) & (np.arange(32)[:, None] >= [[20, 9, 14]])
+    out = np.asarray(out)
+    assert np.isnan(out[0, sees[:, 0], :2]).all()
+    assert np.isnan(out[0, sees[:, 2], 2:]).all()
+    inf_rows = sees[:, 1] & ~sees[:, 2]
+    assert (out[0, inf_rows, 2:, 3] == np.inf).all() and (out[0, inf_rows, 2:, 4] == -np.inf).all()
+    clean = np.ones((2, 32, 4), bool)
+    clean[0, :, :2] &= ~sees[:, 0:1]
+    clean[0, :, 2:] &= ~(sees[:, 1:2] | sees[:, 2:3])
+    clean &= np.swapaxes(mask.any(axis=-1), 1, 2)  # rows with no visible key: jax.nn's own
+    np.testing.assert_allclose(out[clean], expected[clean], atol=1e-5, rtol=0)
+
+
+def test_ring_steps_keep_hidden_values_out(ref):
+    """ring_attention on a one-device mesh: its steps run the block loop per chunk pair."""
+    from jaxmodules.attention import ring_attention
+
+    q, k, v = ref.qkv(9, 1, 32, 32, 2, 2, 16)
+    v = v.at[0, 20].set(jnp.nan)
+    mesh = jax.make_mesh((1,), ("seq",))
+    out = ring_attention(q, k, v, mesh=mesh, seq_axis="seq", is_causal=True, block_size=16)
+    expected = ref.attention(q, k, _zeroed(v), ref.mask(1, 2, 32, 32, is_causal=True))
+    _check_rows(out[0, :20], expected[0, :20], ref.float32_atol("xla"))
+    assert np.isnan(np.asarray(out[0, 20:])).all()
