@@ -10,8 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxmodules.attention import create_block_mask, flex, masked_attention_via_map
-from jaxmodules.attention import ring_attention
+from jaxmodules.attention import create_block_mask, flex, masked_attention_via_map, ring_attention
 
 pytestmark = pytest.mark.compat
 

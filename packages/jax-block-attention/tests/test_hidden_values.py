@@ -136,8 +136,9 @@ def test_flex_causal_block_mask(ref, implementation, block):
     q, k, v = (jnp.swapaxes(x, 1, 2) for x in ref.qkv(6, 1, 32, 32, 2, 2, 16))
     options = {"implementation": implementation}
     block_mask = flex.create_block_mask(causal, None, None, 32, 32, BLOCK_SIZE=block)
-    out = flex.flex_attention(q, k, v.at[:, :, 31].set(jnp.nan), block_mask=block_mask,
-                              kernel_options=options)
+    out = flex.flex_attention(
+        q, k, v.at[:, :, 31].set(jnp.nan), block_mask=block_mask, kernel_options=options
+    )
     as_blhe = [jnp.swapaxes(x, 1, 2) for x in (q, k, v)]
     mask = ref.mask(1, 2, 32, 32, is_causal=True)
     expected = np.swapaxes(ref.attention(*as_blhe, mask), 1, 2)
@@ -187,7 +188,12 @@ def test_cudnn_path_with_hidden_and_seen_values(ref, window):
         implementation="xla",
     )
     mask = ref.mask(
-        2, 4, 32, 32, is_causal=True, window=(window, 0) if window else None,
+        2,
+        4,
+        32,
+        32,
+        is_causal=True,
+        window=(window, 0) if window else None,
         mask_fn=lambda b, h, qi, ki: ki < lengths[b],
     )
     expected = ref.attention(q, _zeroed(k), _zeroed(v), mask)

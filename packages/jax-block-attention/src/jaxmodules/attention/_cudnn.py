@@ -8,7 +8,7 @@ when its mask is exactly one of those; ``cudnn_problem`` says why not otherwise.
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -116,7 +116,7 @@ def cudnn_attention(
     bias: Any,
     query_seq_lengths: Any,
     key_value_seq_lengths: Any,
-    implementation: str = "cudnn",
+    implementation: Literal["xla", "cudnn"] = "cudnn",
 ) -> jax.Array:
     """The call on ``jax.nn``'s cuDNN path (``cudnn_problem`` must have said ``None``).
 

@@ -445,12 +445,30 @@ def _check_layout_rules(q: Any, k: Any, v: Any, enable_gqa: Any) -> None:
 # PyTorch's documented kernel_options (FlexKernelOptions), each also with a "fwd_" or
 # "bwd_" prefix; "implementation" is this package's own.
 _TORCH_OPTIONS = frozenset(
-    (
-        "BLOCK_M BLOCK_N BLOCK_M1 BLOCK_N1 BLOCK_M2 BLOCK_N2 num_warps num_stages "
-        "PRESCALE_QK ROWS_GUARANTEED_SAFE BLOCKS_ARE_CONTIGUOUS WRITE_DQ OUTPUT_LOGSUMEXP "
-        "OUTPUT_MAX FORCE_USE_FLEX_ATTENTION USE_TMA BACKEND SPARSE_Q_BLOCK_SIZE "
-        "SPARSE_KV_BLOCK_SIZE kpack matrix_instr_nonkdim waves_per_eu"
-    ).split()
+    [
+        "BLOCK_M",
+        "BLOCK_N",
+        "BLOCK_M1",
+        "BLOCK_N1",
+        "BLOCK_M2",
+        "BLOCK_N2",
+        "num_warps",
+        "num_stages",
+        "PRESCALE_QK",
+        "ROWS_GUARANTEED_SAFE",
+        "BLOCKS_ARE_CONTIGUOUS",
+        "WRITE_DQ",
+        "OUTPUT_LOGSUMEXP",
+        "OUTPUT_MAX",
+        "FORCE_USE_FLEX_ATTENTION",
+        "USE_TMA",
+        "BACKEND",
+        "SPARSE_Q_BLOCK_SIZE",
+        "SPARSE_KV_BLOCK_SIZE",
+        "kpack",
+        "matrix_instr_nonkdim",
+        "waves_per_eu",
+    ]
 )
 
 

@@ -130,9 +130,7 @@ def _check_call(
 
 def _check_mesh(mesh: Any, seq_axis: Any) -> None:
     """``mesh`` is a ``Mesh`` (or an ``AbstractMesh``), not an axis name or ``None``."""
-    kinds = tuple(
-        t for t in (jax.sharding.Mesh, getattr(jax.sharding, "AbstractMesh", None)) if t
-    )
+    kinds = tuple(t for t in (jax.sharding.Mesh, getattr(jax.sharding, "AbstractMesh", None)) if t)
     if isinstance(mesh, kinds):
         return
     hint = ""

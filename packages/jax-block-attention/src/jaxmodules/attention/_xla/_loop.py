@@ -206,6 +206,10 @@ def _pv(p: Array, v_blk: Array) -> Array:
     return jnp.einsum("bhrk,bhkd->bhrd", p, v_blk, preferred_element_type=_F32)
 
 
+def _careful_pv(visible: Array, p: Array, v_blk: Array) -> Array:
+    return values_through(p, visible, v_blk, _pv)
+
+
 def _products(q_blk: Array, k_blk: Array, scale: float) -> Array:
     s = jnp.einsum("bhrd,bhkd->bhrk", q_blk, k_blk, preferred_element_type=_F32)
     return s if scale == 1.0 else s * _F32(scale)
@@ -257,8 +261,8 @@ def _unit_forward(
         if changes:
             score_mod = _tile_score_mod(config, unit, operands.score_consts, i, j)
             s = tile_scores(config.scores, s, _bias_tile(config, bias, i, j), score_mod)
-        visible = _visible(config, unit, consts, i, j) if masked else None
         if masked:
+            visible = _visible(config, unit, consts, i, j)
             s = jnp.where(visible, s, -jnp.inf)
         m_new = jnp.maximum(m, s.max(axis=-1))
         # A row that has seen no visible key keeps m = -inf; shift by 0 instead so that
@@ -274,13 +278,7 @@ def _unit_forward(
         if masked:
             # A NaN or inf of a hidden key must not reach the tile's rows (0 * NaN):
             # only a tile that holds one takes the careful product (see _hidden).
-            pv = lax.cond(
-                any_non_finite(v_blk),
-                lambda p, v: values_through(p, visible, v, _pv),
-                _pv,
-                p,
-                v_blk,
-            )
+            pv = lax.cond(any_non_finite(v_blk), partial(_careful_pv, visible), _pv, p, v_blk)
         else:
             pv = _pv(p, v_blk)
         acc = alpha[..., None] * acc + pv
