@@ -224,3 +224,54 @@ def test_ring_steps_keep_hidden_values_out(ref):
     expected = ref.attention(q, k, _zeroed(v), ref.mask(1, 2, 32, 32, is_causal=True))
     _check_rows(out[0, :20], expected[0, :20], ref.float32_atol("xla"))
     assert np.isnan(np.asarray(out[0, 20:])).all()
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_score_mod_gradients_past_hidden_keys(ref, implementation):
+    """A ``score_mod`` reading a learnable table, then capping (its derivative is NaN at
+    a NaN score): NaN keys and inf values hidden from every row leave the table's
+    gradient (and the others) as if they were zero."""
+    q, k, v = ref.qkv(10, 1, 32, 32, 2, 2, 16)
+    table = jnp.asarray(np.random.default_rng(11).standard_normal((8, 2)), jnp.float32)
+    k, v = k.at[0, 26:].set(jnp.nan), v.at[0, 26:].set(jnp.inf)
+
+    def mask_fn(b, h, qi, ki):
+        return (ki <= qi) & (ki < 26)
+
+    def capped(table):
+        shifted = ref.bucket_table(table)
+
+        def score_mod(score, b, h, qi, ki):
+            return 20.0 * jax.numpy.tanh(shifted(score, b, h, qi, ki) / 20.0)
+
+        return score_mod
+
+    def attend(q, k, v, table):
+        return masked_attention_via_map(
+            q,
+            k,
+            v,
+            mask_fn=mask_fn,
+            score_mod=capped(table),
+            block_size=16,
+            implementation=implementation,
+        )
+
+    d_out = jnp.asarray(np.random.default_rng(12).standard_normal(q.shape), jnp.float32)
+    out, pullback = jax.vjp(attend, q, k, v, table)
+    grads = pullback(d_out)
+    mask = ref.mask(1, 2, 32, 32, mask_fn=mask_fn)
+    with ref.float64():
+        inputs = [
+            jnp.asarray(np.asarray(x, np.float64)) for x in (q, _zeroed(k), _zeroed(v), table)
+        ]
+
+        def dense(q, k, v, table):
+            return ref.dense(q, k, v, mask, score_mod=capped(table))[0]
+
+        expected_out, dense_pullback = jax.vjp(dense, *inputs)
+        expected = [np.asarray(g) for g in dense_pullback(jnp.asarray(d_out, jnp.float64))]
+    atol = ref.float32_atol(implementation)
+    _check_rows(out, np.asarray(expected_out), atol)
+    for got, want in zip(grads, expected, strict=True):
+        _check_rows(got, want, 10 * atol)

@@ -355,14 +355,18 @@ def _unit_backward(
         v_blk = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=2)
         s0 = _products(q_blk, k_blk, score_scale)
         if masked:
-            # Hidden keys' non-finite K or V would give 0 * NaN in dS and dQ; a visible
-            # one has already made the row's output and delta non-finite (see _hidden).
+            # Hidden keys' non-finite K or V would give 0 * NaN in dS and dQ (and in the
+            # score_mod's derivative at their scores); a visible one has already made
+            # the row's output and delta non-finite (see _hidden).
+            visible = _visible(config, unit, consts, i, j)
             k_blk, v_blk = finite(k_blk), finite(v_blk)
+            if scores.changes_scores:
+                s0 = jnp.where(visible, s0, 0.0)
         bias_blk = _bias_tile(config, bias, i, j)
         score_mod = _tile_score_mod(config, unit, operands.score_consts, i, j)
         s = tile_scores(scores, s0, bias_blk, score_mod)
         if masked:
-            s = jnp.where(_visible(config, unit, consts, i, j), s, -jnp.inf)
+            s = jnp.where(visible, s, -jnp.inf)
         p = jnp.exp(s - lse_blk[..., None])
         dp = jnp.einsum("bhrd,bhkd->bhrk", do_blk, v_blk, preferred_element_type=_F32)
         p_out = p
