@@ -12,12 +12,11 @@ import pytest
 
 from jaxmodules.attention import create_block_mask, flex, masked_attention_via_map, ring_attention
 
-pytestmark = pytest.mark.compat
-
 Q = jnp.ones((2, 16, 4, 8))
 K = jnp.ones((2, 16, 2, 8))
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize(
     ("call", "error", "pattern"),
     [
