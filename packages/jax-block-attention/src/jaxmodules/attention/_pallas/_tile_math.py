@@ -354,10 +354,12 @@ def softmax_step(
     if visible is None:
         pv = _matmul(p, v_blk)
     else:
+        # Fresh branch functions: lax.cond caches the jaxpr of a function it has seen,
+        # and _matmul's precision depends on how the kernel is being traced.
         pv = lax.cond(
             any_non_finite(v_blk),
             lambda p, v: values_through(p, visible, v, _matmul),
-            _matmul,
+            lambda p, v: _matmul(p, v),
             p,
             v_blk,
         )
