@@ -225,7 +225,7 @@ def _dq_kernel(config: TileConfig, *refs: Any) -> None:
             # the score_mod's derivative at its score); a visible one has made the
             # row's delta non-finite already (``_hidden``).
             k_blk, v_blk = finite(k_blk), finite(v_blk)
-            if not pure:
+            if not pure and visible is not None:
                 qk = jnp.where(visible, qk, 0.0)
         dp = _matmul_t(do_blk, v_blk)
         reads: list[ArrayRead] = []
@@ -319,7 +319,7 @@ def _dkdv_kernel(config: TileConfig, *refs: Any) -> None:
                 visible_t = tile_visible(config, mask_refs, b, h, q_pos, k_pos)
             # The tile transposed, (rows, cols): keys are this program's rows.
             kq = _matmul_t(k_blk, q_blk)
-            if masked and not pure:  # a hidden key's score_mod derivative: see _dq_kernel
+            if visible_t is not None and not pure:  # a hidden key's score_mod: see _dq_kernel
                 kq = jnp.where(visible_t, kq, 0.0)
             keep_t = tile_keep(config, seeds_ref, b, h, q_pos, k_pos)
             dp_t = kept(config, keep_t, _matmul_t(v_clean, do_blk))
