@@ -43,7 +43,7 @@ def _as_array(x: Any, name: str) -> jax.Array:
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         try:
             x = jnp.asarray(x)
-        except TypeError as err:
+        except (TypeError, ValueError) as err:
             raise TypeError(f"{name} must be an array, got {type(x).__name__}: {err}") from None
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(
@@ -96,7 +96,35 @@ def fold_scale(q: jax.Array, scale: float | jax.Array | None) -> tuple[jax.Array
     return (q.astype(wide) * scale.astype(wide)).astype(q.dtype), 1.0
 
 
+# Added to a shape error when the shapes would fit with the sequence and head axes
+# swapped: PyTorch's (B, H, L, E) layout given where (B, L, H, d) is expected.
+LAYOUT_HINT = (
+    "; these shapes fit with the length and heads axes swapped: masked_attention_via_map "
+    "takes (B, L, H, d), PyTorch FlexAttention's layout (B, H, L, E) is "
+    "jaxmodules.attention.flex.flex_attention's (or transpose with jnp.swapaxes(x, -3, -2))"
+)
+
+
+def _swapped(x: Any) -> jax.ShapeDtypeStruct:
+    shape = list(x.shape)
+    shape[-3], shape[-2] = shape[-2], shape[-3]
+    return jax.ShapeDtypeStruct(tuple(shape), x.dtype)
+
+
 def _check_shapes(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
+    try:
+        _check_shape_rules(q, k, v)
+    except ValueError as err:
+        if q.ndim == k.ndim == v.ndim == 4:
+            try:
+                _check_shape_rules(_swapped(q), _swapped(k), _swapped(v))
+            except ValueError:
+                raise err from None
+            raise ValueError(f"{err}{LAYOUT_HINT}") from None
+        raise
+
+
+def _check_shape_rules(q: Any, k: Any, v: Any) -> None:
     shapes = f"Q {tuple(q.shape)}, K {tuple(k.shape)}, V {tuple(v.shape)}"
     if q.ndim not in (3, 4):
         raise ValueError(
@@ -311,4 +339,11 @@ def _check_block_mask(
             f"its mask_fn depends on h but it was built with H=1; build it with H={q_heads}"
         )
     if problems:
-        raise ValueError("block_mask does not fit the inputs: " + "; ".join(problems))
+        hint = ""
+        if (mask_q, mask_k) == (q.shape[-2], k.shape[-2]) and (mask_q, mask_k) != (q_len, k_len):
+            hint = (
+                "; the inputs' heads axis has the block mask's lengths: are they in the "
+                "other layout? masked_attention_via_map takes (B, L, H, d), "
+                "flex.flex_attention PyTorch's (B, H, L, E)"
+            )
+        raise ValueError("block_mask does not fit the inputs: " + "; ".join(problems) + hint)

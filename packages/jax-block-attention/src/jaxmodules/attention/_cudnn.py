@@ -8,14 +8,17 @@ when its mask is exactly one of those; ``cudnn_problem`` says why not otherwise.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from functools import partial
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from ._checks import CheckedArguments
 from ._elementwise import has_tracers
+from ._hidden import any_non_finite, finite
 
 _CUDNN_DTYPES = (jnp.float16, jnp.bfloat16)
 _MAX_HEAD_DIM = 128
@@ -148,21 +151,79 @@ def cudnn_attention(
     bias: Any,
     query_seq_lengths: Any,
     key_value_seq_lengths: Any,
+    implementation: Literal["xla", "cudnn"] = "cudnn",
 ) -> jax.Array:
-    """The call on ``jax.nn``'s cuDNN path (``cudnn_problem`` must have said ``None``)."""
+    """The call on ``jax.nn``'s cuDNN path (``cudnn_problem`` must have said ``None``).
+
+    cuDNN's tiles multiply hidden keys' values by a zero weight, as every fused kernel
+    does, so a NaN or inf there would reach visible rows (SPEC 4.10). Keys past
+    ``key_value_seq_lengths`` are zeroed first (a select per key); under the causal
+    band, the call sees non-finite ``K`` and ``V`` entries as 0 and the rows whose band
+    holds one get it back from counts over the keys (``_seen_non_finite``), only when
+    there is one. ``implementation`` is ``jax.nn``'s (``"xla"`` to test off a GPU)."""
     band = cudnn_window(is_causal, window)
     assert not isinstance(band, str)
     causal, local_window = band
-    return jax.nn.dot_product_attention(
-        q,
-        k,
-        v,
-        bias,
-        None,
-        scale=scale,
-        is_causal=causal,
-        query_seq_lengths=query_seq_lengths,
-        key_value_seq_lengths=key_value_seq_lengths,
-        local_window_size=local_window,
-        implementation="cudnn",
-    )
+    if key_value_seq_lengths is not None:
+        lengths = jnp.asarray(key_value_seq_lengths)[:, None, None, None]
+        present = jnp.arange(k.shape[1])[None, :, None, None] < lengths
+        k = jnp.where(present, k, jnp.zeros((), k.dtype))
+        v = jnp.where(present, v, jnp.zeros((), v.dtype))
+
+    def attend(k: jax.Array, v: jax.Array) -> jax.Array:
+        return jax.nn.dot_product_attention(
+            q,
+            k,
+            v,
+            bias,
+            None,
+            scale=scale,
+            is_causal=causal,
+            query_seq_lengths=query_seq_lengths,
+            key_value_seq_lengths=key_value_seq_lengths,
+            local_window_size=local_window,
+            implementation=implementation,
+        )
+
+    if not causal:
+        return attend(k, v)  # every key visible but those past the lengths, now zero
+    left = None if local_window is None else local_window[0]
+    out = attend(finite(k), finite(v))
+    bad = any_non_finite(k) | any_non_finite(v)
+    fixed = partial(_seen_non_finite, k=k, v=v, left=left, q_lengths=query_seq_lengths)
+    return lax.cond(bad, fixed, lambda o: o, out)
+
+
+def _seen_non_finite(
+    out: jax.Array, *, k: jax.Array, v: jax.Array, left: int | None, q_lengths: Any
+) -> jax.Array:
+    """``out`` (computed from finite ``K`` and ``V``) with what each causal row sees of
+    their non-finite entries: NaN in a column where its band ``[i - left, i]`` holds a
+    NaN value or both infinities, ``+-inf`` where it holds one, a NaN row where it holds
+    a non-finite key. Counts over key prefixes, so linear in the lengths."""
+    q_len, k_len = out.shape[1], k.shape[1]
+    rows = jnp.arange(q_len)
+    hi = jnp.minimum(rows, k_len - 1) + 1
+    lo = jnp.zeros_like(rows) if left is None else jnp.clip(rows - left, 0, k_len)
+
+    def in_band(flags: jax.Array) -> jax.Array:
+        """Per query row, how many of the flagged keys (axis 1) its band holds."""
+        counts = jnp.cumsum(flags.astype(jnp.int32), axis=1)
+        counts = jnp.pad(counts, [(0, 0), (1, 0)] + [(0, 0)] * (counts.ndim - 2))
+        return jnp.take(counts, hi, axis=1) - jnp.take(counts, lo, axis=1)
+
+    groups = out.shape[2] // v.shape[2]
+
+    def per_query_head(x: jax.Array) -> jax.Array:
+        return jnp.repeat(x, groups, axis=2) if groups > 1 else x
+
+    nan = per_query_head(in_band(jnp.isnan(v)) > 0)
+    up = per_query_head(in_band(v == jnp.inf) > 0)
+    down = per_query_head(in_band(v == -jnp.inf) > 0)
+    bad_key = per_query_head(in_band(~jnp.isfinite(k).all(axis=-1)) > 0)[..., None]
+    if q_lengths is not None:  # rows past a query length see nothing
+        real = (rows[None, :] < jnp.asarray(q_lengths)[:, None])[:, :, None, None]
+        nan, up, down, bad_key = (x & real for x in (nan, up, down, bad_key))
+    seen = jnp.where(up, jnp.inf, 0.0) + jnp.where(down, -jnp.inf, 0.0)
+    result = jnp.where(up | down, seen, out.astype(jnp.float32))
+    return jnp.where(nan | bad_key, jnp.nan, result).astype(out.dtype)

@@ -94,12 +94,27 @@ def _key_words(rng: Any) -> jax.Array:
             f"dropout_rng must be a PRNG key (jax.random.key or jax.random.PRNGKey), got "
             f"{type(rng).__name__}"
         )
-    if rng.dtype != np.uint32 or len(rng.shape) != 1 or rng.shape[0] == 0:
+    if rng.dtype != np.uint32:
         raise TypeError(
             "dropout_rng must be a PRNG key (jax.random.key or jax.random.PRNGKey), got "
             f"an array of dtype {rng.dtype} and shape {tuple(rng.shape)}"
         )
+    shapes = _raw_key_shapes()
+    if tuple(rng.shape) not in shapes:
+        expected = " or ".join(str(s) for s in shapes)
+        raise ValueError(
+            "dropout_rng must be a single PRNG key: a typed key (jax.random.key) or a raw "
+            f"uint32 key (jax.random.PRNGKey) of shape {expected}, got a uint32 array of "
+            f"shape {tuple(rng.shape)}"
+        )
     return jnp.asarray(rng, _U32)
+
+
+def _raw_key_shapes() -> tuple[tuple[int, ...], ...]:
+    """The shapes of a raw key: threefry's ``(2,)`` and the default implementation's
+    (``rbg`` keys are ``(4,)``)."""
+    default = tuple(jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape)
+    return ((2,),) if default == (2,) else ((2,), default)
 
 
 def stream_seeds(rng: Any, batch: int, heads: int, *, shared: bool = False) -> jax.Array:

@@ -23,8 +23,8 @@ BlockSizes = Callable[..., tuple[int, int]]
 
 def create_block_mask(
     mask_fn: Any,
-    B: int,
-    H: int,
+    B: int | None,
+    H: int | None,
     q_len: int,
     k_len: int,
     *,
@@ -52,8 +52,10 @@ def create_block_mask(
             scalar int32 indices and vectorized with ``jax.vmap``); ``q`` is a query
             position (row index plus ``q_offset``), ``k`` a key position. ``None``: only
             ``is_causal`` / ``window_size``.
-        B: Batch size, or 1 when the mask does not depend on ``b``.
-        H: Number of query heads, or 1 when the mask does not depend on ``h``.
+        B: Batch size, or 1 (or ``None``, as in PyTorch) when the mask does not depend
+            on ``b``.
+        H: Number of query heads, or 1 (or ``None``) when the mask does not depend on
+            ``h``.
         q_len: Query length ``Lq``.
         k_len: Key length ``Lk``.
         is_causal: Key ``k`` visible from query position ``q`` only if ``k <= q``.
@@ -87,8 +89,9 @@ def create_block_mask(
         >>> bool(jnp.allclose(out, dense, atol=1e-5))
         True
     """
-    batch = positive_int(B, "B")
-    heads = positive_int(H, "H")
+    # None broadcasts, as in PyTorch (SPEC 4.3).
+    batch = 1 if B is None else positive_int(B, "B")
+    heads = 1 if H is None else positive_int(H, "H")
     q_len = positive_int(q_len, "q_len")
     k_len = positive_int(k_len, "k_len")
     if not isinstance(is_causal, (bool, np.bool_)):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import inspect
 import numbers
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -354,7 +355,17 @@ def _is_score_mod(fn: Callable[..., Any]) -> bool:
 
 def _as_bhle(x: Any, name: str) -> jax.Array:
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        x = jnp.asarray(x)
+        try:
+            x = jnp.asarray(x)
+        except (TypeError, ValueError) as err:
+            raise TypeError(
+                f"{name} must be an array (B, H, L, E), got {type(x).__name__}: {err}"
+            ) from None
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"{name} must have a floating dtype (float32, bfloat16, float16, ...), got "
+            f"{x.dtype} with shape {tuple(x.shape)}"
+        )
     if x.ndim != 4:
         raise ValueError(
             f"{name} must have rank 4 (B, H, L, E), PyTorch FlexAttention's layout; got "
@@ -363,12 +374,51 @@ def _as_bhle(x: Any, name: str) -> jax.Array:
     return x
 
 
-def _check_layout(q: jax.Array, k: jax.Array, v: jax.Array, enable_gqa: Any) -> None:
+_LAYOUT_HINT = (
+    "; these shapes fit with the heads and length axes swapped: flex_attention takes "
+    "PyTorch's (B, H, L, E) layout, (B, L, H, E) is masked_attention_via_map's (or "
+    "transpose with jnp.swapaxes(x, 1, 2))"
+)
+
+
+def _check_layout(q: Any, k: Any, v: Any, enable_gqa: Any) -> None:
     """Shapes in the ``(B, H, L, E)`` terms of PyTorch's messages; the core checks the
-    rest (dtypes, block mask) again in its own terms."""
-    shapes = f"query {tuple(q.shape)}, key {tuple(k.shape)}, value {tuple(v.shape)}"
+    rest (dtypes, block mask) again in its own terms. An error whose shapes would fit
+    with the heads and length axes swapped says so."""
     if not isinstance(enable_gqa, (bool, np.bool_)):
         raise TypeError(f"enable_gqa must be a bool, got {enable_gqa!r}")
+    try:
+        _check_layout_rules(q, k, v, enable_gqa)
+    except ValueError as err:
+
+        def swapped(x: Any) -> Any:
+            b, h, n, e = x.shape
+            return jax.ShapeDtypeStruct((b, n, h, e), x.dtype)
+
+        try:
+            # GQA allowed: the layout is the first thing to fix.
+            _check_layout_rules(swapped(q), swapped(k), swapped(v), True)
+        except ValueError:
+            raise err from None
+        raise ValueError(f"{err}{_LAYOUT_HINT}") from None
+
+
+def _check_block_mask_layout(q: jax.Array, k: jax.Array, block_mask: Any) -> None:
+    """A block mask whose lengths are the inputs' head counts: (B, L, H, E) inputs."""
+    if not isinstance(block_mask, BlockMask):
+        return  # the core names what a block_mask must be
+    lengths = tuple(block_mask.shape[2:])
+    if lengths != (q.shape[2], k.shape[2]) and lengths == (q.shape[1], k.shape[1]):
+        raise ValueError(
+            f"block_mask was built for (Q_LEN, KV_LEN) = {lengths}, which are the head "
+            f"counts of query {tuple(q.shape)} and key {tuple(k.shape)}; flex_attention "
+            "takes PyTorch's (B, H, L, E) layout: are the inputs (B, L, H, E)? Transpose "
+            "them with jnp.swapaxes(x, 1, 2), or call masked_attention_via_map"
+        )
+
+
+def _check_layout_rules(q: Any, k: Any, v: Any, enable_gqa: Any) -> None:
+    shapes = f"query {tuple(q.shape)}, key {tuple(k.shape)}, value {tuple(v.shape)}"
     if k.shape[0] != v.shape[0] or k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
         raise ValueError(
             f"key and value must have the same batch size, heads and length (B, H, S), got {shapes}"
@@ -393,6 +443,41 @@ def _check_layout(q: jax.Array, k: jax.Array, v: jax.Array, enable_gqa: Any) -> 
         )
 
 
+# PyTorch's documented kernel_options (FlexKernelOptions), each also with a "fwd_" or
+# "bwd_" prefix; "implementation" is this package's own.
+_TORCH_OPTIONS = frozenset(
+    [
+        "BLOCK_M",
+        "BLOCK_N",
+        "BLOCK_M1",
+        "BLOCK_N1",
+        "BLOCK_M2",
+        "BLOCK_N2",
+        "num_warps",
+        "num_stages",
+        "PRESCALE_QK",
+        "ROWS_GUARANTEED_SAFE",
+        "BLOCKS_ARE_CONTIGUOUS",
+        "WRITE_DQ",
+        "OUTPUT_LOGSUMEXP",
+        "OUTPUT_MAX",
+        "FORCE_USE_FLEX_ATTENTION",
+        "USE_TMA",
+        "BACKEND",
+        "SPARSE_Q_BLOCK_SIZE",
+        "SPARSE_KV_BLOCK_SIZE",
+        "kpack",
+        "matrix_instr_nonkdim",
+        "waves_per_eu",
+    ]
+)
+
+
+def _known_option(name: str) -> bool:
+    base = name.removeprefix("fwd_").removeprefix("bwd_")
+    return name == "implementation" or base in _TORCH_OPTIONS
+
+
 def _kernel_options(options: Any, block_mask: Any) -> tuple[Any, str | None]:
     """``(block_size, implementation)`` from ``kernel_options``."""
     if options is None:
@@ -402,6 +487,17 @@ def _kernel_options(options: Any, block_mask: Any) -> tuple[Any, str | None]:
     for name in options:
         if not isinstance(name, str):
             raise TypeError(f"kernel_options keys must be strings, got {name!r}")
+    unknown = sorted(name for name in options if not _known_option(name))
+    if unknown:
+        # A warning, not an error: PyTorch's eager path ignores unknown keys, and code
+        # written for a newer PyTorch must keep running.
+        warnings.warn(
+            f"kernel_options: unknown key(s) {', '.join(map(repr, unknown))}, ignored. Known: "
+            "PyTorch's (BLOCK_M, BLOCK_N, num_warps, num_stages, PRESCALE_QK, ... with their "
+            "fwd_ / bwd_ forms) and 'implementation'",
+            UserWarning,
+            stacklevel=3,
+        )
     implementation = options.get("implementation")
     if block_mask is not None:
         return None, implementation  # the block mask's block size is the kernel's
@@ -482,7 +578,9 @@ def flex_attention(
             package's own key) picks the backend: ``"xla"``, ``"triton"``, ``"cudnn"``
             or ``None``, as in ``masked_attention_via_map``. Every other key
             (``num_warps``, ``num_stages``, backward tile sizes, ``PRESCALE_QK``,
-            ``ROWS_GUARANTEED_SAFE``, ``BACKEND``, ...) is accepted and ignored.
+            ``ROWS_GUARANTEED_SAFE``, ``BACKEND``, ...) is accepted and ignored;
+            a key PyTorch does not document either (a typo) is ignored with a
+            warning that names it.
         return_aux: ``AuxRequest(lse=True)`` returns ``(out, AuxOutput(lse=...))``,
             PyTorch's newer form of ``return_lse``; ``max_scores`` is not supported.
 
@@ -519,6 +617,7 @@ def flex_attention(
     """
     q, k, v = _as_bhle(query, "query"), _as_bhle(key, "key"), _as_bhle(value, "value")
     _check_layout(q, k, v, enable_gqa)
+    _check_block_mask_layout(q, k, block_mask)
     want_lse, aux = _aux_request(return_lse, return_aux)
     block_size, implementation = _kernel_options(kernel_options, block_mask)
     if k.shape[0] != q.shape[0]:

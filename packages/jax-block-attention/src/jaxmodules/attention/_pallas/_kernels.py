@@ -11,6 +11,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from .._band import kv_range, q_range
+from .._hidden import finite
 from .._scores import tile_score_gradients, tile_scores
 from ._tile_math import (
     LOG2E,
@@ -201,10 +202,12 @@ def _forward_kernel(config: TileConfig, *refs: Any) -> None:
                 bias = _bias_tile(config, bias_ref, None, (row0, rows), (first, cols))
             score_mod = tile_score_mod(config, score_refs, b, h, q_pos, k_pos)
             s = tile_scores(config.scores, s, bias, score_mod) * _F32(LOG2E)
+        visible = None
         if masked:
-            s = jnp.where(tile_visible(config, mask_refs, b, h, q_pos, k_pos), s, -jnp.inf)
+            visible = tile_visible(config, mask_refs, b, h, q_pos, k_pos)
+            s = jnp.where(visible, s, -jnp.inf)
         keep = tile_keep(config, seeds_ref, b, h, q_pos, k_pos)
-        return softmax_step(carry, s, v_blk, keep)
+        return softmax_step(carry, s, v_blk, keep, visible)
 
     carry = (
         jnp.full((rows,), -jnp.inf, _F32),
@@ -269,6 +272,13 @@ def _dq_kernel(config: TileConfig, *refs: Any) -> None:
         if masked:
             visible = tile_visible(config, mask_refs, b, h, q_pos, k_pos)
         qk = _matmul_t(q_blk, k_blk)
+        if masked:
+            # A hidden key's non-finite K or V would give 0 * NaN in dS and dQ (and in
+            # the score_mod's derivative at its score); a visible one has made the
+            # row's delta non-finite already (``_hidden``).
+            k_blk, v_blk = finite(k_blk), finite(v_blk)
+            if not pure and visible is not None:
+                qk = jnp.where(visible, qk, 0.0)
         dp = _matmul_t(do_blk, v_blk)
         reads: list[ArrayRead] = []
         keep = tile_keep(config, seeds_ref, b, h, q_pos, k_pos)
@@ -335,7 +345,10 @@ def _dkdv_kernel(config: TileConfig, *refs: Any) -> None:
     rows, cols = config.tiles("dkdv")
     j = lax.div(r, jnp.int32(config.k_block // rows))  # the key block
     row0 = r * rows
-    k_blk, v_blk = k_ref[...], v_ref[...]
+    k_blk = k_ref[...]
+    # dP without this program's non-finite values: a hidden one would give 0 * NaN in
+    # dS; a visible one has made its rows' delta non-finite already (``_hidden``).
+    v_clean = finite(v_ref[...])
     k_pos = key_positions(row0, rows)[:, None]
     bias_heads = config.scores.bias is not None and config.scores.bias[1]
     pure = not config.scores.changes_scores
@@ -358,8 +371,10 @@ def _dkdv_kernel(config: TileConfig, *refs: Any) -> None:
                 visible_t = tile_visible(config, mask_refs, b, h, q_pos, k_pos)
             # The tile transposed, (rows, cols): keys are this program's rows.
             kq = _matmul_t(k_blk, q_blk)
+            if visible_t is not None and not pure:  # a hidden key's score_mod: see _dq_kernel
+                kq = jnp.where(visible_t, kq, 0.0)
             keep_t = tile_keep(config, seeds_ref, b, h, q_pos, k_pos)
-            dp_t = kept(config, keep_t, _matmul_t(v_blk, do_blk))
+            dp_t = kept(config, keep_t, _matmul_t(v_clean, do_blk))
             # lse arrives in base 2.
             lse_t, delta_t = lse_ref[h, q_rows][None, :], delta_ref[h, q_rows][None, :]
             if pure:

@@ -16,6 +16,7 @@ from jax import lax
 from .._band import in_band
 from .._config import BlockConfig
 from .._dropout import keep_tile, threshold
+from .._hidden import any_non_finite, values_through
 from .._scores import ScoreMod
 from ._tile_program import _MIN_TILE, ArrayRead, evaluate_on_tile, reader_for
 from ._tuning import Tuning
@@ -329,12 +330,17 @@ LN2 = float(np.log(2.0))
 
 
 def softmax_step(
-    carry: tuple[Array, Array, Array], s: Array, v_blk: Array, keep: Array | None = None
+    carry: tuple[Array, Array, Array],
+    s: Array,
+    v_blk: Array,
+    keep: Array | None = None,
+    visible: Array | None = None,
 ) -> tuple[Array, Array, Array]:
     """One online-softmax update with base-2 scores ``s (bq, bk)`` (``-inf`` =
     masked); ``m`` is the base-2 running maximum. With dropout's ``keep``, the
     denominator still counts every weight (dropout acts on the normalised weights) and
-    the values see only the kept ones."""
+    the values see only the kept ones. A partial tile passes its ``visible`` mask, so
+    that a NaN or inf of a hidden key's value stays out of the rows (``_hidden``)."""
     m, l, acc = carry
     m_new = jnp.maximum(m, s.max(axis=1))
     # A row that has seen no visible key keeps m = -inf; shift by 0 so exp2() gives 0.
@@ -344,7 +350,20 @@ def softmax_step(
     l = alpha * l + p.sum(axis=1)
     if keep is not None:
         p = jnp.where(keep, p, 0.0)
-    acc = alpha[:, None] * acc + _matmul(p.astype(v_blk.dtype), v_blk)
+    p = p.astype(v_blk.dtype)
+    if visible is None:
+        pv = _matmul(p, v_blk)
+    else:
+        # Fresh branch functions: lax.cond caches the jaxpr of a function it has seen,
+        # and _matmul's precision depends on how the kernel is being traced.
+        pv = lax.cond(
+            any_non_finite(v_blk),
+            lambda p, v: values_through(p, visible, v, _matmul),
+            lambda p, v: _matmul(p, v),
+            p,
+            v_blk,
+        )
+    acc = alpha[:, None] * acc + pv
     return m_new, l, acc
 
 

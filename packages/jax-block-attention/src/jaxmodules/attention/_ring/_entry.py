@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 from .._api import _check_implementation
 from .._cache import LRUCache
-from .._checks import _check_block_mask, fold_scale, normalize_scale
+from .._checks import _as_array, _check_block_mask, _sinks, fold_scale, normalize_scale
 from .._elementwise import _arity, has_tracers, trace_score_mod
 from .._normalize import normalize_window
 from .._scores import with_sinks
@@ -119,12 +119,27 @@ def _check_call(
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     _check_implementation(implementation)
+    _check_mesh(mesh, seq_axis)
     if seq_axis not in mesh.axis_names:
         raise ValueError(f"seq_axis {seq_axis!r} is not an axis of the mesh {mesh.axis_names}")
     if isinstance(q_offset, (bool, np.bool_)) or not isinstance(q_offset, (int, np.integer)):
         raise TypeError(
             f"ring_attention takes q_offset as a Python int, got {type(q_offset).__name__}"
         )
+
+
+def _check_mesh(mesh: Any, seq_axis: Any) -> None:
+    """``mesh`` is a ``Mesh`` (or an ``AbstractMesh``), not an axis name or ``None``."""
+    kinds = tuple(t for t in (jax.sharding.Mesh, getattr(jax.sharding, "AbstractMesh", None)) if t)
+    if isinstance(mesh, kinds):
+        return
+    hint = ""
+    if isinstance(mesh, str):
+        hint = f"; {mesh!r} looks like an axis name, which goes in seq_axis= (here {seq_axis!r})"
+    raise TypeError(
+        "mesh must be a jax.sharding.Mesh (for instance jax.make_mesh((n,), ('seq',))), got "
+        f"{type(mesh).__name__}: {mesh!r}{hint}"
+    )
 
 
 def _check_arrays(Q: Array, K: Array, V: Array, segment_ids: Any, n: int, seq_axis: str) -> Any:
@@ -299,9 +314,10 @@ def ring_attention(
         True
     """
     _check_call(mesh, seq_axis, layout, q_offset, implementation, unsupported)
-    Q, K, V = jnp.asarray(Q), jnp.asarray(K), jnp.asarray(V)
+    Q, K, V = _as_array(Q, "Q"), _as_array(K, "K"), _as_array(V, "V")
     n = int(mesh.shape[seq_axis])
     segment_ids = _check_arrays(Q, K, V, segment_ids, n, seq_axis)
+    sinks = _sinks(sinks, Q.shape[2])
     # The steps take the scale as a static float: a traced one is folded into Q here,
     # outside the ring's VJP, so autodiff gives it its gradient.
     Q, scale = fold_scale(Q, normalize_scale(scale))

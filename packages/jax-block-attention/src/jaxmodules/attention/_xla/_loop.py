@@ -26,6 +26,7 @@ from jax import lax
 from .._band import in_band, kv_range
 from .._config import BlockConfig
 from .._dropout import keep_from_rows, row_hashes, threshold
+from .._hidden import any_non_finite, finite, values_through
 from .._scores import (
     Operands,
     ScoreMod,
@@ -200,6 +201,14 @@ def _prescaled(config: KernelConfig, q_blk: Array) -> tuple[Array, float]:
     return q_blk, config.scale
 
 
+def _pv(p: Array, v_blk: Array) -> Array:
+    return jnp.einsum("bhrk,bhkd->bhrd", p, v_blk, preferred_element_type=_F32)
+
+
+def _careful_pv(visible: Array, p: Array, v_blk: Array) -> Array:
+    return values_through(p, visible, v_blk, _pv)
+
+
 def _products(q_blk: Array, k_blk: Array, scale: float) -> Array:
     s = jnp.einsum("bhrd,bhkd->bhrk", q_blk, k_blk, preferred_element_type=_F32)
     return s if scale == 1.0 else s * _F32(scale)
@@ -270,7 +279,8 @@ def _unit_forward(
             score_mod = _tile_score_mod(config, unit, operands.score_consts, i, j)
             s = tile_scores(config.scores, s, _bias_tile(config, bias, i, j), score_mod)
         if masked:
-            s = jnp.where(_visible(config, unit, consts, i, j), s, -jnp.inf)
+            visible = _visible(config, unit, consts, i, j)
+            s = jnp.where(visible, s, -jnp.inf)
         m_new = jnp.maximum(m, s.max(axis=-1))
         # A row that has seen no visible key keeps m = -inf; shift by 0 instead so that
         # exp() gives 0 rather than NaN.
@@ -282,7 +292,12 @@ def _unit_forward(
             # Dropout acts on the normalised weights: the denominator above keeps every
             # weight, the values see only the kept ones (scaled up at the end).
             p = jnp.where(_dropout_keep(config, drop_rows, j), p, 0.0)
-        pv = jnp.einsum("bhrk,bhkd->bhrd", p, v_blk, preferred_element_type=_F32)
+        if masked:
+            # A NaN or inf of a hidden key must not reach the tile's rows (0 * NaN):
+            # only a tile that holds one takes the careful product (see _hidden).
+            pv = lax.cond(any_non_finite(v_blk), partial(_careful_pv, visible), _pv, p, v_blk)
+        else:
+            pv = _pv(p, v_blk)
         acc = alpha[..., None] * acc + pv
         return m_new, l, acc
 
@@ -356,11 +371,19 @@ def _unit_backward(
         k_blk = lax.dynamic_slice_in_dim(k, j * bk, bk, axis=2)
         v_blk = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=2)
         s0 = _products(q_blk, k_blk, score_scale)
+        if masked:
+            # Hidden keys' non-finite K or V would give 0 * NaN in dS and dQ (and in the
+            # score_mod's derivative at their scores); a visible one has already made
+            # the row's output and delta non-finite (see _hidden).
+            visible = _visible(config, unit, consts, i, j)
+            k_blk, v_blk = finite(k_blk), finite(v_blk)
+            if scores.changes_scores:
+                s0 = jnp.where(visible, s0, 0.0)
         bias_blk = _bias_tile(config, bias, i, j)
         score_mod = _tile_score_mod(config, unit, operands.score_consts, i, j)
         s = tile_scores(scores, s0, bias_blk, score_mod)
         if masked:
-            s = jnp.where(_visible(config, unit, consts, i, j), s, -jnp.inf)
+            s = jnp.where(visible, s, -jnp.inf)
         p = jnp.exp(s - lse_blk[..., None])
         dp = jnp.einsum("bhrd,bhkd->bhrk", do_blk, v_blk, preferred_element_type=_F32)
         p_out = p
