@@ -49,6 +49,7 @@ def attend(
         q_heads=q_heads,
         kv_heads=kv_heads,
         head_dim=width,
+        key_dim=q.shape[-1],
         value_dim=v.shape[-1],
         interpret=interpret,
     )
@@ -106,13 +107,13 @@ def _attend_bwd(config: KernelConfig, res: tuple, cts: tuple) -> tuple:
     dk_p, dv_p = dkdv(config, qp, kp, vp, do, lse2, delta, tables[1])
     b, lk, _, w = dk_p.shape
 
-    def per_kv_head(x: Any, like: Any) -> Any:
+    def per_kv_head(x: Any, width: int) -> Any:
         x = x.astype(jnp.float32).reshape(b, lk, config.kv_heads, config.groups, w).sum(3)
-        return x[:, : config.k_len, :, : like.shape[-1]].astype(like.dtype)
+        return x[:, : config.k_len, :, :width].astype(qp.dtype)
 
-    d_q = dq_p[:, : config.q_len, :, : out.shape[-1]]
+    d_q = dq_p[:, : config.q_len, :, : config.key_dim]
     zeros = jax.tree.map(zero_cotangent, tables)
-    return d_q, per_kv_head(dk_p, kp), per_kv_head(dv_p, vp), zeros
+    return d_q, per_kv_head(dk_p, config.key_dim), per_kv_head(dv_p, config.value_dim), zeros
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)

@@ -44,7 +44,8 @@ class KernelConfig(BlockConfig):
 
     q_heads: int
     kv_heads: int
-    head_dim: int
+    head_dim: int  # both padded to this width
+    key_dim: int
     value_dim: int
     interpret: bool
 
@@ -97,7 +98,7 @@ def _produce(
         def _wait() -> None:
             plgpu.barrier_wait(consumed.at[slot])
 
-        for i, (view, slots) in enumerate(loads):  # noqa: B007
+        for i, (view, slots) in enumerate(loads):
             plgpu.copy_gmem_to_smem(view(block), slots.at[slot], ready[i].at[slot])
 
 
@@ -177,7 +178,7 @@ def forward(config: KernelConfig, q: Any, k: Any, v: Any, table: Any) -> tuple[A
     width = table.shape[-1]
     dtype = q.dtype
 
-    def body(q_ref, k_ref, v_ref, table_ref, out_ref, lse_ref, scratch):  # noqa: ANN001, ANN202
+    def body(q_ref, k_ref, v_ref, table_ref, out_ref, lse_ref, scratch):
         (q_smem, k_smem, v_smem, lse_smem, t_smem), (t_bar, q_bar, ready, consumed) = scratch
         wg = lax.axis_index("wg")
         b, h, qb = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("qb")
@@ -202,7 +203,7 @@ def forward(config: KernelConfig, q: Any, k: Any, v: Any, table: Any) -> tuple[A
             offset = t_smem[2]
             scale2 = _F32(config.scale * LOG2E)
 
-            def step(t, slot, block, masked, carry):  # noqa: ANN001, ANN202
+            def step(t, slot, block, masked, carry):
                 m, l, acc = carry
                 plgpu.barrier_wait(ready[0].at[slot])
                 s = _matmul(my_q, k_smem.at[slot].T, (rows, bk)) * scale2
@@ -326,7 +327,7 @@ def dq(
     bsz, q_pad_len, q_heads, d = q.shape
     bk, rows, dtype = config.k_block, ROWS_PER_WG, q.dtype
 
-    def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, table_ref, dq_ref, scratch):  # noqa: ANN001, ANN202
+    def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, table_ref, dq_ref, scratch):
         (q_smem, do_smem, stat_smem, k_smem, v_smem, t_smem), bars = scratch
         t_bar, own_bar, ready, consumed = bars
         wg = lax.axis_index("wg")
@@ -364,7 +365,7 @@ def dq(
             offset = t_smem[2]
             scale2 = _F32(config.scale * LOG2E)
 
-            def step(t, slot, block, masked, acc):  # noqa: ANN001, ANN202
+            def step(t, slot, block, masked, acc):
                 plgpu.barrier_wait(ready[0].at[slot])
                 plgpu.barrier_wait(ready[1].at[slot])
                 s = _matmul(my_q, k_smem.at[slot].T, (rows, bk)) * scale2
@@ -412,7 +413,7 @@ def dkdv(
     q_heads = q.shape[2]
     bq, rows, dtype = config.q_block, ROWS_PER_WG, q.dtype
 
-    def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, table_ref, dk_ref, dv_ref, scratch):  # noqa: ANN001, ANN202
+    def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, table_ref, dk_ref, dv_ref, scratch):
         (k_smem, v_smem, q_slots, do_slots, lse_slots, dl_slots, t_smem), bars = scratch
         t_bar, own_bar, ready, consumed = bars
         wg = lax.axis_index("wg")
@@ -443,7 +444,7 @@ def dkdv(
             offset = t_smem[2]
             scale2 = _F32(config.scale * LOG2E)
 
-            def step(t, slot, block, masked, carry):  # noqa: ANN001, ANN202
+            def step(t, slot, block, masked, carry):
                 dk_acc, dv_acc = carry
                 for r in ready:
                     plgpu.barrier_wait(r.at[slot])
