@@ -54,9 +54,15 @@ def refusal(call: Call, platform: str) -> str | None:
     dtypes = {jnp.dtype(x.dtype) for x in (call.args.q, call.args.k, call.args.v)}
     if not dtypes <= {jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)} or len(dtypes) > 1:
         names = ", ".join(sorted(str(d) for d in dtypes))
-        return f"its kernels take bfloat16 or float16 inputs of one dtype, got {names}: float32 runs on {_OTHERS}"
+        return (
+            f"its kernels take bfloat16 or float16 inputs of one dtype, got {names}: "
+            f"float32 runs on {_OTHERS}"
+        )
     if call.head_dim > _MAX_WIDTH:
-        return f"head dimensions above {_MAX_WIDTH} (got {call.head_dim}) are not in its kernels yet: use {_OTHERS}"
+        return (
+            f"head dimensions above {_MAX_WIDTH} (got {call.head_dim}) are not in its "
+            f"kernels yet: use {_OTHERS}"
+        )
     if isinstance(call.scale, jax.core.Tracer):
         return f"a traced scale is not in its kernels yet: use {_OTHERS}"
     problem = _score_problem(call)
