@@ -56,7 +56,8 @@ class KernelConfig(BlockConfig):
 
 def _transforms() -> tuple:
     # 128-byte swizzle over 64 16-bit columns: wgmma's shared-memory operand layout.
-    return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    tiling = plgpu.TilingTransform((8, 64))  # type: ignore[abstract]
+    return (tiling, plgpu.SwizzleTransform(128))  # type: ignore[abstract]
 
 
 def _reduce_layout(axis: int) -> Any:
@@ -150,7 +151,7 @@ def _accumulate(acc: Any, a: Any, b: Any) -> Any:
     return pl.run_state(body)(plgpu.ACC.init(acc))
 
 
-def _consume(table: Any, step: Callable[[Any, Any, Any, bool], Any], carry: Any) -> Any:
+def _consume(table: Any, step: Callable[..., Any], carry: Any) -> Any:
     """The consumers' walk: partial blocks (masked) first, then full blocks."""
     count, n_partial = table[0], table[1]
 
@@ -293,7 +294,7 @@ def _launch(
             collective_axes="wg",
         )
 
-    return plgpu.kernel(
+    kernel = plgpu.kernel(
         entry,
         out_type=out,
         grid=(rows_grid, heads, bsz),
@@ -302,7 +303,14 @@ def _launch(
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret,
-    )(*args)
+    )
+    if not config.interpret:
+        return kernel(*args)
+    # Interpret mode threads an ordered IO effect through the program, which a
+    # platform_dependent lowered for a GPU (its branch pruned) cannot carry: the
+    # simulation runs as a pure host callback of its own jitted CPU program instead.
+    simulate = jax.jit(kernel)
+    return jax.pure_callback(lambda *a: simulate(*a), out, *args)
 
 
 # ----------------------------------------------------------------------------- backward
