@@ -376,14 +376,19 @@ def dq(
             def step(t, slot, block, masked, acc):
                 plgpu.barrier_wait(ready[0].at[slot])
                 plgpu.barrier_wait(ready[1].at[slot])
-                s = _matmul(my_q, k_smem.at[slot].T, (rows, bk)) * scale2
-                if masked:
-                    qp, kp = _positions(config, (rows, bk), first, block * bk, False)
-                    s = jnp.where(tile_visible(config, qp, kp, offset), s, -jnp.inf)
-                p = jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [0]))
-                dp = _matmul(my_do, v_smem.at[slot].T, (rows, bk))
-                ds = p * (dp - lax.broadcast_in_dim(dlt, s.shape, [0]))
-                acc = _accumulate(acc, ds.astype(dtype), k_smem.at[slot])
+                # The key block in slices of 64 (as the dK/dV kernel slices queries).
+                for part in range(bk // rows):
+                    at = pl.ds(part * rows, rows)
+                    k_t, v_t = k_smem.at[slot, at], v_smem.at[slot, at]
+                    s = _matmul(my_q, k_t.T, (rows, rows)) * scale2
+                    if masked:
+                        k_first = block * bk + part * rows
+                        qp, kp = _positions(config, (rows, rows), first, k_first, False)
+                        s = jnp.where(tile_visible(config, qp, kp, offset), s, -jnp.inf)
+                    p = jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [0]))
+                    dp = _matmul(my_do, v_t.T, (rows, rows))
+                    ds = p * (dp - lax.broadcast_in_dim(dlt, s.shape, [0]))
+                    acc = _accumulate(acc, ds.astype(dtype), k_t)
                 plgpu.barrier_arrive(consumed.at[slot])
                 return acc
 
@@ -456,18 +461,23 @@ def dkdv(
                 dk_acc, dv_acc = carry
                 for r in ready:
                     plgpu.barrier_wait(r.at[slot])
-                q_t = q_slots.at[slot]
-                s = _matmul(my_k, q_t.T, (rows, bq)) * scale2
-                if masked:
-                    qp, kp = _positions(config, (rows, bq), block * bq, first, True)
-                    s = jnp.where(tile_visible(config, qp, kp, offset), s, -jnp.inf)
-                lse = plgpu.load(lse_slots.at[slot], layout=_reduce_layout(0))
-                dlt = plgpu.load(dl_slots.at[slot], layout=_reduce_layout(0))
-                p = jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [1]))
-                dv_acc = _accumulate(dv_acc, p.astype(dtype), do_slots.at[slot])
-                dp = _matmul(my_v, do_slots.at[slot].T, (rows, bq))
-                ds = p * (dp - lax.broadcast_in_dim(dlt, s.shape, [1]))
-                dk_acc = _accumulate(dk_acc, ds.astype(dtype), q_t)
+                # The query block in slices of 64 rows: four 64 x 128 float32 tiles
+                # live at once spilled at d=64 (ptxas for sm_90a, 168 registers).
+                for part in range(bq // rows):
+                    at = pl.ds(part * rows, rows)
+                    q_t, do_t = q_slots.at[slot, at], do_slots.at[slot, at]
+                    s = _matmul(my_k, q_t.T, (rows, rows)) * scale2
+                    if masked:
+                        q_first = block * bq + part * rows
+                        qp, kp = _positions(config, (rows, rows), q_first, first, True)
+                        s = jnp.where(tile_visible(config, qp, kp, offset), s, -jnp.inf)
+                    lse = plgpu.load(lse_slots.at[slot, at], layout=_reduce_layout(0))
+                    dlt = plgpu.load(dl_slots.at[slot, at], layout=_reduce_layout(0))
+                    p = jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [1]))
+                    dv_acc = _accumulate(dv_acc, p.astype(dtype), do_t)
+                    dp = _matmul(my_v, do_t.T, (rows, rows))
+                    ds = p * (dp - lax.broadcast_in_dim(dlt, s.shape, [1]))
+                    dk_acc = _accumulate(dk_acc, ds.astype(dtype), q_t)
                 plgpu.barrier_arrive(consumed.at[slot])
                 return dk_acc, dv_acc
 
