@@ -268,6 +268,7 @@ def forward(config: KernelConfig, q: Any, k: Any, v: Any, table: Any) -> tuple[A
         q_pad_len // bq,
         bsz,
         q_heads,
+        "forward",
     )
 
 
@@ -280,6 +281,7 @@ def _launch(
     rows_grid: int,
     bsz: int,
     heads: int,
+    name: str,
 ) -> Any:
     """Runs ``body`` over the grid ``(row blocks, heads, batch)`` with ``CONSUMERS`` + 1
     warpgroups, compiled or in GPU interpret mode."""
@@ -293,6 +295,9 @@ def _launch(
             *scratch,
             collective_axes="wg",
         )
+
+    # The kernel's name in compiled programs and ptxas logs: jaxmodules_<pass>.
+    entry.__name__ = f"jaxmodules_{name}"
 
     kernel = plgpu.kernel(
         entry,
@@ -412,9 +417,9 @@ def dq(
     )
     out = jax.ShapeDtypeStruct(q.shape, dtype)
     args = (q, k, v, do, lse2, delta, table)
-    return _launch(config, body, args, (out,), scratch, q_pad_len // config.q_block, bsz, q_heads)[
-        0
-    ]
+    return _launch(
+        config, body, args, (out,), scratch, q_pad_len // config.q_block, bsz, q_heads, "dq"
+    )[0]
 
 
 def dkdv(
@@ -507,5 +512,15 @@ def dkdv(
     out = jax.ShapeDtypeStruct((bsz, k_pad_len, q_heads, d), dtype)
     args = (q, k, v, do, lse2, delta, table)
     return tuple(
-        _launch(config, body, args, (out, out), scratch, k_pad_len // config.k_block, bsz, q_heads)
+        _launch(
+            config,
+            body,
+            args,
+            (out, out),
+            scratch,
+            k_pad_len // config.k_block,
+            bsz,
+            q_heads,
+            "dkdv",
+        )
     )
