@@ -17,7 +17,15 @@ pytest.importorskip("absl", reason="Mosaic GPU interpret mode needs absl-py")
 # (B, Lq, Lk, Hq, Hkv, d), mask keywords
 CASES = {
     "causal_gqa_two_key_blocks": ((1, 40, 150, 2, 1, 32), {"is_causal": True, "q_offset": 110}),
-    "window_offset_empty_rows": ((1, 45, 53, 2, 2, 24), {"window_size": (10, 5), "q_offset": -8}),
+    "window_offset_empty_rows_soft_cap_score_mod": (
+        (1, 45, 53, 2, 2, 24),
+        {
+            "window_size": (10, 5),
+            "q_offset": -8,
+            "logits_soft_cap": 3.0,
+            "score_mod": lambda s, b, h, q, k: s - 0.25 * (h + 1) * jnp.abs(q - k),
+        },
+    ),
 }
 
 
@@ -60,6 +68,9 @@ def test_kernels_match_the_block_loop(case):
         assert np.abs(got - np.asarray(want)).max() <= 2e-2 * scale, name
 
 
+SLOPES = jnp.asarray([0.5])
+
+
 def _segment_mask(ids):
     return lambda b, h, q, k: ids[q] == ids[k]
 
@@ -68,7 +79,12 @@ def _segment_mask(ids):
     ("dtype", "options", "words"),
     [
         (jnp.float32, {}, "float32 runs on triton or xla"),
-        (jnp.bfloat16, {"logits_soft_cap": 5.0}, "soft_cap"),
+        (jnp.bfloat16, {"bias": jnp.zeros((1, 1, 16, 16))}, "bias"),
+        (
+            jnp.bfloat16,
+            {"score_mod": lambda s, b, h, q, k: s + SLOPES[h] * (q - k)},
+            "closes over arrays",
+        ),
         (jnp.bfloat16, {"mask_fn": _segment_mask(jnp.arange(16) // 4)}, "closes over arrays"),
     ],
 )

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from .._block_mask import BlockMask
 from .._config import block_fields
-from .._scores import backward_statistics, zero_cotangent
+from .._scores import ScoreConfig, backward_statistics, zero_cotangent
 from ._blocks import walk_tables
 from ._kernels import LOG2E, KernelConfig, dkdv, dq, forward
 
@@ -36,11 +36,20 @@ def _pad_to(n: int, m: int) -> int:
 
 
 def attend(
-    q: Any, k: Any, v: Any, block_mask: BlockMask, scale: float, *, interpret: bool
+    q: Any,
+    k: Any,
+    v: Any,
+    block_mask: BlockMask,
+    scale: float,
+    scores: ScoreConfig | None = None,
+    *,
+    interpret: bool,
 ) -> tuple[jax.Array, jax.Array]:
     """``(out, lse)`` of 4-D ``q (B, Lq, Hq, d)``, ``k``/``v (B, Lk, Hkv, d|dv)`` under
     ``block_mask`` (blocks of ``block_sizes``): output in ``q``'s dtype, lse
-    ``(B, Hq, Lq)`` float32, ``-inf`` on rows without a visible key. Differentiable."""
+    ``(B, Hq, Lq)`` float32, ``-inf`` on rows without a visible key. Differentiable.
+    ``scores``: the soft cap and a ``score_mod`` that closes over no arrays (the
+    plug-in refuses bias, dropout and closed-over arrays)."""
     q_len, q_heads = q.shape[1], q.shape[2]
     k_len, kv_heads = k.shape[1], k.shape[2]
     width = _pad_to(max(q.shape[-1], v.shape[-1]), _WIDTH)
@@ -52,6 +61,7 @@ def attend(
         key_dim=q.shape[-1],
         value_dim=v.shape[-1],
         interpret=interpret,
+        scores=scores or ScoreConfig(),
     )
     tables = walk_tables(block_mask)
     return _attend(config, q, k, v, tables)

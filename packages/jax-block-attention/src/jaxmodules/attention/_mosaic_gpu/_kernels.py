@@ -23,6 +23,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from .._band import in_band
 from .._config import BlockConfig
+from .._scores import tile_score_gradients, tile_scores
 from .._tile_program import evaluate_on_tile
 from ._blocks import HEADER
 from ._rules import MOSAIC_GPU
@@ -131,6 +132,52 @@ def tile_visible(config: KernelConfig, q: Any, k: Any, offset: Any) -> Any:
     return visible
 
 
+def _score_mod(config: KernelConfig, q_pos: Any, k: Any) -> Any:
+    """``score_mod`` on a tile as the shared score pipeline takes it (``f(s2)``), or
+    ``None``; its program closes over no arrays (the plug-in refuses those)."""
+    program = config.scores.score
+    if program is None:
+        return None
+    b, h = lax.axis_index("b"), lax.axis_index("h")
+    k_safe = jnp.minimum(k, config.k_len - 1)
+
+    def score_mod(s2: Any, values: Any = None) -> Any:
+        del values  # no differentiable arrays
+        out = evaluate_on_tile(program, (), (), s2, b, h, q_pos, k_safe, lowerable=MOSAIC_GPU)
+        return jnp.broadcast_to(out, s2.shape).astype(_F32)
+
+    return score_mod
+
+
+def tile(
+    config: KernelConfig,
+    raw: Any,
+    first: tuple[Any, Any],
+    offset: Any,
+    masked: bool,
+    transposed: bool = False,
+) -> tuple[Any, Callable[[Any], Any]]:
+    """The base-2 final scores of a tile from its raw products ``q . k`` (``-inf``
+    where a partial block's mask hides them), and the map from the gradient of the
+    final scores to that of the scaled products ``s0`` (the shared score pipeline:
+    ``_scores.tile_scores`` / ``tile_score_gradients``). ``first``: the tile's first
+    query and key positions (before the offset)."""
+    scores = config.scores
+    s0 = raw * _F32(config.scale)
+    if not (masked or scores.changes_scores):
+        return s0 * _F32(LOG2E), lambda ds: ds
+    q, k = _positions(config, raw.shape, first[0], first[1], transposed)
+    mod = _score_mod(config, jnp.minimum(q, config.q_len - 1) + offset, k)
+    s = tile_scores(scores, s0, None, mod) * _F32(LOG2E)
+    if masked:
+        s = jnp.where(tile_visible(config, q, k, offset), s, -jnp.inf)
+
+    def back(ds: Any) -> Any:
+        return tile_score_gradients(scores, s0, None, ds, mod)[0]
+
+    return s, back
+
+
 def _matmul(a: Any, b: Any, shape: tuple[int, int]) -> Any:
     """``a @ b`` by wgmma into a float32 accumulator (``a`` in registers or shared
     memory, ``b`` in shared memory)."""
@@ -202,15 +249,12 @@ def forward(config: KernelConfig, q: Any, k: Any, v: Any, table: Any) -> tuple[A
             plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(first, rows), h], my_q, q_bar.at[wg])
             plgpu.barrier_wait(q_bar.at[wg])
             offset = t_smem[2]
-            scale2 = _F32(config.scale * LOG2E)
 
             def step(t, slot, block, masked, carry):
                 m, l, acc = carry
                 plgpu.barrier_wait(ready[0].at[slot])
-                s = _matmul(my_q, k_smem.at[slot].T, (rows, bk)) * scale2
-                if masked:
-                    qp, kp = _positions(config, (rows, bk), first, block * bk, False)
-                    s = jnp.where(tile_visible(config, qp, kp, offset), s, -jnp.inf)
+                raw = _matmul(my_q, k_smem.at[slot].T, (rows, bk))
+                s, _ = tile(config, raw, (first, block * bk), offset, masked)
                 m_new = jnp.maximum(m, s.max(axis=1))
                 m_shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
                 p = jnp.exp2(s - lax.broadcast_in_dim(m_shift, s.shape, [0]))
@@ -376,7 +420,6 @@ def dq(
             lse = plgpu.load(stat_smem.at[wg, 0], layout=_reduce_layout(1))
             dlt = plgpu.load(stat_smem.at[wg, 1], layout=_reduce_layout(1))
             offset = t_smem[2]
-            scale2 = _F32(config.scale * LOG2E)
 
             def step(t, slot, block, masked, acc):
                 plgpu.barrier_wait(ready[0].at[slot])
@@ -385,14 +428,12 @@ def dq(
                 for part in range(bk // rows):
                     at = pl.ds(part * rows, rows)
                     k_t, v_t = k_smem.at[slot, at], v_smem.at[slot, at]
-                    s = _matmul(my_q, k_t.T, (rows, rows)) * scale2
-                    if masked:
-                        k_first = block * bk + part * rows
-                        qp, kp = _positions(config, (rows, rows), first, k_first, False)
-                        s = jnp.where(tile_visible(config, qp, kp, offset), s, -jnp.inf)
+                    raw = _matmul(my_q, k_t.T, (rows, rows))
+                    at_k = block * bk + part * rows
+                    s, back = tile(config, raw, (first, at_k), offset, masked)
                     p = jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [0]))
                     dp = _matmul(my_do, v_t.T, (rows, rows))
-                    ds = p * (dp - lax.broadcast_in_dim(dlt, s.shape, [0]))
+                    ds = back(p * (dp - lax.broadcast_in_dim(dlt, s.shape, [0])))
                     acc = _accumulate(acc, ds.astype(dtype), k_t)
                 plgpu.barrier_arrive(consumed.at[slot])
                 return acc
@@ -460,7 +501,6 @@ def dkdv(
             plgpu.barrier_wait(own_bar.at[wg * 2])
             plgpu.barrier_wait(own_bar.at[wg * 2 + 1])
             offset = t_smem[2]
-            scale2 = _F32(config.scale * LOG2E)
 
             def step(t, slot, block, masked, carry):
                 dk_acc, dv_acc = carry
@@ -471,17 +511,15 @@ def dkdv(
                 for part in range(bq // rows):
                     at = pl.ds(part * rows, rows)
                     q_t, do_t = q_slots.at[slot, at], do_slots.at[slot, at]
-                    s = _matmul(my_k, q_t.T, (rows, rows)) * scale2
-                    if masked:
-                        q_first = block * bq + part * rows
-                        qp, kp = _positions(config, (rows, rows), q_first, first, True)
-                        s = jnp.where(tile_visible(config, qp, kp, offset), s, -jnp.inf)
+                    raw = _matmul(my_k, q_t.T, (rows, rows))
+                    at_q = block * bq + part * rows
+                    s, back = tile(config, raw, (at_q, first), offset, masked, True)
                     lse = plgpu.load(lse_slots.at[slot, at], layout=_reduce_layout(0))
                     dlt = plgpu.load(dl_slots.at[slot, at], layout=_reduce_layout(0))
                     p = jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [1]))
                     dv_acc = _accumulate(dv_acc, p.astype(dtype), do_t)
                     dp = _matmul(my_v, do_t.T, (rows, rows))
-                    ds = p * (dp - lax.broadcast_in_dim(dlt, s.shape, [1]))
+                    ds = back(p * (dp - lax.broadcast_in_dim(dlt, s.shape, [1])))
                     dk_acc = _accumulate(dk_acc, ds.astype(dtype), q_t)
                 plgpu.barrier_arrive(consumed.at[slot])
                 return dk_acc, dv_acc

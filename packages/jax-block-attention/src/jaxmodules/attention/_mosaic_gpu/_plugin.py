@@ -37,10 +37,17 @@ def _device_problem(platform: str) -> str | None:
 
 def _score_problem(call: Call) -> str | None:
     scores = call.scores
-    if scores.changes_scores:
-        return f"bias, logits_soft_cap and score_mod are not in its kernels yet: use {_OTHERS}"
+    if scores.bias is not None:
+        return f"bias is not in its kernels yet: use {_OTHERS}"
     if scores.dropout_rate:
         return f"dropout is not in its kernels yet: use {_OTHERS}"
+    if scores.score is not None:
+        if call.operands.score_consts:
+            return (
+                "a score_mod that closes over arrays (ALiBi slopes, tables) is not in its "
+                f"kernels yet: use {_OTHERS}"
+            )
+        return tile_problem(scores.score, (), MOSAIC_GPU, with_score=True)
     return None
 
 
@@ -85,4 +92,12 @@ def run(call: Call, platform: str) -> tuple[Any, Any]:
         return call.empty_result()
     block_mask = call.block_mask(block_sizes, fits, platform)
     args = call.args
-    return attend(args.q, args.k, args.v, block_mask, call.scale, interpret=platform != "cuda")
+    return attend(
+        args.q,
+        args.k,
+        args.v,
+        block_mask,
+        call.scale,
+        call.scores,
+        interpret=platform != "cuda",
+    )
