@@ -11,8 +11,11 @@ import numpy as np
 import pytest
 
 from jaxmodules.attention import _registry, masked_attention_via_map
+from jaxmodules.attention._mosaic_gpu._rules import mosaic_gpu_problem
 
 pytest.importorskip("absl", reason="Mosaic GPU interpret mode needs absl-py")
+_NO_MOSAIC_GPU = mosaic_gpu_problem()
+needs_mosaic_gpu = pytest.mark.skipif(bool(_NO_MOSAIC_GPU), reason=str(_NO_MOSAIC_GPU))
 
 # (B, Lq, Lk, Hq, Hkv, d), mask keywords
 CASES = {
@@ -39,6 +42,7 @@ def _inputs(shape, seed):
     return [x.astype(jnp.bfloat16) for x in (q, k, v)], w
 
 
+@needs_mosaic_gpu
 @pytest.mark.parametrize("case", list(CASES))
 def test_kernels_match_the_block_loop(case):
     # Output, lse (-inf on rows without a visible key) and the gradients of a loss of
@@ -88,6 +92,7 @@ def _segment_mask(ids):
         (jnp.bfloat16, {"mask_fn": _segment_mask(jnp.arange(16) // 4)}, "closes over arrays"),
     ],
 )
+@needs_mosaic_gpu
 def test_refusals_name_the_backends_that_can(dtype, options, words):
     q = jnp.zeros((1, 16, 1, 16), dtype)
     with pytest.raises(ValueError, match="mosaic_gpu") as err:

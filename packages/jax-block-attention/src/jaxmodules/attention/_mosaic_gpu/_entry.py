@@ -4,7 +4,7 @@ around the kernels, and the custom VJP that runs the dQ and dK/dV kernels."""
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +13,13 @@ from .._block_mask import BlockMask
 from .._config import block_fields
 from .._scores import ScoreConfig, backward_statistics, zero_cotangent
 from ._blocks import walk_tables
-from ._kernels import LOG2E, KernelConfig, dkdv, dq, forward
+
+if TYPE_CHECKING:
+    from ._kernels import KernelConfig
+
+# The kernels import jax's Mosaic GPU modules when first used: a jax without them
+# (older versions) still imports this package, and the plug-in refuses every call.
+LOG2E = 1.4426950408889634
 
 _WIDTH = 64  # head dimensions pad to a multiple of 64 (one 128-byte swizzle of 16-bit)
 Q_BLOCK = 128  # two consumer warpgroups of 64 rows
@@ -53,6 +59,8 @@ def attend(
     q_len, q_heads = q.shape[1], q.shape[2]
     k_len, kv_heads = k.shape[1], k.shape[2]
     width = _pad_to(max(q.shape[-1], v.shape[-1]), _WIDTH)
+    from ._kernels import KernelConfig
+
     config = KernelConfig(
         **block_fields(block_mask, q_len=q_len, k_len=k_len, scale=scale),
         q_heads=q_heads,
@@ -88,6 +96,8 @@ def _padded(config: KernelConfig, q: Any, k: Any, v: Any) -> tuple[Any, Any, Any
 
 def _forward(config: KernelConfig, q: Any, k: Any, v: Any, tables: Any) -> tuple[Any, Any, Any]:
     qp, kp, vp = _padded(config, q, k, v)
+    from ._kernels import forward
+
     out, lse = forward(config, qp, kp, vp, tables[0])
     out = out[:, : config.q_len, :, : config.value_dim]
     lse = lse[:, :, : config.q_len]
@@ -113,6 +123,8 @@ def _attend_bwd(config: KernelConfig, res: tuple, cts: tuple) -> tuple:
     lse2 = jnp.pad(lse_b * LOG2E, pad_q, constant_values=jnp.inf)
     delta = jnp.pad(delta, pad_q)
     do = do.astype(qp.dtype)
+    from ._kernels import dkdv, dq
+
     dq_p = dq(config, qp, kp, vp, do, lse2, delta, tables[0])
     dk_p, dv_p = dkdv(config, qp, kp, vp, do, lse2, delta, tables[1])
     b, lk, _, w = dk_p.shape

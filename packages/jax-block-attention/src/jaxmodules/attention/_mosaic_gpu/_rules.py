@@ -21,7 +21,11 @@ def _lowering_rules() -> Any:
     try:
         from jax._src.pallas.mosaic_gpu import core as gpu_core
         from jax._src.pallas.mosaic_gpu import lowering
+        from jax.experimental.pallas import mosaic_gpu as plgpu
     except ImportError:
+        return None
+    needed = ("kernel", "InterpretGPUParams", "set_max_registers", "wgmma", "Layout")
+    if not all(hasattr(plgpu, name) for name in needed):
         return None
     rules = getattr(lowering, "mosaic_lowering_rules", None)
     semantics = getattr(gpu_core, "LANExWG_SEMANTICS", None)
