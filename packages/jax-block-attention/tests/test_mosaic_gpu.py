@@ -1,7 +1,8 @@
 """The Mosaic GPU backend (``implementation="mosaic_gpu"``) in Mosaic GPU interpret mode
 on CPU: its kernels (forward with the lse, dQ, dK/dV) against the block loop on the same
-bfloat16 inputs, and its refusals. Interpret mode simulates every warpgroup and barrier,
-so the shapes stay within one or two blocks of 128."""
+bfloat16 inputs (dropout with the same keep decisions), and its refusals. Interpret mode
+simulates every warpgroup and barrier, so the shapes stay within one or two blocks of
+128."""
 
 from __future__ import annotations
 
@@ -19,7 +20,10 @@ needs_mosaic_gpu = pytest.mark.skipif(bool(_NO_MOSAIC_GPU), reason=str(_NO_MOSAI
 
 # (B, Lq, Lk, Hq, Hkv, d), mask keywords
 CASES = {
-    "causal_gqa_two_key_blocks": ((1, 40, 150, 2, 1, 32), {"is_causal": True, "q_offset": 110}),
+    "causal_gqa_two_key_blocks_dropout": (
+        (1, 40, 150, 2, 1, 32),
+        {"is_causal": True, "q_offset": 110, "dropout_rate": 0.25, "dropout_rng": 3},
+    ),
     "window_offset_empty_rows_soft_cap_score_mod": (
         (1, 45, 53, 2, 2, 24),
         {
@@ -48,6 +52,8 @@ def test_kernels_match_the_block_loop(case):
     # Output, lse (-inf on rows without a visible key) and the gradients of a loss of
     # both, against the block loop in float32 on the same bfloat16 values.
     shape, options = CASES[case]
+    if "dropout_rng" in options:  # the same keep decisions as the block loop's
+        options = {**options, "dropout_rng": jax.random.key(options["dropout_rng"])}
     (q, k, v), w = _inputs(shape, len(case))
 
     def loss(implementation, q, k, v):

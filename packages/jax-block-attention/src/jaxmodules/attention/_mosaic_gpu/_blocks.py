@@ -4,7 +4,7 @@ block mask's format and what the kernels walk.
 Each row of a kernel (a query block in the forward and dQ passes, a key block in the
 dK/dV pass) walks one int32 table row::
 
-    [count, n_partial, q_offset, 0, block_0, block_1, ..., block_{W-1}]
+    [count, n_partial, q_offset, seed, block_0, block_1, ..., block_{W-1}]
 
 ``count`` non-empty blocks, the first ``n_partial`` of them partial (they evaluate the
 element-wise mask on the tile), the rest full (no mask evaluation), and the position of
@@ -16,11 +16,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from .._block_mask import BlockMask
 
-HEADER = 4  # count, n_partial, q_offset, (padding)
+HEADER = 4  # count, n_partial, q_offset, dropout seed (0 without dropout)
 
 
 def _gather(lst: Any, at: Any, shape: tuple[int, ...]) -> Any:
@@ -60,3 +61,12 @@ def walk_tables(block_mask: BlockMask) -> tuple[Any, Any]:
         header = jnp.stack([count, counts, row_offset, jnp.zeros_like(count)], axis=-1)
         tables.append(jnp.concatenate([header, blocks], axis=-1))
     return tables[0], tables[1]
+
+
+def with_seeds(table: Any, seeds: Any) -> Any:
+    """``table`` kept per batch row and head ``(B, Hq, rows, width)``, each row's fourth
+    header entry the ``(b, h)`` dropout seed (``uint32`` as ``int32`` bits)."""
+    bsz, heads = seeds.shape
+    table = jnp.broadcast_to(table, (bsz, heads, *table.shape[2:]))
+    bits = jax.lax.bitcast_convert_type(jnp.asarray(seeds, jnp.uint32), jnp.int32)
+    return table.at[..., 3].set(bits[:, :, None])

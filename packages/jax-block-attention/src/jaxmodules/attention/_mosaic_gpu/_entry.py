@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from .._block_mask import BlockMask
 from .._config import block_fields
 from .._scores import ScoreConfig, backward_statistics, zero_cotangent
-from ._blocks import walk_tables
+from ._blocks import walk_tables, with_seeds
 
 if TYPE_CHECKING:
     from ._kernels import KernelConfig
@@ -48,6 +48,7 @@ def attend(
     block_mask: BlockMask,
     scale: float,
     scores: ScoreConfig | None = None,
+    seeds: Any = None,
     *,
     interpret: bool,
 ) -> tuple[jax.Array, jax.Array]:
@@ -55,7 +56,8 @@ def attend(
     ``block_mask`` (blocks of ``block_sizes``): output in ``q``'s dtype, lse
     ``(B, Hq, Lq)`` float32, ``-inf`` on rows without a visible key. Differentiable.
     ``scores``: the soft cap and a ``score_mod`` that closes over no arrays (the
-    plug-in refuses bias, dropout and closed-over arrays)."""
+    plug-in refuses bias and closed-over arrays) and the dropout rate, whose ``(B, Hq)``
+    uint32 ``seeds`` ride in the tables' headers (``_blocks.with_seeds``)."""
     q_len, q_heads = q.shape[1], q.shape[2]
     k_len, kv_heads = k.shape[1], k.shape[2]
     width = _pad_to(max(q.shape[-1], v.shape[-1]), _WIDTH)
@@ -70,8 +72,13 @@ def attend(
         value_dim=v.shape[-1],
         interpret=interpret,
         scores=scores or ScoreConfig(),
+        per_head_tables=bool(scores and scores.dropout_rate),
     )
     tables = walk_tables(block_mask)
+    if config.per_head_tables:
+        if seeds is None:
+            raise ValueError("dropout needs its (B, Hq) seeds")
+        tables = tuple(with_seeds(t, seeds) for t in tables)
     return _attend(config, q, k, v, tables)
 
 

@@ -23,6 +23,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from .._band import in_band
 from .._config import BlockConfig
+from .._dropout import keep_tile, threshold
 from .._scores import tile_score_gradients, tile_scores
 from .._tile_program import evaluate_on_tile
 from ._blocks import HEADER
@@ -49,6 +50,8 @@ class KernelConfig(BlockConfig):
     key_dim: int
     value_dim: int
     interpret: bool
+    # Tables kept per batch row and query head (dropout's seed rides in their header).
+    per_head_tables: bool = False
 
     @property
     def groups(self) -> int:
@@ -73,8 +76,8 @@ def _table_row(table_ref: Any, config: KernelConfig, row: Any, smem: Any, barrie
     """The program's table row into shared memory, copied by the producer, awaited by
     every warpgroup (the mask is kept per batch row / head, or shared)."""
     b, h = lax.axis_index("b"), lax.axis_index("h")
-    bm = b if config.mask_batch > 1 else 0
-    hm = h if config.mask_heads > 1 else 0
+    bm = b if config.mask_batch > 1 or config.per_head_tables else 0
+    hm = h if config.mask_heads > 1 or config.per_head_tables else 0
 
     @pl.when(lax.axis_index("wg") == CONSUMERS)
     def _copy() -> None:
@@ -153,20 +156,27 @@ def tile(
     config: KernelConfig,
     raw: Any,
     first: tuple[Any, Any],
-    offset: Any,
+    table: Any,
     masked: bool,
     transposed: bool = False,
-) -> tuple[Any, Callable[[Any], Any]]:
+) -> tuple[Any, Callable[[Any], Any], Any]:
     """The base-2 final scores of a tile from its raw products ``q . k`` (``-inf``
     where a partial block's mask hides them), and the map from the gradient of the
     final scores to that of the scaled products ``s0`` (the shared score pipeline:
     ``_scores.tile_scores`` / ``tile_score_gradients``). ``first``: the tile's first
-    query and key positions (before the offset)."""
+    query and key positions (before the offset); ``table``: the program's table row
+    (the offset, dropout's seed). Also dropout's keep decisions (``None`` without)."""
     scores = config.scores
     s0 = raw * _F32(config.scale)
-    if not (masked or scores.changes_scores):
-        return s0 * _F32(LOG2E), lambda ds: ds
+    if not (masked or scores.changes_scores or scores.dropout_rate):
+        return s0 * _F32(LOG2E), lambda ds: ds, None
+    offset = table[2]
     q, k = _positions(config, raw.shape, first[0], first[1], transposed)
+    keep = None
+    if scores.dropout_rate:
+        seed = lax.bitcast_convert_type(table[3], jnp.uint32)
+        q_pos = jnp.minimum(q, config.q_len - 1) + offset
+        keep = keep_tile(seed, q_pos, k, threshold(scores.dropout_rate))
     mod = _score_mod(config, jnp.minimum(q, config.q_len - 1) + offset, k)
     s = tile_scores(scores, s0, None, mod) * _F32(LOG2E)
     if masked:
@@ -175,7 +185,15 @@ def tile(
     def back(ds: Any) -> Any:
         return tile_score_gradients(scores, s0, None, ds, mod)[0]
 
-    return s, back
+    return s, back, keep
+
+
+def kept(config: KernelConfig, keep: Any, x: Any) -> Any:
+    """``x`` where dropout keeps the weight, scaled by ``1 / (1 - rate)``; 0 elsewhere
+    (``x`` itself without dropout)."""
+    if keep is None:
+        return x
+    return jnp.where(keep, x * _F32(1.0 / (1.0 - config.scores.dropout_rate)), 0.0)
 
 
 def _matmul(a: Any, b: Any, shape: tuple[int, int]) -> Any:
@@ -248,13 +266,12 @@ def forward(config: KernelConfig, q: Any, k: Any, v: Any, table: Any) -> tuple[A
             my_q = q_smem.at[wg]
             plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(first, rows), h], my_q, q_bar.at[wg])
             plgpu.barrier_wait(q_bar.at[wg])
-            offset = t_smem[2]
 
             def step(t, slot, block, masked, carry):
                 m, l, acc = carry
                 plgpu.barrier_wait(ready[0].at[slot])
                 raw = _matmul(my_q, k_smem.at[slot].T, (rows, bk))
-                s, _ = tile(config, raw, (first, block * bk), offset, masked)
+                s, _, keep = tile(config, raw, (first, block * bk), t_smem, masked)
                 m_new = jnp.maximum(m, s.max(axis=1))
                 m_shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
                 p = jnp.exp2(s - lax.broadcast_in_dim(m_shift, s.shape, [0]))
@@ -262,7 +279,7 @@ def forward(config: KernelConfig, q: Any, k: Any, v: Any, table: Any) -> tuple[A
                 l = l * alpha + p.sum(axis=1)
                 acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                 plgpu.barrier_wait(ready[1].at[slot])
-                acc = _accumulate(acc, p.astype(dtype), v_smem.at[slot])
+                acc = _accumulate(acc, kept(config, keep, p).astype(dtype), v_smem.at[slot])
                 plgpu.barrier_arrive(consumed.at[slot])
                 return m_new, l, acc
 
@@ -419,7 +436,6 @@ def dq(
                 plgpu.barrier_wait(own_bar.at[wg * 4 + i])
             lse = plgpu.load(stat_smem.at[wg, 0], layout=_reduce_layout(1))
             dlt = plgpu.load(stat_smem.at[wg, 1], layout=_reduce_layout(1))
-            offset = t_smem[2]
 
             def step(t, slot, block, masked, acc):
                 plgpu.barrier_wait(ready[0].at[slot])
@@ -430,9 +446,9 @@ def dq(
                     k_t, v_t = k_smem.at[slot, at], v_smem.at[slot, at]
                     raw = _matmul(my_q, k_t.T, (rows, rows))
                     at_k = block * bk + part * rows
-                    s, back = tile(config, raw, (first, at_k), offset, masked)
+                    s, back, keep = tile(config, raw, (first, at_k), t_smem, masked)
                     p = jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [0]))
-                    dp = _matmul(my_do, v_t.T, (rows, rows))
+                    dp = kept(config, keep, _matmul(my_do, v_t.T, (rows, rows)))
                     ds = back(p * (dp - lax.broadcast_in_dim(dlt, s.shape, [0])))
                     acc = _accumulate(acc, ds.astype(dtype), k_t)
                 plgpu.barrier_arrive(consumed.at[slot])
@@ -500,7 +516,6 @@ def dkdv(
             plgpu.copy_gmem_to_smem(v_ref.at[mine], my_v, own_bar.at[wg * 2 + 1])
             plgpu.barrier_wait(own_bar.at[wg * 2])
             plgpu.barrier_wait(own_bar.at[wg * 2 + 1])
-            offset = t_smem[2]
 
             def step(t, slot, block, masked, carry):
                 dk_acc, dv_acc = carry
@@ -513,12 +528,12 @@ def dkdv(
                     q_t, do_t = q_slots.at[slot, at], do_slots.at[slot, at]
                     raw = _matmul(my_k, q_t.T, (rows, rows))
                     at_q = block * bq + part * rows
-                    s, back = tile(config, raw, (at_q, first), offset, masked, True)
+                    s, back, keep = tile(config, raw, (at_q, first), t_smem, masked, True)
                     lse = plgpu.load(lse_slots.at[slot, at], layout=_reduce_layout(0))
                     dlt = plgpu.load(dl_slots.at[slot, at], layout=_reduce_layout(0))
                     p = jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [1]))
-                    dv_acc = _accumulate(dv_acc, p.astype(dtype), do_t)
-                    dp = _matmul(my_v, do_t.T, (rows, rows))
+                    dv_acc = _accumulate(dv_acc, kept(config, keep, p).astype(dtype), do_t)
+                    dp = kept(config, keep, _matmul(my_v, do_t.T, (rows, rows)))
                     ds = back(p * (dp - lax.broadcast_in_dim(dlt, s.shape, [1])))
                     dk_acc = _accumulate(dk_acc, ds.astype(dtype), q_t)
                 plgpu.barrier_arrive(consumed.at[slot])

@@ -39,8 +39,6 @@ def _score_problem(call: Call) -> str | None:
     scores = call.scores
     if scores.bias is not None:
         return f"bias is not in its kernels yet: use {_OTHERS}"
-    if scores.dropout_rate:
-        return f"dropout is not in its kernels yet: use {_OTHERS}"
     if scores.score is not None:
         if call.operands.score_consts:
             return (
@@ -99,5 +97,6 @@ def run(call: Call, platform: str) -> tuple[Any, Any]:
         block_mask,
         call.scale,
         call.scores,
+        call.operands.seeds,
         interpret=platform != "cuda",
     )
