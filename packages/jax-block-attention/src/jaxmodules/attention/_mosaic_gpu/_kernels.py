@@ -174,7 +174,7 @@ def tile(
     q, k = _positions(config, raw.shape, first[0], first[1], transposed)
     keep = None
     if scores.dropout_rate:
-        seed = lax.bitcast_convert_type(table[3], jnp.uint32)
+        seed = table[3].astype(jnp.uint32)  # the same bits (two's complement)
         q_pos = jnp.minimum(q, config.q_len - 1) + offset
         keep = keep_tile(seed, q_pos, k, threshold(scores.dropout_rate))
     mod = _score_mod(config, jnp.minimum(q, config.q_len - 1) + offset, k)
