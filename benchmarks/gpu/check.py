@@ -18,7 +18,9 @@ the moment it exists (``attention_gpu_check.md`` and ``attention_gpu_check.log``
 2. ``benchmark`` (at most 3.5 min): the targets, bfloat16, B=2, H=16, d=128, L=16384,
    against ``jax.nn.dot_product_attention(implementation="cudnn")``: causal forward (at
    most 1.5x cuDNN) and forward+backward (at most 2x), and 16 packed documents (at least
-   3x faster than cuDNN with the equivalent dense mask).
+   3x faster than cuDNN with the equivalent dense mask). ``implementation="mosaic_gpu"``
+   is timed beside them (not gated; it refuses the documents' ``mask_fn``, which closes
+   over the ids): its numbers decide its order against Triton for ``implementation=None``.
 3. ``tuning`` (at most 3 min): ``benchmarks/gpu/tune.py`` at L=16384, to
    ``attention_gpu_tuning.md``.
 
@@ -63,6 +65,7 @@ GPU_TEST_FILES = (
     "test_dispatch.py",
     "test_cudnn.py",
     "test_drop_in.py",
+    "test_mosaic_gpu.py",
 )
 
 # Largest |ours - reference| / (1 + |reference|) a smoke case may show, by dtype.
@@ -270,16 +273,18 @@ def run_benchmark(results: Results, length: int = 16384) -> int:
         np.broadcast_to(np.arange(length) * documents // length, (batch, length)), jnp.int32
     )
 
-    def ours(mask: str) -> Callable:
+    def ours(mask: str, implementation: str = "pallas") -> Callable:
         def attend(q, k, v, ids):
             if mask == "causal":
-                return masked_attention_via_map(q, k, v, is_causal=True, implementation="pallas")
+                return masked_attention_via_map(
+                    q, k, v, is_causal=True, implementation=implementation
+                )
             return masked_attention_via_map(
                 q,
                 k,
                 v,
                 mask_fn=lambda b, h, qi, ki: ids[b, qi] == ids[b, ki],
-                implementation="pallas",
+                implementation=implementation,
             )
 
         return attend
@@ -311,26 +316,36 @@ def run_benchmark(results: Results, length: int = 16384) -> int:
     ]
     results.line(
         f"bfloat16, B={batch}, H={heads}, d={d}, L={length}, {documents} documents; "
-        "medians of 5 runs, ours and cuDNN alternating per row"
+        "medians of 5 runs, ours (Triton) and cuDNN alternating per row; Mosaic GPU "
+        '(implementation="mosaic_gpu") beside them, not gated until its numbers decide '
+        "the order of implementation=None"
     )
     results.line()
-    results.line("| mask | pass | ours ms | cuDNN ms | ours / cuDNN | target | met |")
-    results.line("|---|---|---:|---:|---:|---|---|")
+    results.line(
+        "| mask | pass | ours ms | cuDNN ms | ours / cuDNN | target | met | mosaic_gpu ms |"
+    )
+    results.line("|---|---|---:|---:|---:|---|---|---:|")
     missed = 0
     inputs = (q, k, v, ids)
     for mask, mode, target, met in targets:
         times = {}
-        for name, attend in (("ours", ours(mask)), ("cudnn", cudnn(mask))):
+        runs = (
+            ("ours", ours(mask)),
+            ("cudnn", cudnn(mask)),
+            ("mosaic_gpu", ours(mask, "mosaic_gpu")),
+        )
+        for name, attend in runs:
             try:
                 times[name] = _median_time(program(attend, mode), inputs)
             except Exception as err:
                 times[name] = None
                 print(f"{mask} {mode} {name}: {type(err).__name__}: {err}"[:400], flush=True)
-        ours_s, cudnn_s = times["ours"], times["cudnn"]
+        ours_s, cudnn_s, mgpu = times["ours"], times["cudnn"], _ms(times["mosaic_gpu"])
         if ours_s is None or cudnn_s is None:
             missed += 1
             results.line(
-                f"| {mask} | {mode} | {_ms(ours_s)} | {_ms(cudnn_s)} | - | {target} | no run |"
+                f"| {mask} | {mode} | {_ms(ours_s)} | {_ms(cudnn_s)} | - | {target} | no run "
+                f"| {mgpu} |"
             )
             continue
         ratio = ours_s / cudnn_s
@@ -338,7 +353,7 @@ def run_benchmark(results: Results, length: int = 16384) -> int:
         missed += not ok
         results.line(
             f"| {mask} | {mode} | {_ms(ours_s)} | {_ms(cudnn_s)} | {ratio:.2f} | {target} "
-            f"| {'yes' if ok else '**no**'} |"
+            f"| {'yes' if ok else '**no**'} | {mgpu} |"
         )
     return 1 if missed else 0
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from . import _cudnn as cudnn
 from ._call import Call, Fits, any_blocks
+from ._mosaic_gpu import _plugin as mosaic_gpu
 from ._pallas import _plugin as triton
 from ._plan import BlockSizes
 from ._tile_program import Lowerable
@@ -72,6 +73,9 @@ BACKENDS = (
     Backend("cudnn", ("cuda",), 0, cudnn.refusal, cudnn.run, "_cudnn"),
     Backend("triton", ("cuda", "rocm"), 1, triton.refusal, triton.run, "_pallas", ("pallas",),
             triton.block_sizes, triton.fits, triton.TRITON, triton.variant),
+    # After Triton until a GPU's numbers decide; first where Triton refuses (missing).
+    Backend("mosaic_gpu", ("cuda",), 2, mosaic_gpu.refusal, mosaic_gpu.run, "_mosaic_gpu", (),
+            mosaic_gpu.block_sizes, mosaic_gpu.fits, mosaic_gpu.MOSAIC_GPU, mosaic_gpu.variant),
     Backend("xla", None, 99, xla.refusal, xla.run, "_xla", (), xla.block_sizes,
             variant=xla.variant),
 )
