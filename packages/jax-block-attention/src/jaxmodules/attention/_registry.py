@@ -17,6 +17,7 @@ from typing import Any
 
 from . import _cudnn as cudnn
 from ._call import Call, Fits, any_blocks
+from ._mosaic_tpu import _plugin as mosaic_tpu
 from ._pallas import _plugin as triton
 from ._plan import BlockSizes
 from ._tile_program import Lowerable
@@ -69,6 +70,8 @@ BACKENDS = (
     Backend("cudnn", ("cuda",), 0, cudnn.refusal, cudnn.run, "_cudnn"),
     Backend("triton", ("cuda", "rocm"), 1, triton.refusal, triton.run, "_pallas", ("pallas",),
             triton.block_sizes, triton.fits, triton.TRITON),
+    Backend("mosaic_tpu", ("tpu",), 1, mosaic_tpu.refusal, mosaic_tpu.run, "_mosaic_tpu", (),
+            mosaic_tpu.block_sizes, mosaic_tpu.fits, mosaic_tpu.MOSAIC_TPU),
     Backend("xla", None, 99, xla.refusal, xla.run, "_xla", (), xla.block_sizes),
 )
 # fmt: on

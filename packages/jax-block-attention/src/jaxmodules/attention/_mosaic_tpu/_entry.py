@@ -51,8 +51,13 @@ def _traced_score_arrays(scores: ScoreConfig, consts: tuple) -> tuple[int, ...]:
 def call_problem(block_mask: BlockMask, scores: ScoreConfig, operands: Operands) -> str | None:
     """Why the kernels cannot compute a call, or ``None`` when they can."""
     bq, bk = block_mask.block_size
-    if bq % _SUBLANES or bk % _SUBLANES:
-        return f"block_size={block_mask.block_size} is not a pair of multiples of 8"
+    _, _, q_len, k_len = block_mask.shape
+    # A block that covers its whole length needs no alignment (the BlockSpec is the array).
+    if (bq % _SUBLANES and bq < q_len) or (bk % _SUBLANES and bk < k_len):
+        return (
+            f"block_size={block_mask.block_size} is not a pair of multiples of 8 (or the "
+            "whole lengths)"
+        )
     problem = mask_program_problem(block_mask.program, block_mask.mask_consts, MOSAIC_TPU)
     if problem is not None or scores.score is None:
         return problem
