@@ -9,6 +9,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
@@ -93,7 +94,7 @@ def forward(config: MosaicConfig, q, k, v, bias, prefetch, consts) -> tuple[Arra
 
     def key_block(b, h, i, t, counts, indices, *_):
         j = indices[(_mask_row(config, b, h) * config.n_q_blocks + i) * steps + t]
-        return (b, h // g, j, 0)
+        return (b, lax.div(h, g), j, 0)
 
     def query_block(b, h, i, t, *_):
         return (b, h, i, 0)
@@ -129,7 +130,7 @@ def backward(config, q, k, v, bias, out, lse, d_out, d_lse, kv_prefetch, q_prefe
 
     def key_block(b, h, i, t, counts, indices, *_):
         j = indices[(_mask_row(config, b, h) * config.n_q_blocks + i) * steps + t]
-        return (b, h // g, j, 0)
+        return (b, lax.div(h, g), j, 0)
 
     def query_block(b, h, i, t, *_):
         return (b, h, i, 0)
