@@ -48,8 +48,19 @@ def _traced_score_arrays(scores: ScoreConfig, consts: tuple) -> tuple[int, ...]:
     return tuple(i for i in program.differentiable if isinstance(consts[i], jax.core.Tracer))
 
 
-def call_problem(block_mask: BlockMask, scores: ScoreConfig, operands: Operands) -> str | None:
-    """Why the kernels cannot compute a call, or ``None`` when they can."""
+def call_problem(
+    block_mask: BlockMask, scores: ScoreConfig, operands: Operands, *, compiled: bool = False
+) -> str | None:
+    """Why the kernels cannot compute a call, or ``None`` when they can (``compiled``:
+    by Mosaic for a TPU, rather than interpreted)."""
+    if compiled and (block_mask.mask_consts or operands.score_consts):
+        # The evaluator reads such arrays at vectors of indices (a gather), which Mosaic
+        # does not lower ("Cannot do int indexing on TPU").
+        which = "mask_fn" if block_mask.mask_consts else "score_mod"
+        return (
+            f"{which} closes over arrays (e.g. segment ids), which the compiled mosaic_tpu "
+            'kernels cannot read yet: use implementation="xla"'
+        )
     bq, bk = block_mask.block_size
     _, _, q_len, k_len = block_mask.shape
     # A block that covers its whole length needs no alignment (the BlockSpec is the array).
@@ -114,7 +125,7 @@ def attend(
         raise ValueError(
             f"block_mask {block_mask.shape} does not fit q {q.shape} and k {k.shape}"
         )
-    problem = call_problem(block_mask, scores, operands)
+    problem = call_problem(block_mask, scores, operands, compiled=interpret is False)
     if problem is not None:
         raise UnsupportedCallError(problem)
     consts, dtypes = kernel_consts(block_mask.mask_consts)
