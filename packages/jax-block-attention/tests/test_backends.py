@@ -195,7 +195,7 @@ def test_gradients_of_traced_score_mod_arrays(ref, backend, name):
     shape = (2, 37, 45, 4, 2, 16)
     if backend == "mosaic_tpu":
         # Not computed by these kernels yet: refused, saying why, never a wrong gradient.
-        with pytest.raises(ValueError, match='traced floating arrays.*implementation="xla" can'):
+        with pytest.raises(ValueError, match=r'traced floating arrays.*implementation="xla" can'):
             _compare_api(ref, backend, shape, options, extra=extra, make_mod=make_mod, seed=41)
         return
     _compare_api(ref, backend, shape, options, extra=extra, make_mod=make_mod, seed=41)

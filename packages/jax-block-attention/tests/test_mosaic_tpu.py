@@ -24,8 +24,14 @@ def test_kernel_lists_hold_every_non_empty_block_once(per_batch):
     # repeated, on both sides; against the block classes the block mask describes.
     offset = np.array([0, 37]) if per_batch else 5
     bm = create_block_mask(
-        _documents, 2 if per_batch else 1, 1, 200, 260, is_causal=True,
-        block_size=(24, 32), q_offset=offset,
+        _documents,
+        2 if per_batch else 1,
+        1,
+        200,
+        260,
+        is_causal=True,
+        block_size=(24, 32),
+        q_offset=offset,
     )
     classes = np.asarray(bm.block_classes())
     for side, grid in (("kv", classes), ("q", np.swapaxes(classes, -1, -2))):
@@ -58,8 +64,13 @@ def test_dropout_with_every_score_change(ref):
         "dropout_rng": jax.random.key(22),
     }
     ref.compare_variants(
-        (1, 40, 40, 4, 2, 16), options, bias=bias, sinks=sinks,
-        make_mod=lambda _: alibi, seed=32, jit=True,
+        (1, 40, 40, 4, 2, 16),
+        options,
+        bias=bias,
+        sinks=sinks,
+        make_mod=lambda _: alibi,
+        seed=32,
+        jit=True,
     )
 
 

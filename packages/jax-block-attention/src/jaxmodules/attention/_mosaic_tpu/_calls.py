@@ -106,15 +106,29 @@ def forward(config: MosaicConfig, q, k, v, bias, prefetch, consts) -> tuple[Arra
         (v, pl.BlockSpec((None, None, bk, dv), key_block)),
     ]
     outputs = [
-        (jax.ShapeDtypeStruct((bsz, heads, lq, dv), q.dtype), pl.BlockSpec((None, None, bq, dv), query_block)),
-        (jax.ShapeDtypeStruct((bsz, heads, lq, 1), _F32), pl.BlockSpec((None, None, bq, 1), query_block)),
+        (
+            jax.ShapeDtypeStruct((bsz, heads, lq, dv), q.dtype),
+            pl.BlockSpec((None, None, bq, dv), query_block),
+        ),
+        (
+            jax.ShapeDtypeStruct((bsz, heads, lq, 1), _F32),
+            pl.BlockSpec((None, None, bq, 1), query_block),
+        ),
     ]
     scratch = [pltpu.VMEM((bq, 1), _F32), pltpu.VMEM((bq, 1), _F32), pltpu.VMEM((bq, dv), _F32)]
     grid = (bsz, heads, config.n_q_blocks, steps)
     semantics = ("parallel", "parallel", "parallel", "arbitrary")
     out, lse = _call(
-        config, forward_kernel, grid, prefetch, consts, inputs, outputs, scratch,
-        "block_attention_forward_tpu", semantics,
+        config,
+        forward_kernel,
+        grid,
+        prefetch,
+        consts,
+        inputs,
+        outputs,
+        scratch,
+        "block_attention_forward_tpu",
+        semantics,
     )
     return out, lse
 
@@ -144,7 +158,9 @@ def backward(config, q, k, v, bias, out, lse, d_out, d_lse, kv_prefetch, q_prefe
         (lse, pl.BlockSpec((None, None, bq, 1), query_block)),
         (delta, pl.BlockSpec((None, None, bq, 1), query_block)),
     ]
-    outputs = [(jax.ShapeDtypeStruct(q.shape, q.dtype), pl.BlockSpec((None, None, bq, d), query_block))]
+    outputs = [
+        (jax.ShapeDtypeStruct(q.shape, q.dtype), pl.BlockSpec((None, None, bq, d), query_block))
+    ]
     if bias is not None:
         # Float32 per (b, h): rows of the bias gradient, owned by one program each.
         outputs.append(
@@ -155,8 +171,16 @@ def backward(config, q, k, v, bias, out, lse, d_out, d_lse, kv_prefetch, q_prefe
         )
     semantics = ("parallel", "parallel", "parallel", "arbitrary")
     dq, *dbias = _call(
-        config, dq_kernel, (bsz, heads, config.n_q_blocks, steps), kv_prefetch, consts,
-        inputs, outputs, [pltpu.VMEM((bq, d), _F32)], "block_attention_dq_tpu", semantics,
+        config,
+        dq_kernel,
+        (bsz, heads, config.n_q_blocks, steps),
+        kv_prefetch,
+        consts,
+        inputs,
+        outputs,
+        [pltpu.VMEM((bq, d), _F32)],
+        "block_attention_dq_tpu",
+        semantics,
     )
     dk, dv_ = _dkdv(config, q, k, v, bias, d_out, lse, delta, q_prefetch, consts)
     d_bias = None
@@ -168,7 +192,7 @@ def backward(config, q, k, v, bias, out, lse, d_out, d_lse, kv_prefetch, q_prefe
 
 
 def _dkdv(config, q, k, v, bias, d_out, lse, delta, q_prefetch, consts):
-    bsz, _, lq, d = q.shape
+    bsz, _, _, d = q.shape
     dv = v.shape[-1]
     bq, bk, g, steps = config.q_block, config.k_block, config.groups, config.q_steps
 
@@ -189,7 +213,12 @@ def _dkdv(config, q, k, v, bias, d_out, lse, delta, q_prefetch, consts):
         def bias_block(b, hk, j, gi, t, counts, indices, *_):
             h = hk * g + gi
             i = indices[(_mask_row(config, b, h) * config.n_k_blocks + j) * steps + t]
-            return (b if along_b else 0, h if along_h else 0, i if along_q else 0, j if along_k else 0)
+            return (
+                b if along_b else 0,
+                h if along_h else 0,
+                i if along_q else 0,
+                j if along_k else 0,
+            )
 
         shape = (None, None, bq if along_q else 1, bk if along_k else 1)
         inputs.append((bias, pl.BlockSpec(shape, bias_block)))
@@ -209,8 +238,16 @@ def _dkdv(config, q, k, v, bias, d_out, lse, delta, q_prefetch, consts):
     grid = (bsz, config.kv_heads, config.n_k_blocks, g, steps)
     semantics = ("parallel", "parallel", "parallel", "arbitrary", "arbitrary")
     dk, dv_ = _call(
-        config, dkdv_kernel, grid, q_prefetch, consts, inputs, outputs, scratch,
-        "block_attention_dkdv_tpu", semantics,
+        config,
+        dkdv_kernel,
+        grid,
+        q_prefetch,
+        consts,
+        inputs,
+        outputs,
+        scratch,
+        "block_attention_dkdv_tpu",
+        semantics,
     )
     return dk, dv_
 

@@ -122,9 +122,7 @@ def attend(
     bsz, q_len, q_heads, _ = q.shape
     _, k_len, kv_heads, _ = v.shape
     if block_mask.shape[2:] != (q_len, k_len) or q_heads % kv_heads:
-        raise ValueError(
-            f"block_mask {block_mask.shape} does not fit q {q.shape} and k {k.shape}"
-        )
+        raise ValueError(f"block_mask {block_mask.shape} does not fit q {q.shape} and k {k.shape}")
     problem = call_problem(block_mask, scores, operands, compiled=interpret is False)
     if problem is not None:
         raise UnsupportedCallError(problem)
@@ -133,7 +131,9 @@ def attend(
     bias = operands.bias
     if bias is not None:
         bias = jnp.asarray(bias)
-        scores = ScoreConfig(scores.soft_cap, scores.score, bias_axes(bias.shape), scores.dropout_rate)
+        scores = ScoreConfig(
+            scores.soft_cap, scores.score, bias_axes(bias.shape), scores.dropout_rate
+        )
     kv, qs = kernel_lists(block_mask, "kv"), kernel_lists(block_mask, "q")
     config = MosaicConfig(
         **block_fields(block_mask, q_len=q_len, k_len=k_len, scale=scale),
@@ -156,7 +156,9 @@ def attend(
         seeds = jnp.broadcast_to(seeds, (bsz, q_heads)).reshape(-1)
     kv_prefetch = (kv.counts, kv.indices, kv.full, offsets, seeds)
     q_prefetch = (qs.counts, qs.indices, qs.full, offsets, seeds)
-    return _attend_padded(config, (q, k, v), bias, kv_prefetch, q_prefetch, (*consts, *score_consts))
+    return _attend_padded(
+        config, (q, k, v), bias, kv_prefetch, q_prefetch, (*consts, *score_consts)
+    )
 
 
 @partial(jax.jit, static_argnums=(0,))

@@ -93,9 +93,7 @@ def score_mod(
     return apply
 
 
-def scores(
-    config: MosaicConfig, s0: Array, bias: Array | None, mod: ScoreMod | None
-) -> Array:
+def scores(config: MosaicConfig, s0: Array, bias: Array | None, mod: ScoreMod | None) -> Array:
     """Final float32 scores of a tile from ``s0 = scale * q.k`` (shared pipeline)."""
     if not config.scores.changes_scores:
         return s0
