@@ -148,7 +148,7 @@ def _splash(case: Case, place: Callable[..., Any]) -> tuple[Callable[..., Any], 
 
 
 _CALL = re.compile(r"%([\w.\-]+) = .*?custom_call_target=\"tpu_custom_call\"", re.S)
-_SCOPED = re.compile(r"scoped_memory_configs\\?\":\[(.*?)\]")
+_SCOPED = re.compile(r"used_scoped_memory_configs\\?\":\[(.*?)\]")
 _SIZE = re.compile(r"size\\?\":\\?\"(\d+)")
 
 

@@ -15,16 +15,11 @@ from jax.experimental.pallas import tpu as pltpu
 
 from .._scores import backward_statistics, zero_cotangent
 from ._kernels import dkdv_kernel, dq_kernel, forward_kernel
-from ._lists import KernelLists
 from ._tile import MosaicConfig
 
 Array = Any
 _F32 = jnp.float32
 _N_PREFETCH = 5  # counts, indices, full flags, query offsets, dropout seeds
-
-
-def _prefetch(lists: KernelLists, offsets: Array, seeds: Array) -> tuple:
-    return (lists.counts, lists.indices, lists.full, offsets, seeds)
 
 
 def _whole(x: Any) -> Any:
@@ -49,7 +44,7 @@ def _call(
     outputs: Sequence[tuple[jax.ShapeDtypeStruct, Any]],
     scratch: Sequence[Any],
     name: str,
-    semantics: tuple[str, ...],
+    semantics: Any,
 ) -> Any:
     in_specs = [_whole(c) for c in consts] + [spec for _, spec in inputs]
     params = pltpu.CompilerParams(
@@ -72,7 +67,7 @@ def _call(
     return call(*prefetch, *consts, *(x for x, _ in inputs))
 
 
-def _bias_spec(config: MosaicConfig, bias: Array, steps: int, whole_rows: bool) -> Any:
+def _bias_spec(config: MosaicConfig, bias: Array, steps: int) -> Any:
     """The bias's tile ``(query block, key block)`` (a 1 where it broadcasts) at the
     listed key block of a query-major pass (grid ``(b, h, i, t)``)."""
     along_b, along_h, along_q, along_k = config.scores.bias or (False,) * 4
@@ -86,7 +81,9 @@ def _bias_spec(config: MosaicConfig, bias: Array, steps: int, whole_rows: bool) 
     return pl.BlockSpec((None, None, bq, bk), index)
 
 
-def forward(config: MosaicConfig, q, k, v, bias, prefetch, consts) -> tuple[Array, Array]:
+def forward(
+    config: MosaicConfig, q: Array, k: Array, v: Array, bias: Any, prefetch: tuple, consts: tuple
+) -> tuple[Array, Array]:
     """``(out, lse)`` in kernel layout: ``(B, Hq, Lq_pad, dv)`` and ``(B, Hq, Lq_pad, 1)``."""
     bsz, heads, lq, d = q.shape
     dv = v.shape[-1]
@@ -99,7 +96,7 @@ def forward(config: MosaicConfig, q, k, v, bias, prefetch, consts) -> tuple[Arra
     def query_block(b, h, i, t, *_):
         return (b, h, i, 0)
 
-    inputs = [] if bias is None else [(bias, _bias_spec(config, bias, steps, False))]
+    inputs = [] if bias is None else [(bias, _bias_spec(config, bias, steps))]
     inputs += [
         (q, pl.BlockSpec((None, None, bq, d), query_block)),
         (k, pl.BlockSpec((None, None, bk, d), key_block)),
@@ -149,7 +146,7 @@ def backward(config, q, k, v, bias, out, lse, d_out, d_lse, kv_prefetch, q_prefe
     def query_block(b, h, i, t, *_):
         return (b, h, i, 0)
 
-    inputs = [] if bias is None else [(bias, _bias_spec(config, bias, steps, False))]
+    inputs = [] if bias is None else [(bias, _bias_spec(config, bias, steps))]
     inputs += [
         (q, pl.BlockSpec((None, None, bq, d), query_block)),
         (k, pl.BlockSpec((None, None, bk, d), key_block)),
@@ -253,7 +250,16 @@ def _dkdv(config, q, k, v, bias, d_out, lse, delta, q_prefetch, consts):
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def kernel_attention(config: MosaicConfig, q, k, v, bias, kv_prefetch, q_prefetch, consts):
+def kernel_attention(
+    config: MosaicConfig,
+    q: Array,
+    k: Array,
+    v: Array,
+    bias: Any,
+    kv_prefetch: tuple,
+    q_prefetch: tuple,
+    consts: tuple,
+) -> tuple[Array, Array]:
     """Attention over padded kernel-layout inputs: output and lse ``(.., Lq_pad, 1)``."""
     return forward(config, q, k, v, bias, kv_prefetch, consts)
 
