@@ -106,7 +106,14 @@ def test_default_implementation_on_a_tpu_is_the_kernels(ref):
     assert text.count("tpu_custom_call") == 3
     decisions = explain_dispatch(q, k, v, is_causal=True, mask_fn=lambda b, h, i, j: i != j)
     assert decisions["tpu"].backend == "mosaic_tpu" and decisions["cpu"].backend == "xla"
+    # Segment ids are read per query row and per key column before the kernels; a
+    # table read at q - k would be quadratic: refused, so the block loop takes it.
     ids = jnp.arange(256) // 64
     docs = explain_dispatch(q, k, v, mask_fn=lambda b, h, i, j: ids[i] == ids[j], platform="tpu")
-    tpu = docs["tpu"]
-    assert tpu.backend == "xla" and "closes over arrays" in tpu.refusals["mosaic_tpu"]
+    assert docs["tpu"].backend == "mosaic_tpu"
+    table = jnp.arange(512) % 3 == 0
+    diagonal = explain_dispatch(
+        q, k, v, mask_fn=lambda b, h, i, j: table[i - j + 256], platform="tpu"
+    )["tpu"]
+    assert diagonal.backend == "xla"
+    assert "varies with both the query and the key" in diagonal.refusals["mosaic_tpu"]

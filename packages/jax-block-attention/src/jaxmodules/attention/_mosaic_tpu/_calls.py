@@ -22,12 +22,6 @@ _F32 = jnp.float32
 _N_PREFETCH = 5  # counts, indices, full flags, query offsets, dropout seeds
 
 
-def _whole(x: Any) -> Any:
-    """A BlockSpec that hands every program the whole array (closed-over arrays)."""
-    ndim = len(x.shape)
-    return pl.BlockSpec(tuple(x.shape), lambda *_: (0,) * ndim)
-
-
 def _mask_row(config: MosaicConfig, b: Any, h: Any) -> Any:
     mb = b if config.mask_batch > 1 else 0
     mh = h if config.mask_heads > 1 else 0
@@ -40,13 +34,17 @@ def _call(
     grid: tuple[int, ...],
     prefetch: tuple,
     consts: Sequence[Any],
+    tile_spec: Callable[[tuple[bool, ...]], Any],
     inputs: Sequence[tuple[Any, Any]],
     outputs: Sequence[tuple[jax.ShapeDtypeStruct, Any]],
     scratch: Sequence[Any],
     name: str,
     semantics: Any,
 ) -> Any:
-    in_specs = [_whole(c) for c in consts] + [spec for _, spec in inputs]
+    """One ``pallas_call``: the prefetched lists, then the reads of the closed-over
+    arrays (``consts``, each a tile by ``tile_spec(along)``), then ``inputs``."""
+    reads = (*config.mask_reads, *config.score_reads)
+    in_specs = [tile_spec(r.along) for r in reads] + [spec for _, spec in inputs]
     params = pltpu.CompilerParams(
         dimension_semantics=semantics, vmem_limit_bytes=config.vmem_limit_bytes
     )
@@ -67,18 +65,50 @@ def _call(
     return call(*prefetch, *consts, *(x for x, _ in inputs))
 
 
-def _bias_spec(config: MosaicConfig, bias: Array, steps: int) -> Any:
-    """The bias's tile ``(query block, key block)`` (a 1 where it broadcasts) at the
-    listed key block of a query-major pass (grid ``(b, h, i, t)``)."""
-    along_b, along_h, along_q, along_k = config.scores.bias or (False,) * 4
-    bq = config.q_block if along_q else 1
-    bk = config.k_block if along_k else 1
+def _query_major_tile(config: MosaicConfig, steps: int) -> Callable[..., Any]:
+    """BlockSpecs of arrays that vary along some of (batch, head, query, key), 1 along
+    the others (the bias, the reads of closed-over arrays): the tile ``(query block |
+    1, key block | 1)`` at the listed key block of a query-major pass, grid ``(b, h, i,
+    t)``."""
 
-    def index(b, h, i, t, counts, indices, *_):
-        j = indices[(_mask_row(config, b, h) * config.n_q_blocks + i) * steps + t]
-        return (b if along_b else 0, h if along_h else 0, i if along_q else 0, j if along_k else 0)
+    def spec(along: tuple[bool, ...]) -> Any:
+        along_b, along_h, along_q, along_k = along
 
-    return pl.BlockSpec((None, None, bq, bk), index)
+        def index(b, h, i, t, counts, indices, *_):  # type: ignore[no-untyped-def]
+            j = indices[(_mask_row(config, b, h) * config.n_q_blocks + i) * steps + t]
+            return (
+                b if along_b else 0,
+                h if along_h else 0,
+                i if along_q else 0,
+                j if along_k else 0,
+            )
+
+        shape = (None, None, config.q_block if along_q else 1, config.k_block if along_k else 1)
+        return pl.BlockSpec(shape, index)
+
+    return spec
+
+
+def _key_major_tile(config: MosaicConfig, steps: int) -> Callable[..., Any]:
+    """The same tiles in the dK/dV pass, grid ``(b, key/value head, j, group head, t)``."""
+
+    def spec(along: tuple[bool, ...]) -> Any:
+        along_b, along_h, along_q, along_k = along
+
+        def index(b, hk, j, gi, t, counts, indices, *_):  # type: ignore[no-untyped-def]
+            h = hk * config.groups + gi
+            i = indices[(_mask_row(config, b, h) * config.n_k_blocks + j) * steps + t]
+            return (
+                b if along_b else 0,
+                h if along_h else 0,
+                i if along_q else 0,
+                j if along_k else 0,
+            )
+
+        shape = (None, None, config.q_block if along_q else 1, config.k_block if along_k else 1)
+        return pl.BlockSpec(shape, index)
+
+    return spec
 
 
 def forward(
@@ -96,7 +126,9 @@ def forward(
     def query_block(b, h, i, t, *_):
         return (b, h, i, 0)
 
-    inputs = [] if bias is None else [(bias, _bias_spec(config, bias, steps))]
+    tile = _query_major_tile(config, steps)
+    bias_along = config.scores.bias or (False,) * 4
+    inputs = [] if bias is None else [(bias, tile(bias_along))]
     inputs += [
         (q, pl.BlockSpec((None, None, bq, d), query_block)),
         (k, pl.BlockSpec((None, None, bk, d), key_block)),
@@ -121,6 +153,7 @@ def forward(
         grid,
         prefetch,
         consts,
+        tile,
         inputs,
         outputs,
         scratch,
@@ -146,7 +179,9 @@ def backward(config, q, k, v, bias, out, lse, d_out, d_lse, kv_prefetch, q_prefe
     def query_block(b, h, i, t, *_):
         return (b, h, i, 0)
 
-    inputs = [] if bias is None else [(bias, _bias_spec(config, bias, steps))]
+    tile = _query_major_tile(config, steps)
+    bias_along = config.scores.bias or (False,) * 4
+    inputs = [] if bias is None else [(bias, tile(bias_along))]
     inputs += [
         (q, pl.BlockSpec((None, None, bq, d), query_block)),
         (k, pl.BlockSpec((None, None, bk, d), key_block)),
@@ -173,6 +208,7 @@ def backward(config, q, k, v, bias, out, lse, d_out, d_lse, kv_prefetch, q_prefe
         (bsz, heads, config.n_q_blocks, steps),
         kv_prefetch,
         consts,
+        tile,
         inputs,
         outputs,
         [pltpu.VMEM((bq, d), _F32)],
@@ -203,22 +239,8 @@ def _dkdv(config, q, k, v, bias, d_out, lse, delta, q_prefetch, consts):
     def key_block(b, hk, j, *_):
         return (b, hk, j, 0)
 
-    inputs = []
-    if bias is not None:
-        along_b, along_h, along_q, along_k = config.scores.bias
-
-        def bias_block(b, hk, j, gi, t, counts, indices, *_):
-            h = hk * g + gi
-            i = indices[(_mask_row(config, b, h) * config.n_k_blocks + j) * steps + t]
-            return (
-                b if along_b else 0,
-                h if along_h else 0,
-                i if along_q else 0,
-                j if along_k else 0,
-            )
-
-        shape = (None, None, bq if along_q else 1, bk if along_k else 1)
-        inputs.append((bias, pl.BlockSpec(shape, bias_block)))
+    tile = _key_major_tile(config, steps)
+    inputs = [] if bias is None else [(bias, tile(config.scores.bias))]
     inputs += [
         (q, pl.BlockSpec((None, None, bq, d), query_block)),
         (k, pl.BlockSpec((None, None, bk, d), key_block)),
@@ -240,6 +262,7 @@ def _dkdv(config, q, k, v, bias, d_out, lse, delta, q_prefetch, consts):
         grid,
         q_prefetch,
         consts,
+        tile,
         inputs,
         outputs,
         scratch,

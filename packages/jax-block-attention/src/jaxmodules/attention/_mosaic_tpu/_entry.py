@@ -15,6 +15,7 @@ from .._scores import Operands, ScoreConfig, bias_axes
 from .._tile_program import UnsupportedCallError, kernel_consts, mask_program_problem, tile_problem
 from ._calls import kernel_attention
 from ._lists import kernel_lists
+from ._reads import ReadSpec, outside_reads, read_problem
 from ._rules import MOSAIC_TPU
 from ._tile import MosaicConfig
 
@@ -48,19 +49,9 @@ def _traced_score_arrays(scores: ScoreConfig, consts: tuple) -> tuple[int, ...]:
     return tuple(i for i in program.differentiable if isinstance(consts[i], jax.core.Tracer))
 
 
-def call_problem(
-    block_mask: BlockMask, scores: ScoreConfig, operands: Operands, *, compiled: bool = False
-) -> str | None:
-    """Why the kernels cannot compute a call, or ``None`` when they can (``compiled``:
-    by Mosaic for a TPU, rather than interpreted)."""
-    if compiled and (block_mask.mask_consts or operands.score_consts):
-        # The evaluator reads such arrays at vectors of indices (a gather), which Mosaic
-        # does not lower ("Cannot do int indexing on TPU").
-        which = "mask_fn" if block_mask.mask_consts else "score_mod"
-        return (
-            f"{which} closes over arrays (e.g. segment ids), which the compiled mosaic_tpu "
-            'kernels cannot read yet: use implementation="xla"'
-        )
+def call_problem(block_mask: BlockMask, scores: ScoreConfig, operands: Operands) -> str | None:
+    """Why the kernels cannot compute a call, or ``None`` when they can (the same
+    answer compiled and interpreted)."""
     bq, bk = block_mask.block_size
     _, _, q_len, k_len = block_mask.shape
     # A block that covers its whole length needs no alignment (the BlockSpec is the array).
@@ -70,6 +61,8 @@ def call_problem(
             "whole lengths)"
         )
     problem = mask_program_problem(block_mask.program, block_mask.mask_consts, MOSAIC_TPU)
+    if problem is None and block_mask.program is not None:
+        problem = read_problem(block_mask.program, block_mask.mask_consts, with_score=False)
     if problem is not None or scores.score is None:
         return problem
     consts = tuple(operands.score_consts)
@@ -78,7 +71,8 @@ def call_problem(
             "score_mod closes over traced floating arrays, whose gradients the mosaic_tpu "
             'kernels do not compute yet: use implementation="xla", or a bias'
         )
-    return tile_problem(scores.score, consts, MOSAIC_TPU, with_score=True)
+    problem = tile_problem(scores.score, consts, MOSAIC_TPU, with_score=True)
+    return problem or read_problem(scores.score, consts, with_score=True)
 
 
 def attend(
@@ -123,11 +117,12 @@ def attend(
     _, k_len, kv_heads, _ = v.shape
     if block_mask.shape[2:] != (q_len, k_len) or q_heads % kv_heads:
         raise ValueError(f"block_mask {block_mask.shape} does not fit q {q.shape} and k {k.shape}")
-    problem = call_problem(block_mask, scores, operands, compiled=interpret is False)
+    problem = call_problem(block_mask, scores, operands)
     if problem is not None:
         raise UnsupportedCallError(problem)
-    consts, dtypes = kernel_consts(block_mask.mask_consts)
-    score_consts, score_dtypes = kernel_consts(operands.score_consts)
+    _, dtypes = kernel_consts(block_mask.mask_consts)
+    _, score_dtypes = kernel_consts(operands.score_consts)
+    reads, mask_reads, score_reads = _reads(block_mask, scores, operands, bsz, q_heads)
     bias = operands.bias
     if bias is not None:
         bias = jnp.asarray(bias)
@@ -146,6 +141,8 @@ def attend(
         kv_steps=kv.steps,
         q_steps=qs.steps,
         vmem_limit_bytes=vmem_limit_bytes,
+        mask_reads=tuple(mask_reads),
+        score_reads=tuple(score_reads),
     )
     offsets = jnp.asarray(block_mask.q_offset, jnp.int32).reshape(-1)
     seeds = jnp.zeros((1,), jnp.int32)
@@ -156,9 +153,40 @@ def attend(
         seeds = jnp.broadcast_to(seeds, (bsz, q_heads)).reshape(-1)
     kv_prefetch = (kv.counts, kv.indices, kv.full, offsets, seeds)
     q_prefetch = (qs.counts, qs.indices, qs.full, offsets, seeds)
-    return _attend_padded(
-        config, (q, k, v), bias, kv_prefetch, q_prefetch, (*consts, *score_consts)
-    )
+    return _attend_padded(config, (q, k, v), bias, kv_prefetch, q_prefetch, tuple(reads))
+
+
+def _reads(
+    block_mask: BlockMask, scores: ScoreConfig, operands: Operands, batch: int, heads: int
+) -> tuple[list[Array], list[ReadSpec], list[ReadSpec]]:
+    """The reads of the closed-over arrays of ``mask_fn`` and ``score_mod`` on every
+    (padded) query and key position, and their specs (``_reads``)."""
+    _, _, q_len, k_len = block_mask.shape
+    n_q, n_k = block_mask.num_blocks
+    bq, bk = block_mask.block_size
+    offset = jnp.asarray(block_mask.q_offset, jnp.int32).reshape(-1, 1, 1, 1)
+    # As in the kernels: padded query rows repeat the last row, padded keys the last key.
+    q = jnp.minimum(jnp.arange(n_q * bq, dtype=jnp.int32), q_len - 1)[None, None, :, None]
+    k = jnp.minimum(jnp.arange(n_k * bk, dtype=jnp.int32), k_len - 1)[None, None, None, :]
+    b = jnp.arange(batch, dtype=jnp.int32).reshape(-1, 1, 1, 1)
+    arrays: list[Array] = []
+    mask_specs: list[ReadSpec] = []
+    score_specs: list[ReadSpec] = []
+    if block_mask.program is not None and block_mask.mask_consts:
+        h = jnp.arange(block_mask.mask_heads, dtype=jnp.int32).reshape(1, -1, 1, 1)
+        index = (b, h, q + offset, k)
+        values, mask_specs = outside_reads(
+            block_mask.program, block_mask.mask_consts, index, with_score=False
+        )
+        arrays += values
+    if scores.score is not None and operands.score_consts:
+        h = jnp.arange(heads, dtype=jnp.int32).reshape(1, -1, 1, 1)
+        index = (b, h, q + offset, k)
+        values, score_specs = outside_reads(
+            scores.score, operands.score_consts, index, with_score=True
+        )
+        arrays += values
+    return arrays, mask_specs, score_specs
 
 
 @partial(jax.jit, static_argnums=(0,))

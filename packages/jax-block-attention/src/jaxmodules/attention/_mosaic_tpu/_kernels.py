@@ -25,7 +25,7 @@ def _split(config: MosaicConfig, refs: tuple) -> tuple:
     """Prefetched lists, ``mask_fn`` arrays, ``score_mod`` arrays, the bias (or
     ``None``), then the pass's own refs."""
     lists, refs = refs[:5], refs[5:]
-    n_mask, n_score = len(config.const_dtypes), len(config.score_dtypes)
+    n_mask, n_score = len(config.mask_reads), len(config.score_reads)
     mask_refs, score_refs = refs[:n_mask], refs[n_mask : n_mask + n_score]
     rest = refs[n_mask + n_score :]
     bias_ref = None

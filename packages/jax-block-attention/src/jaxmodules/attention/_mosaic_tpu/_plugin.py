@@ -20,7 +20,7 @@ def refusal(call: Call, platform: str) -> str | None:
     if call.empty:
         return None
     block_mask = call.block_mask(block_sizes, fits, platform)
-    return call_problem(block_mask, call.scores, call.operands, compiled=platform == "tpu")
+    return call_problem(block_mask, call.scores, call.operands)
 
 
 def run(call: Call, platform: str) -> tuple[Any, Any]:

@@ -16,6 +16,7 @@ from .._config import BlockConfig
 from .._dropout import keep_tile, threshold
 from .._scores import ScoreMod, tile_score_gradients, tile_scores
 from .._tile_program import evaluate_on_tile
+from ._reads import ReadSpec, replaying
 from ._rules import MOSAIC_TPU
 
 Array = Any
@@ -34,6 +35,10 @@ class MosaicConfig(BlockConfig):
     kv_steps: int  # entries per query block of the key-block lists
     q_steps: int  # entries per key block of the query-block lists
     vmem_limit_bytes: int | None = None
+    # The reads of the closed-over arrays of mask_fn and score_mod, made before the
+    # kernels and handed to them as tiles (``_reads``).
+    mask_reads: tuple[ReadSpec, ...] = ()
+    score_reads: tuple[ReadSpec, ...] = ()
 
     @property
     def groups(self) -> int:
@@ -70,7 +75,12 @@ def visible(
         h = h if config.mask_heads > 1 else 0
         index = _index(config, b, h, q_pos, k_pos)
         seen = seen & evaluate_on_tile(
-            config.program, mask_refs, config.const_dtypes, *index, lowerable=MOSAIC_TPU
+            config.program,
+            [None] * len(config.const_dtypes),
+            config.const_dtypes,
+            *index,
+            reader=replaying(mask_refs, config.mask_reads),
+            lowerable=MOSAIC_TPU,
         )
     return seen
 
@@ -86,7 +96,13 @@ def score_mod(
 
     def apply(s2: Array, values: Any = None) -> Array:
         out = evaluate_on_tile(
-            program, score_refs, config.score_dtypes, s2, *index, lowerable=MOSAIC_TPU
+            program,
+            [None] * len(config.score_dtypes),
+            config.score_dtypes,
+            s2,
+            *index,
+            reader=replaying(score_refs, config.score_reads),
+            lowerable=MOSAIC_TPU,
         )
         return jnp.broadcast_to(out, s2.shape).astype(_F32)
 
