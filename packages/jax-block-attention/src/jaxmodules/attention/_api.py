@@ -140,8 +140,8 @@ def masked_attention_via_map(
             other blocks). ``"mosaic_tpu"``: one fused Pallas Mosaic TPU kernel per
             pass (a TPU kernel; elsewhere in Pallas interpret mode, slowly); query
             blocks multiples of 8 and key blocks of 128; it refuses ``score_mod`` arrays
-            that need gradients and, compiled, a ``mask_fn``/``score_mod`` closing over
-            arrays. ``"cudnn"``:
+            that need gradients, and closed-over arrays read at an index that varies
+            with both the query and the key position. ``"cudnn"``:
             ``jax.nn.dot_product_attention(implementation="cudnn")`` on a GPU, only for
             masks cuDNN expresses exactly (causal, causal with a left window, sequence
             lengths, ``bias``; float16/bfloat16; head dimension a multiple of 8, at most

@@ -7,6 +7,8 @@ Its modules, in the order a call goes through them:
 - ``_entry``: ``attend`` (checks, kernel layout, padding), ``block_sizes``, ``fits``,
   ``call_problem``;
 - ``_lists``: the one reader of the block mask's lists (what the kernels prefetch);
+- ``_reads``: the closed-over arrays of ``mask_fn``/``score_mod``, read before the
+  kernels per query row or key column and handed to them as tiles;
 - ``_calls``: one ``pallas_call`` per pass and the custom VJP;
 - ``_kernels``: the kernel bodies;
 - ``_tile``: per-tile math over the shared score pipeline, dropout hash and
