@@ -74,7 +74,7 @@ def _query_major_tile(config: MosaicConfig, steps: int) -> Callable[..., Any]:
     def spec(along: tuple[bool, ...]) -> Any:
         along_b, along_h, along_q, along_k = along
 
-        def index(b, h, i, t, counts, indices, *_):  # type: ignore[no-untyped-def]
+        def index(b, h, i, t, counts, indices, *_):
             j = indices[(_mask_row(config, b, h) * config.n_q_blocks + i) * steps + t]
             return (
                 b if along_b else 0,
@@ -95,7 +95,7 @@ def _key_major_tile(config: MosaicConfig, steps: int) -> Callable[..., Any]:
     def spec(along: tuple[bool, ...]) -> Any:
         along_b, along_h, along_q, along_k = along
 
-        def index(b, hk, j, gi, t, counts, indices, *_):  # type: ignore[no-untyped-def]
+        def index(b, hk, j, gi, t, counts, indices, *_):
             h = hk * config.groups + gi
             i = indices[(_mask_row(config, b, h) * config.n_k_blocks + j) * steps + t]
             return (
