@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from .._block_mask import BlockMask
+from .._cache import LRUCache
 from .._config import block_fields
 from .._scores import Operands, ScoreConfig, bias_axes
 from .._tile_program import UnsupportedCallError, kernel_consts, mask_program_problem, tile_problem
@@ -49,9 +50,32 @@ def _traced_score_arrays(scores: ScoreConfig, consts: tuple) -> tuple[int, ...]:
     return tuple(i for i in program.differentiable if isinstance(consts[i], jax.core.Tracer))
 
 
+# Answers of call_problem, by everything they depend on (no arrays): the dispatcher asks
+# on every traced call, for the TPU branch of every platform_dependent.
+_PROBLEMS = LRUCache[str | None](64)
+
+
+def _avals(consts: Any) -> tuple:
+    return tuple((tuple(jnp.shape(c)), str(jnp.result_type(c))) for c in consts)
+
+
 def call_problem(block_mask: BlockMask, scores: ScoreConfig, operands: Operands) -> str | None:
     """Why the kernels cannot compute a call, or ``None`` when they can (the same
     answer compiled and interpreted)."""
+    score_consts = tuple(operands.score_consts) if scores.score is not None else ()
+    key = (
+        block_mask.block_size,
+        block_mask.shape,
+        block_mask.program,
+        _avals(block_mask.mask_consts),
+        scores.score,
+        _avals(score_consts),
+        _traced_score_arrays(scores, score_consts),
+    )
+    return _PROBLEMS.get(key, lambda: _problem(block_mask, scores, operands))
+
+
+def _problem(block_mask: BlockMask, scores: ScoreConfig, operands: Operands) -> str | None:
     bq, bk = block_mask.block_size
     _, _, q_len, k_len = block_mask.shape
     # A block that covers its whole length needs no alignment (the BlockSpec is the array).
