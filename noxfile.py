@@ -494,6 +494,21 @@ def gpu_compile(session: nox.Session) -> None:
     session.run("python", "-m", "compile_report", "--target", "cuda", *session.posargs, env=env)
 
 
+@nox.session(tags=["check"], python=NEWEST_PYTHON)
+def tpu_compile(session: nox.Session) -> None:
+    """The attention kernels compiled by libtpu for TPU v5e and v6e (no TPU needed;
+    libtpu's compile-only topologies), newest jax: scoped VMEM per kernel and compile
+    time beside jax's splash attention, written to
+    ``benchmarks/results/attention_tpu_compile.md``; fails on a kernel that does not
+    compile, exceeds the default scoped VMEM or silently falls back to the block loop
+    (``benchmarks/tpu/compile_report.py``; arguments after ``--`` go to it, e.g.
+    ``--topologies v5e v6e v5p v4``)."""
+    _require_newest_python(session)
+    # libtpu on its own: jax[tpu] pins a libtpu release the index may not have yet.
+    session.install(str(_wheel(session, "jax-block-attention")), "libtpu")
+    session.run("python", str(ROOT / "benchmarks" / "tpu" / "compile_report.py"), *session.posargs)
+
+
 @nox.session(default=False, python=NEWEST_PYTHON)
 def gpu_check(session: nox.Session) -> None:
     """The attention kernels on an NVIDIA GPU (``benchmarks/gpu/check.py``, every part):

@@ -1,5 +1,6 @@
 """The backends' contract, one suite parametrised over them: the block loop
-(``"xla"``) and the Triton kernels (``"triton"``, interpret mode off a GPU) each get the
+(``"xla"``), the Triton kernels (``"triton"``, interpret mode off a GPU) and the Mosaic TPU
+kernels (``"mosaic_tpu"``, interpret mode off a TPU) each get the
 same calls and must match the same float64 reference, through
 ``masked_attention_via_map(implementation=...)`` and through the backend's own entry
 point ``attend(q, k, v, block_mask, scale, scores, operands)``.
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxmodules.attention import _pallas, _xla, masked_attention_via_map
+from jaxmodules.attention import _mosaic_tpu, _pallas, _xla, masked_attention_via_map
 
 try:
     from jax.experimental.pallas import triton as _pl_triton  # noqa: F401
@@ -26,8 +27,9 @@ else:
 BACKENDS = [
     "xla",
     pytest.param("triton", marks=pytest.mark.skipif(bool(_NO_PALLAS), reason=_NO_PALLAS)),
+    "mosaic_tpu",
 ]
-ENTRY = {"xla": _xla, "triton": _pallas}
+ENTRY = {"xla": _xla, "triton": _pallas, "mosaic_tpu": _mosaic_tpu}
 
 # Segment ids of two batch rows: documents of 9 and of 6 tokens.
 IDS = jnp.asarray(np.stack([np.arange(48) // 9, np.arange(48) // 6]), jnp.int32)
@@ -191,6 +193,11 @@ def test_gradients_of_traced_score_mod_arrays(ref, backend, name):
     extra, make_mod = cases[name]
     options = {"is_causal": True, "mask_fn": same_segment, "block_size": 16}
     shape = (2, 37, 45, 4, 2, 16)
+    if backend == "mosaic_tpu":
+        # Not computed by these kernels yet: refused, saying why, never a wrong gradient.
+        with pytest.raises(ValueError, match=r'traced floating arrays.*implementation="xla" can'):
+            _compare_api(ref, backend, shape, options, extra=extra, make_mod=make_mod, seed=41)
+        return
     _compare_api(ref, backend, shape, options, extra=extra, make_mod=make_mod, seed=41)
 
 

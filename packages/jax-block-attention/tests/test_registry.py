@@ -33,7 +33,7 @@ TRITON_CALL = "__gpu$xla.gpu.triton"
 
 def test_registry_names_and_order():
     names = [b.name for b in _registry.BACKENDS]
-    assert sorted(names) == ["cudnn", "mosaic_gpu", "triton", "xla"]
+    assert sorted(names) == ["cudnn", "mosaic_gpu", "mosaic_tpu", "triton", "xla"]
     assert _registry.check_implementation("pallas") == "triton"
     assert [b.name for b in _registry.candidates("cuda")] == [
         "cudnn",
@@ -41,6 +41,7 @@ def test_registry_names_and_order():
         "mosaic_gpu",
         "xla",
     ]
+    assert [b.name for b in _registry.candidates("tpu")] == ["mosaic_tpu", "xla"]
     assert [b.name for b in _registry.candidates("cpu")] == ["xla"]
     with pytest.raises(ValueError, match=r"implementation must be None or one of 'cudnn'"):
         _registry.check_implementation("mosaic")

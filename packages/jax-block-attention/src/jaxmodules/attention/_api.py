@@ -47,17 +47,20 @@ def masked_attention_via_map(
 
     This is the package's one entry point, whichever backend computes the call; its
     name, kept from the original library, describes only the first of them. Each call
-    goes to one of three backends (see ``implementation``):
+    goes to one of four backends (see ``implementation``):
 
     - ``"xla"``, the block loop: plain JAX (``lax.map`` over query blocks, ``fori_loop``
       over the listed key blocks), on any device, for every keyword;
     - ``"triton"`` (alias ``"pallas"``): fused Pallas Triton kernels over the same
       block mask, one per pass; compiled on a GPU, interpreted (slowly) elsewhere;
+    - ``"mosaic_tpu"``: fused Pallas Mosaic TPU kernels over the same block mask, one
+      per pass; compiled on a TPU, interpreted (slowly) elsewhere;
     - ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")``, for the
       masks cuDNN expresses exactly.
 
     With ``implementation=None`` a GPU tries them in the order cuDNN, Triton, block
-    loop; any other device uses the block loop. The device is the one the program is
+    loop, a TPU the Mosaic TPU kernels, then the block loop; any other device uses the
+    block loop. The device is the one the program is
     lowered for (``jax.jit(f).lower`` for another device, or ``jax.export(...,
     platforms=[...])``, gets that platform's backend); a traced call holds one branch
     per platform and the lowering keeps one.
@@ -134,7 +137,11 @@ def masked_attention_via_map(
             devices it runs in Pallas interpret mode, slowly); its blocks must be powers
             of two ``>= 16``, chosen so when ``block_size`` is not given (a
             ``block_mask`` with other blocks is re-planned for it: the same mask on
-            other blocks). ``"cudnn"``:
+            other blocks). ``"mosaic_tpu"``: one fused Pallas Mosaic TPU kernel per
+            pass (a TPU kernel; elsewhere in Pallas interpret mode, slowly); query
+            blocks multiples of 8 and key blocks of 128; it refuses ``score_mod`` arrays
+            that need gradients, and closed-over arrays read at an index that varies
+            with both the query and the key position. ``"cudnn"``:
             ``jax.nn.dot_product_attention(implementation="cudnn")`` on a GPU, only for
             masks cuDNN expresses exactly (causal, causal with a left window, sequence
             lengths, ``bias``; float16/bfloat16; head dimension a multiple of 8, at most
@@ -268,8 +275,8 @@ def dot_product_attention(
         key_value_seq_lengths: ``(B,)`` int: keys at or past it are masked.
         local_window_size: ``(left, right)`` or ``w`` for ``(w, w)``: key ``s`` visible
             from ``t`` only if ``t - left <= s <= t + right``.
-        implementation: ``None``, ``"xla"``, ``"triton"`` (alias ``"pallas"``) or
-            ``"cudnn"``, as in
+        implementation: ``None``, ``"xla"``, ``"triton"`` (alias ``"pallas"``),
+            ``"mosaic_tpu"`` or ``"cudnn"``, as in
             ``masked_attention_via_map``.
         return_residual: Also return the log-sum-exp of each row's scores, ``(B, T, N)``
             (``(T, N)`` for 3-D inputs), as ``jax.nn`` does.

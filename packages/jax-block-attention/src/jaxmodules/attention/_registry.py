@@ -18,6 +18,7 @@ from typing import Any
 from . import _cudnn as cudnn
 from ._call import Call, Fits, any_blocks
 from ._mosaic_gpu import _plugin as mosaic_gpu
+from ._mosaic_tpu import _plugin as mosaic_tpu
 from ._pallas import _plugin as triton
 from ._plan import BlockSizes
 from ._tile_program import Lowerable
@@ -76,6 +77,8 @@ BACKENDS = (
     # After Triton until a GPU's numbers decide; first where Triton refuses (missing).
     Backend("mosaic_gpu", ("cuda",), 2, mosaic_gpu.refusal, mosaic_gpu.run, "_mosaic_gpu", (),
             mosaic_gpu.block_sizes, mosaic_gpu.fits, mosaic_gpu.MOSAIC_GPU, mosaic_gpu.variant),
+    Backend("mosaic_tpu", ("tpu",), 1, mosaic_tpu.refusal, mosaic_tpu.run, "_mosaic_tpu", (),
+            mosaic_tpu.block_sizes, mosaic_tpu.fits, mosaic_tpu.MOSAIC_TPU, mosaic_tpu.variant),
     Backend("xla", None, 99, xla.refusal, xla.run, "_xla", (), xla.block_sizes,
             variant=xla.variant),
 )
