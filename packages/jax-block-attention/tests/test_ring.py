@@ -320,7 +320,7 @@ def test_one_device_mesh_matches():
         (dict(seq_axis="time"), ValueError, "seq_axis"),
         (dict(q_offset=jnp.zeros((1,), jnp.int32)), TypeError, "q_offset"),
         (dict(frobnicate=1), TypeError, "frobnicate"),
-        (dict(implementation="triton"), ValueError, "implementation must be"),
+        (dict(implementation="tpu"), ValueError, "implementation must be"),
     ],
 )
 @pytest.mark.compat
