@@ -120,6 +120,65 @@ INTERNALS: list[Entry] = [
     _name("jax.errors.JAXTypeError", "_elementwise.py"),
     _name("jax.dtypes.float0", "_scores.py, _ring/_steps.py"),
     _name("jax.dtypes.prng_key", "_dropout.py"),
+    # The Mosaic backends: each refuses every call on a jax without them, and is
+    # required from the jax its kernels were written against.
+    _name(
+        "jax._src.pallas.mosaic.lowering.lowering_rules",
+        "_mosaic_tpu/_rules.py",
+        instead="absent: the mosaic_tpu backend refuses every call",
+        since=(0, 12),
+    ),
+    *[
+        _name(
+            f"jax.experimental.pallas.tpu.{n}",
+            "_mosaic_tpu/",
+            instead="absent: the mosaic_tpu backend refuses every call",
+            since=(0, 12),
+        )
+        for n in ("CompilerParams", "PrefetchScalarGridSpec", "VMEM", "InterpretParams")
+    ],
+    *[
+        _name(
+            dotted,
+            "_mosaic_gpu/_rules.py",
+            instead="absent: the mosaic_gpu backend refuses every call",
+            since=(0, 12),
+        )
+        for dotted in (
+            "jax._src.pallas.mosaic_gpu.lowering.mosaic_lowering_rules",
+            "jax._src.pallas.mosaic_gpu.core.LANExWG_SEMANTICS",
+        )
+    ],
+    *[
+        _name(
+            f"jax.experimental.pallas.mosaic_gpu.{n}",
+            "_mosaic_gpu/",
+            instead="absent: the mosaic_gpu backend refuses every call",
+            since=(0, 12),
+        )
+        for n in (
+            "kernel",
+            "InterpretGPUParams",
+            "set_max_registers",
+            "wgmma",
+            "Layout",
+            "SMEM",
+            "Barrier",
+            "barrier_arrive",
+            "barrier_wait",
+            "copy_gmem_to_smem",
+            "copy_smem_to_gmem",
+            "commit_smem",
+            "wait_smem_to_gmem",
+            "SwizzleTransform",
+            "TilingTransform",
+            "CompilerParams",
+            "ACC",
+            "layout_cast",
+            "load",
+            "broadcasted_iota",
+        )
+    ],
     (
         "jaxpr form of scalar indexing (dynamic_slice + squeeze)",
         "_pallas/_tile_program.py",
