@@ -97,7 +97,8 @@ def outside_reads(
         value = value.reshape((1,) * (4 - value.ndim) + value.shape)
         boolean = value.dtype == jnp.bool_
         inputs.append(value.astype(jnp.int32) if boolean else value)
-        specs.append(ReadSpec(tuple(n > 1 for n in value.shape), boolean))
+        b, h, q, k = (n > 1 for n in value.shape)
+        specs.append(ReadSpec((b, h, q, k), boolean))
     return inputs, specs
 
 
