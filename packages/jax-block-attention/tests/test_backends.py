@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from jaxmodules.attention import _mosaic_tpu, _pallas, _xla, masked_attention_via_map
+from jaxmodules.attention._mosaic_tpu import _rules as _mosaic_tpu_rules
 
 try:
     from jax.experimental.pallas import triton as _pl_triton  # noqa: F401
@@ -24,10 +25,14 @@ except ImportError as err:  # pragma: no cover - depends on the installed jax
 else:
     _NO_PALLAS = ""
 
+_NO_MOSAIC_TPU = _mosaic_tpu_rules.mosaic_tpu_problem() or ""
+
 BACKENDS = [
     "xla",
     pytest.param("triton", marks=pytest.mark.skipif(bool(_NO_PALLAS), reason=_NO_PALLAS)),
-    "mosaic_tpu",
+    pytest.param(
+        "mosaic_tpu", marks=pytest.mark.skipif(bool(_NO_MOSAIC_TPU), reason=_NO_MOSAIC_TPU)
+    ),
 ]
 ENTRY = {"xla": _xla, "triton": _pallas, "mosaic_tpu": _mosaic_tpu}
 

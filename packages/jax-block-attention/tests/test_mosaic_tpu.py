@@ -12,6 +12,9 @@ import pytest
 
 from jaxmodules.attention import create_block_mask, explain_dispatch, masked_attention_via_map
 from jaxmodules.attention._mosaic_tpu._lists import kernel_lists
+from jaxmodules.attention._mosaic_tpu._rules import mosaic_tpu_problem
+
+pytestmark = pytest.mark.skipif(mosaic_tpu_problem() is not None, reason=mosaic_tpu_problem() or "")
 
 
 def _documents(b, h, q, k):

@@ -42,6 +42,8 @@ class CheckedArguments:
 def _as_array(x: Any, name: str) -> jax.Array:
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         try:
+            if x is None or isinstance(x, (str, bytes)):  # older jax makes them arrays
+                raise TypeError("not array-like")
             x = jnp.asarray(x)
         except (TypeError, ValueError) as err:
             raise TypeError(f"{name} must be an array, got {type(x).__name__}: {err}") from None

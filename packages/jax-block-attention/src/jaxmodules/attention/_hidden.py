@@ -25,15 +25,21 @@ Array = Any  # jax.Array, or a tile inside a Pallas kernel
 _F32 = jnp.float32
 
 
+def is_finite(x: Array) -> Array:
+    """``jnp.isfinite`` spelled with ``abs`` and ``<`` (NaN compares false): Pallas
+    Triton lowerings before jax 0.6 have no rule for the ``is_finite`` primitive."""
+    return jnp.abs(x) < jnp.inf
+
+
 def finite(x: Array) -> Array:
     """``x`` with its non-finite entries replaced by 0."""
-    return jnp.where(jnp.isfinite(x), x, jnp.zeros((), x.dtype))
+    return jnp.where(is_finite(x), x, jnp.zeros((), x.dtype))
 
 
 def any_non_finite(x: Array) -> Array:
     """Whether a tile holds a NaN or an inf: a boolean scalar, reduced one axis at a
     time (as Triton reduces)."""
-    bad = jnp.where(jnp.isfinite(x), 0.0, 1.0).astype(_F32)
+    bad = jnp.where(is_finite(x), 0.0, 1.0).astype(_F32)
     while jnp.ndim(bad):
         bad = bad.max(axis=-1)
     return bad > 0.0

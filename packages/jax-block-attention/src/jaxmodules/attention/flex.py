@@ -356,6 +356,8 @@ def _is_score_mod(fn: Callable[..., Any]) -> bool:
 def _as_bhle(x: Any, name: str) -> jax.Array:
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         try:
+            if x is None or isinstance(x, (str, bytes)):  # older jax makes them arrays
+                raise TypeError("not array-like")
             x = jnp.asarray(x)
         except (TypeError, ValueError) as err:
             raise TypeError(

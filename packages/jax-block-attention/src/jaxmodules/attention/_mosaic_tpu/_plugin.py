@@ -10,7 +10,7 @@ from typing import Any
 
 from .._call import Call
 from ._entry import attend, block_sizes, call_problem, fits
-from ._rules import MOSAIC_TPU
+from ._rules import MOSAIC_TPU, mosaic_tpu_problem
 
 __all__ = ["MOSAIC_TPU", "block_sizes", "fits", "refusal", "run", "variant"]
 
@@ -22,6 +22,9 @@ def variant(platform: str) -> bool:
 
 def refusal(call: Call, platform: str) -> str | None:
     """Why the kernels cannot compute ``call`` when lowered for ``platform``."""
+    problem = mosaic_tpu_problem()
+    if problem is not None:
+        return problem
     if call.empty:
         return None
     block_mask = call.block_mask(block_sizes, fits, platform)

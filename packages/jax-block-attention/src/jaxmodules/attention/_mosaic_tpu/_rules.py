@@ -29,6 +29,27 @@ def _lowering_rules() -> Any:
     return rules
 
 
+@functools.cache
+def mosaic_tpu_problem() -> str | None:
+    """Why this jax cannot build the Mosaic TPU kernels (an older Pallas TPU API), or
+    ``None`` when it can."""
+    try:
+        from jax.experimental.pallas import tpu as pltpu
+    except ImportError:  # pragma: no cover - depends on the installed jax
+        return f"this jax ({jax.__version__}) has no Pallas TPU module"
+    missing = [
+        name
+        for name in ("CompilerParams", "PrefetchScalarGridSpec", "VMEM")
+        if not hasattr(pltpu, name)
+    ]
+    if missing or _lowering_rules() is None:
+        return (
+            f"this jax ({jax.__version__}) lacks the Pallas TPU API its kernels use "
+            f'({", ".join(missing) or "lowering rules"}): use implementation="xla"'
+        )
+    return None
+
+
 def mosaic_lowering_problem(primitive: Any) -> str | None:
     """Why the Mosaic TPU lowering cannot take ``primitive``, or ``None`` when it can."""
     rules = _lowering_rules()
