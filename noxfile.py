@@ -483,16 +483,16 @@ def gpu_compile(session: nox.Session) -> None:
     jax_version = session.run_install(
         "python", "-c", "import jax; print(jax.__version__)", silent=True
     )
+    env = {"PYTHONPATH": str(ROOT / "benchmarks")}
     if jax_version is not None:  # None: installs skipped (nox --no-install on a reused venv)
         version = jax_version.strip()
-        session.install(
-            f"jax-cuda13-plugin=={version}", f"jax-cuda13-pjrt=={version}", "absl-py", PTXAS
-        )
-    # The wheel's own ptxas, not whatever CUDA the machine may have: same figures anywhere.
-    ptxas = session.run_install("python", "-c", _PTXAS_PATH, silent=True)
-    env = {"PYTHONPATH": str(ROOT / "benchmarks")}
-    if ptxas is not None:
-        env["PTXAS"] = ptxas.strip()
+        session.install(f"jax-cuda13-plugin=={version}", f"jax-cuda13-pjrt=={version}", "absl-py")
+        # NVIDIA's ptxas in a folder of its own: inside the venv, XLA would find it before
+        # the report's logging wrapper on the PATH.
+        tools = Path(session.create_tmp()) / "ptxas"
+        installer = ["uv", "pip"] if session.venv_backend == "uv" else ["python", "-m", "pip"]
+        session.run_install(*installer, "install", "--quiet", "--target", str(tools), PTXAS)
+        env["PTXAS"] = str(tools / "nvidia" / "cu13" / "bin" / "ptxas")
     session.run("python", "-m", "compile_report", "--target", "cuda", *session.posargs, env=env)
 
 
