@@ -80,6 +80,23 @@ class Call:
         lse = jnp.full((q.shape[0], q.shape[2], q.shape[1]), -jnp.inf, jnp.float32)
         return out, lse
 
+    def run_on_block_mask(
+        self,
+        attend: Callable[..., tuple[Any, Any]],
+        block_sizes: BlockSizes,
+        fits: Fits,
+        platform: str,
+        **options: Any,
+    ) -> tuple[Any, Any]:
+        """``(out, lse)`` by a backend's ``attend(q, k, v, block_mask, scale, scores,
+        operands, **options)`` on the block mask planned for it (see ``block_mask``); an
+        empty call gives the empty result without calling it."""
+        if self.empty:
+            return self.empty_result()
+        block_mask = self.block_mask(block_sizes, fits, platform)
+        a = self.args
+        return attend(a.q, a.k, a.v, block_mask, self.scale, self.scores, self.operands, **options)
+
     def block_mask(self, block_sizes: BlockSizes, fits: Fits, platform: str) -> BlockMask:
         """The call's block mask for a backend whose default block sizes are
         ``block_sizes`` (given the platform) and which tiles the pairs ``fits`` takes: a

@@ -42,17 +42,6 @@ def refusal(call: Call, platform: str) -> str | None:
 
 def run(call: Call, platform: str) -> tuple[Any, Any]:
     """``(out, lse)`` of ``call`` by the kernels, interpreted off a GPU."""
-    if call.empty:
-        return call.empty_result()
-    block_mask = call.block_mask(block_sizes, fits, platform)
-    args = call.args
-    return attend(
-        args.q,
-        args.k,
-        args.v,
-        block_mask,
-        call.scale,
-        call.scores,
-        call.operands,
-        interpret=platform not in GPUS,
+    return call.run_on_block_mask(
+        attend, block_sizes, fits, platform, interpret=platform not in GPUS
     )

@@ -23,8 +23,4 @@ def refusal(call: Call, platform: str) -> str | None:
 
 def run(call: Call, platform: str) -> tuple[Any, Any]:
     """``(out, lse)`` of ``call`` by the block loop."""
-    if call.empty:
-        return call.empty_result()
-    block_mask = call.block_mask(block_sizes, any_blocks, platform)
-    args = call.args
-    return attend(args.q, args.k, args.v, block_mask, call.scale, call.scores, call.operands)
+    return call.run_on_block_mask(attend, block_sizes, any_blocks, platform)
