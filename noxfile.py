@@ -389,12 +389,18 @@ def flex_torch(session: nox.Session) -> None:
 @nox.session(tags=["tests"])
 def integration(session: nox.Session) -> None:
     """All packages and the meta-package installed together; runs tests-integration/."""
-    session.install(*map(str, _all_wheels(session)), *INTEGRATION_DEPS)
+    session.install(*map(str, _all_wheels(session)), *INTEGRATION_DEPS, "pytest-xdist>=3.5")
+    # Two processes, each test file in one of them (the files share trained models
+    # through module fixtures); the suite's time is XLA compiling, as in the unit tests.
     _pytest(
         session,
         str(ROOT / "tests-integration"),
+        "-n",
+        "2",
+        "--dist",
+        "loadfile",
         *session.posargs,
-        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
+        env={"XLA_FLAGS": f"{CHEAP_XLA_CODEGEN} --xla_force_host_platform_device_count=4"},
     )
 
 
