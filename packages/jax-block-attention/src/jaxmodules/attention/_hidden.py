@@ -55,18 +55,61 @@ def values_through(
 
     ``dot(a, b)`` is the tile product, float32 result; ``visible`` broadcasts to
     ``w``'s shape."""
+    return add_values_through(None, w, visible, v, dot)
+
+
+def add_values_through(
+    acc: Array | None, w: Array, visible: Array, v: Array, dot: Callable[[Array, Array], Array]
+) -> Array:
+    """``acc + values_through(w, visible, v, dot)`` (``acc`` float32, ``None`` for 0),
+    with each product consumed before the next is made: inside a kernel only one
+    float32 tile beyond ``acc`` is live at a time. Two products: the finite values, and
+    one of small integer codes that counts, per (row, column), the visible non-finite
+    values of each kind (four products of plain counts where the codes do not fit
+    ``v``'s dtype)."""
     visible = jnp.broadcast_to(visible, w.shape)
-    dtype = v.dtype
-
-    def ones(x: Array) -> Array:
-        return jnp.where(x, 1.0, 0.0).astype(dtype)
-
     clean = dot(w, finite(v))
-    taking = ones(w > 0.0)  # w > 0 only on visible pairs: hidden ones have w == 0
-    up = dot(taking, ones(v == jnp.inf))
-    down = dot(taking, ones(v == -jnp.inf))
-    nan = dot(ones(visible), ones(jnp.isnan(v))) + dot(
-        ones(visible & (w == 0.0)), ones(jnp.isinf(v))
-    )
-    out = clean + jnp.where(up > 0.0, jnp.inf, 0.0) + jnp.where(down > 0.0, -jnp.inf, 0.0)
-    return jnp.where(nan > 0.0, jnp.nan, out)
+    acc = clean if acc is None else acc + clean
+    n = v.shape[-2]  # the keys a product sums over
+    # Each count is at most n, so counts weighted by powers of two never mix: +inf counts
+    # 1 and -inf counts `minus` (> n) where w > 0; a NaN, or an inf where a visible
+    # w == 0, counts at least `nan_code` (> minus * n). Powers of two are exact in any float
+    # dtype, and the sums exact in float32 below 2**24; above `nan_code` only that matters.
+    minus = 1 << n.bit_length()
+    nan_code = 1 << (minus * n).bit_length()
+    taking = w > 0.0  # only on visible pairs: hidden ones have w == 0
+    pos, neg, bad = v == jnp.inf, v == -jnp.inf, jnp.isnan(v)
+    if nan_code <= jnp.finfo(v.dtype).max and minus * n < 2**24:
+        codes = dot(
+            _code(v.dtype, (taking, 1), (visible, nan_code)),
+            _code(v.dtype, (pos, 1), (neg, minus), (bad, nan_code)),
+        )
+        infs = jnp.where(codes >= nan_code, 0.0, codes)
+        acc = _add_infs(acc, infs, minus)
+        return jnp.where(codes >= nan_code, jnp.nan, acc)
+    # Codes too wide for v's dtype (float16 with tiles of 128 keys or more): plain 0/1
+    # counts, one product each.
+    def count(a: Array, b: Array) -> Array:
+        return dot(_code(v.dtype, (a, 1)), _code(v.dtype, (b, 1)))
+
+    acc = acc + jnp.where(count(taking, pos) > 0.0, jnp.inf, 0.0)
+    acc = acc + jnp.where(count(taking, neg) > 0.0, -jnp.inf, 0.0)
+    acc = jnp.where(count(visible, bad) > 0.0, jnp.nan, acc)
+    return jnp.where(count(visible & ~taking, pos | neg) > 0.0, jnp.nan, acc)
+
+
+def _code(dtype: Any, *cases: tuple[Array, int]) -> Array:
+    """The first case's code where its condition holds, 0 where none does."""
+    out = jnp.zeros((), dtype)
+    for where, code in reversed(cases):
+        out = jnp.where(where, jnp.asarray(code, dtype), out)
+    return out
+
+
+def _add_infs(acc: Array, infs: Array, minus: int) -> Array:
+    """``acc`` plus ``+inf`` where ``infs`` counts a ``+inf`` (its remainder by
+    ``minus``) and ``-inf`` where it counts a ``-inf`` (its quotient): NaN for both."""
+    below = jnp.floor(infs * (1.0 / minus))  # exact: minus is a power of two
+    up = infs - below * minus
+    acc = acc + jnp.where(up > 0.0, jnp.inf, 0.0)
+    return acc + jnp.where(below > 0.0, -jnp.inf, 0.0)

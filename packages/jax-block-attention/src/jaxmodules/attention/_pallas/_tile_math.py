@@ -16,7 +16,7 @@ from jax import lax
 from .._band import in_band
 from .._config import BlockConfig
 from .._dropout import keep_tile, threshold
-from .._hidden import any_non_finite, values_through
+from .._hidden import add_values_through, any_non_finite
 from .._scores import ScoreMod
 from ._tile_program import _MIN_TILE, ArrayRead, evaluate_on_tile, reader_for
 from ._tuning import Tuning
@@ -351,19 +351,22 @@ def softmax_step(
     if keep is not None:
         p = jnp.where(keep, p, 0.0)
     p = p.astype(v_blk.dtype)
+    acc = alpha[:, None] * acc
     if visible is None:
-        pv = _matmul(p, v_blk)
+        acc = acc + _matmul(p, v_blk)
     else:
-        # Fresh branch functions: lax.cond caches the jaxpr of a function it has seen,
-        # and _matmul's precision depends on how the kernel is being traced.
-        pv = lax.cond(
+        # The careful product adds into acc, one float32 tile live beside it at a time
+        # (the registers of the plain path's). Fresh branch functions: lax.cond caches
+        # the jaxpr of a function it has seen, and _matmul's precision depends on how
+        # the kernel is being traced.
+        acc = lax.cond(
             any_non_finite(v_blk),
-            lambda p, v: values_through(p, visible, v, _matmul),
-            lambda p, v: _matmul(p, v),
+            lambda acc, p, v: add_values_through(acc, p, visible, v, _matmul),
+            lambda acc, p, v: acc + _matmul(p, v),
+            acc,
             p,
             v_blk,
         )
-    acc = alpha[:, None] * acc + pv
     return m_new, l, acc
 
 
