@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax.numpy as jnp
+from jax import lax
 
 Array = Any  # jax.Array, or a tile inside a Pallas kernel
 _F32 = jnp.float32
@@ -59,43 +60,55 @@ def values_through(
 
 
 def add_values_through(
-    acc: Array | None, w: Array, visible: Array, v: Array, dot: Callable[[Array, Array], Array]
+    acc: Array | None,
+    w: Array,
+    visible: Array | None,
+    v: Array,
+    dot: Callable[[Array, Array], Array],
+    count: Callable[[Array, Array], Array] | None = None,
 ) -> Array:
     """``acc + values_through(w, visible, v, dot)`` (``acc`` float32, ``None`` for 0),
-    with each product consumed before the next is made: inside a kernel only one
-    float32 tile beyond ``acc`` is live at a time. Two products: the finite values, and
-    one of small integer codes that counts, per (row, column), the visible non-finite
-    values of each kind (four products of plain counts where the codes do not fit
-    ``v``'s dtype)."""
-    visible = jnp.broadcast_to(visible, w.shape)
+    each product consumed before the next is made, so that inside a kernel only one
+    tile beyond ``acc`` is live at a time: the finite values by ``dot``, then the
+    visible non-finite ones counted by two products of small integer codes.
+
+    ``visible=None`` reads the hidden pairs from ``w`` itself, as its ``-0.0`` entries
+    (``hide_in_sign``): a kernel then keeps no mask tile live until here. ``count(a,
+    b)`` multiplies two float16 code tiles; its sums need be exact only below ``2 *
+    keys`` (a float16 accumulator, half the registers of a float32 one, serves up to
+    1024 keys); by default ``dot`` on codes in ``v``'s dtype."""
+    visible = ~_sign_bit(w) if visible is None else jnp.broadcast_to(visible, w.shape)
     clean = dot(w, finite(v))
     acc = clean if acc is None else acc + clean
-    n = v.shape[-2]  # the keys a product sums over
-    # Each count is at most n, so counts weighted by powers of two never mix: +inf counts
-    # 1 and -inf counts `minus` (> n) where w > 0; a NaN, or an inf where a visible
-    # w == 0, counts at least `nan_code` (> minus * n). Powers of two are exact in any float
-    # dtype, and the sums exact in float32 below 2**24; above `nan_code` only that matters.
-    minus = 1 << n.bit_length()
-    nan_code = 1 << (minus * n).bit_length()
+    # Per (row, column), a count of +inf (then -inf) values where w > 0 is at most n,
+    # the keys summed over; `big` (a power of two > n, exact in any float dtype) marks
+    # a NaN or an inf where a visible w == 0: each makes a sum >= big, a NaN there.
+    n = v.shape[-2]
+    big = 1 << n.bit_length()
+    dtype: Any = jnp.float16
+    if count is None:
+        dtype = v.dtype if big <= jnp.finfo(v.dtype).max else _F32
+        count = dot
+    elif 2 * n > 2048:
+        raise ValueError(f"a float16 count over {n} keys could round; at most 1024 are exact")
     taking = w > 0.0  # only on visible pairs: hidden ones have w == 0
-    pos, neg, bad = v == jnp.inf, v == -jnp.inf, jnp.isnan(v)
-    if nan_code <= jnp.finfo(v.dtype).max and minus * n < 2**24:
-        codes = dot(
-            _code(v.dtype, (taking, 1), (visible, nan_code)),
-            _code(v.dtype, (pos, 1), (neg, minus), (bad, nan_code)),
-        )
-        infs = jnp.where(codes >= nan_code, 0.0, codes)
-        acc = _add_infs(acc, infs, minus)
-        return jnp.where(codes >= nan_code, jnp.nan, acc)
-    # Codes too wide for v's dtype (float16 with tiles of 128 keys or more): plain 0/1
-    # counts, one product each.
-    def count(a: Array, b: Array) -> Array:
-        return dot(_code(v.dtype, (a, 1)), _code(v.dtype, (b, 1)))
+    weights = _code(dtype, (taking, 1), (visible, big))
+    for inf, bad in ((jnp.inf, jnp.isnan(v)), (-jnp.inf, None)):
+        codes = _code(dtype, (v == inf, 1), *(() if bad is None else ((bad, big),)))
+        sums = count(weights, codes)
+        acc = acc + jnp.where(sums > 0.0, jnp.where(sums >= big, jnp.nan, inf), 0.0)
+    return acc
 
-    acc = acc + jnp.where(count(taking, pos) > 0.0, jnp.inf, 0.0)
-    acc = acc + jnp.where(count(taking, neg) > 0.0, -jnp.inf, 0.0)
-    acc = jnp.where(count(visible, bad) > 0.0, jnp.nan, acc)
-    return jnp.where(count(visible & ~taking, pos | neg) > 0.0, jnp.nan, acc)
+
+def hide_in_sign(w: Array, visible: Array) -> Array:
+    """``w`` (``>= 0``) with its hidden pairs ``-0.0``: a product ignores the sign of a
+    zero, and ``add_values_through(..., visible=None)`` reads it."""
+    return jnp.where(visible, w, jnp.asarray(-0.0, w.dtype))
+
+
+def _sign_bit(x: Array) -> Array:
+    bits = {2: jnp.int16, 4: jnp.int32}[jnp.dtype(x.dtype).itemsize]
+    return lax.bitcast_convert_type(x, bits) < 0
 
 
 def _code(dtype: Any, *cases: tuple[Array, int]) -> Array:
@@ -104,12 +117,3 @@ def _code(dtype: Any, *cases: tuple[Array, int]) -> Array:
     for where, code in reversed(cases):
         out = jnp.where(where, jnp.asarray(code, dtype), out)
     return out
-
-
-def _add_infs(acc: Array, infs: Array, minus: int) -> Array:
-    """``acc`` plus ``+inf`` where ``infs`` counts a ``+inf`` (its remainder by
-    ``minus``) and ``-inf`` where it counts a ``-inf`` (its quotient): NaN for both."""
-    below = jnp.floor(infs * (1.0 / minus))  # exact: minus is a power of two
-    up = infs - below * minus
-    acc = acc + jnp.where(up > 0.0, jnp.inf, 0.0)
-    return acc + jnp.where(below > 0.0, -jnp.inf, 0.0)
