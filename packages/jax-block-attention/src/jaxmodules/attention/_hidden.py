@@ -38,12 +38,13 @@ def finite(x: Array) -> Array:
 
 
 def any_non_finite(x: Array) -> Array:
-    """Whether a tile holds a NaN or an inf: a boolean scalar, reduced one axis at a
-    time (as Triton reduces)."""
-    bad = jnp.where(is_finite(x), 0.0, 1.0).astype(_F32)
-    while jnp.ndim(bad):
-        bad = bad.max(axis=-1)
-    return bad > 0.0
+    """Whether a tile holds a NaN or an inf: a boolean scalar. ``x * 0`` is NaN exactly
+    there, and its sum, reduced one axis at a time (as Triton reduces) in ``x``'s own
+    dtype, is NaN exactly when one is (no float32 copy of a 16-bit tile)."""
+    zeros = x * jnp.zeros((), x.dtype)
+    while jnp.ndim(zeros):
+        zeros = zeros.sum(axis=-1, dtype=x.dtype)
+    return zeros != zeros
 
 
 def values_through(
