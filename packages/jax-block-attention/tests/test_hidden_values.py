@@ -281,3 +281,51 @@ def test_score_mod_gradients_past_hidden_keys(ref, implementation):
     _check_rows(out, np.asarray(expected_out), atol)
     for got, want in zip(grads, expected, strict=True):
         _check_rows(got, want, 10 * atol)
+
+
+def _reference_values(w, visible, v):
+    """``w @ v`` over the visible pairs only, in float64 (0 * inf and inf - inf NaN)."""
+    w64, v64 = np.asarray(w, np.float64), np.asarray(v, np.float64)
+    with np.errstate(invalid="ignore"):
+        terms = w64[:, :, None] * v64[None, :, :]
+        return np.where(np.asarray(visible)[:, :, None], terms, 0.0).sum(axis=1)
+
+
+@pytest.mark.parametrize("keys", [16, 64])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("counts", ["dot", "float16"])
+def test_values_through_counts_every_kind(keys, dtype, counts):
+    """``add_values_through`` on one tile against float64 sums over the visible pairs:
+    NaN and +-inf (and both signs, and an inf under a visible weight 0) where a visible
+    pair holds them, the finite sum elsewhere; with the mask given, or read from the
+    sign of the weights (``-0.0`` hidden) as the Triton forward passes it, and with the
+    kernels' float16 count products."""
+    from jaxmodules.attention._hidden import add_values_through, any_non_finite, hide_in_sign
+    from jaxmodules.attention._pallas._tile_math import _count
+
+    rng = np.random.default_rng(keys)
+    rows, cols = 32, 16
+    visible = rng.random((rows, keys)) < 0.6
+    w = np.where(visible, rng.random((rows, keys)), 0.0)
+    w = np.where(rng.random((rows, keys)) < 0.1, 0.0, w)  # visible weights 0 (dropout)
+    v = rng.standard_normal((keys, cols))
+    spots = rng.random((keys, cols))
+    v = np.where(spots < 0.03, np.nan, np.where(spots < 0.06, np.inf, v))
+    v = np.where(spots > 0.97, -np.inf, v)
+    w, v = jnp.asarray(w, dtype), jnp.asarray(v, dtype)
+    acc = jnp.asarray(rng.standard_normal((rows, cols)), jnp.float32)
+
+    def dot(a, b):
+        return jnp.matmul(a, b, precision="highest", preferred_element_type=jnp.float32)
+
+    count = _count if counts == "float16" else None
+    expected = _reference_values(w, visible, v) + np.asarray(acc, np.float64)
+    kinds = (np.isnan(expected), expected == np.inf, expected == -np.inf)
+    assert all(k.any() for k in kinds) and np.isfinite(expected).any()
+    for mask, weights in ((visible, w), (None, hide_in_sign(w, visible))):
+        out = np.asarray(add_values_through(acc, weights, mask, v, dot, count))
+        for kind, want in zip((np.isnan(out), out == np.inf, out == -np.inf), kinds, strict=True):
+            np.testing.assert_array_equal(kind, want)
+        finite = np.isfinite(expected)
+        np.testing.assert_allclose(out[finite], expected[finite], rtol=1e-5, atol=1e-5)
+    assert bool(any_non_finite(v)) and not bool(any_non_finite(jnp.where(jnp.isfinite(v), v, 1)))

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax.numpy as jnp
+from jax import lax
 
 Array = Any  # jax.Array, or a tile inside a Pallas kernel
 _F32 = jnp.float32
@@ -37,12 +38,13 @@ def finite(x: Array) -> Array:
 
 
 def any_non_finite(x: Array) -> Array:
-    """Whether a tile holds a NaN or an inf: a boolean scalar, reduced one axis at a
-    time (as Triton reduces)."""
-    bad = jnp.where(is_finite(x), 0.0, 1.0).astype(_F32)
-    while jnp.ndim(bad):
-        bad = bad.max(axis=-1)
-    return bad > 0.0
+    """Whether a tile holds a NaN or an inf: a boolean scalar. ``x * 0`` is NaN exactly
+    there, and its sum, reduced one axis at a time (as Triton reduces) in ``x``'s own
+    dtype, is NaN exactly when one is (no float32 copy of a 16-bit tile)."""
+    zeros = x * jnp.zeros((), x.dtype)
+    while jnp.ndim(zeros):
+        zeros = zeros.sum(axis=-1, dtype=x.dtype)
+    return zeros != zeros
 
 
 def values_through(
@@ -55,18 +57,64 @@ def values_through(
 
     ``dot(a, b)`` is the tile product, float32 result; ``visible`` broadcasts to
     ``w``'s shape."""
-    visible = jnp.broadcast_to(visible, w.shape)
-    dtype = v.dtype
+    return add_values_through(None, w, visible, v, dot)
 
-    def ones(x: Array) -> Array:
-        return jnp.where(x, 1.0, 0.0).astype(dtype)
 
+def add_values_through(
+    acc: Array | None,
+    w: Array,
+    visible: Array | None,
+    v: Array,
+    dot: Callable[[Array, Array], Array],
+    count: Callable[[Array, Array], Array] | None = None,
+) -> Array:
+    """``acc + values_through(w, visible, v, dot)`` (``acc`` float32, ``None`` for 0),
+    each product consumed before the next is made, so that inside a kernel only one
+    tile beyond ``acc`` is live at a time: the finite values by ``dot``, then the
+    visible non-finite ones counted by two products of small integer codes.
+
+    ``visible=None`` reads the hidden pairs from ``w`` itself, as its ``-0.0`` entries
+    (``hide_in_sign``): a kernel then keeps no mask tile live until here. ``count(a,
+    b)`` multiplies two float16 code tiles; its sums need be exact only below ``2 *
+    keys`` (a float16 accumulator, half the registers of a float32 one, serves up to
+    1024 keys); by default ``dot`` on codes in ``v``'s dtype."""
+    visible = ~_sign_bit(w) if visible is None else jnp.broadcast_to(visible, w.shape)
     clean = dot(w, finite(v))
-    taking = ones(w > 0.0)  # w > 0 only on visible pairs: hidden ones have w == 0
-    up = dot(taking, ones(v == jnp.inf))
-    down = dot(taking, ones(v == -jnp.inf))
-    nan = dot(ones(visible), ones(jnp.isnan(v))) + dot(
-        ones(visible & (w == 0.0)), ones(jnp.isinf(v))
-    )
-    out = clean + jnp.where(up > 0.0, jnp.inf, 0.0) + jnp.where(down > 0.0, -jnp.inf, 0.0)
-    return jnp.where(nan > 0.0, jnp.nan, out)
+    acc = clean if acc is None else acc + clean
+    # Per (row, column), a count of +inf (then -inf) values where w > 0 is at most n,
+    # the keys summed over; `big` (a power of two > n, exact in any float dtype) marks
+    # a NaN or an inf where a visible w == 0: each makes a sum >= big, a NaN there.
+    n = v.shape[-2]
+    big = 1 << n.bit_length()
+    dtype: Any = jnp.float16
+    if count is None:
+        dtype = v.dtype if big <= jnp.finfo(v.dtype).max else _F32
+        count = dot
+    elif 2 * n > 2048:
+        raise ValueError(f"a float16 count over {n} keys could round; at most 1024 are exact")
+    taking = w > 0.0  # only on visible pairs: hidden ones have w == 0
+    weights = _code(dtype, (taking, 1), (visible, big))
+    for inf, bad in ((jnp.inf, jnp.isnan(v)), (-jnp.inf, None)):
+        codes = _code(dtype, (v == inf, 1), *(() if bad is None else ((bad, big),)))
+        sums = count(weights, codes)
+        acc = acc + jnp.where(sums > 0.0, jnp.where(sums >= big, jnp.nan, inf), 0.0)
+    return acc
+
+
+def hide_in_sign(w: Array, visible: Array) -> Array:
+    """``w`` (``>= 0``) with its hidden pairs ``-0.0``: a product ignores the sign of a
+    zero, and ``add_values_through(..., visible=None)`` reads it."""
+    return jnp.where(visible, w, jnp.asarray(-0.0, w.dtype))
+
+
+def _sign_bit(x: Array) -> Array:
+    bits = {2: jnp.int16, 4: jnp.int32}[jnp.dtype(x.dtype).itemsize]
+    return lax.bitcast_convert_type(x, bits) < 0
+
+
+def _code(dtype: Any, *cases: tuple[Array, int]) -> Array:
+    """The first case's code where its condition holds, 0 where none does."""
+    out = jnp.zeros((), dtype)
+    for where, code in reversed(cases):
+        out = jnp.where(where, jnp.asarray(code, dtype), out)
+    return out

@@ -16,7 +16,7 @@ from jax import lax
 from .._band import in_band
 from .._config import BlockConfig
 from .._dropout import keep_tile, threshold
-from .._hidden import any_non_finite, values_through
+from .._hidden import add_values_through, any_non_finite, hide_in_sign
 from .._scores import ScoreMod
 from ._tile_program import _MIN_TILE, ArrayRead, evaluate_on_tile, reader_for
 from ._tuning import Tuning
@@ -320,6 +320,13 @@ def _matmul(a: Array, b: Array) -> Array:
     return lax.dot_general(a, b, dims, precision=_precision(a, b), preferred_element_type=_F32)
 
 
+def _count(a: Array, b: Array) -> Array:
+    """``a @ b`` of float16 small-integer codes, summed in float16: exact below 2048,
+    in half the registers of a float32 tile (``_hidden.add_values_through``)."""
+    dims = (((1,), (0,)), ((), ()))
+    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float16)
+
+
 # Scores inside the kernels are in base 2 (``log2(e)`` times the score), so that the
 # softmax exponentials are ``exp2`` (one ``ex2`` instruction on a GPU, where ``exp``
 # costs a multiplication more); without a score pipeline the factor is folded into the
@@ -350,20 +357,23 @@ def softmax_step(
     l = alpha * l + p.sum(axis=1)
     if keep is not None:
         p = jnp.where(keep, p, 0.0)
-    p = p.astype(v_blk.dtype)
+    acc = alpha[:, None] * acc
     if visible is None:
-        pv = _matmul(p, v_blk)
-    else:
-        # Fresh branch functions: lax.cond caches the jaxpr of a function it has seen,
-        # and _matmul's precision depends on how the kernel is being traced.
-        pv = lax.cond(
-            any_non_finite(v_blk),
-            lambda p, v: values_through(p, visible, v, _matmul),
-            lambda p, v: _matmul(p, v),
-            p,
-            v_blk,
-        )
-    acc = alpha[:, None] * acc + pv
+        return m_new, l, acc + _matmul(p.astype(v_blk.dtype), v_blk)
+    # The mask travels in p's sign (hidden pairs -0.0), so that no mask tile stays live
+    # into the careful branch, which adds into acc with one float32 tile beside it at a
+    # time (both kept the registers from spilling). Fresh branch functions: lax.cond
+    # caches the jaxpr of a function it has seen, and _matmul's precision depends on
+    # how the kernel is being traced.
+    p = hide_in_sign(p, visible).astype(v_blk.dtype)
+    acc = lax.cond(
+        any_non_finite(v_blk),
+        lambda acc, p, v: add_values_through(acc, p, None, v, _matmul, _count),
+        lambda acc, p, v: acc + _matmul(p, v),
+        acc,
+        p,
+        v_blk,
+    )
     return m_new, l, acc
 
 
