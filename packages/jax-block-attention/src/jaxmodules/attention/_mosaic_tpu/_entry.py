@@ -15,7 +15,7 @@ from .._config import block_fields
 from .._scores import Operands, ScoreConfig, bias_axes
 from .._tile_program import UnsupportedCallError, kernel_consts, mask_program_problem, tile_problem
 from ._calls import kernel_attention
-from ._lists import kernel_lists
+from ._lists import kernel_schedule
 from ._reads import ReadSpec, outside_reads, read_problem
 from ._rules import MOSAIC_TPU
 from ._tile import MosaicConfig
@@ -153,7 +153,7 @@ def attend(
         scores = ScoreConfig(
             scores.soft_cap, scores.score, bias_axes(bias.shape), scores.dropout_rate
         )
-    kv, qs = kernel_lists(block_mask, "kv"), kernel_lists(block_mask, "q")
+    kv, qs = kernel_schedule(block_mask, "kv"), kernel_schedule(block_mask, "q")
     config = MosaicConfig(
         **block_fields(block_mask, q_len=q_len, k_len=k_len, scale=scale),
         scores=scores,
@@ -175,8 +175,8 @@ def attend(
             raise ValueError("dropout needs its (B, Hq) seeds in operands.seeds")
         seeds = jax.lax.bitcast_convert_type(jnp.asarray(operands.seeds, jnp.uint32), jnp.int32)
         seeds = jnp.broadcast_to(seeds, (bsz, q_heads)).reshape(-1)
-    kv_prefetch = (kv.counts, kv.indices, kv.full, offsets, seeds)
-    q_prefetch = (qs.counts, qs.indices, qs.full, offsets, seeds)
+    kv_prefetch = (*kv.arrays, offsets, seeds)
+    q_prefetch = (*qs.arrays, offsets, seeds)
     return _attend_padded(config, (q, k, v), bias, kv_prefetch, q_prefetch, tuple(reads))
 
 
