@@ -109,7 +109,9 @@ def _key_major_tile(config: MosaicConfig) -> Callable[..., Any]:
 def forward(
     config: MosaicConfig, q: Array, k: Array, v: Array, bias: Any, prefetch: tuple, consts: tuple
 ) -> tuple[Array, Array]:
-    """``(out, lse)`` in kernel layout: ``(B, Hq, Lq_pad, dv)`` and ``(B, Hq, Lq_pad, 1)``."""
+    """``(out, lse)`` in kernel layout: ``(B, Hq, Lq_pad, dv)`` and, lane-dense,
+    ``(B, Hq, 1, Lq_pad)`` (a ``(.., Lq_pad, 1)`` column would be padded to 128 lanes
+    in HBM, 128 times its size)."""
     bsz, heads, lq, d = q.shape
     dv = v.shape[-1]
     bq, bk, g, steps = config.q_block, config.k_block, config.groups, config.kv_steps
@@ -120,6 +122,9 @@ def forward(
 
     def query_block(b, h, i, t, *_):
         return (b, h, i, 0)
+
+    def query_row(b, h, i, t, *_):
+        return (b, h, 0, i)
 
     tile = _query_major_tile(config)
     bias_along = config.scores.bias or (False,) * 4
@@ -135,8 +140,8 @@ def forward(
             pl.BlockSpec((None, None, bq, dv), query_block),
         ),
         (
-            jax.ShapeDtypeStruct((bsz, heads, lq, 1), _F32),
-            pl.BlockSpec((None, None, bq, 1), query_block),
+            jax.ShapeDtypeStruct((bsz, heads, 1, lq), _F32),
+            pl.BlockSpec((None, None, 1, bq), query_row),
         ),
     ]
     scratch = [pltpu.VMEM((bq, 1), _F32), pltpu.VMEM((bq, 1), _F32), pltpu.VMEM((bq, dv), _F32)]
@@ -164,7 +169,8 @@ def backward(config, q, k, v, bias, out, lse, d_out, d_lse, kv_prefetch, q_prefe
     lk, dv = k.shape[2], v.shape[-1]
     bq, bk, g = config.q_block, config.k_block, config.groups
     lse, d_lse = backward_statistics(lse, d_lse)
-    delta = jnp.sum(d_out.astype(_F32) * out.astype(_F32), axis=-1, keepdims=True) - d_lse
+    # Lane-dense rows (B, H, 1, Lq_pad), as the lse.
+    delta = jnp.sum(d_out.astype(_F32) * out.astype(_F32), axis=-1)[:, :, None, :] - d_lse
     steps = config.kv_steps
 
     def key_block(b, h, i, t, *refs):
@@ -174,6 +180,9 @@ def backward(config, q, k, v, bias, out, lse, d_out, d_lse, kv_prefetch, q_prefe
     def query_block(b, h, i, t, *_):
         return (b, h, i, 0)
 
+    def query_row(b, h, i, t, *_):
+        return (b, h, 0, i)
+
     tile = _query_major_tile(config)
     bias_along = config.scores.bias or (False,) * 4
     inputs = [] if bias is None else [(bias, tile(bias_along))]
@@ -182,8 +191,8 @@ def backward(config, q, k, v, bias, out, lse, d_out, d_lse, kv_prefetch, q_prefe
         (k, pl.BlockSpec((None, None, bk, d), key_block)),
         (v, pl.BlockSpec((None, None, bk, dv), key_block)),
         (d_out, pl.BlockSpec((None, None, bq, dv), query_block)),
-        (lse, pl.BlockSpec((None, None, bq, 1), query_block)),
-        (delta, pl.BlockSpec((None, None, bq, 1), query_block)),
+        (lse, pl.BlockSpec((None, None, 1, bq), query_row)),
+        (delta, pl.BlockSpec((None, None, 1, bq), query_row)),
     ]
     outputs = [
         (jax.ShapeDtypeStruct(q.shape, q.dtype), pl.BlockSpec((None, None, bq, d), query_block))
@@ -231,6 +240,11 @@ def _dkdv(config, q, k, v, bias, d_out, lse, delta, q_prefetch, consts):
         i = step_block(config, "q", refs, b, h, j, t)[0]
         return (b, h, i, 0)
 
+    def query_row(b, hk, j, gi, t, *refs):
+        h = hk * g + gi
+        i = step_block(config, "q", refs, b, h, j, t)[0]
+        return (b, h, 0, i)
+
     def key_block(b, hk, j, *_):
         return (b, hk, j, 0)
 
@@ -241,8 +255,8 @@ def _dkdv(config, q, k, v, bias, d_out, lse, delta, q_prefetch, consts):
         (k, pl.BlockSpec((None, None, bk, d), key_block)),
         (v, pl.BlockSpec((None, None, bk, dv), key_block)),
         (d_out, pl.BlockSpec((None, None, bq, dv), query_block)),
-        (lse, pl.BlockSpec((None, None, bq, 1), query_block)),
-        (delta, pl.BlockSpec((None, None, bq, 1), query_block)),
+        (lse, pl.BlockSpec((None, None, 1, bq), query_row)),
+        (delta, pl.BlockSpec((None, None, 1, bq), query_row)),
     ]
     outputs = [
         (jax.ShapeDtypeStruct(k.shape, k.dtype), pl.BlockSpec((None, None, bk, d), key_block)),
@@ -278,7 +292,7 @@ def kernel_attention(
     q_prefetch: tuple,
     consts: tuple,
 ) -> tuple[Array, Array]:
-    """Attention over padded kernel-layout inputs: output and lse ``(.., Lq_pad, 1)``."""
+    """Attention over padded kernel-layout inputs: output and lse ``(.., 1, Lq_pad)``."""
     return forward(config, q, k, v, bias, kv_prefetch, consts)
 
 

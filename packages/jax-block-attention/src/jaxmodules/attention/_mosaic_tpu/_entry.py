@@ -230,7 +230,7 @@ def _attend_padded(config, qkv, bias, kv_prefetch, q_prefetch, consts):
         padded_bias = jnp.pad(bias, (*pads, (0, k_pad if bias.shape[3] > 1 else 0)))
     out, lse = kernel_attention(config, qk, kk, vk, padded_bias, kv_prefetch, q_prefetch, consts)
     out = out[:, :, :q_len].transpose(0, 2, 1, 3)
-    return out, lse[:, :, :q_len, 0]
+    return out, lse[:, :, 0, :q_len]
 
 
 __all__ = ["attend", "block_sizes", "call_problem", "fits"]

@@ -45,6 +45,17 @@ def _seed(config: MosaicConfig, seeds_ref: Any, b: Array, h: Array) -> Array | N
     return lax.bitcast_convert_type(word, jnp.uint32)
 
 
+def _column(row_ref: Any) -> Array:
+    """A lane-dense ``(1, rows)`` block of per-row statistics as the ``(rows, 1)``
+    column the tile math broadcasts (the relayout splash attention's dQ kernel makes)."""
+    return jnp.expand_dims(row_ref[0], -1)
+
+
+def _row(column: Array) -> Array:
+    """The ``(1, rows)`` lane-dense row of a ``(rows, 1)`` column."""
+    return jnp.expand_dims(column[:, 0], 0)
+
+
 def _bias(bias_ref: Any) -> Array | None:
     return None if bias_ref is None else bias_ref[...].astype(_F32)
 
@@ -106,7 +117,7 @@ def forward_kernel(config: MosaicConfig, *refs: Any) -> None:
         if config.scores.dropout_rate:
             out = out * _F32(tm.dropout_scale(config))
         o_ref[...] = out.astype(o_ref.dtype)
-        lse_ref[...] = jnp.where(empty, -jnp.inf, m_sc[...] + jnp.log(safe))
+        lse_ref[...] = _row(jnp.where(empty, -jnp.inf, m_sc[...] + jnp.log(safe)))
 
 
 def _tile_gradient(
@@ -163,7 +174,7 @@ def dq_kernel(config: MosaicConfig, *refs: Any) -> None:
 
     def step(masked: bool) -> None:
         k = k_ref[...]
-        blocks = (q_ref[...], k, v_ref[...], do_ref[...], lse_ref[...], delta_ref[...])
+        blocks = (q_ref[...], k, v_ref[...], do_ref[...], _column(lse_ref), _column(delta_ref))
         refs4 = (lists, mask_refs, score_refs, bias_ref)
         _, ds = _tile_gradient(config, refs4, (b, h, i, j), blocks, masked)
         if dbias_ref is not None:
@@ -193,7 +204,7 @@ def dkdv_kernel(config: MosaicConfig, *refs: Any) -> None:
 
     def step(masked: bool) -> None:
         q, do = q_ref[...], do_ref[...]
-        blocks = (q, k_ref[...], v_ref[...], do, lse_ref[...], delta_ref[...])
+        blocks = (q, k_ref[...], v_ref[...], do, _column(lse_ref), _column(delta_ref))
         refs4 = (lists, mask_refs, score_refs, bias_ref)
         p, ds = _tile_gradient(config, refs4, (b, h, i, j), blocks, masked)
         dv_sc[...] += tm.matmul_tn(p.astype(do.dtype), do)
