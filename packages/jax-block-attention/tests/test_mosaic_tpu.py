@@ -1,7 +1,7 @@
 """The Mosaic TPU backend beyond the shared contract suite (``test_backends.py``): the
-block-mask schedule its kernels prefetch and walk, dropout and decoding against the float64 reference (TPU
-kernels in interpret mode on this host), and the program a TPU user gets (lowered for a
-TPU: one ``tpu_custom_call`` per kernel)."""
+block-mask schedule its kernels prefetch and walk, dropout and decoding against the
+float64 reference (TPU kernels in interpret mode on this host), and the program a TPU
+user gets (lowered for a TPU: one ``tpu_custom_call`` per kernel)."""
 
 from __future__ import annotations
 

@@ -76,7 +76,7 @@ def forward_kernel(config: MosaicConfig, *refs: Any) -> None:
     lists, mask_refs, score_refs, bias_ref, rest = _split(config, refs)
     q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc = rest
     b, h, i, t = (pl.program_id(n) for n in range(4))
-    mb, _ = tm.mask_row(config, b, h)
+    mb = tm.mask_row(config, b, h)[0]
     j, active, is_full = step_block(config, "kv", lists, b, h, i, t)
 
     @pl.when(t == 0)
@@ -132,7 +132,7 @@ def _tile_gradient(
     lists, mask_refs, score_refs, bias_ref = refs
     b, h, i, j = tile
     q, k, v, do, lse, delta = blocks
-    mb, _ = tm.mask_row(config, b, h)
+    mb = tm.mask_row(config, b, h)[0]
     q_pos, k_pos = tm.positions(config, i, j, lists[-2][mb])
     s0 = tm.matmul_t(q, k) * _F32(config.scale)
     bias = _bias(bias_ref)
