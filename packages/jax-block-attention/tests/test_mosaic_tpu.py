@@ -18,6 +18,7 @@ from jaxmodules.attention import (
     explain_dispatch,
     masked_attention_via_map,
 )
+from jaxmodules.attention._mosaic_tpu import _lists
 from jaxmodules.attention._mosaic_tpu._lists import KernelSchedule, kernel_schedule, step_block
 from jaxmodules.attention._mosaic_tpu._rules import mosaic_tpu_problem
 
@@ -49,7 +50,7 @@ def _walked(bm, side, schedule):
     lo, hi = bm.band()
     n_q, n_k = bm.num_blocks
     config = SimpleNamespace(
-        walk=bm.walk, mask_batch=bm.mask_batch, mask_heads=bm.mask_heads,
+        walk=schedule.walk, mask_batch=bm.mask_batch, mask_heads=bm.mask_heads,
         n_q_blocks=n_q, n_k_blocks=n_k, q_len=q_len, k_len=k_len,
         q_block=bm.block_size[0], k_block=bm.block_size[1], lo=lo, hi=hi,
         kv_steps=schedule.steps, q_steps=schedule.steps,
@@ -130,7 +131,7 @@ def test_kernel_walk_is_the_reference_block_classes_from_tables_of_o_blocks(
         bm, arrays = with_schedules(jnp.asarray(ids), offset)
     expected = _reference_classes(visible, block)
     for side, want in (("kv", expected), ("q", np.swapaxes(expected, -1, -2))):
-        walked = _walked(bm, side, KernelSchedule(arrays[side], steps[side]))
+        walked = _walked(bm, side, KernelSchedule(bm.walk, arrays[side], steps[side]))
         want = np.broadcast_to(want[: bm.mask_batch, : bm.mask_heads], walked.shape)
         assert not ((want != 0) & (walked == 0)).any(), f"{side}: a non-empty block skipped"
         assert not ((walked == 2) & (want != 2)).any(), f"{side}: a partial block unmasked"
@@ -144,6 +145,26 @@ def test_kernel_walk_is_the_reference_block_classes_from_tables_of_o_blocks(
             assert sizes == ([] if bm.walk == "band" else [bm.mask_batch * rows * 4])
     walk = {"holes": "ranges" if traced else "lists", "documents": "ranges"}.get(case, "band")
     assert bm.walk == walk
+
+
+def test_lists_too_large_for_smem_are_walked_as_ranges(ref, monkeypatch):
+    # Lists beyond the SMEM budget: the kernels walk the ranges the mask also keeps
+    # (holes computed, masked): every non-empty block visited, results unchanged.
+    monkeypatch.setattr(_lists, "SMEM_LIST_BYTES", 0)
+    length, block = 200, (24, 32)
+    bm = create_block_mask(_documents, 1, 1, length, length, block_size=block)
+    assert bm.walk == "lists" and _lists.kernel_walk(bm) == "ranges"
+    visible = ref.mask(1, 1, length, length, mask_fn=_documents)
+    expected = _reference_classes(visible, block)
+    for side, want in (("kv", expected), ("q", np.swapaxes(expected, -1, -2))):
+        schedule = kernel_schedule(bm, side)
+        assert schedule.walk == "ranges"
+        walked = _walked(bm, side, schedule)
+        assert not ((want != 0) & (walked == 0)).any(), side
+        assert not ((walked == 2) & (want != 2)).any(), side
+    q, k, v = ref.qkv(9, 1, length, length, 2, 1, 16)
+    out = masked_attention_via_map(q, k, v, block_mask=bm, implementation="mosaic_tpu")
+    np.testing.assert_allclose(out, ref.attention(q, k, v, visible), atol=2e-5, rtol=1e-4)
 
 
 def test_band_schedule_at_a_million_tokens_is_arithmetic():

@@ -154,8 +154,9 @@ def attend(
             scores.soft_cap, scores.score, bias_axes(bias.shape), scores.dropout_rate
         )
     kv, qs = kernel_schedule(block_mask, "kv"), kernel_schedule(block_mask, "q")
+    fields = block_fields(block_mask, q_len=q_len, k_len=k_len, scale=scale)
     config = MosaicConfig(
-        **block_fields(block_mask, q_len=q_len, k_len=k_len, scale=scale),
+        **{**fields, "walk": kv.walk},
         scores=scores,
         q_heads=q_heads,
         kv_heads=kv_heads,

@@ -10,7 +10,9 @@ A row is a query block (``side="kv"``: forward and dQ passes) or a key block
   on the program ids;
 - ``"ranges"``: the four numbers per row (``BlockMask.schedule(side)``), flattened;
 - ``"lists"``: per row the count of its non-empty blocks, their indices (full ones
-  first) and a full flag per entry, from the block mask's lists.
+  first) and a full flag per entry, from the block mask's lists. SMEM is small (1 MiB
+  on v5e): lists larger than ``SMEM_LIST_BYTES`` are left for the ranges the block mask
+  also keeps (the holes inside a row's range are then computed, masked).
 
 Over a range, step ``t`` visits the full run ``[full_first, full_last)`` first, then
 the partial blocks ``[first, full_first)`` and ``[full_last, last)`` (the order of the
@@ -34,12 +36,15 @@ from .._block_mask import BlockMask
 Array = Any
 # Prefetched arrays of each walk, before the query offsets and the dropout seeds.
 WALK_ARRAYS = {"band": 0, "ranges": 1, "lists": 3}
+# The most bytes of lists one pass prefetches into SMEM.
+SMEM_LIST_BYTES = 1 << 18
 
 
 class KernelSchedule(NamedTuple):
     """What a pass scalar-prefetches for the rows of one side (1-D int32 arrays,
     flattened row-major over ``(Bm, Hm, rows, ...)``) and its steps per row."""
 
+    walk: str  # "band", "ranges" or "lists"
     arrays: tuple[Array, ...]  # () | (ranges,) | (counts, indices, full flags)
     steps: int  # entries per row: the grid's innermost axis
 
@@ -80,17 +85,39 @@ def _ranges_steps(block_mask: BlockMask, side: str) -> int:
     return _band_steps(block_mask, side)
 
 
+def _list_bytes(block_mask: BlockMask, side: str) -> int:
+    """SMEM bytes of the prefetched lists of ``side``: a count per row, and an index
+    and a flag per entry."""
+    n_q, n_k = block_mask.num_blocks
+    rows, others = (n_q, n_k) if side == "kv" else (n_k, n_q)
+    width = sum(
+        np.shape(getattr(block_mask, n))[-1] for n in (f"{side}_indices", f"full_{side}_indices")
+    )
+    steps = max(1, min(width, others))
+    return 4 * block_mask.mask_batch * block_mask.mask_heads * rows * (1 + 2 * steps)
+
+
+def kernel_walk(block_mask: BlockMask) -> str:
+    """How the kernels walk ``block_mask``: its ``walk``, but ranges rather than lists
+    that would not fit SMEM."""
+    walk = block_mask.walk
+    if walk != "lists" or block_mask.kv_ranges is None or block_mask.q_ranges is None:
+        return walk
+    too_large = max(_list_bytes(block_mask, s) for s in ("kv", "q")) > SMEM_LIST_BYTES
+    return "ranges" if too_large else walk
+
+
 def kernel_schedule(block_mask: BlockMask, side: str) -> KernelSchedule:
     """The schedule of ``side`` (``"kv"``: key blocks per query block; ``"q"``: query
     blocks per key block) as the kernels prefetch and walk it."""
-    walk = block_mask.walk
+    walk = kernel_walk(block_mask)
     if walk == "lists":
         lists = kernel_lists(block_mask, side)
-        return KernelSchedule(lists[:3], lists[3])
+        return KernelSchedule(walk, lists[:3], lists[3])
     if walk == "ranges":
         ranges = jnp.asarray(block_mask.ranges(side), jnp.int32).reshape(-1)
-        return KernelSchedule((ranges,), max(1, _ranges_steps(block_mask, side)))
-    return KernelSchedule((), max(1, _band_steps(block_mask, side)))
+        return KernelSchedule(walk, (ranges,), max(1, _ranges_steps(block_mask, side)))
+    return KernelSchedule(walk, (), max(1, _band_steps(block_mask, side)))
 
 
 def kernel_lists(block_mask: BlockMask, side: str) -> tuple[Array, Array, Array, int]:
