@@ -1,17 +1,25 @@
 """The Mosaic TPU backend beyond the shared contract suite (``test_backends.py``): the
-lists its kernels prefetch, dropout and decoding against the float64 reference (TPU
-kernels in interpret mode on this host), and the program a TPU user gets (lowered for a
-TPU: one ``tpu_custom_call`` per kernel)."""
+block-mask schedule its kernels prefetch and walk, dropout and decoding against the
+float64 reference (TPU kernels in interpret mode on this host), and the program a TPU
+user gets (lowered for a TPU: one ``tpu_custom_call`` per kernel)."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxmodules.attention import create_block_mask, explain_dispatch, masked_attention_via_map
-from jaxmodules.attention._mosaic_tpu._lists import kernel_lists
+from jaxmodules.attention import (
+    _block_mask,
+    create_block_mask,
+    explain_dispatch,
+    masked_attention_via_map,
+)
+from jaxmodules.attention._mosaic_tpu import _lists
+from jaxmodules.attention._mosaic_tpu._lists import KernelSchedule, kernel_schedule, step_block
 from jaxmodules.attention._mosaic_tpu._rules import mosaic_tpu_problem
 
 pytestmark = pytest.mark.skipif(mosaic_tpu_problem() is not None, reason=mosaic_tpu_problem() or "")
@@ -21,35 +29,177 @@ def _documents(b, h, q, k):
     return (q // 70 == k // 70) | (k < 8)
 
 
-@pytest.mark.parametrize("per_batch", [False, True])
-def test_kernel_lists_hold_every_non_empty_block_once(per_batch):
-    # Per row: the non-empty blocks (full ones flagged), each once, then the last one
-    # repeated, on both sides; against the block classes the block mask describes.
-    offset = np.array([0, 37]) if per_batch else 5
-    bm = create_block_mask(
-        _documents,
-        2 if per_batch else 1,
-        1,
-        200,
-        260,
-        is_causal=True,
-        block_size=(24, 32),
-        q_offset=offset,
+def _reference_classes(visible, block):
+    """``(B, H, n_q, n_k)`` block classes of a dense visibility (0 empty, 1 partial, 2
+    full): padded query rows repeat the last row, padded keys are invisible."""
+    bq, bk = block
+    batch, heads, q_len, k_len = visible.shape
+    n_q, n_k = -(-q_len // bq), -(-k_len // bk)
+    rows = np.minimum(np.arange(n_q * bq), q_len - 1)
+    padded = np.zeros((batch, heads, n_q * bq, n_k * bk), bool)
+    padded[..., :k_len] = visible[:, :, rows]
+    tiles = padded.reshape(batch, heads, n_q, bq, n_k, bk)
+    return np.where(tiles.all(axis=(3, 5)), 2, np.where(tiles.any(axis=(3, 5)), 1, 0))
+
+
+def _walked(bm, side, schedule):
+    """The blocks the kernels visit, by replaying ``step_block`` (the scalar code of
+    the index maps and kernels) on every (row, step) of ``schedule``: classes ``(Bm,
+    Hm, rows, others)``, 2 where the kernel skips the mask."""
+    _, _, q_len, k_len = bm.shape
+    lo, hi = bm.band()
+    n_q, n_k = bm.num_blocks
+    config = SimpleNamespace(
+        walk=schedule.walk, mask_batch=bm.mask_batch, mask_heads=bm.mask_heads,
+        n_q_blocks=n_q, n_k_blocks=n_k, q_len=q_len, k_len=k_len,
+        q_block=bm.block_size[0], k_block=bm.block_size[1], lo=lo, hi=hi,
+        kv_steps=schedule.steps, q_steps=schedule.steps,
+    )  # fmt: skip
+    rows, others = (n_q, n_k) if side == "kv" else (n_k, n_q)
+    refs = (*schedule.arrays, jnp.asarray(bm.q_offset, jnp.int32).reshape(-1))
+    b = jnp.arange(bm.mask_batch)[:, None, None, None]
+    h = jnp.arange(bm.mask_heads)[None, :, None, None]
+    row = jnp.arange(rows)[None, None, :, None]
+    t = jnp.arange(schedule.steps)[None, None, None, :]
+    shape = (bm.mask_batch, bm.mask_heads, rows, schedule.steps)
+    block, active, full = (
+        np.broadcast_to(np.asarray(x), shape) for x in step_block(config, side, refs, b, h, row, t)
     )
-    classes = np.asarray(bm.block_classes())
-    for side, grid in (("kv", classes), ("q", np.swapaxes(classes, -1, -2))):
-        lists = kernel_lists(bm, side)
-        rows = grid.reshape(-1, grid.shape[-1])
-        counts = np.asarray(lists.counts)
-        indices = np.asarray(lists.indices).reshape(len(rows), lists.steps)
-        full = np.asarray(lists.full).reshape(len(rows), lists.steps)
-        assert lists.steps >= counts.max()
-        for row, n, idx, flags in zip(rows, counts, indices, full, strict=True):
-            listed = idx[:n]
-            assert sorted(listed) == list(np.flatnonzero(row)), side
-            np.testing.assert_array_equal(flags[:n], row[listed] == 2)
-            if n:
-                assert (idx[n:] == idx[n - 1]).all() and not flags[n:].any()
+    classes = np.zeros((*shape[:3], others), np.int8)
+    for index in np.ndindex(*shape[:3]):
+        walked = block[index][active[index]]
+        assert len(set(walked.tolist())) == len(walked), "a block visited twice"
+        classes[index][walked] = np.where(full[index][active[index]], 2, 1)
+        count = int(active[index].sum())
+        assert not active[index][count:].any()
+        if count:
+            # Past the end the last block again: the pipeline copies nothing new.
+            assert (block[index][count:] == block[index][count - 1]).all()
+    return classes
+
+
+def _documents_of(ids):
+    return lambda b, h, q, k: ids[b, q] == ids[b, k]
+
+
+CASES = {
+    "causal": {"is_causal": True},
+    "window": {"window_size": (50, 10)},
+    "offsets": {"is_causal": True, "q_offset": np.array([0, 37])},
+    "documents": {"is_causal": True},
+    "holes": {},
+}
+
+
+@pytest.mark.parametrize("traced", [False, True])
+@pytest.mark.parametrize("case", list(CASES))
+def test_kernel_walk_is_the_reference_block_classes_from_tables_of_o_blocks(
+    ref, case, traced, monkeypatch
+):
+    # The kernels' walk (index maps and kernels alike) visits the non-empty blocks of
+    # the dense mask, each once, and skips the mask only on full blocks. Prefetched: a
+    # band nothing but the offsets, documents four numbers per block row (no table of
+    # n_q * n_k entries), a mask with holes its lists. Traced: offsets and ids traced.
+    monkeypatch.setattr(_block_mask, "TRACED_LIST_PAIRS", 0)
+    options = dict(CASES[case])
+    batch, q_len, k_len, block = 2, 200, 260, (24, 32)
+    ids = np.stack([np.arange(k_len) // 45, (np.arange(k_len) + 20) // 60]).astype(np.int32)
+    offset = options.pop("q_offset", 0)
+    mask_fn = {"documents": lambda b, h, q, k: ids[b, q] == ids[b, k], "holes": _documents}
+    visible = ref.mask(
+        batch, 1, q_len, k_len, is_causal=options.get("is_causal", False),
+        window=options.get("window_size"), mask_fn=mask_fn.get(case), q_offset=offset,
+    )  # fmt: skip
+
+    def plan(ids, offset):
+        fn = {"documents": _documents_of(ids), "holes": _documents}.get(case)
+        return create_block_mask(
+            fn, batch, 1, q_len, k_len, block_size=block, q_offset=offset, **options
+        )
+
+    steps: dict[str, int] = {}
+
+    def with_schedules(ids, offset):
+        bm = plan(ids, offset)
+        schedules = {side: kernel_schedule(bm, side) for side in ("kv", "q")}
+        steps.update({side: s.steps for side, s in schedules.items()})
+        return bm, {side: s.arrays for side, s in schedules.items()}
+
+    if traced:
+        bm, arrays = jax.jit(with_schedules)(jnp.asarray(ids), jnp.asarray(offset, jnp.int32))
+    else:
+        bm, arrays = with_schedules(jnp.asarray(ids), offset)
+    expected = _reference_classes(visible, block)
+    for side, want in (("kv", expected), ("q", np.swapaxes(expected, -1, -2))):
+        walked = _walked(bm, side, KernelSchedule(bm.walk, arrays[side], steps[side]))
+        want = np.broadcast_to(want[: bm.mask_batch, : bm.mask_heads], walked.shape)
+        assert not ((want != 0) & (walked == 0)).any(), f"{side}: a non-empty block skipped"
+        assert not ((walked == 2) & (want != 2)).any(), f"{side}: a partial block unmasked"
+        if case != "holes" or bm.walk == "lists":
+            np.testing.assert_array_equal(walked != 0, want != 0, err_msg=side)
+        if bm.walk == "band":
+            np.testing.assert_array_equal(walked, want, err_msg=side)
+        rows = walked.shape[2]
+        sizes = [int(np.size(a)) for a in arrays[side]]
+        if bm.walk != "lists":
+            assert sizes == ([] if bm.walk == "band" else [bm.mask_batch * rows * 4])
+    walk = {"holes": "ranges" if traced else "lists", "documents": "ranges"}.get(case, "band")
+    assert bm.walk == walk
+
+
+def test_lists_too_large_for_smem_are_walked_as_ranges(ref, monkeypatch):
+    # Lists beyond the SMEM budget: the kernels walk the ranges the mask also keeps
+    # (holes computed, masked): every non-empty block visited, results unchanged.
+    monkeypatch.setattr(_lists, "SMEM_LIST_BYTES", 0)
+    length, block = 200, (24, 32)
+    bm = create_block_mask(_documents, 1, 1, length, length, block_size=block)
+    assert bm.walk == "lists" and _lists.kernel_walk(bm) == "ranges"
+    visible = ref.mask(1, 1, length, length, mask_fn=_documents)
+    expected = _reference_classes(visible, block)
+    for side, want in (("kv", expected), ("q", np.swapaxes(expected, -1, -2))):
+        schedule = kernel_schedule(bm, side)
+        assert schedule.walk == "ranges"
+        walked = _walked(bm, side, schedule)
+        assert not ((want != 0) & (walked == 0)).any(), side
+        assert not ((walked == 2) & (want != 2)).any(), side
+    q, k, v = ref.qkv(9, 1, length, length, 2, 1, 16)
+    out = masked_attention_via_map(q, k, v, block_mask=bm, implementation="mosaic_tpu")
+    np.testing.assert_allclose(out, ref.attention(q, k, v, visible), atol=2e-5, rtol=1e-4)
+
+
+def test_band_schedule_at_a_million_tokens_is_arithmetic():
+    # At L = 1,048,576 the band prefetches nothing and its steps are the widest row.
+    length = 1 << 20
+    for options, widest in (({"is_causal": True}, 2048), ({"window_size": (4096, 0)}, 9)):
+        bm = create_block_mask(None, 1, 1, length, length, block_size=512, **options)
+        for side in ("kv", "q"):
+            schedule = kernel_schedule(bm, side)
+            assert schedule.arrays == () and schedule.steps == widest
+
+
+def test_traced_ranges_walk_matches_the_reference(ref, monkeypatch):
+    # A traced documents mask above the list threshold keeps ranges only: forward and
+    # gradients in interpret mode against the float64 reference.
+    monkeypatch.setattr(_block_mask, "TRACED_LIST_PAIRS", 0)
+    batch, length = 2, 72
+    ids = np.stack([np.arange(length) // 20, (np.arange(length) + 7) // 30]).astype(np.int32)
+    q, k, v = ref.qkv(7, batch, length, length, 2, 1, 8)
+    weights = ref.qkv(8, batch, length, length, 2, 1, 8)[0]
+
+    def loss(q, k, v, ids):
+        bm = create_block_mask(
+            _documents_of(ids), batch, 1, length, length, is_causal=True, block_size=(8, 16)
+        )
+        assert bm.walk == "ranges"
+        out = masked_attention_via_map(q, k, v, block_mask=bm, implementation="mosaic_tpu")
+        return jnp.sum(out * weights)
+
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v, jnp.asarray(ids))
+    mask = ref.mask(batch, 2, length, length, is_causal=True)
+    mask = mask & (ids[:, None, :, None] == ids[:, None, None, :])
+    expected = ref.gradients(q, k, v, mask, weights)
+    for name, got, want in zip("QKV", grads, expected, strict=True):
+        np.testing.assert_allclose(got, want, atol=3e-5, rtol=1e-4, err_msg=f"d{name}")
 
 
 def test_dropout_with_every_score_change(ref):

@@ -1,5 +1,5 @@
 """Mosaic TPU backend, one ``pallas_call`` per pass (grids, BlockSpecs reading the
-prefetched lists) and the custom VJP that ties them together."""
+prefetched schedule) and the custom VJP that ties them together."""
 
 from __future__ import annotations
 
@@ -15,17 +15,11 @@ from jax.experimental.pallas import tpu as pltpu
 
 from .._scores import backward_statistics, zero_cotangent
 from ._kernels import dkdv_kernel, dq_kernel, forward_kernel
+from ._lists import step_block
 from ._tile import MosaicConfig
 
 Array = Any
 _F32 = jnp.float32
-_N_PREFETCH = 5  # counts, indices, full flags, query offsets, dropout seeds
-
-
-def _mask_row(config: MosaicConfig, b: Any, h: Any) -> Any:
-    mb = b if config.mask_batch > 1 else 0
-    mh = h if config.mask_heads > 1 else 0
-    return mb * config.mask_heads + mh
 
 
 def _call(
@@ -41,7 +35,8 @@ def _call(
     name: str,
     semantics: Any,
 ) -> Any:
-    """One ``pallas_call``: the prefetched lists, then the reads of the closed-over
+    """One ``pallas_call``: the prefetched schedule (``_lists``), the query offsets and
+    dropout's seeds, then the reads of the closed-over
     arrays (``consts``, each a tile by ``tile_spec(along)``), then ``inputs``."""
     reads = (*config.mask_reads, *config.score_reads)
     in_specs = [tile_spec(r.along) for r in reads] + [spec for _, spec in inputs]
@@ -51,7 +46,7 @@ def _call(
     call = pl.pallas_call(
         partial(kernel, config),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=_N_PREFETCH,
+            num_scalar_prefetch=len(prefetch),
             grid=grid,
             in_specs=in_specs,
             out_specs=[spec for _, spec in outputs],
@@ -65,7 +60,7 @@ def _call(
     return call(*prefetch, *consts, *(x for x, _ in inputs))
 
 
-def _query_major_tile(config: MosaicConfig, steps: int) -> Callable[..., Any]:
+def _query_major_tile(config: MosaicConfig) -> Callable[..., Any]:
     """BlockSpecs of arrays that vary along some of (batch, head, query, key), 1 along
     the others (the bias, the reads of closed-over arrays): the tile ``(query block |
     1, key block | 1)`` at the listed key block of a query-major pass, grid ``(b, h, i,
@@ -74,8 +69,8 @@ def _query_major_tile(config: MosaicConfig, steps: int) -> Callable[..., Any]:
     def spec(along: tuple[bool, ...]) -> Any:
         along_b, along_h, along_q, along_k = along
 
-        def index(b, h, i, t, counts, indices, *_):
-            j = indices[(_mask_row(config, b, h) * config.n_q_blocks + i) * steps + t]
+        def index(b, h, i, t, *refs):
+            j = step_block(config, "kv", refs, b, h, i, t)[0]
             return (
                 b if along_b else 0,
                 h if along_h else 0,
@@ -89,15 +84,15 @@ def _query_major_tile(config: MosaicConfig, steps: int) -> Callable[..., Any]:
     return spec
 
 
-def _key_major_tile(config: MosaicConfig, steps: int) -> Callable[..., Any]:
+def _key_major_tile(config: MosaicConfig) -> Callable[..., Any]:
     """The same tiles in the dK/dV pass, grid ``(b, key/value head, j, group head, t)``."""
 
     def spec(along: tuple[bool, ...]) -> Any:
         along_b, along_h, along_q, along_k = along
 
-        def index(b, hk, j, gi, t, counts, indices, *_):
+        def index(b, hk, j, gi, t, *refs):
             h = hk * config.groups + gi
-            i = indices[(_mask_row(config, b, h) * config.n_k_blocks + j) * steps + t]
+            i = step_block(config, "q", refs, b, h, j, t)[0]
             return (
                 b if along_b else 0,
                 h if along_h else 0,
@@ -114,19 +109,24 @@ def _key_major_tile(config: MosaicConfig, steps: int) -> Callable[..., Any]:
 def forward(
     config: MosaicConfig, q: Array, k: Array, v: Array, bias: Any, prefetch: tuple, consts: tuple
 ) -> tuple[Array, Array]:
-    """``(out, lse)`` in kernel layout: ``(B, Hq, Lq_pad, dv)`` and ``(B, Hq, Lq_pad, 1)``."""
+    """``(out, lse)`` in kernel layout: ``(B, Hq, Lq_pad, dv)`` and, lane-dense,
+    ``(B, Hq, 1, Lq_pad)`` (a ``(.., Lq_pad, 1)`` column would be padded to 128 lanes
+    in HBM, 128 times its size)."""
     bsz, heads, lq, d = q.shape
     dv = v.shape[-1]
     bq, bk, g, steps = config.q_block, config.k_block, config.groups, config.kv_steps
 
-    def key_block(b, h, i, t, counts, indices, *_):
-        j = indices[(_mask_row(config, b, h) * config.n_q_blocks + i) * steps + t]
+    def key_block(b, h, i, t, *refs):
+        j = step_block(config, "kv", refs, b, h, i, t)[0]
         return (b, lax.div(h, g), j, 0)
 
     def query_block(b, h, i, t, *_):
         return (b, h, i, 0)
 
-    tile = _query_major_tile(config, steps)
+    def query_row(b, h, i, t, *_):
+        return (b, h, 0, i)
+
+    tile = _query_major_tile(config)
     bias_along = config.scores.bias or (False,) * 4
     inputs = [] if bias is None else [(bias, tile(bias_along))]
     inputs += [
@@ -140,8 +140,8 @@ def forward(
             pl.BlockSpec((None, None, bq, dv), query_block),
         ),
         (
-            jax.ShapeDtypeStruct((bsz, heads, lq, 1), _F32),
-            pl.BlockSpec((None, None, bq, 1), query_block),
+            jax.ShapeDtypeStruct((bsz, heads, 1, lq), _F32),
+            pl.BlockSpec((None, None, 1, bq), query_row),
         ),
     ]
     scratch = [pltpu.VMEM((bq, 1), _F32), pltpu.VMEM((bq, 1), _F32), pltpu.VMEM((bq, dv), _F32)]
@@ -169,17 +169,21 @@ def backward(config, q, k, v, bias, out, lse, d_out, d_lse, kv_prefetch, q_prefe
     lk, dv = k.shape[2], v.shape[-1]
     bq, bk, g = config.q_block, config.k_block, config.groups
     lse, d_lse = backward_statistics(lse, d_lse)
-    delta = jnp.sum(d_out.astype(_F32) * out.astype(_F32), axis=-1, keepdims=True) - d_lse
+    # Lane-dense rows (B, H, 1, Lq_pad), as the lse.
+    delta = jnp.sum(d_out.astype(_F32) * out.astype(_F32), axis=-1)[:, :, None, :] - d_lse
     steps = config.kv_steps
 
-    def key_block(b, h, i, t, counts, indices, *_):
-        j = indices[(_mask_row(config, b, h) * config.n_q_blocks + i) * steps + t]
+    def key_block(b, h, i, t, *refs):
+        j = step_block(config, "kv", refs, b, h, i, t)[0]
         return (b, lax.div(h, g), j, 0)
 
     def query_block(b, h, i, t, *_):
         return (b, h, i, 0)
 
-    tile = _query_major_tile(config, steps)
+    def query_row(b, h, i, t, *_):
+        return (b, h, 0, i)
+
+    tile = _query_major_tile(config)
     bias_along = config.scores.bias or (False,) * 4
     inputs = [] if bias is None else [(bias, tile(bias_along))]
     inputs += [
@@ -187,8 +191,8 @@ def backward(config, q, k, v, bias, out, lse, d_out, d_lse, kv_prefetch, q_prefe
         (k, pl.BlockSpec((None, None, bk, d), key_block)),
         (v, pl.BlockSpec((None, None, bk, dv), key_block)),
         (d_out, pl.BlockSpec((None, None, bq, dv), query_block)),
-        (lse, pl.BlockSpec((None, None, bq, 1), query_block)),
-        (delta, pl.BlockSpec((None, None, bq, 1), query_block)),
+        (lse, pl.BlockSpec((None, None, 1, bq), query_row)),
+        (delta, pl.BlockSpec((None, None, 1, bq), query_row)),
     ]
     outputs = [
         (jax.ShapeDtypeStruct(q.shape, q.dtype), pl.BlockSpec((None, None, bq, d), query_block))
@@ -231,23 +235,28 @@ def _dkdv(config, q, k, v, bias, d_out, lse, delta, q_prefetch, consts):
 
     # The grid is (b, key/value head, key block, query head of its group, listed query
     # block): dK and dV of one key block are summed over the group in scratch.
-    def query_block(b, hk, j, gi, t, counts, indices, *_):
+    def query_block(b, hk, j, gi, t, *refs):
         h = hk * g + gi
-        i = indices[(_mask_row(config, b, h) * config.n_k_blocks + j) * steps + t]
+        i = step_block(config, "q", refs, b, h, j, t)[0]
         return (b, h, i, 0)
+
+    def query_row(b, hk, j, gi, t, *refs):
+        h = hk * g + gi
+        i = step_block(config, "q", refs, b, h, j, t)[0]
+        return (b, h, 0, i)
 
     def key_block(b, hk, j, *_):
         return (b, hk, j, 0)
 
-    tile = _key_major_tile(config, steps)
+    tile = _key_major_tile(config)
     inputs = [] if bias is None else [(bias, tile(config.scores.bias))]
     inputs += [
         (q, pl.BlockSpec((None, None, bq, d), query_block)),
         (k, pl.BlockSpec((None, None, bk, d), key_block)),
         (v, pl.BlockSpec((None, None, bk, dv), key_block)),
         (d_out, pl.BlockSpec((None, None, bq, dv), query_block)),
-        (lse, pl.BlockSpec((None, None, bq, 1), query_block)),
-        (delta, pl.BlockSpec((None, None, bq, 1), query_block)),
+        (lse, pl.BlockSpec((None, None, 1, bq), query_row)),
+        (delta, pl.BlockSpec((None, None, 1, bq), query_row)),
     ]
     outputs = [
         (jax.ShapeDtypeStruct(k.shape, k.dtype), pl.BlockSpec((None, None, bk, d), key_block)),
@@ -283,7 +292,7 @@ def kernel_attention(
     q_prefetch: tuple,
     consts: tuple,
 ) -> tuple[Array, Array]:
-    """Attention over padded kernel-layout inputs: output and lse ``(.., Lq_pad, 1)``."""
+    """Attention over padded kernel-layout inputs: output and lse ``(.., 1, Lq_pad)``."""
     return forward(config, q, k, v, bias, kv_prefetch, consts)
 
 

@@ -15,7 +15,7 @@ from .._config import block_fields
 from .._scores import Operands, ScoreConfig, bias_axes
 from .._tile_program import UnsupportedCallError, kernel_consts, mask_program_problem, tile_problem
 from ._calls import kernel_attention
-from ._lists import kernel_lists
+from ._lists import kernel_schedule
 from ._reads import ReadSpec, outside_reads, read_problem
 from ._rules import MOSAIC_TPU
 from ._tile import MosaicConfig
@@ -153,9 +153,10 @@ def attend(
         scores = ScoreConfig(
             scores.soft_cap, scores.score, bias_axes(bias.shape), scores.dropout_rate
         )
-    kv, qs = kernel_lists(block_mask, "kv"), kernel_lists(block_mask, "q")
+    kv, qs = kernel_schedule(block_mask, "kv"), kernel_schedule(block_mask, "q")
+    fields = block_fields(block_mask, q_len=q_len, k_len=k_len, scale=scale)
     config = MosaicConfig(
-        **block_fields(block_mask, q_len=q_len, k_len=k_len, scale=scale),
+        **{**fields, "walk": kv.walk},
         scores=scores,
         q_heads=q_heads,
         kv_heads=kv_heads,
@@ -175,8 +176,8 @@ def attend(
             raise ValueError("dropout needs its (B, Hq) seeds in operands.seeds")
         seeds = jax.lax.bitcast_convert_type(jnp.asarray(operands.seeds, jnp.uint32), jnp.int32)
         seeds = jnp.broadcast_to(seeds, (bsz, q_heads)).reshape(-1)
-    kv_prefetch = (kv.counts, kv.indices, kv.full, offsets, seeds)
-    q_prefetch = (qs.counts, qs.indices, qs.full, offsets, seeds)
+    kv_prefetch = (*kv.arrays, offsets, seeds)
+    q_prefetch = (*qs.arrays, offsets, seeds)
     return _attend_padded(config, (q, k, v), bias, kv_prefetch, q_prefetch, tuple(reads))
 
 
@@ -230,7 +231,7 @@ def _attend_padded(config, qkv, bias, kv_prefetch, q_prefetch, consts):
         padded_bias = jnp.pad(bias, (*pads, (0, k_pad if bias.shape[3] > 1 else 0)))
     out, lse = kernel_attention(config, qk, kk, vk, padded_bias, kv_prefetch, q_prefetch, consts)
     out = out[:, :, :q_len].transpose(0, 2, 1, 3)
-    return out, lse[:, :, :q_len, 0]
+    return out, lse[:, :, 0, :q_len]
 
 
 __all__ = ["attend", "block_sizes", "call_problem", "fits"]

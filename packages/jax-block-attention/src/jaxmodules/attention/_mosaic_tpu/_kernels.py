@@ -1,8 +1,9 @@
 """Mosaic TPU backend, the kernel bodies: forward, dQ and dK/dV.
 
-Every kernel's innermost grid axis walks one row of the scalar-prefetched lists
-(``_lists``); a step past the row's count does nothing (its block index repeats the
-last one, so the pipeline copies nothing new). Full blocks skip the element-wise mask.
+Every kernel's innermost grid axis walks one row of the scalar-prefetched schedule
+(``_lists``: the band's ranges by arithmetic, stored ranges, or lists); a step past the
+row's count does nothing (its block index repeats the last one, so the pipeline copies
+nothing new). Full blocks skip the element-wise mask.
 Statistics and accumulators live in VMEM scratch, float32, across the steps of a row.
 """
 
@@ -15,6 +16,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from . import _tile as tm
+from ._lists import WALK_ARRAYS, step_block
 from ._tile import MosaicConfig
 
 Array = Any
@@ -22,9 +24,10 @@ _F32 = jnp.float32
 
 
 def _split(config: MosaicConfig, refs: tuple) -> tuple:
-    """Prefetched lists, ``mask_fn`` arrays, ``score_mod`` arrays, the bias (or
-    ``None``), then the pass's own refs."""
-    lists, refs = refs[:5], refs[5:]
+    """Prefetched schedule (then query offsets and dropout seeds), ``mask_fn`` arrays,
+    ``score_mod`` arrays, the bias (or ``None``), then the pass's own refs."""
+    n = WALK_ARRAYS[config.walk] + 2
+    lists, refs = refs[:n], refs[n:]
     n_mask, n_score = len(config.mask_reads), len(config.score_reads)
     mask_refs, score_refs = refs[:n_mask], refs[n_mask : n_mask + n_score]
     rest = refs[n_mask + n_score :]
@@ -42,16 +45,19 @@ def _seed(config: MosaicConfig, seeds_ref: Any, b: Array, h: Array) -> Array | N
     return lax.bitcast_convert_type(word, jnp.uint32)
 
 
+def _column(row_ref: Any) -> Array:
+    """A lane-dense ``(1, rows)`` block of per-row statistics as the ``(rows, 1)``
+    column the tile math broadcasts (the relayout splash attention's dQ kernel makes)."""
+    return jnp.expand_dims(row_ref[0], -1)
+
+
+def _row(column: Array) -> Array:
+    """The ``(1, rows)`` lane-dense row of a ``(rows, 1)`` column."""
+    return jnp.expand_dims(column[:, 0], 0)
+
+
 def _bias(bias_ref: Any) -> Array | None:
     return None if bias_ref is None else bias_ref[...].astype(_F32)
-
-
-def _listed(lists: tuple, row: Array, t: Array, steps: int) -> tuple[Array, Array, Array]:
-    """Whether step ``t`` of list row ``row`` is a listed block, the block and whether
-    it is full."""
-    counts, indices, full = lists[:3]
-    at = row * steps + t
-    return t < counts[row], indices[at], full[at] == 1
 
 
 def _when_listed(active: Array, is_full: Array, body: Any) -> None:
@@ -70,9 +76,8 @@ def forward_kernel(config: MosaicConfig, *refs: Any) -> None:
     lists, mask_refs, score_refs, bias_ref, rest = _split(config, refs)
     q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc = rest
     b, h, i, t = (pl.program_id(n) for n in range(4))
-    mb, mh = tm.mask_row(config, b, h)
-    row = (mb * config.mask_heads + mh) * config.n_q_blocks + i
-    active, j, is_full = _listed(lists, row, t, config.kv_steps)
+    mb = tm.mask_row(config, b, h)[0]
+    j, active, is_full = step_block(config, "kv", lists, b, h, i, t)
 
     @pl.when(t == 0)
     def _() -> None:
@@ -81,7 +86,7 @@ def forward_kernel(config: MosaicConfig, *refs: Any) -> None:
         acc_sc[...] = jnp.zeros(acc_sc.shape, _F32)
 
     def step(masked: bool) -> None:
-        q_pos, k_pos = tm.positions(config, i, j, lists[3][mb])
+        q_pos, k_pos = tm.positions(config, i, j, lists[-2][mb])
         s0 = tm.matmul_t(q_ref[...], k_ref[...]) * _F32(config.scale)
         mod = tm.score_mod(config, score_refs, b, h, q_pos, k_pos)
         s = tm.scores(config, s0, _bias(bias_ref), mod)
@@ -94,7 +99,7 @@ def forward_kernel(config: MosaicConfig, *refs: Any) -> None:
         p = jnp.exp(s - shift)
         alpha = jnp.exp(m_prev - shift)
         l_sc[...] = alpha * l_sc[...] + p.sum(axis=1, keepdims=True)
-        keep = tm.keep(config, _seed(config, lists[4], b, h), q_pos, k_pos)
+        keep = tm.keep(config, _seed(config, lists[-1], b, h), q_pos, k_pos)
         if keep is not None:
             p = jnp.where(keep, p, 0.0)
         v = v_ref[...]
@@ -112,7 +117,7 @@ def forward_kernel(config: MosaicConfig, *refs: Any) -> None:
         if config.scores.dropout_rate:
             out = out * _F32(tm.dropout_scale(config))
         o_ref[...] = out.astype(o_ref.dtype)
-        lse_ref[...] = jnp.where(empty, -jnp.inf, m_sc[...] + jnp.log(safe))
+        lse_ref[...] = _row(jnp.where(empty, -jnp.inf, m_sc[...] + jnp.log(safe)))
 
 
 def _tile_gradient(
@@ -127,8 +132,8 @@ def _tile_gradient(
     lists, mask_refs, score_refs, bias_ref = refs
     b, h, i, j = tile
     q, k, v, do, lse, delta = blocks
-    mb, _ = tm.mask_row(config, b, h)
-    q_pos, k_pos = tm.positions(config, i, j, lists[3][mb])
+    mb = tm.mask_row(config, b, h)[0]
+    q_pos, k_pos = tm.positions(config, i, j, lists[-2][mb])
     s0 = tm.matmul_t(q, k) * _F32(config.scale)
     bias = _bias(bias_ref)
     mod = tm.score_mod(config, score_refs, b, h, q_pos, k_pos)
@@ -139,7 +144,7 @@ def _tile_gradient(
     if seen is not None:
         p = jnp.where(seen, p, 0.0)
     dp = tm.matmul_t(do, v)
-    keep = tm.keep(config, _seed(config, lists[4], b, h), q_pos, k_pos)
+    keep = tm.keep(config, _seed(config, lists[-1], b, h), q_pos, k_pos)
     if keep is not None:
         scale = _F32(tm.dropout_scale(config))
         dp = jnp.where(keep, dp * scale, 0.0)
@@ -158,9 +163,7 @@ def dq_kernel(config: MosaicConfig, *refs: Any) -> None:
     dbias_ref = rest[0] if bias_ref is not None else None
     dq_sc = rest[-1]
     b, h, i, t = (pl.program_id(n) for n in range(4))
-    mb, mh = tm.mask_row(config, b, h)
-    row = (mb * config.mask_heads + mh) * config.n_q_blocks + i
-    active, j, is_full = _listed(lists, row, t, config.kv_steps)
+    j, active, is_full = step_block(config, "kv", lists, b, h, i, t)
 
     @pl.when(t == 0)
     def _() -> None:
@@ -171,7 +174,7 @@ def dq_kernel(config: MosaicConfig, *refs: Any) -> None:
 
     def step(masked: bool) -> None:
         k = k_ref[...]
-        blocks = (q_ref[...], k, v_ref[...], do_ref[...], lse_ref[...], delta_ref[...])
+        blocks = (q_ref[...], k, v_ref[...], do_ref[...], _column(lse_ref), _column(delta_ref))
         refs4 = (lists, mask_refs, score_refs, bias_ref)
         _, ds = _tile_gradient(config, refs4, (b, h, i, j), blocks, masked)
         if dbias_ref is not None:
@@ -192,9 +195,7 @@ def dkdv_kernel(config: MosaicConfig, *refs: Any) -> None:
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_sc, dv_sc = rest
     b, hk, j, g, t = (pl.program_id(n) for n in range(5))
     h = hk * config.groups + g
-    mb, mh = tm.mask_row(config, b, h)
-    row = (mb * config.mask_heads + mh) * config.n_k_blocks + j
-    active, i, is_full = _listed(lists, row, t, config.q_steps)
+    i, active, is_full = step_block(config, "q", lists, b, h, j, t)
 
     @pl.when((g == 0) & (t == 0))
     def _() -> None:
@@ -203,7 +204,7 @@ def dkdv_kernel(config: MosaicConfig, *refs: Any) -> None:
 
     def step(masked: bool) -> None:
         q, do = q_ref[...], do_ref[...]
-        blocks = (q, k_ref[...], v_ref[...], do, lse_ref[...], delta_ref[...])
+        blocks = (q, k_ref[...], v_ref[...], do, _column(lse_ref), _column(delta_ref))
         refs4 = (lists, mask_refs, score_refs, bias_ref)
         p, ds = _tile_gradient(config, refs4, (b, h, i, j), blocks, masked)
         dv_sc[...] += tm.matmul_tn(p.astype(do.dtype), do)

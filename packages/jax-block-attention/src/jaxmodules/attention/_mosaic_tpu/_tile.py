@@ -32,8 +32,8 @@ class MosaicConfig(BlockConfig):
     const_dtypes: tuple[Any, ...]
     score_dtypes: tuple[Any, ...]
     interpret: Any  # False (compiled), True or a pltpu.InterpretParams
-    kv_steps: int  # entries per query block of the key-block lists
-    q_steps: int  # entries per key block of the query-block lists
+    kv_steps: int  # steps per query block over its key blocks (the widest row)
+    q_steps: int  # steps per key block over its query blocks
     vmem_limit_bytes: int | None = None
     # The reads of the closed-over arrays of mask_fn and score_mod, made before the
     # kernels and handed to them as tiles (``_reads``).
@@ -46,7 +46,7 @@ class MosaicConfig(BlockConfig):
 
 
 def mask_row(config: MosaicConfig, b: Array, h: Array) -> tuple[Array, Array]:
-    """The ``(Bm, Hm)`` row of the lists for batch row ``b`` and query head ``h``."""
+    """The ``(Bm, Hm)`` row of the block mask for batch row ``b`` and query head ``h``."""
     return (b if config.mask_batch > 1 else 0), (h if config.mask_heads > 1 else 0)
 
 
