@@ -57,6 +57,7 @@ DOCS_DEPS = [
     "mkdocstrings[python]>=0.26",
     "markdown-exec[ansi]>=1.9",
     "pytest>=8",
+    "pytest-xdist>=3.5",
     "optax>=0.2.3",
     "matplotlib>=3.8",
     "flax>=0.12",  # the "Use with flax" page runs nnx and linen layers
@@ -412,9 +413,11 @@ def docs(session: nox.Session) -> None:
     # build by a third. It computes the same values (printed floats move in the last
     # digit), and the compiled memory figures the pages print are unchanged.
     env = {"XLA_FLAGS": CHEAP_XLA_CODEGEN}
-    # Docstring examples run against the installed wheels.
+    # Docstring examples run against the installed wheels, in two processes.
     _pytest(
         session,
+        "-n",
+        "2",
         "--doctest-modules",
         "--pyargs",
         *(f"jaxmodules.{n}" for n in PACKAGES.values()),
