@@ -32,7 +32,7 @@ from .._config import BlockConfig
 from .._dropout import keep_tile, threshold
 from .._scores import tile_score_gradients, tile_scores
 from .._tile_program import evaluate_on_tile
-from ._blocks import HEADER
+from ._blocks import OFFSET, SEED, row_walk, table_row
 from ._rules import MOSAIC_GPU
 
 _F32 = jnp.float32
@@ -90,23 +90,24 @@ def _table_row(table_ref: Any, config: KernelConfig, row: Any, smem: Any, barrie
 
     @pl.when(lax.axis_index("wg") == CONSUMERS)
     def _copy() -> None:
-        plgpu.copy_gmem_to_smem(table_ref.at[bm, hm, row], smem, barrier)
+        plgpu.copy_gmem_to_smem(table_ref.at[bm, hm, table_row(config, row)], smem, barrier)
 
     plgpu.barrier_wait(barrier)
 
 
 def _produce(
-    table: Any, loads: list[tuple[Callable[[Any], Any], Any]], ready: Any, consumed: Any
+    walk: tuple, loads: list[tuple[Callable[[Any], Any], Any]], ready: Any, consumed: Any
 ) -> None:
-    """The producer warpgroup: every listed block's operands by TMA into a free slot
-    (``loads``: for each operand, its global view of a block index and its slots)."""
+    """The producer warpgroup: every walked block's operands by TMA into a free slot
+    (``walk``: ``_blocks.row_walk``'s; ``loads``: for each operand, its global view of a
+    block index and its slots)."""
     plgpu.set_max_registers(_PRODUCER_REGISTERS, action="decrease")
-    count = table[0]
+    count, _, block_at = walk
 
     @pl.loop(0, count)
     def _step(t: Any) -> None:
         slot = lax.rem(t, SLOTS)
-        block = table[HEADER + t]
+        block = block_at(t)
 
         @pl.when(t >= SLOTS)
         def _wait() -> None:
@@ -179,11 +180,11 @@ def tile(
     s0 = raw * _F32(config.scale)
     if not (masked or scores.changes_scores or scores.dropout_rate):
         return s0 * _F32(LOG2E), lambda ds: ds, None
-    offset = table[2]
+    offset = table[OFFSET]
     q, k = _positions(config, raw.shape, first[0], first[1], transposed)
     keep = None
     if scores.dropout_rate:
-        seed = table[3].astype(jnp.uint32)  # the same bits (two's complement)
+        seed = table[SEED].astype(jnp.uint32)  # the same bits (two's complement)
         q_pos = jnp.minimum(q, config.q_len - 1) + offset
         keep = keep_tile(seed, q_pos, k, threshold(scores.dropout_rate))
     mod = _score_mod(config, jnp.minimum(q, config.q_len - 1) + offset, k)
@@ -225,13 +226,14 @@ def _accumulate(acc: Any, a: Any, b: Any) -> Any:
     return pl.run_state(body)(plgpu.ACC.init(acc))
 
 
-def _consume(table: Any, step: Callable[..., Any], carry: Any) -> Any:
-    """The consumers' walk: partial blocks (masked) first, then full blocks."""
-    count, n_partial = table[0], table[1]
+def _consume(walk: tuple, step: Callable[..., Any], carry: Any) -> Any:
+    """The consumers' walk (``_blocks.row_walk``'s): partial blocks (masked) first, then
+    full blocks."""
+    count, n_partial, block_at = walk
 
     def at(masked: bool) -> Callable[[Any, Any], Any]:
         def body(t: Any, c: Any) -> Any:
-            return step(t, lax.rem(t, SLOTS), table[HEADER + t], masked, c)
+            return step(t, lax.rem(t, SLOTS), block_at(t), masked, c)
 
         return body
 
@@ -258,6 +260,7 @@ def forward(config: KernelConfig, q: Any, k: Any, v: Any, table: Any) -> tuple[A
         wg = lax.axis_index("wg")
         b, h, qb = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("qb")
         _table_row(table_ref, config, qb, t_smem, t_bar.at[0])
+        walk = row_walk(config, t_smem, qb, "kv")
         kv_head = lax.div(h, jnp.int32(config.groups))
 
         @pl.when(wg == CONSUMERS)
@@ -266,7 +269,7 @@ def forward(config: KernelConfig, q: Any, k: Any, v: Any, table: Any) -> tuple[A
                 (lambda j: k_ref.at[b, pl.ds(j * bk, bk), kv_head], k_smem),
                 (lambda j: v_ref.at[b, pl.ds(j * bk, bk), kv_head], v_smem),
             ]
-            _produce(t_smem, loads, ready, consumed)
+            _produce(walk, loads, ready, consumed)
 
         @pl.when(wg < CONSUMERS)
         def _consumer() -> None:
@@ -297,7 +300,7 @@ def forward(config: KernelConfig, q: Any, k: Any, v: Any, table: Any) -> tuple[A
                 _filled((rows,), 0.0, _reduce_layout(1)),
                 _filled((rows, dv), 0.0, plgpu.Layout.WGMMA),
             )
-            m, l, acc = _consume(t_smem, step, carry)
+            m, l, acc = _consume(walk, step, carry)
             empty = l == 0.0
             safe = jnp.where(empty, 1.0, l)
             out = acc / lax.broadcast_in_dim(safe, acc.shape, [0])
@@ -416,6 +419,7 @@ def dq(
         wg = lax.axis_index("wg")
         b, h, qb = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("qb")
         _table_row(table_ref, config, qb, t_smem, t_bar.at[0])
+        walk = row_walk(config, t_smem, qb, "kv")
         kv_head = lax.div(h, jnp.int32(config.groups))
 
         @pl.when(wg == CONSUMERS)
@@ -424,7 +428,7 @@ def dq(
                 (lambda j: k_ref.at[b, pl.ds(j * bk, bk), kv_head], k_smem),
                 (lambda j: v_ref.at[b, pl.ds(j * bk, bk), kv_head], v_smem),
             ]
-            _produce(t_smem, loads, ready, consumed)
+            _produce(walk, loads, ready, consumed)
 
         @pl.when(wg < CONSUMERS)
         def _consumer() -> None:
@@ -463,7 +467,7 @@ def dq(
                 plgpu.barrier_arrive(consumed.at[slot])
                 return acc
 
-            acc = _consume(t_smem, step, _filled((rows, d), 0.0, plgpu.Layout.WGMMA))
+            acc = _consume(walk, step, _filled((rows, d), 0.0, plgpu.Layout.WGMMA))
             my_q[...] = (acc * _F32(config.scale)).astype(dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(my_q, dq_ref.at[mine])
@@ -503,6 +507,7 @@ def dkdv(
         wg = lax.axis_index("wg")
         b, h, kb = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("qb")
         _table_row(table_ref, config, kb, t_smem, t_bar.at[0])
+        walk = row_walk(config, t_smem, kb, "q")
         kv_head = lax.div(h, jnp.int32(config.groups))
 
         @pl.when(wg == CONSUMERS)
@@ -513,7 +518,7 @@ def dkdv(
                 (lambda i: lse_ref.at[b, h, pl.ds(i * bq, bq)], lse_slots),
                 (lambda i: delta_ref.at[b, h, pl.ds(i * bq, bq)], dl_slots),
             ]
-            _produce(t_smem, loads, ready, consumed)
+            _produce(walk, loads, ready, consumed)
 
         @pl.when(wg < CONSUMERS)
         def _consumer() -> None:
@@ -549,7 +554,7 @@ def dkdv(
                 return dk_acc, dv_acc
 
             zeros = _filled((rows, d), 0.0, plgpu.Layout.WGMMA)
-            dk_acc, dv_acc = _consume(t_smem, step, (zeros, zeros))
+            dk_acc, dv_acc = _consume(walk, step, (zeros, zeros))
             my_k[...] = (dk_acc * _F32(config.scale)).astype(dtype)
             my_v[...] = dv_acc.astype(dtype)
             plgpu.commit_smem()
