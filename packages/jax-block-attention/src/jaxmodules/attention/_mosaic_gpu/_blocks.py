@@ -99,22 +99,29 @@ def row_walk(
     ``n_partial`` partial ones first (increasing), then the full ones (increasing)."""
     if config.walk == "lists":
         return table[HEADER], table[HEADER + 1], lambda t: table[HEADER + 4 + t]
-    if config.walk == "band":
+
+    def ranges() -> tuple[Any, Any, Any, Any]:
+        if config.walk == "ranges":
+            return tuple(table[HEADER + i] for i in range(4))  # type: ignore[return-value]
         fn = kv_range if side == "kv" else q_range
         blocks = (config.q_len, config.k_len, config.q_block, config.k_block)
-        row = jnp.asarray(row, jnp.int32)
         offset = jnp.asarray(table[OFFSET], jnp.int32)
-        first, last, full_first, full_last = fn(jnp, row, offset, *blocks, config.lo, config.hi)
-    else:
-        first, last, full_first, full_last = (table[HEADER + i] for i in range(4))
-    before = full_first - first
-    n_partial = before + last - full_last
+        return fn(jnp, jnp.asarray(row, jnp.int32), offset, *blocks, config.lo, config.hi)
+
+    kept = ranges()
 
     def block(t: Any) -> Any:
+        # Stored ranges read again at every step rather than kept live through the loop
+        # (registers are what the consumers run short of; computing the band's again
+        # costs more than keeping them: ptxas for sm_90a, dK/dV at d=128).
+        first, last, full_first, full_last = ranges() if config.walk == "ranges" else kept
+        before = full_first - first
+        n_partial = before + last - full_last
         after = jnp.where(t < n_partial, full_last + t - before, full_first + t - n_partial)
         return jnp.where(t < before, first + t, after)
 
-    return last - first, n_partial, block
+    first, last, full_first, full_last = kept
+    return last - first, full_first - first + last - full_last, block
 
 
 def with_seeds(table: Any, seeds: Any) -> Any:

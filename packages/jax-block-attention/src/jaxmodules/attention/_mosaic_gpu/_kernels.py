@@ -44,8 +44,10 @@ ROWS_PER_WG = 64  # wgmma's M per warpgroup
 # (block_q=64 per warpgroup, two concurrent steps; 128 rows per warpgroup spilled).
 CONSUMERS = 2  # consumer warpgroups per program
 SLOTS = 2  # pipeline depth of the producer
-_PRODUCER_REGISTERS = 40
-_CONSUMER_REGISTERS = 232
+# The 64K registers of an SM over 3 x 128 threads: the producer keeps 24 (the least
+# setmaxnreg allows), each consumer thread 240 (128 x 24 + 256 x 240 = 64,512).
+_PRODUCER_REGISTERS = 24
+_CONSUMER_REGISTERS = 240
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -500,6 +502,9 @@ def dkdv(
     bsz, k_pad_len, _, d = k.shape
     q_heads = q.shape[2]
     bq, rows, dtype = config.q_block, ROWS_PER_WG, q.dtype
+    # Query slices of 64 rows: wgmma's K (the slice, for dV and dK) is a multiple of 64
+    # for 16-bit operands in 128-byte swizzle.
+    cols = 64
 
     def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, table_ref, dk_ref, dv_ref, scratch):
         (k_smem, v_smem, q_slots, do_slots, lse_slots, dl_slots, t_smem), bars = scratch
@@ -535,19 +540,19 @@ def dkdv(
                 dk_acc, dv_acc = carry
                 for r in ready:
                     plgpu.barrier_wait(r.at[slot])
-                # The query block in slices of 64 rows: four 64 x 128 float32 tiles
-                # live at once spilled at d=64 (ptxas for sm_90a, 168 registers).
-                for part in range(bq // rows):
-                    at = pl.ds(part * rows, rows)
+                # The query block in slices of ``cols``: four 64 x 128 float32 tiles
+                # live at once spilled at d=64 (ptxas for sm_90a).
+                for part in range(bq // cols):
+                    at = pl.ds(part * cols, cols)
                     q_t, do_t = q_slots.at[slot, at], do_slots.at[slot, at]
-                    raw = _matmul(my_k, q_t.T, (rows, rows))
-                    at_q = block * bq + part * rows
+                    raw = _matmul(my_k, q_t.T, (rows, cols))
+                    at_q = block * bq + part * cols
                     s, back, keep = tile(config, raw, (at_q, first), t_smem, masked, True)
                     lse = plgpu.load(lse_slots.at[slot, at], layout=_reduce_layout(0))
                     dlt = plgpu.load(dl_slots.at[slot, at], layout=_reduce_layout(0))
                     p = jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [1]))
                     dv_acc = _accumulate(dv_acc, kept(config, keep, p).astype(dtype), do_t)
-                    dp = kept(config, keep, _matmul(my_v, do_t.T, (rows, rows)))
+                    dp = kept(config, keep, _matmul(my_v, do_t.T, (rows, cols)))
                     ds = back(p * (dp - lax.broadcast_in_dim(dlt, s.shape, [1])))
                     dk_acc = _accumulate(dk_acc, ds.astype(dtype), q_t)
                 plgpu.barrier_arrive(consumed.at[slot])
