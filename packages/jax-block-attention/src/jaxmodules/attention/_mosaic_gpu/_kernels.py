@@ -171,41 +171,62 @@ def tile(
     table: Any,
     masked: bool,
     transposed: bool = False,
+    gradient: bool = False,
 ) -> tuple[Any, Callable[[Any], Any], Any]:
     """The base-2 final scores of a tile from its raw products ``q . k`` (``-inf``
     where a partial block's mask hides them), and the map from the gradient of the
-    final scores to that of the scaled products ``s0`` (the shared score pipeline:
-    ``_scores.tile_scores`` / ``tile_score_gradients``). ``first``: the tile's first
-    query and key positions (before the offset); ``table``: the program's table row
-    (the offset, dropout's seed). Also dropout's keep decisions (``None`` without)."""
+    final scores to that of the scaled products ``s0`` (the shared score pipeline,
+    ``_scores.tile_scores``). ``first``: the tile's first query and key positions
+    (before the offset); ``table``: the program's table row (the offset, dropout's
+    seed). Also dropout's keep decisions as a function that computes them (``None``
+    without dropout): called where they are used rather than kept in registers.
+
+    ``gradient`` (the backward passes): the derivative of the final scores with respect
+    to ``s0`` is taken now, in the same forward-mode pass as the scores (``score_mod``
+    and the cap are element-wise), so that the map is one product and neither ``s0``
+    nor the positions stay live until the gradient arrives."""
     scores = config.scores
     s0 = raw * _F32(config.scale)
     if not (masked or scores.changes_scores or scores.dropout_rate):
         return s0 * _F32(LOG2E), lambda ds: ds, None
     offset = table[OFFSET]
     q, k = _positions(config, raw.shape, first[0], first[1], transposed)
-    keep = None
+    keep: Callable[[], Any] | None = None
     if scores.dropout_rate:
-        seed = table[SEED].astype(jnp.uint32)  # the same bits (two's complement)
-        q_pos = jnp.minimum(q, config.q_len - 1) + offset
-        keep = keep_tile(seed, q_pos, k, threshold(scores.dropout_rate))
+
+        def decisions() -> Any:
+            q, k = _positions(config, raw.shape, first[0], first[1], transposed)
+            seed = table[SEED].astype(jnp.uint32)  # the same bits (two's complement)
+            q_pos = jnp.minimum(q, config.q_len - 1) + table[OFFSET]
+            return keep_tile(seed, q_pos, k, threshold(scores.dropout_rate))
+
+        keep = decisions
+
     mod = _score_mod(config, jnp.minimum(q, config.q_len - 1) + offset, k)
-    s = tile_scores(scores, s0, None, mod) * _F32(LOG2E)
+    back: Callable[[Any], Any] = lambda ds: ds  # noqa: E731
+    if gradient and scores.changes_scores:
+        ones = jnp.ones_like(s0)
+        s, slope = jax.jvp(lambda x: tile_scores(scores, x, None, mod), (s0,), (ones,))
+        back = lambda ds: ds * slope  # noqa: E731
+        s = s * _F32(LOG2E)
+    else:
+        s = tile_scores(scores, s0, None, mod) * _F32(LOG2E)
+        if scores.changes_scores:
+
+            def back(ds: Any) -> Any:
+                return tile_score_gradients(scores, s0, None, ds, mod)[0]
+
     if masked:
         s = jnp.where(tile_visible(config, q, k, offset), s, -jnp.inf)
-
-    def back(ds: Any) -> Any:
-        return tile_score_gradients(scores, s0, None, ds, mod)[0]
-
     return s, back, keep
 
 
 def kept(config: KernelConfig, keep: Any, x: Any) -> Any:
-    """``x`` where dropout keeps the weight, scaled by ``1 / (1 - rate)``; 0 elsewhere
-    (``x`` itself without dropout)."""
+    """``x`` where dropout keeps the weight (``keep()``), scaled by ``1 / (1 - rate)``;
+    0 elsewhere (``x`` itself without dropout)."""
     if keep is None:
         return x
-    return jnp.where(keep, x * _F32(1.0 / (1.0 - config.scores.dropout_rate)), 0.0)
+    return jnp.where(keep(), x * _F32(1.0 / (1.0 - config.scores.dropout_rate)), 0.0)
 
 
 def _matmul(a: Any, b: Any, shape: tuple[int, int]) -> Any:
@@ -461,7 +482,9 @@ def dq(
                     k_t, v_t = k_smem.at[slot, at], v_smem.at[slot, at]
                     raw = _matmul(my_q, k_t.T, (rows, rows))
                     at_k = block * bk + part * rows
-                    s, back, keep = tile(config, raw, (first, at_k), t_smem, masked)
+                    s, back, keep = tile(
+                        config, raw, (first, at_k), t_smem, masked, gradient=True
+                    )
                     p = jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [0]))
                     dp = kept(config, keep, _matmul(my_do, v_t.T, (rows, rows)))
                     ds = back(p * (dp - lax.broadcast_in_dim(dlt, s.shape, [0])))
@@ -547,12 +570,16 @@ def dkdv(
                     q_t, do_t = q_slots.at[slot, at], do_slots.at[slot, at]
                     raw = _matmul(my_k, q_t.T, (rows, cols))
                     at_q = block * bq + part * cols
-                    s, back, keep = tile(config, raw, (at_q, first), t_smem, masked, True)
+                    s, back, keep = tile(
+                        config, raw, (at_q, first), t_smem, masked, True, gradient=True
+                    )
+                    # The rows' statistics loaded where used (each is 16 registers a
+                    # thread as a column of the tile's layout).
                     lse = plgpu.load(lse_slots.at[slot, at], layout=_reduce_layout(0))
-                    dlt = plgpu.load(dl_slots.at[slot, at], layout=_reduce_layout(0))
                     p = jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [1]))
                     dv_acc = _accumulate(dv_acc, kept(config, keep, p).astype(dtype), do_t)
                     dp = kept(config, keep, _matmul(my_v, do_t.T, (rows, cols)))
+                    dlt = plgpu.load(dl_slots.at[slot, at], layout=_reduce_layout(0))
                     ds = back(p * (dp - lax.broadcast_in_dim(dlt, s.shape, [1])))
                     dk_acc = _accumulate(dk_acc, ds.astype(dtype), q_t)
                 plgpu.barrier_arrive(consumed.at[slot])
