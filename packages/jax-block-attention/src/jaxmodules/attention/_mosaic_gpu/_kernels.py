@@ -560,16 +560,17 @@ def dkdv(
             plgpu.barrier_wait(own_bar.at[wg * 2 + 1])
 
             def step(t, slot, block, masked, carry):
-                dk_acc, dv_acc = carry
                 for r in ready:
                     plgpu.barrier_wait(r.at[slot])
-                # The query block in slices of ``cols``: four 64 x 128 float32 tiles
-                # live at once spilled at d=64 (ptxas for sm_90a).
-                for part in range(bq // cols):
-                    at = pl.ds(part * cols, cols)
+                # The query block in slices of ``cols``, a loop rather than unrolled:
+                # four 64 x 128 float32 tiles live at once spilled at d=64, and the
+                # unrolled slices at d=128 (ptxas for sm_90a).
+                def part(i, accs):
+                    dk_acc, dv_acc = accs
+                    at = pl.ds(pl.multiple_of(i * cols, cols), cols)
                     q_t, do_t = q_slots.at[slot, at], do_slots.at[slot, at]
                     raw = _matmul(my_k, q_t.T, (rows, cols))
-                    at_q = block * bq + part * cols
+                    at_q = block * bq + i * cols
                     s, back, keep = tile(
                         config, raw, (at_q, first), t_smem, masked, True, gradient=True
                     )
@@ -581,7 +582,9 @@ def dkdv(
                     dp = kept(config, keep, _matmul(my_v, do_t.T, (rows, cols)))
                     dlt = plgpu.load(dl_slots.at[slot, at], layout=_reduce_layout(0))
                     ds = back(p * (dp - lax.broadcast_in_dim(dlt, s.shape, [1])))
-                    dk_acc = _accumulate(dk_acc, ds.astype(dtype), q_t)
+                    return _accumulate(dk_acc, ds.astype(dtype), q_t), dv_acc
+
+                dk_acc, dv_acc = lax.fori_loop(0, bq // cols, part, carry)
                 plgpu.barrier_arrive(consumed.at[slot])
                 return dk_acc, dv_acc
 
