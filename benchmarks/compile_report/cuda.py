@@ -127,7 +127,10 @@ def _record_mosaic_launches() -> None:
         from jax.experimental.mosaic.gpu import core
     except ImportError:
         return
-    lower, size = getattr(core, "_lower_as_gpu_kernel", None), getattr(core, "_smem_tree_size", None)
+    lower, size = (
+        getattr(core, "_lower_as_gpu_kernel", None),
+        getattr(core, "_smem_tree_size", None),
+    )
     if lower is None or size is None or getattr(lower, "_recorded", False):
         return
 

@@ -88,6 +88,7 @@ def markdown(
     info: dict[str, Any],
     seconds: float,
     history: str,
+    known: list[str] | None = None,
 ) -> str:
     """The report file: how it was made, the verdict, the table, and what came before."""
     verdict = (
@@ -95,6 +96,11 @@ def markdown(
         if not problems
         else f"{len(problems)} offences:\n\n" + "\n".join(f"- {p}" for p in problems)
     )
+    if known:
+        verdict += (
+            f"\n\n{len(known)} known spills, tracked (reported, not failing the run):\n\n"
+            + "\n".join(f"- {p}" for p in known)
+        )
     not_built = [r["case"].id for r in results if refused(r)]
     if not_built:
         verdict += (

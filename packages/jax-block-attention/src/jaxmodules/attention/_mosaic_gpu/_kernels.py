@@ -482,9 +482,7 @@ def dq(
                     k_t, v_t = k_smem.at[slot, at], v_smem.at[slot, at]
                     raw = _matmul(my_q, k_t.T, (rows, rows))
                     at_k = block * bk + part * rows
-                    s, back, keep = tile(
-                        config, raw, (first, at_k), t_smem, masked, gradient=True
-                    )
+                    s, back, keep = tile(config, raw, (first, at_k), t_smem, masked, gradient=True)
                     p = jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [0]))
                     dp = kept(config, keep, _matmul(my_do, v_t.T, (rows, rows)))
                     ds = back(p * (dp - lax.broadcast_in_dim(dlt, s.shape, [0])))
@@ -562,6 +560,7 @@ def dkdv(
             def step(t, slot, block, masked, carry):
                 for r in ready:
                     plgpu.barrier_wait(r.at[slot])
+
                 # The query block in slices of ``cols``, a loop rather than unrolled:
                 # four 64 x 128 float32 tiles live at once spilled at d=64, and the
                 # unrolled slices at d=128 (ptxas for sm_90a).
