@@ -102,7 +102,7 @@ def row_walk(
 
     def ranges() -> tuple[Any, Any, Any, Any]:
         if config.walk == "ranges":
-            return tuple(table[HEADER + i] for i in range(4))  # type: ignore[return-value]
+            return tuple(table[HEADER + i] for i in range(4))
         fn = kv_range if side == "kv" else q_range
         blocks = (config.q_len, config.k_len, config.q_block, config.k_block)
         offset = jnp.asarray(table[OFFSET], jnp.int32)
