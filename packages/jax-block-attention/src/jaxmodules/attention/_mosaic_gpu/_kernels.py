@@ -2,17 +2,19 @@
 ``plgpu.kernel`` in the warp-specialised design of FlashAttention-3.
 
 Every program owns one block of rows (``ROWS_PER_WG`` per consumer warpgroup, two
-consumer warpgroups) and walks its table row (``_blocks``): a producer warpgroup streams
-the listed blocks of the other side into ``SLOTS`` shared-memory slots by TMA, each
-slot guarded by a "ready" barrier (TMA completion) and a "consumed" barrier (both
-consumers done with it); the consumers run ``wgmma`` from shared memory, the partial
-blocks first (element-wise mask on the tile in registers), then the full ones (none).
+consumer warpgroups) and walks the block mask's plan for its row (``_blocks.row_walk``:
+the band's ranges computed here from the offset, stored ranges, or lists): a producer
+warpgroup streams the walked blocks of the other side into ``SLOTS`` shared-memory
+slots by TMA, each slot guarded by a "ready" barrier (TMA completion) and a "consumed"
+barrier (both consumers done with it); the consumers run ``wgmma`` from shared memory,
+the partial blocks first (element-wise mask on the tile in registers), then the full
+ones (none).
 
-Compiled for an H100 (ptxas, sm_90a; forward and gradient at L=8192, 16 heads): every
-forward and dQ kernel, and the dK/dV kernel at d=64, use no local memory; the dK/dV
-kernel at d=128 spills (68-116 B; about 700 B with a ``score_mod`` or dropout): its two
-64 x 128 float32 accumulators per warpgroup leave too few of the 168 registers that
-three warpgroups get. Not yet tuned on a GPU.
+Compiled for an H100 (ptxas 13.0, sm_90a; forward and gradient at L=8192, 16 heads;
+``benchmarks/compile_report``): every forward and dQ kernel, and the dK/dV kernel at
+d=64, use no local memory; the dK/dV kernel at d=128 spills 20-36 B (332 B with
+dropout): its two 64 x 128 float32 accumulators per consumer warpgroup leave little of
+the 240 registers beside the score, dP and dS tiles. Not yet tuned on a GPU.
 """
 
 from __future__ import annotations
