@@ -11,8 +11,9 @@ for sm_90a. What each kernel uses comes from two places:
   ``PATH`` runs the real one with XLA's own arguments plus ``-v``, and keeps its log;
 - shared memory per block (dynamic, so ``ptxas`` does not see it) and threads per block
   from XLA's thunk sequence (``--xla_dump_to``), one line per kernel launch. Mosaic GPU
-  launches through a custom call that line does not describe; Mosaic checks its shared
-  memory against the device when it lowers.
+  launches through a custom call that line does not describe: for those, the scratch
+  Mosaic sizes (and checks against the device) when it lowers each kernel, recorded by
+  wrapping that lowering.
 """
 
 from __future__ import annotations
@@ -113,10 +114,51 @@ def device(name: str | None = None) -> tuple[Any, dict[str, Any]]:
     return topology.devices[0], {"memory_limit": shared_limit(config), "arch": arch(config)}
 
 
+# Mosaic GPU kernel name -> its shared memory per block and threads, recorded as Mosaic
+# lowers it (the launch is a custom call, absent from XLA's thunk sequence).
+_MOSAIC: dict[str, dict[str, int]] = {}
+
+
+def _record_mosaic_launches() -> None:
+    """Wrap Mosaic GPU's lowering of one kernel to note its shared memory (the scratch
+    tree Mosaic sizes and checks against 227 KiB) and threads. A private function: on a
+    jax without it the rows say "checked at lowering"."""
+    try:
+        from jax.experimental.mosaic.gpu import core
+    except ImportError:
+        return
+    lower, size = (
+        getattr(core, "_lower_as_gpu_kernel", None),
+        getattr(core, "_smem_tree_size", None),
+    )
+    if lower is None or size is None or getattr(lower, "_recorded", False):
+        return
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        names = ("body", "grid", "cluster", "block", "in_shapes", "out_shape", "inout_shape")
+        bound = dict(zip((*names, "smem_scratch_shape", "lowering_semantics"), args, strict=False))
+        bound.update(kwargs)
+        try:
+            threads = 1
+            for n in bound["block"]:
+                threads *= int(n)
+            _MOSAIC[str(bound["kernel_name"])] = {
+                "memory": int(size(bound["smem_scratch_shape"])),
+                "threads": threads,
+            }
+        except (KeyError, TypeError, ValueError):
+            pass
+        return lower(*args, **kwargs)
+
+    recording._recorded = True  # type: ignore[attr-defined]
+    core._lower_as_gpu_kernel = recording
+
+
 def compile_on(dev: Any, fn: Any, args: tuple[Any, ...]) -> Any:
     """Compile for ``dev``. Pallas Triton finds its GPU through the default device."""
     import jax
 
+    _record_mosaic_launches()
     with jax.default_device(dev):
         return jax.jit(fn).lower(*args).compile()
 
@@ -172,9 +214,9 @@ def _tensor_cores(logs: Path) -> dict[str, str]:
 
 def kernels(workdir: Path, compiled: Any, reference: bool) -> list[dict[str, Any]]:
     """One row per attention kernel of the compiled program: ours are the Pallas
-    launches (``pallas_call`` in XLA's annotation), jax's the Mosaic GPU kernels
-    (``entry_mosaic_gpu_kernel`` for its forward, ``anonymous_mosaic_gpu_kernel`` for its
-    backward's)."""
+    launches (``pallas_call`` in XLA's annotation) and the Mosaic GPU kernels named
+    ``jaxmodules_<pass>``, jax's the Mosaic GPU kernels (``entry_mosaic_gpu_kernel`` for
+    its forward, ``anonymous_mosaic_gpu_kernel`` for its backward's)."""
     del compiled  # everything is in the dumps
     if not any((workdir / "ptxas").glob("*.log")):
         raise RuntimeError("XLA ran no ptxas through the wrapper (it found another ptxas?)")
@@ -183,13 +225,23 @@ def kernels(workdir: Path, compiled: Any, reference: bool) -> list[dict[str, Any
     rows = []
     for name, metrics in _ptxas_reports(workdir / "ptxas"):
         launch = launches.get(name)
+        mosaic = _MOSAIC.get(name.removesuffix("_mosaic_gpu_kernel"))
+        if name.endswith("_mosaic_gpu_kernel") and mosaic is not None:
+            launch = {"annotation": "mosaic_gpu", **mosaic}
         ours = launch is not None and launch["annotation"].startswith("pallas_call")
+        # Our Mosaic GPU kernels are named jaxmodules_<pass> (_mosaic_gpu/_kernels.py).
+        ours = ours or name.startswith("jaxmodules_")
         if ours or (reference and name.endswith("mosaic_gpu_kernel")):
             where = {k: v for k, v in (launch or {}).items() if k != "annotation"}
             cores = {"tensor_cores": tensor_cores.get(name, "?")}
             rows.append({"kernel": name, **where, **metrics, **cores})
     order = {n: i for i, n in enumerate(("forward", "dq", "dkdv"))}
-    rows.sort(key=lambda r: (order.get(r["kernel"].rsplit("_", 1)[-1], 9), r["registers"]))
+
+    def rank(row: dict[str, Any]) -> int:
+        name = row["kernel"].removeprefix("jaxmodules_").removesuffix("_mosaic_gpu_kernel")
+        return order.get(name.rsplit("_", 1)[-1], 9)
+
+    rows.sort(key=lambda r: (rank(r), r["registers"]))
     return rows
 
 

@@ -15,13 +15,19 @@ def _kib(n: int) -> str:
     return f"{n / 1024:.1f}".removesuffix(".0")
 
 
+def refused(result: dict[str, Any]) -> bool:
+    """A case our dispatcher refuses today, refused as expected: listed, not gated."""
+    error = result["error"] or ""
+    return bool(result["case"].refused and "cannot compute this call" in error)
+
+
 def offenders(results: list[dict[str, Any]], memory_limit: int) -> list[str]:
     """Every gate one of our kernels misses, one line each: a compile error, on-chip
     memory over the device's limit per block, any spill."""
     problems = []
     for result in results:
         case = result["case"]
-        if case.reference:
+        if case.reference or refused(result):
             continue
         if result["error"]:
             problems.append(f"{case.id}: does not compile ({result['error']})")
@@ -56,7 +62,9 @@ def table(results: list[dict[str, Any]], memory_limit: int) -> str:
         head = f"| {case.name}{' (jax)' if case.reference else ''} | {case.d} | {case.dtype} "
         seconds = f"{result['seconds']:.0f}"
         if result["error"]:
-            what = "not built" if case.reference else "**compile error**"
+            what = "**compile error**"
+            if case.reference or refused(result):
+                what = "not built" if case.reference else "refused, not built"
             lines.append(head + f"| {what}: {result['error'][:200]} | | | | | | {seconds} |")
             continue
         for row in result["rows"]:
@@ -80,6 +88,7 @@ def markdown(
     info: dict[str, Any],
     seconds: float,
     history: str,
+    known: list[str] | None = None,
 ) -> str:
     """The report file: how it was made, the verdict, the table, and what came before."""
     verdict = (
@@ -87,6 +96,18 @@ def markdown(
         if not problems
         else f"{len(problems)} offences:\n\n" + "\n".join(f"- {p}" for p in problems)
     )
+    if known:
+        verdict += (
+            f"\n\n{len(known)} known spills, tracked (reported, not failing the run):\n\n"
+            + "\n".join(f"- {p}" for p in known)
+        )
+    not_built = [r["case"].id for r in results if refused(r)]
+    if not_built:
+        verdict += (
+            "\n\nRefused by our dispatcher today, so not built (listed, not gated): "
+            + ", ".join(not_built)
+            + "."
+        )
     missing = [r["case"].id for r in results if r["case"].reference and r["error"]]
     if missing:
         verdict += (
@@ -100,17 +121,22 @@ def markdown(
 
 Written by `benchmarks/compile_report` (`nox -s gpu_compile`) on
 {datetime.date.today().isoformat()}: {versions}, on a CPU host. Each case is the public
-call a GPU user makes (`masked_attention_via_map(..., implementation="pallas")`, with
-`jax.value_and_grad` for training), compiled by `jax.jit(f).lower(...).compile()` for the
-CUDA plugin's compile-only `{info.get("device", "")}`: XLA's own GPU pipeline, ending in
-`ptxas` for {info["arch"]}. Registers and spills from `ptxas -v`, run with XLA's own
-arguments; threads and shared memory per block from XLA's thunk sequence. Causal
-cases: B=1, L=8192, 16 heads (GQA: 16 query and 4 key/value heads); decoding: 16
-queries of 4 heads against 8192 keys (split-K). Rows marked (jax) are jax's Mosaic GPU
-attention (`jax.experimental.pallas.ops.gpu.attention_mgpu`, float16 only; its backward
-refuses causal, so its gradient rows are full attention), compiled the same way; Mosaic
-checks their shared memory when it lowers. {len(results)} compiles, one process each,
-in {seconds:.0f} s.
+call a GPU user makes (`masked_attention_via_map(..., implementation="triton")`, and
+`implementation="mosaic_gpu"` for the rows named mosaic-*), with `jax.value_and_grad`
+for training, compiled by `jax.jit(f).lower(...).compile()` for the CUDA plugin's
+compile-only `{info.get("device", "")}`: XLA's own GPU pipeline, ending in `ptxas` for
+{info["arch"]}. Registers and spills from `ptxas -v`, run with XLA's own arguments;
+threads and shared memory per block from XLA's thunk sequence, and for Mosaic GPU
+kernels (a custom call, not in that sequence) from the scratch Mosaic sizes as it lowers
+them. Registers of a Mosaic GPU kernel are the launch's share (3 warpgroups: 168); the
+consumer warpgroups raise theirs at run time (`setmaxnreg`). Causal cases: B=1, L=8192,
+16 heads (GQA: 16 query and 4 key/value heads); decoding: 16 queries of 4 heads against
+8192 keys (Triton: split-K); documents: eight of 1024 (Mosaic GPU: a block mask built
+beforehand, its kernels take no closed-over arrays yet); ALiBi (Mosaic GPU): slopes
+computed from the head. Rows marked (jax) are jax's Mosaic GPU attention
+(`jax.experimental.pallas.ops.gpu.attention_mgpu`, float16 only; its backward refuses
+causal, so its gradient rows are full attention), compiled the same way.
+{len(results)} compiles, one process each, in {seconds:.0f} s.
 
 Gates, on our kernels: it compiles; shared memory at most {_kib(limit)} KiB per block
 (the device's opt-in maximum); no spills.

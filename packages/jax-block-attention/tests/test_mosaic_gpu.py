@@ -24,6 +24,11 @@ CASES = {
         (1, 40, 150, 2, 1, 32),
         {"is_causal": True, "q_offset": 110, "dropout_rate": 0.25, "dropout_rng": 3},
     ),
+    # Documents from a mask_fn over positions alone: the plan's stored ranges.
+    "documents_ranges": (
+        (1, 40, 150, 2, 1, 32),
+        {"is_causal": True, "q_offset": 110, "mask_fn": lambda b, h, q, k: q // 100 == k // 100},
+    ),
     "window_offset_empty_rows_soft_cap_score_mod": (
         (1, 45, 53, 2, 2, 24),
         {

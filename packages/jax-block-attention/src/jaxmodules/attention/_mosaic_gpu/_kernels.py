@@ -2,17 +2,19 @@
 ``plgpu.kernel`` in the warp-specialised design of FlashAttention-3.
 
 Every program owns one block of rows (``ROWS_PER_WG`` per consumer warpgroup, two
-consumer warpgroups) and walks its table row (``_blocks``): a producer warpgroup streams
-the listed blocks of the other side into ``SLOTS`` shared-memory slots by TMA, each
-slot guarded by a "ready" barrier (TMA completion) and a "consumed" barrier (both
-consumers done with it); the consumers run ``wgmma`` from shared memory, the partial
-blocks first (element-wise mask on the tile in registers), then the full ones (none).
+consumer warpgroups) and walks the block mask's plan for its row (``_blocks.row_walk``:
+the band's ranges computed here from the offset, stored ranges, or lists): a producer
+warpgroup streams the walked blocks of the other side into ``SLOTS`` shared-memory
+slots by TMA, each slot guarded by a "ready" barrier (TMA completion) and a "consumed"
+barrier (both consumers done with it); the consumers run ``wgmma`` from shared memory,
+the partial blocks first (element-wise mask on the tile in registers), then the full
+ones (none).
 
-Compiled for an H100 (ptxas, sm_90a; forward and gradient at L=8192, 16 heads): every
-forward and dQ kernel, and the dK/dV kernel at d=64, use no local memory; the dK/dV
-kernel at d=128 spills (68-116 B; about 700 B with a ``score_mod`` or dropout): its two
-64 x 128 float32 accumulators per warpgroup leave too few of the 168 registers that
-three warpgroups get. Not yet tuned on a GPU.
+Compiled for an H100 (ptxas 13.0, sm_90a; forward and gradient at L=8192, 16 heads;
+``benchmarks/compile_report``): every forward and dQ kernel, and the dK/dV kernel at
+d=64, use no local memory; the dK/dV kernel at d=128 spills 20-36 B (332 B with
+dropout): its two 64 x 128 float32 accumulators per consumer warpgroup leave little of
+the 240 registers beside the score, dP and dS tiles. Not yet tuned on a GPU.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from .._config import BlockConfig
 from .._dropout import keep_tile, threshold
 from .._scores import tile_score_gradients, tile_scores
 from .._tile_program import evaluate_on_tile
-from ._blocks import HEADER
+from ._blocks import OFFSET, SEED, row_walk, table_row
 from ._rules import MOSAIC_GPU
 
 _F32 = jnp.float32
@@ -44,8 +46,10 @@ ROWS_PER_WG = 64  # wgmma's M per warpgroup
 # (block_q=64 per warpgroup, two concurrent steps; 128 rows per warpgroup spilled).
 CONSUMERS = 2  # consumer warpgroups per program
 SLOTS = 2  # pipeline depth of the producer
-_PRODUCER_REGISTERS = 40
-_CONSUMER_REGISTERS = 232
+# The 64K registers of an SM over 3 x 128 threads: the producer keeps 24 (the least
+# setmaxnreg allows), each consumer thread 240 (128 x 24 + 256 x 240 = 64,512).
+_PRODUCER_REGISTERS = 24
+_CONSUMER_REGISTERS = 240
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,23 +94,24 @@ def _table_row(table_ref: Any, config: KernelConfig, row: Any, smem: Any, barrie
 
     @pl.when(lax.axis_index("wg") == CONSUMERS)
     def _copy() -> None:
-        plgpu.copy_gmem_to_smem(table_ref.at[bm, hm, row], smem, barrier)
+        plgpu.copy_gmem_to_smem(table_ref.at[bm, hm, table_row(config, row)], smem, barrier)
 
     plgpu.barrier_wait(barrier)
 
 
 def _produce(
-    table: Any, loads: list[tuple[Callable[[Any], Any], Any]], ready: Any, consumed: Any
+    walk: tuple, loads: list[tuple[Callable[[Any], Any], Any]], ready: Any, consumed: Any
 ) -> None:
-    """The producer warpgroup: every listed block's operands by TMA into a free slot
-    (``loads``: for each operand, its global view of a block index and its slots)."""
+    """The producer warpgroup: every walked block's operands by TMA into a free slot
+    (``walk``: ``_blocks.row_walk``'s; ``loads``: for each operand, its global view of a
+    block index and its slots)."""
     plgpu.set_max_registers(_PRODUCER_REGISTERS, action="decrease")
-    count = table[0]
+    count, _, block_at = walk
 
     @pl.loop(0, count)
     def _step(t: Any) -> None:
         slot = lax.rem(t, SLOTS)
-        block = table[HEADER + t]
+        block = block_at(t)
 
         @pl.when(t >= SLOTS)
         def _wait() -> None:
@@ -168,41 +173,62 @@ def tile(
     table: Any,
     masked: bool,
     transposed: bool = False,
+    gradient: bool = False,
 ) -> tuple[Any, Callable[[Any], Any], Any]:
     """The base-2 final scores of a tile from its raw products ``q . k`` (``-inf``
     where a partial block's mask hides them), and the map from the gradient of the
-    final scores to that of the scaled products ``s0`` (the shared score pipeline:
-    ``_scores.tile_scores`` / ``tile_score_gradients``). ``first``: the tile's first
-    query and key positions (before the offset); ``table``: the program's table row
-    (the offset, dropout's seed). Also dropout's keep decisions (``None`` without)."""
+    final scores to that of the scaled products ``s0`` (the shared score pipeline,
+    ``_scores.tile_scores``). ``first``: the tile's first query and key positions
+    (before the offset); ``table``: the program's table row (the offset, dropout's
+    seed). Also dropout's keep decisions as a function that computes them (``None``
+    without dropout): called where they are used rather than kept in registers.
+
+    ``gradient`` (the backward passes): the derivative of the final scores with respect
+    to ``s0`` is taken now, in the same forward-mode pass as the scores (``score_mod``
+    and the cap are element-wise), so that the map is one product and neither ``s0``
+    nor the positions stay live until the gradient arrives."""
     scores = config.scores
     s0 = raw * _F32(config.scale)
     if not (masked or scores.changes_scores or scores.dropout_rate):
         return s0 * _F32(LOG2E), lambda ds: ds, None
-    offset = table[2]
+    offset = table[OFFSET]
     q, k = _positions(config, raw.shape, first[0], first[1], transposed)
-    keep = None
+    keep: Callable[[], Any] | None = None
     if scores.dropout_rate:
-        seed = table[3].astype(jnp.uint32)  # the same bits (two's complement)
-        q_pos = jnp.minimum(q, config.q_len - 1) + offset
-        keep = keep_tile(seed, q_pos, k, threshold(scores.dropout_rate))
+
+        def decisions() -> Any:
+            q, k = _positions(config, raw.shape, first[0], first[1], transposed)
+            seed = table[SEED].astype(jnp.uint32)  # the same bits (two's complement)
+            q_pos = jnp.minimum(q, config.q_len - 1) + table[OFFSET]
+            return keep_tile(seed, q_pos, k, threshold(scores.dropout_rate))
+
+        keep = decisions
+
     mod = _score_mod(config, jnp.minimum(q, config.q_len - 1) + offset, k)
-    s = tile_scores(scores, s0, None, mod) * _F32(LOG2E)
+    back: Callable[[Any], Any] = lambda ds: ds  # noqa: E731
+    if gradient and scores.changes_scores:
+        ones = jnp.ones_like(s0)
+        s, slope = jax.jvp(lambda x: tile_scores(scores, x, None, mod), (s0,), (ones,))
+        back = lambda ds: ds * slope  # noqa: E731
+        s = s * _F32(LOG2E)
+    else:
+        s = tile_scores(scores, s0, None, mod) * _F32(LOG2E)
+        if scores.changes_scores:
+
+            def back(ds: Any) -> Any:
+                return tile_score_gradients(scores, s0, None, ds, mod)[0]
+
     if masked:
         s = jnp.where(tile_visible(config, q, k, offset), s, -jnp.inf)
-
-    def back(ds: Any) -> Any:
-        return tile_score_gradients(scores, s0, None, ds, mod)[0]
-
     return s, back, keep
 
 
 def kept(config: KernelConfig, keep: Any, x: Any) -> Any:
-    """``x`` where dropout keeps the weight, scaled by ``1 / (1 - rate)``; 0 elsewhere
-    (``x`` itself without dropout)."""
+    """``x`` where dropout keeps the weight (``keep()``), scaled by ``1 / (1 - rate)``;
+    0 elsewhere (``x`` itself without dropout)."""
     if keep is None:
         return x
-    return jnp.where(keep, x * _F32(1.0 / (1.0 - config.scores.dropout_rate)), 0.0)
+    return jnp.where(keep(), x * _F32(1.0 / (1.0 - config.scores.dropout_rate)), 0.0)
 
 
 def _matmul(a: Any, b: Any, shape: tuple[int, int]) -> Any:
@@ -225,13 +251,14 @@ def _accumulate(acc: Any, a: Any, b: Any) -> Any:
     return pl.run_state(body)(plgpu.ACC.init(acc))
 
 
-def _consume(table: Any, step: Callable[..., Any], carry: Any) -> Any:
-    """The consumers' walk: partial blocks (masked) first, then full blocks."""
-    count, n_partial = table[0], table[1]
+def _consume(walk: tuple, step: Callable[..., Any], carry: Any) -> Any:
+    """The consumers' walk (``_blocks.row_walk``'s): partial blocks (masked) first, then
+    full blocks."""
+    count, n_partial, block_at = walk
 
     def at(masked: bool) -> Callable[[Any, Any], Any]:
         def body(t: Any, c: Any) -> Any:
-            return step(t, lax.rem(t, SLOTS), table[HEADER + t], masked, c)
+            return step(t, lax.rem(t, SLOTS), block_at(t), masked, c)
 
         return body
 
@@ -258,6 +285,7 @@ def forward(config: KernelConfig, q: Any, k: Any, v: Any, table: Any) -> tuple[A
         wg = lax.axis_index("wg")
         b, h, qb = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("qb")
         _table_row(table_ref, config, qb, t_smem, t_bar.at[0])
+        walk = row_walk(config, t_smem, qb, "kv")
         kv_head = lax.div(h, jnp.int32(config.groups))
 
         @pl.when(wg == CONSUMERS)
@@ -266,7 +294,7 @@ def forward(config: KernelConfig, q: Any, k: Any, v: Any, table: Any) -> tuple[A
                 (lambda j: k_ref.at[b, pl.ds(j * bk, bk), kv_head], k_smem),
                 (lambda j: v_ref.at[b, pl.ds(j * bk, bk), kv_head], v_smem),
             ]
-            _produce(t_smem, loads, ready, consumed)
+            _produce(walk, loads, ready, consumed)
 
         @pl.when(wg < CONSUMERS)
         def _consumer() -> None:
@@ -297,7 +325,7 @@ def forward(config: KernelConfig, q: Any, k: Any, v: Any, table: Any) -> tuple[A
                 _filled((rows,), 0.0, _reduce_layout(1)),
                 _filled((rows, dv), 0.0, plgpu.Layout.WGMMA),
             )
-            m, l, acc = _consume(t_smem, step, carry)
+            m, l, acc = _consume(walk, step, carry)
             empty = l == 0.0
             safe = jnp.where(empty, 1.0, l)
             out = acc / lax.broadcast_in_dim(safe, acc.shape, [0])
@@ -416,6 +444,7 @@ def dq(
         wg = lax.axis_index("wg")
         b, h, qb = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("qb")
         _table_row(table_ref, config, qb, t_smem, t_bar.at[0])
+        walk = row_walk(config, t_smem, qb, "kv")
         kv_head = lax.div(h, jnp.int32(config.groups))
 
         @pl.when(wg == CONSUMERS)
@@ -424,7 +453,7 @@ def dq(
                 (lambda j: k_ref.at[b, pl.ds(j * bk, bk), kv_head], k_smem),
                 (lambda j: v_ref.at[b, pl.ds(j * bk, bk), kv_head], v_smem),
             ]
-            _produce(t_smem, loads, ready, consumed)
+            _produce(walk, loads, ready, consumed)
 
         @pl.when(wg < CONSUMERS)
         def _consumer() -> None:
@@ -455,7 +484,7 @@ def dq(
                     k_t, v_t = k_smem.at[slot, at], v_smem.at[slot, at]
                     raw = _matmul(my_q, k_t.T, (rows, rows))
                     at_k = block * bk + part * rows
-                    s, back, keep = tile(config, raw, (first, at_k), t_smem, masked)
+                    s, back, keep = tile(config, raw, (first, at_k), t_smem, masked, gradient=True)
                     p = jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [0]))
                     dp = kept(config, keep, _matmul(my_do, v_t.T, (rows, rows)))
                     ds = back(p * (dp - lax.broadcast_in_dim(dlt, s.shape, [0])))
@@ -463,7 +492,7 @@ def dq(
                 plgpu.barrier_arrive(consumed.at[slot])
                 return acc
 
-            acc = _consume(t_smem, step, _filled((rows, d), 0.0, plgpu.Layout.WGMMA))
+            acc = _consume(walk, step, _filled((rows, d), 0.0, plgpu.Layout.WGMMA))
             my_q[...] = (acc * _F32(config.scale)).astype(dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(my_q, dq_ref.at[mine])
@@ -496,6 +525,9 @@ def dkdv(
     bsz, k_pad_len, _, d = k.shape
     q_heads = q.shape[2]
     bq, rows, dtype = config.q_block, ROWS_PER_WG, q.dtype
+    # Query slices of 64 rows: wgmma's K (the slice, for dV and dK) is a multiple of 64
+    # for 16-bit operands in 128-byte swizzle.
+    cols = 64
 
     def body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, table_ref, dk_ref, dv_ref, scratch):
         (k_smem, v_smem, q_slots, do_slots, lse_slots, dl_slots, t_smem), bars = scratch
@@ -503,6 +535,7 @@ def dkdv(
         wg = lax.axis_index("wg")
         b, h, kb = lax.axis_index("b"), lax.axis_index("h"), lax.axis_index("qb")
         _table_row(table_ref, config, kb, t_smem, t_bar.at[0])
+        walk = row_walk(config, t_smem, kb, "q")
         kv_head = lax.div(h, jnp.int32(config.groups))
 
         @pl.when(wg == CONSUMERS)
@@ -513,7 +546,7 @@ def dkdv(
                 (lambda i: lse_ref.at[b, h, pl.ds(i * bq, bq)], lse_slots),
                 (lambda i: delta_ref.at[b, h, pl.ds(i * bq, bq)], dl_slots),
             ]
-            _produce(t_smem, loads, ready, consumed)
+            _produce(walk, loads, ready, consumed)
 
         @pl.when(wg < CONSUMERS)
         def _consumer() -> None:
@@ -527,29 +560,37 @@ def dkdv(
             plgpu.barrier_wait(own_bar.at[wg * 2 + 1])
 
             def step(t, slot, block, masked, carry):
-                dk_acc, dv_acc = carry
                 for r in ready:
                     plgpu.barrier_wait(r.at[slot])
-                # The query block in slices of 64 rows: four 64 x 128 float32 tiles
-                # live at once spilled at d=64 (ptxas for sm_90a, 168 registers).
-                for part in range(bq // rows):
-                    at = pl.ds(part * rows, rows)
+
+                # The query block in slices of ``cols``, a loop rather than unrolled:
+                # four 64 x 128 float32 tiles live at once spilled at d=64, and the
+                # unrolled slices at d=128 (ptxas for sm_90a).
+                def part(i, accs):
+                    dk_acc, dv_acc = accs
+                    at = pl.ds(pl.multiple_of(i * cols, cols), cols)
                     q_t, do_t = q_slots.at[slot, at], do_slots.at[slot, at]
-                    raw = _matmul(my_k, q_t.T, (rows, rows))
-                    at_q = block * bq + part * rows
-                    s, back, keep = tile(config, raw, (at_q, first), t_smem, masked, True)
+                    raw = _matmul(my_k, q_t.T, (rows, cols))
+                    at_q = block * bq + i * cols
+                    s, back, keep = tile(
+                        config, raw, (at_q, first), t_smem, masked, True, gradient=True
+                    )
+                    # The rows' statistics loaded where used (each is 16 registers a
+                    # thread as a column of the tile's layout).
                     lse = plgpu.load(lse_slots.at[slot, at], layout=_reduce_layout(0))
-                    dlt = plgpu.load(dl_slots.at[slot, at], layout=_reduce_layout(0))
                     p = jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [1]))
                     dv_acc = _accumulate(dv_acc, kept(config, keep, p).astype(dtype), do_t)
-                    dp = kept(config, keep, _matmul(my_v, do_t.T, (rows, rows)))
+                    dp = kept(config, keep, _matmul(my_v, do_t.T, (rows, cols)))
+                    dlt = plgpu.load(dl_slots.at[slot, at], layout=_reduce_layout(0))
                     ds = back(p * (dp - lax.broadcast_in_dim(dlt, s.shape, [1])))
-                    dk_acc = _accumulate(dk_acc, ds.astype(dtype), q_t)
+                    return _accumulate(dk_acc, ds.astype(dtype), q_t), dv_acc
+
+                dk_acc, dv_acc = lax.fori_loop(0, bq // cols, part, carry)
                 plgpu.barrier_arrive(consumed.at[slot])
                 return dk_acc, dv_acc
 
             zeros = _filled((rows, d), 0.0, plgpu.Layout.WGMMA)
-            dk_acc, dv_acc = _consume(t_smem, step, (zeros, zeros))
+            dk_acc, dv_acc = _consume(walk, step, (zeros, zeros))
             my_k[...] = (dk_acc * _F32(config.scale)).astype(dtype)
             my_v[...] = dv_acc.astype(dtype)
             plgpu.commit_smem()
