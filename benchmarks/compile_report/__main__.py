@@ -1,6 +1,7 @@
 """Compile every case for a target, one subprocess each; gate, print and write the report.
 
-    PYTHONPATH=benchmarks python -m compile_report --target cuda            # the report
+    PYTHONPATH=benchmarks python -m compile_report --target cuda            # the CI run
+    PYTHONPATH=benchmarks python -m compile_report --target cuda --full     # every case
     PYTHONPATH=benchmarks python -m compile_report --only 'causal-*' --no-fail
     PYTHONPATH=benchmarks python -m compile_report --list
 
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from compile_report import TARGETS, report
-from compile_report.cases import KNOWN_MOSAIC_SPILLS, Case, all_cases
+from compile_report.cases import KNOWN_MOSAIC_SPILLS, Case, all_cases, in_ci_run
 
 ROOT = Path(__file__).resolve().parents[2]
 REPORT = {"cuda": ROOT / "benchmarks" / "results" / "attention_gpu_compile.md"}
@@ -123,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="compiles at once")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per compile")
     parser.add_argument("--list", action="store_true", help="print the case ids and stop")
+    parser.add_argument("--full", action="store_true", help="every case (default: the CI run)")
     parser.add_argument("--device", help="another device the target describes (a filtered run)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
@@ -139,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         cases = [c for c in cases if any(fnmatch.fnmatch(c.id, p) for p in args.only)]
         if not cases:
             parser.error(f"--only {args.only} matches no case (see --list)")
+    elif not args.full:
+        cases = [c for c in cases if in_ci_run(c)]
     start = time.perf_counter()
     with futures.ThreadPoolExecutor(args.workers) as pool:
         jobs = [

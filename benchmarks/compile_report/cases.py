@@ -10,6 +10,7 @@ concrete array, so a closure over one fails to compile.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 from collections.abc import Callable
 from typing import Any
 
@@ -256,3 +257,23 @@ def all_cases() -> list[Case]:
         for d in (64, 128)
     ]
     return cases
+
+
+# Left out of the CI run (``nox -s gpu_compile``; ``--full`` compiles them): the float16
+# twins of bfloat16 kernels, whose code differs only in the element type, the Mosaic
+# GPU features at d=64 (their d=128 kernels, the tighter fit, stay in), and the d=256
+# Mosaic cases the backend refuses.
+CI_SKIPPED = (
+    "causal-d64-f16",
+    "causal-d256-f16",
+    "mgpu-causal-d64-f16",
+    "mgpu-causal-d256-f16",
+    "mosaic-causal-d64-f16",
+    "mosaic-causal-d256-*",
+    "mosaic-*-d64-bf16",
+)
+
+
+def in_ci_run(case: Case) -> bool:
+    """Whether the run without ``--full`` compiles ``case``."""
+    return not any(fnmatch.fnmatch(case.id, pattern) for pattern in CI_SKIPPED)
