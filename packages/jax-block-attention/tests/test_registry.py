@@ -104,6 +104,32 @@ def test_default_implementation_takes_the_platform_of_the_lowering(ref):
     np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=2e-2, rtol=2e-2)
 
 
+def test_platforms_variable_narrows_the_traced_branches(ref, monkeypatch):
+    """``$JAXMODULES_ATTENTION_PLATFORMS`` prepares only the named platforms' branches:
+    the CPU program then holds no kernel of another platform, and computes the same."""
+    if not _platforms.lowering_keeps_one_branch():
+        pytest.skip("this jax lowers every platform_dependent branch: the default device decides")
+    q, k, v = ref.qkv(4, 1, 64, 64, 2, 1, 16)
+
+    def traced():  # a fresh function each time: jax reuses a function's cached trace
+        def loss(q, k, v):
+            return masked_attention_via_map(q, k, v, is_causal=True).sum()
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, v)
+
+    every = traced()
+    monkeypatch.setenv(_platforms.PLATFORMS_VARIABLE, "cpu")
+    only_cpu = traced()
+    assert "pallas_call" in str(every.jaxpr) and "pallas_call" not in str(only_cpu.jaxpr)
+    for got, want in zip(
+        only_cpu.lower().compile()(q, k, v), every.lower().compile()(q, k, v), strict=True
+    ):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
+    monkeypatch.setenv(_platforms.PLATFORMS_VARIABLE, "cpu, gpu")
+    with pytest.raises(ValueError, match=r"JAXMODULES_ATTENTION_PLATFORMS.*cpu, gpu"):
+        traced()
+
+
 @needs_triton
 def test_explain_dispatch_says_who_runs_and_why_the_others_refuse(ref):
     q, k, v = ref.qkv(4, 1, 64, 64, 2, 2, 32, dtype=jnp.bfloat16)

@@ -105,6 +105,9 @@ def _run(body: str) -> None:
         env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
     env["JAX_PLATFORMS"] = "cpu"
+    # Each ring step is an attention call: preparing only the CPU branch spares tracing
+    # the GPU and TPU kernels once per step (test_registry checks the variable itself).
+    env["JAXMODULES_ATTENTION_PLATFORMS"] = "cpu"
     script = _CHECKS + textwrap.dedent(body) + "\nprint('ok')\n"
     result = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
@@ -414,6 +417,9 @@ def test_two_processes_gloo():
         env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
     ).strip()
     env["JAX_PLATFORMS"] = "cpu"
+    # Each ring step is an attention call: preparing only the CPU branch spares tracing
+    # the GPU and TPU kernels once per step (test_registry checks the variable itself).
+    env["JAXMODULES_ATTENTION_PLATFORMS"] = "cpu"
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", _TWO_PROCESS, str(port), str(i)],

@@ -19,7 +19,7 @@ from . import _platforms as platforms
 from . import _registry as registry
 from ._call import Call
 from ._checks import CheckedArguments
-from ._platforms import DEFAULT, PLATFORMS, default_platform, on_platforms
+from ._platforms import DEFAULT, default_platform, on_platforms, prepared_platforms
 from ._registry import Backend
 from ._tile_program import UnsupportedCallError
 
@@ -86,13 +86,14 @@ def attend(args: CheckedArguments, implementation: str | None, return_lse: bool)
 
 def _per_platform(call: Call, implementation: str | None) -> tuple[Any, ...]:
     """The call with one branch per platform, for a program whose platform is known when
-    it is lowered (identical choices share a branch)."""
-    chosen = {p: choose(call, implementation, p) for p in (*PLATFORMS, DEFAULT)}
+    it is lowered (identical choices share a branch), for each platform prepared
+    (``$JAXMODULES_ATTENTION_PLATFORMS``)."""
+    chosen = {p: choose(call, implementation, p) for p in prepared_platforms()}
     taken = {p: b for p, b in chosen.items() if isinstance(b, Backend)}
     if not taken:
         assert implementation is not None
         here = default_platform()
-        why = chosen.get(here, chosen[DEFAULT])
+        why = chosen.get(here, chosen.get(DEFAULT, next(iter(chosen.values()))))
         raise _refused(implementation, str(why))
     if len(taken) < len(chosen):
         taken.pop(DEFAULT, None)  # no catch-all for the platforms that refuse

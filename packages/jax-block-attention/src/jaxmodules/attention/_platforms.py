@@ -10,6 +10,7 @@ default device's platform, as when the choice was made at trace time.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +21,30 @@ import numpy as np
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 DEFAULT = "default"
 GPUS = ("cuda", "rocm")
+
+# The platforms a traced call prepares a branch for: all of them unless this variable
+# names some (comma-separated). Tracing the branches costs time (a CPU program also
+# traces the GPU and TPU kernels); a process that lowers for one platform can skip the
+# others. Read when a call is traced: jax reuses a function's cached trace, so set it
+# before tracing. Lowering for a platform left out fails (jax finds no lowering rule
+# for ``platform_index`` there).
+PLATFORMS_VARIABLE = "JAXMODULES_ATTENTION_PLATFORMS"
+
+
+def prepared_platforms() -> tuple[str, ...]:
+    """The platforms a traced call prepares a branch for: those named by
+    ``$JAXMODULES_ATTENTION_PLATFORMS``, else all of them and ``"default"``."""
+    text = os.environ.get(PLATFORMS_VARIABLE, "")
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    if not names:
+        return (*PLATFORMS, DEFAULT)
+    unknown = [n for n in names if n not in PLATFORMS]
+    if unknown:
+        raise ValueError(
+            f"${PLATFORMS_VARIABLE} must name platforms among {', '.join(PLATFORMS)} "
+            f"(comma-separated); got {text!r}"
+        )
+    return names
 
 
 def default_platform() -> str:
