@@ -512,12 +512,14 @@ def tpu_compile(session: nox.Session) -> None:
     time beside jax's splash attention, written to
     ``benchmarks/results/attention_tpu_compile.md``; fails on a kernel that does not
     compile, exceeds the default scoped VMEM or silently falls back to the block loop
-    (``benchmarks/tpu/compile_report.py``; arguments after ``--`` go to it, e.g.
-    ``--topologies v5e v6e v5p v4``)."""
+    (``benchmarks/compile_report --target tpu``, one process per compile as for
+    ``gpu_compile``; arguments after ``--`` go to it, e.g. ``--topologies v5e v6e v5p v4``,
+    ``--full``)."""
     _require_newest_python(session)
     # libtpu on its own: jax[tpu] pins a libtpu release the index may not have yet.
     session.install(str(_wheel(session, "jax-block-attention")), "libtpu")
-    session.run("python", str(ROOT / "benchmarks" / "tpu" / "compile_report.py"), *session.posargs)
+    env = {"PYTHONPATH": str(ROOT / "benchmarks")}
+    session.run("python", "-m", "compile_report", "--target", "tpu", *session.posargs, env=env)
 
 
 @nox.session(default=False, python=NEWEST_PYTHON)

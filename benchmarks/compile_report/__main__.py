@@ -4,10 +4,14 @@
     PYTHONPATH=benchmarks python -m compile_report --target cuda --full     # every case
     PYTHONPATH=benchmarks python -m compile_report --only 'causal-*' --no-fail
     PYTHONPATH=benchmarks python -m compile_report --list
+    PYTHONPATH=benchmarks python -m compile_report --target tpu             # v5e, v6e (CI)
+    PYTHONPATH=benchmarks python -m compile_report --target tpu --full      # every case
+    PYTHONPATH=benchmarks python -m compile_report --target tpu --topologies v5p v4
 
 Exit status 1 when one of our kernels misses a gate (``--no-fail``: report only). A
-filtered run (``--only``) prints its table and writes the report only with ``--output``.
-``--keep DIR`` leaves each compile's XLA dump and ``ptxas`` logs there.
+filtered run (``--only``, ``--device``) prints its table and writes the report only with
+``--output``. ``--keep DIR`` leaves each compile's files there (CUDA: XLA's dump and the
+``ptxas`` logs; TPU: the compiled program's text).
 """
 
 from __future__ import annotations
@@ -27,11 +31,14 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from compile_report import TARGETS, report
-from compile_report.cases import KNOWN_MOSAIC_SPILLS, Case, all_cases, in_ci_run
+from compile_report import TARGETS
+from compile_report.cases import Case, all_cases, in_ci_run
 
 ROOT = Path(__file__).resolve().parents[2]
-REPORT = {"cuda": ROOT / "benchmarks" / "results" / "attention_gpu_compile.md"}
+REPORT = {
+    "cuda": ROOT / "benchmarks" / "results" / "attention_gpu_compile.md",
+    "tpu": ROOT / "benchmarks" / "results" / "attention_tpu_compile.md",
+}
 HISTORY = "\n## History\n"
 
 
@@ -60,7 +67,7 @@ def worker(target_name: str, case_id: str, workdir: Path, device: str | None) ->
             "device": dev.device_kind,
             "versions": {"jax": jax.__version__, **target.versions()},
         }
-        (case,) = [c for c in all_cases() if c.id == case_id]
+        (case,) = [c for c in all_cases() if c.id == case_id and target_name in c.targets]
 
         def place(shape: tuple[int, ...], dtype: Any) -> Any:
             return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
@@ -71,6 +78,8 @@ def worker(target_name: str, case_id: str, workdir: Path, device: str | None) ->
             fn, args = case.build(place)
             compiled = target.compile_on(dev, fn, args)
         result["rows"] = target.kernels(workdir, compiled, case.reference)
+        if hasattr(target, "case_facts"):
+            result.update(target.case_facts(compiled, case, result["rows"]))
     except Exception as err:  # any failure is a finding, reported per case
         result["error"] = _first_line(err)
         traceback.print_exc()
@@ -105,11 +114,14 @@ def compile_case(
         except subprocess.TimeoutExpired:
             result = {"rows": [], "error": f"no result within {timeout:.0f} s"}
             log = ""
+        # The worker's own time (the compile, without the process's start) beside the wall.
+        result["compile_seconds"] = result.get("seconds")
         result["seconds"] = time.perf_counter() - start
         if keep is not None:
             shutil.copytree(workdir, keep / case.id, dirs_exist_ok=True)
             (keep / case.id / "stderr.txt").write_text(log)
     result["case"] = case
+    result["device"] = device
     return result
 
 
@@ -122,10 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
     parser.add_argument("--keep", type=Path, help="keep each compile's dumps here")
     parser.add_argument("--workers", type=int, default=2, help="compiles at once")
-    parser.add_argument("--timeout", type=float, default=300, help="seconds per compile")
+    parser.add_argument("--timeout", type=float, help="seconds per compile (CUDA 300, TPU 400)")
     parser.add_argument("--list", action="store_true", help="print the case ids and stop")
     parser.add_argument("--full", action="store_true", help="every case (default: the CI run)")
     parser.add_argument("--device", help="another device the target describes (a filtered run)")
+    parser.add_argument(
+        "--topologies", nargs="+", metavar="GEN", help="tpu: the TPU generations (v5e v6e v5p v4)"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -133,6 +148,12 @@ def main(argv: list[str] | None = None) -> int:
         worker(args.target, args.worker, args.workdir, args.device)
         return 0
 
+    target = importlib.import_module(f"compile_report.{args.target}")
+    topologies = getattr(target, "TOPOLOGIES", None)
+    if args.topologies and (topologies is None or not set(args.topologies) <= set(topologies)):
+        parser.error(f"--topologies: {args.target} knows {sorted(topologies or ())}")
+    devices = args.topologies or ([args.device] if args.device else list(target.DEVICES))
+    timeout = args.timeout or target.TIMEOUT
     cases = [c for c in all_cases() if args.target in c.targets]
     if args.list:
         print("\n".join(case.id for case in cases))
@@ -141,37 +162,33 @@ def main(argv: list[str] | None = None) -> int:
         cases = [c for c in cases if any(fnmatch.fnmatch(c.id, p) for p in args.only)]
         if not cases:
             parser.error(f"--only {args.only} matches no case (see --list)")
-    elif not args.full:
-        cases = [c for c in cases if in_ci_run(c)]
+    every = args.full or bool(args.only)
+    jobs = [(c, d) for d in devices for c in cases if every or in_ci_run(c, d)]
     start = time.perf_counter()
     with futures.ThreadPoolExecutor(args.workers) as pool:
-        jobs = [
-            pool.submit(compile_case, args.target, c, args.timeout, args.keep, args.device)
-            for c in cases
+        submitted = [
+            pool.submit(compile_case, args.target, c, timeout, args.keep, d) for c, d in jobs
         ]
         results = []
-        for job in jobs:
+        for job in submitted:
             results.append(job.result())
             r = results[-1]
             state = r["error"] or f"{len(r['rows'])} kernels"
-            print(f"{r['case'].id}: {state} ({r['seconds']:.0f} s)", flush=True)
+            where = f"{r['device']} " if topologies else ""  # a TPU generation
+            print(f"{where}{r['case'].id}: {state} ({r['seconds']:.0f} s)", flush=True)
     seconds = time.perf_counter() - start
     info = next((r["info"] for r in results if "info" in r), None)
     if info is None:
         print("no compile reached the device; errors:", *(r["error"] for r in results), sep="\n")
         return 0 if args.no_fail else 1
-    problems = report.offenders(results, info["memory_limit"])
-    known = [
-        p for p in problems if any(p.startswith(k) and "spills" in p for k in KNOWN_MOSAIC_SPILLS)
-    ]
-    problems = [p for p in problems if p not in known]
-    print(report.table(results, info["memory_limit"]))
+    problems, known = target.gate(results, info)
+    print(target.table(results, info))
     output = args.output or (None if args.only or args.device else REPORT[args.target])
     if output is not None:
         old = output.read_text() if output.exists() else ""
         history = old[old.index(HISTORY) :] if HISTORY in old else ""
         output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(report.markdown(results, problems, info, seconds, history, known))
+        output.write_text(target.markdown(results, problems, info, seconds, history, known))
         print(f"wrote {output}")
     if args.json is not None:
         rows = [{"case": r["case"].id, "error": r["error"], "rows": r["rows"]} for r in results]

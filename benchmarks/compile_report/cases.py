@@ -34,10 +34,11 @@ class Case:
     # as not built, not gated; a case that compiles after all is gated as any other.
     refused: bool = False
     targets: tuple[str, ...] = ("cuda",)
+    suffix: str = ""  # the TPU cases' length and passes: -L8192-fwd+grad
 
     @property
     def id(self) -> str:
-        return f"{self.name}-d{self.d}-{self.dtype}"
+        return f"{self.name}-d{self.d}-{self.dtype}{self.suffix}"
 
 
 def jnp_dtype(name: str) -> Any:
@@ -237,10 +238,87 @@ KNOWN_MOSAIC_SPILLS = tuple(
 )
 
 
+def _tpu(name: str, d: int, dtype: str, *, length: int = LENGTH, grad: bool = True) -> Case:
+    """The call a TPU user makes: ``masked_attention_via_map`` with ``implementation=None``
+    (the choice made for the platform of the lowering), under ``jax.value_and_grad`` for
+    training; B=1, 16 query heads (GQA: 4 key/value heads); decoding: 16 queries against
+    the keys. The documents' segment ids are an input of the program."""
+
+    def build(place: Place) -> Built:
+        import jax
+        import jax.numpy as jnp
+
+        from jaxmodules.attention import masked_attention_via_map
+
+        dt = jnp_dtype(dtype)
+        q = place((1, 16 if name == "decode" else length, HEADS, d), dt)
+        kv = place((1, length, 4 if name == "gqa" else HEADS, d), dt)
+        args: tuple[Any, ...] = (q, kv, kv)
+        options: dict[str, Any] = {"is_causal": True}
+        if name == "window":
+            options = {"window_size": (1024, 0)}
+        elif name == "alibi":
+
+            def alibi(score: Any, b: Any, h: Any, qi: Any, ki: Any) -> Any:
+                slope = jnp.exp2(-0.5 * (h + 1).astype(jnp.float32))
+                return score - slope * jnp.abs(qi - ki).astype(jnp.float32)
+
+            options["score_mod"] = alibi
+        elif name == "decode":
+            options["q_offset"] = length - 16
+
+        def attend(q: Any, k: Any, v: Any, *extra: Any) -> Any:
+            kw = dict(options)
+            if name == "documents":
+                (ids,) = extra
+                kw["mask_fn"] = lambda b, h, qi, ki: ids[b, qi] == ids[b, ki]
+            if name == "dropout":
+                kw.update(dropout_rate=0.1, dropout_rng=jax.random.key(0))
+            return masked_attention_via_map(q, k, v, **kw)
+
+        if name == "documents":
+            args = (*args, place((1, length), jnp.int32))
+        return (_value_and_grads(attend, 3) if grad else attend), args
+
+    kind = "fwd+grad" if grad else "fwd"
+    return Case(name, d, dtype, build, targets=("tpu",), suffix=f"-L{length}-{kind}")
+
+
+def _splash(d: int, dtype: str) -> Case:
+    """jax's splash attention (``make_splash_mha``, ``CausalMask``), forward and gradients,
+    16 heads of ``LENGTH``: the TPU reference rows."""
+
+    def build(place: Place) -> Built:
+        from jax.experimental.pallas.ops.tpu.splash_attention import (
+            splash_attention_kernel as splash,
+        )
+        from jax.experimental.pallas.ops.tpu.splash_attention import (
+            splash_attention_mask as masks,
+        )
+
+        mask = masks.MultiHeadMask([masks.CausalMask((LENGTH, LENGTH)) for _ in range(HEADS)])
+        kernel = splash.make_splash_mha(mask, head_shards=1, q_seq_shards=1)
+        x = place((HEADS, LENGTH, d), jnp_dtype(dtype))
+        return _value_and_grads(kernel, 3), (x, x, x)
+
+    suffix = f"-L{LENGTH}-fwd+grad"
+    return Case("splash-causal", d, dtype, build, reference=True, targets=("tpu",), suffix=suffix)
+
+
+def tpu_cases() -> list[Case]:
+    """Causal attention at every head dimension in bfloat16 and float32; each feature at
+    d=128 in bfloat16; decoding and a 32,768-token forward; splash attention beside them."""
+    cases = [_tpu("causal", d, dt) for d in (64, 128, 256) for dt in ("bf16", "f32")]
+    cases += [_tpu(n, 128, "bf16") for n in ("documents", "window", "alibi", "gqa", "dropout")]
+    cases += [_tpu("decode", 128, "bf16", grad=False)]
+    cases += [_tpu("causal", 128, "bf16", length=32768, grad=False)]
+    return cases + [_splash(d, "bf16") for d in (64, 128, 256)]
+
+
 def all_cases() -> list[Case]:
     """Causal attention at every head dimension in both 16-bit dtypes; each other
     feature (each adds code to the kernels) at d=128 in bfloat16; jax's Mosaic GPU
-    attention beside them."""
+    attention beside them; then the TPU cases (``tpu_cases``)."""
     cases = [_mgpu(d, "f16", causal=True) for d in (64, 128, 256)]
     cases.append(_mgpu(128, "f16", causal=False))
     cases += [_ours("causal", d, dtype) for d in (64, 128, 256) for dtype in ("bf16", "f16")]
@@ -256,7 +334,7 @@ def all_cases() -> list[Case]:
         for name in features
         for d in (64, 128)
     ]
-    return cases
+    return cases + tpu_cases()
 
 
 # Left out of the CI run (``nox -s gpu_compile``; ``--full`` compiles them): the float16
@@ -274,6 +352,24 @@ CI_SKIPPED = (
 )
 
 
-def in_ci_run(case: Case) -> bool:
-    """Whether the run without ``--full`` compiles ``case``."""
+# The TPU CI run (``nox -s tpu_compile``): every case on v5e, and on v6e the cases whose
+# kernels differ in kind (bf16 and f32 tiles, a mask read from the inputs) with the
+# splash row to compare. v6e's scoped limit is twice v5e's, so a case that fits v5e and
+# is not listed here has only its compile on v6e left unchecked; ``--full`` compiles it.
+TPU_CI_SUBSET = {
+    "v6e": (
+        "causal-d128-bf16-L8192-fwd+grad",
+        "causal-d128-f32-L8192-fwd+grad",
+        "documents-d128-bf16-L8192-fwd+grad",
+        "splash-causal-d128-bf16-L8192-fwd+grad",
+    ),
+}
+
+
+def in_ci_run(case: Case, device: str | None = None) -> bool:
+    """Whether the run without ``--full`` compiles ``case`` (for ``device``, a TPU
+    generation for the TPU cases)."""
+    if "tpu" in case.targets:
+        subset = TPU_CI_SUBSET.get(device or "")
+        return subset is None or case.id in subset
     return not any(fnmatch.fnmatch(case.id, pattern) for pattern in CI_SKIPPED)
