@@ -118,8 +118,9 @@ def compile_case(
         result["compile_seconds"] = result.get("seconds")
         result["seconds"] = time.perf_counter() - start
         if keep is not None:
-            shutil.copytree(workdir, keep / case.id, dirs_exist_ok=True)
-            (keep / case.id / "stderr.txt").write_text(log)
+            kept = keep / case.id if device is None else keep / device / case.id
+            shutil.copytree(workdir, kept, dirs_exist_ok=True)
+            (kept / "stderr.txt").write_text(log)
     result["case"] = case
     result["device"] = device
     return result
@@ -191,7 +192,15 @@ def main(argv: list[str] | None = None) -> int:
         output.write_text(target.markdown(results, problems, info, seconds, history, known))
         print(f"wrote {output}")
     if args.json is not None:
-        rows = [{"case": r["case"].id, "error": r["error"], "rows": r["rows"]} for r in results]
+        rows = [
+            {
+                "case": r["case"].id,
+                **({"device": r["device"]} if r["device"] else {}),
+                "error": r["error"],
+                "rows": r["rows"],
+            }
+            for r in results
+        ]
         args.json.write_text(json.dumps(rows, indent=1))
     print(f"{len(results)} compiles in {seconds:.0f} s")
     if known:
