@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     target = importlib.import_module(f"compile_report.{args.target}")
     topologies = getattr(target, "TOPOLOGIES", None)
     if args.topologies and (topologies is None or not set(args.topologies) <= set(topologies)):
-        parser.error(f"--topologies: {args.target} knows {sorted(topologies or ())}")
+        known = f"one of {sorted(topologies)}" if topologies else "--target tpu only"
+        parser.error(f"--topologies {' '.join(args.topologies)}: {known}")
     devices = args.topologies or ([args.device] if args.device else list(target.DEVICES))
     timeout = args.timeout or target.TIMEOUT
     cases = [c for c in all_cases() if args.target in c.targets]
