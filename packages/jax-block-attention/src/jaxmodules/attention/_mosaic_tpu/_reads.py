@@ -133,11 +133,8 @@ def replaying(refs: Sequence[Any], specs: Sequence[ReadSpec]) -> Reader:
 
     def reader(view: Any) -> Any:
         ref, spec = next(pending)
-        if spec.query_row:
-            # The lane-dense (1, query block) row as the (query block, 1) column.
-            value = jnp.expand_dims(ref[0], -1)
-        else:
-            value = ref[...]
+        # A lane-dense (1, query block) row becomes the (query block, 1) column.
+        value = jnp.expand_dims(ref[0], -1) if spec.query_row else ref[...]
         if spec.dtype == "bool":
             return value != 0
         return value.astype(spec.dtype) if value.dtype != spec.dtype else value
