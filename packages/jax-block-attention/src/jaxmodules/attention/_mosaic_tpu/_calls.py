@@ -60,7 +60,9 @@ def _call(
     return call(*prefetch, *consts, *(x for x, _ in inputs))
 
 
-def _tile(config: MosaicConfig, along: tuple[bool, ...], row: bool, b, h, i, j) -> Any:
+def _tile(
+    config: MosaicConfig, along: tuple[bool, ...], row: bool, b: Any, h: Any, i: Any, j: Any
+) -> tuple[tuple, tuple]:
     """Block shape and index of tile ``(i, j)`` of an array that varies along some of
     (batch, head, query, key), 1 along the others; ``row``: a query row stored
     lane-dense ``(.., 1, Lq)``, whose tile is ``(1, query block)``."""
