@@ -270,3 +270,36 @@ def test_default_implementation_on_a_tpu_is_the_kernels(ref):
     )["tpu"]
     assert diagonal.backend == "xla"
     assert "varies with both the query and the key" in diagonal.refusals["mosaic_tpu"]
+
+
+def test_query_row_reads_of_narrow_dtypes_are_lane_dense(ref):
+    # mask_fn reads int8 ids per query row and per key column and booleans per (batch,
+    # head, query row); score_mod reads bfloat16 per (head, query row). The query rows
+    # are handed to the kernels lane-dense, (.., 1, Lq_pad), in 32 bits, and turned back.
+    from jaxmodules.attention._mosaic_tpu._entry import _reads
+
+    rng = np.random.default_rng(50)
+    ids = jnp.asarray(np.stack([np.arange(40) // 9, np.arange(40) // 13]), jnp.int8)
+    flags = jnp.asarray(rng.random((2, 4, 40)) < 0.8)
+    shift = jnp.asarray(rng.standard_normal((4, 40)), jnp.bfloat16)
+
+    def mask_fn(b, h, q, k):
+        return (ids[b, q] == ids[b, k]) & flags[b, h, q]
+
+    def mod(score, b, h, q, k):
+        return score + shift[h, q].astype(jnp.float32)
+
+    options = {"is_causal": True, "q_offset": 16, "mask_fn": mask_fn, "block_size": (8, 16)}
+    bm = create_block_mask(mask_fn, 2, 4, 24, 40, is_causal=True, q_offset=16, block_size=(8, 16))
+    arrays, specs, _ = _reads(bm, SimpleNamespace(score=None), None, 2, 4)
+    rows = np.arange(24) + 16  # 3 whole query blocks; keys padded to 48 by the last one
+    keys = np.minimum(np.arange(48), 39)
+    ids_, flags_ = np.asarray(ids), np.asarray(flags)
+    expected = [ids_[:, None, None, rows], ids_[:, None, None, keys], flags_[:, :, None, rows]]
+    assert [s.query_row for s in specs] == [True, False, True]
+    for got, want in zip(arrays, expected, strict=True):
+        assert got.shape == want.shape
+        np.testing.assert_array_equal(got, np.asarray(want).astype(got.dtype))
+    assert arrays[0].dtype == arrays[2].dtype == jnp.int32 and arrays[1].dtype == jnp.int8
+    options["implementation"] = "mosaic_tpu"
+    ref.compare_variants((2, 24, 40, 4, 2, 16), options, make_mod=lambda _: mod, seed=51, jit=True)

@@ -28,7 +28,7 @@ def _call(
     grid: tuple[int, ...],
     prefetch: tuple,
     consts: Sequence[Any],
-    tile_spec: Callable[[tuple[bool, ...]], Any],
+    tile_spec: Callable[[tuple[bool, ...], bool], Any],
     inputs: Sequence[tuple[Any, Any]],
     outputs: Sequence[tuple[jax.ShapeDtypeStruct, Any]],
     scratch: Sequence[Any],
@@ -37,9 +37,9 @@ def _call(
 ) -> Any:
     """One ``pallas_call``: the prefetched schedule (``_lists``), the query offsets and
     dropout's seeds, then the reads of the closed-over
-    arrays (``consts``, each a tile by ``tile_spec(along)``), then ``inputs``."""
+    arrays (``consts``, each a tile by ``tile_spec(along, query_row)``), then ``inputs``."""
     reads = (*config.mask_reads, *config.score_reads)
-    in_specs = [tile_spec(r.along) for r in reads] + [spec for _, spec in inputs]
+    in_specs = [tile_spec(r.along, r.query_row) for r in reads] + [spec for _, spec in inputs]
     params = pltpu.CompilerParams(
         dimension_semantics=semantics, vmem_limit_bytes=config.vmem_limit_bytes
     )
@@ -60,26 +60,32 @@ def _call(
     return call(*prefetch, *consts, *(x for x, _ in inputs))
 
 
+def _tile(
+    config: MosaicConfig, along: tuple[bool, ...], row: bool, b: Any, h: Any, i: Any, j: Any
+) -> tuple[tuple, tuple]:
+    """Block shape and index of tile ``(i, j)`` of an array that varies along some of
+    (batch, head, query, key), 1 along the others; ``row``: a query row stored
+    lane-dense ``(.., 1, Lq)``, whose tile is ``(1, query block)``."""
+    along_b, along_h, along_q, along_k = along
+    lead = (b if along_b else 0, h if along_h else 0)
+    if row:
+        return (None, None, 1, config.q_block), (*lead, 0, i)
+    shape = (None, None, config.q_block if along_q else 1, config.k_block if along_k else 1)
+    return shape, (*lead, i if along_q else 0, j if along_k else 0)
+
+
 def _query_major_tile(config: MosaicConfig) -> Callable[..., Any]:
     """BlockSpecs of arrays that vary along some of (batch, head, query, key), 1 along
     the others (the bias, the reads of closed-over arrays): the tile ``(query block |
     1, key block | 1)`` at the listed key block of a query-major pass, grid ``(b, h, i,
     t)``."""
 
-    def spec(along: tuple[bool, ...]) -> Any:
-        along_b, along_h, along_q, along_k = along
-
+    def spec(along: tuple[bool, ...], row: bool = False) -> Any:
         def index(b, h, i, t, *refs):
             j = step_block(config, "kv", refs, b, h, i, t)[0]
-            return (
-                b if along_b else 0,
-                h if along_h else 0,
-                i if along_q else 0,
-                j if along_k else 0,
-            )
+            return _tile(config, along, row, b, h, i, j)[1]
 
-        shape = (None, None, config.q_block if along_q else 1, config.k_block if along_k else 1)
-        return pl.BlockSpec(shape, index)
+        return pl.BlockSpec(_tile(config, along, row, 0, 0, 0, 0)[0], index)
 
     return spec
 
@@ -87,21 +93,13 @@ def _query_major_tile(config: MosaicConfig) -> Callable[..., Any]:
 def _key_major_tile(config: MosaicConfig) -> Callable[..., Any]:
     """The same tiles in the dK/dV pass, grid ``(b, key/value head, j, group head, t)``."""
 
-    def spec(along: tuple[bool, ...]) -> Any:
-        along_b, along_h, along_q, along_k = along
-
+    def spec(along: tuple[bool, ...], row: bool = False) -> Any:
         def index(b, hk, j, gi, t, *refs):
             h = hk * config.groups + gi
             i = step_block(config, "q", refs, b, h, j, t)[0]
-            return (
-                b if along_b else 0,
-                h if along_h else 0,
-                i if along_q else 0,
-                j if along_k else 0,
-            )
+            return _tile(config, along, row, b, h, i, j)[1]
 
-        shape = (None, None, config.q_block if along_q else 1, config.k_block if along_k else 1)
-        return pl.BlockSpec(shape, index)
+        return pl.BlockSpec(_tile(config, along, row, 0, 0, 0, 0)[0], index)
 
     return spec
 

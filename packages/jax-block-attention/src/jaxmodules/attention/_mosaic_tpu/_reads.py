@@ -11,6 +11,11 @@ program is evaluated again on the tile, with those tiles replayed for its reads 
 order (the evaluator is deterministic). XLA keeps only the reads of the outside
 evaluation. A read that varies along both queries and keys (a table over ``q - k``, an
 index computed from the score) would be a quadratic array: refused.
+
+A read per query row is stored lane-dense, ``(.., 1, Lq)`` as the lse (a ``(.., Lq,
+1)`` column is padded to 128 lanes in HBM by the TPU's (8, 128) tiling: 128 times its
+size), widened to 32 bits, and turned back into a ``(query block, 1)`` column of its
+own dtype in the kernel.
 """
 
 from __future__ import annotations
@@ -32,10 +37,16 @@ _TRIAL = (8, 128)  # one (sublanes, lanes) tile
 
 class ReadSpec(NamedTuple):
     """One read of a closed-over array as a kernel input: which of (batch, head, query,
-    key) it varies along, and whether it is boolean (it travels as int32)."""
+    key) it varies along, and the dtype the program reads (a boolean travels as int32,
+    a query row of fewer than 32 bits widened)."""
 
     along: tuple[bool, bool, bool, bool]
-    boolean: bool
+    dtype: str
+
+    @property
+    def query_row(self) -> bool:
+        """Varies along the queries only: stored lane-dense, ``(.., 1, Lq)``."""
+        return self.along[2] and not self.along[3]
 
 
 def read_problem(
@@ -95,11 +106,25 @@ def outside_reads(
     for value in values:
         value = jnp.asarray(value)
         value = value.reshape((1,) * (4 - value.ndim) + value.shape)
-        boolean = value.dtype == jnp.bool_
-        inputs.append(value.astype(jnp.int32) if boolean else value)
         b, h, q, k = (n > 1 for n in value.shape)
-        specs.append(ReadSpec((b, h, q, k), boolean))
+        spec = ReadSpec((b, h, q, k), jnp.dtype(value.dtype).name)
+        inputs.append(_stored(value, spec))
+        specs.append(spec)
     return inputs, specs
+
+
+def _stored(value: Array, spec: ReadSpec) -> Array:
+    """A read's values as the kernels take them: booleans as int32; a query row
+    lane-dense ``(.., 1, Lq)`` and of 32 bits (the kernel turns it into a column: a
+    relayout Mosaic makes for 32-bit rows, as for the lse)."""
+    if value.dtype == jnp.bool_:
+        value = value.astype(jnp.int32)
+    if not spec.query_row:
+        return value
+    if value.dtype.itemsize < 4:
+        wide = jnp.float32 if jnp.issubdtype(value.dtype, jnp.floating) else jnp.int32
+        value = value.astype(wide)
+    return jnp.swapaxes(value, 2, 3)
 
 
 def replaying(refs: Sequence[Any], specs: Sequence[ReadSpec]) -> Reader:
@@ -108,7 +133,10 @@ def replaying(refs: Sequence[Any], specs: Sequence[ReadSpec]) -> Reader:
 
     def reader(view: Any) -> Any:
         ref, spec = next(pending)
-        value = ref[...]
-        return value != 0 if spec.boolean else value
+        # A lane-dense (1, query block) row becomes the (query block, 1) column.
+        value = jnp.expand_dims(ref[0], -1) if spec.query_row else ref[...]
+        if spec.dtype == "bool":
+            return value != 0
+        return value.astype(spec.dtype) if value.dtype != spec.dtype else value
 
     return reader
