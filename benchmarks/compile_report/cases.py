@@ -47,6 +47,15 @@ def jnp_dtype(name: str) -> Any:
     return {"bf16": jnp.bfloat16, "f16": jnp.float16, "f32": jnp.float32}[name]
 
 
+def _alibi(score: Any, b: Any, h: Any, qi: Any, ki: Any) -> Any:
+    """ALiBi as a ``score_mod``: a slope per head (computed from it, no closed-over array)
+    times the distance."""
+    import jax.numpy as jnp
+
+    slope = jnp.exp2(-0.5 * (h + 1).astype(jnp.float32))
+    return score - slope * jnp.abs(qi - ki).astype(jnp.float32)
+
+
 def _value_and_grads(attend: Callable[..., Any], n_args: int) -> Callable[..., Any]:
     """The forward and every gradient: what training runs (forward, dQ, dK/dV kernels)."""
     import jax
@@ -172,7 +181,6 @@ def _mosaic(name: str, d: int, dtype: str, *, kv_heads: int = HEADS) -> Case:
 
     def build(place: Place) -> Built:
         import jax
-        import jax.numpy as jnp
 
         from jaxmodules.attention import masked_attention_via_map
 
@@ -198,12 +206,7 @@ def _mosaic(name: str, d: int, dtype: str, *, kv_heads: int = HEADS) -> Case:
             mask = create_block_mask(same_document, *shape, is_causal=True, block_size=128)
             options = {"block_mask": mask}
         elif name == "alibi":
-
-            def alibi(score: Any, b: Any, h: Any, qi: Any, ki: Any) -> Any:
-                slope = jnp.exp2(-0.5 * (h + 1).astype(jnp.float32))
-                return score - slope * jnp.abs(qi - ki).astype(jnp.float32)
-
-            options["score_mod"] = alibi
+            options["score_mod"] = _alibi
         elif name == "decode":
             options["q_offset"] = LENGTH - 16
 
@@ -258,12 +261,7 @@ def _tpu(name: str, d: int, dtype: str, *, length: int = LENGTH, grad: bool = Tr
         if name == "window":
             options = {"window_size": (1024, 0)}
         elif name == "alibi":
-
-            def alibi(score: Any, b: Any, h: Any, qi: Any, ki: Any) -> Any:
-                slope = jnp.exp2(-0.5 * (h + 1).astype(jnp.float32))
-                return score - slope * jnp.abs(qi - ki).astype(jnp.float32)
-
-            options["score_mod"] = alibi
+            options["score_mod"] = _alibi
         elif name == "decode":
             options["q_offset"] = length - 16
 
