@@ -177,31 +177,6 @@ def test_band_schedule_at_a_million_tokens_is_arithmetic():
             assert schedule.arrays == () and schedule.steps == widest
 
 
-def test_traced_ranges_walk_matches_the_reference(ref, monkeypatch):
-    # A traced documents mask above the list threshold keeps ranges only: forward and
-    # gradients in interpret mode against the float64 reference.
-    monkeypatch.setattr(_block_mask, "TRACED_LIST_PAIRS", 0)
-    batch, length = 2, 72
-    ids = np.stack([np.arange(length) // 20, (np.arange(length) + 7) // 30]).astype(np.int32)
-    q, k, v = ref.qkv(7, batch, length, length, 2, 1, 8)
-    weights = ref.qkv(8, batch, length, length, 2, 1, 8)[0]
-
-    def loss(q, k, v, ids):
-        bm = create_block_mask(
-            _documents_of(ids), batch, 1, length, length, is_causal=True, block_size=(8, 16)
-        )
-        assert bm.walk == "ranges"
-        out = masked_attention_via_map(q, k, v, block_mask=bm, implementation="mosaic_tpu")
-        return jnp.sum(out * weights)
-
-    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v, jnp.asarray(ids))
-    mask = ref.mask(batch, 2, length, length, is_causal=True)
-    mask = mask & (ids[:, None, :, None] == ids[:, None, None, :])
-    expected = ref.gradients(q, k, v, mask, weights)
-    for name, got, want in zip("QKV", grads, expected, strict=True):
-        np.testing.assert_allclose(got, want, atol=3e-5, rtol=1e-4, err_msg=f"d{name}")
-
-
 def test_dropout_with_every_score_change(ref):
     # Dropout draws the block loop's keep decisions (the reference drops the same
     # weights); with bias, soft cap, sinks, ALiBi and GQA; forward, lse, gradients.

@@ -10,6 +10,7 @@ import pytest
 
 from jaxmodules.attention import _block_mask, create_block_mask, masked_attention_via_map
 from jaxmodules.attention._band import kv_range, q_range
+from jaxmodules.attention._mosaic_tpu._rules import mosaic_tpu_problem
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
@@ -107,7 +108,20 @@ def test_rows_with_holes_keep_lists_and_skip_the_holes(ref):
     np.testing.assert_allclose(out, ref.attention(q, k, v, visible), atol=2e-6, rtol=2e-5)
 
 
-def test_traced_mask_over_a_large_grid_walks_ranges(ref, monkeypatch):
+_MOSAIC_TPU = mosaic_tpu_problem()
+
+
+@pytest.mark.parametrize(
+    "implementation",
+    [
+        None,
+        # The TPU kernels in interpret mode: they walk the stored ranges themselves.
+        pytest.param(
+            "mosaic_tpu", marks=pytest.mark.skipif(_MOSAIC_TPU is not None, reason=str(_MOSAIC_TPU))
+        ),
+    ],
+)
+def test_traced_mask_over_a_large_grid_walks_ranges(ref, monkeypatch, implementation):
     """Above the list threshold a traced mask keeps ranges only; results and
     gradients are unchanged."""
     monkeypatch.setattr(_block_mask, "TRACED_LIST_PAIRS", 0)
@@ -122,7 +136,8 @@ def test_traced_mask_over_a_large_grid_walks_ranges(ref, monkeypatch):
             is_causal=True, block_size=(8, 16),
         )  # fmt: skip
         assert bm.walk == "ranges"
-        return jnp.sum(masked_attention_via_map(q, k, v, block_mask=bm) * weights)
+        out = masked_attention_via_map(q, k, v, block_mask=bm, implementation=implementation)
+        return jnp.sum(out * weights)
 
     grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v, jnp.asarray(ids))
     mask = ref.mask(batch, 2, length, length, is_causal=True)

@@ -93,7 +93,8 @@ def _per_platform(call: Call, implementation: str | None) -> tuple[Any, ...]:
     if not taken:
         assert implementation is not None
         here = default_platform()
-        why = chosen.get(here, chosen.get(DEFAULT, next(iter(chosen.values()))))
+        # Where this device's platform was not prepared, any prepared one's reason.
+        why = chosen.get(here) or chosen.get(DEFAULT) or next(iter(chosen.values()))
         raise _refused(implementation, str(why))
     if len(taken) < len(chosen):
         taken.pop(DEFAULT, None)  # no catch-all for the platforms that refuse
